@@ -1,0 +1,162 @@
+"""Small real teachers and transfer sets, built in the tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: 1797 samples, 64 float32 features in [0, 1], 10 classes."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return (data.data / 16.0).astype(np.float32), data.target.astype(np.int64)
+
+
+def train_mlp_teacher(
+    x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...] = (256, 256), epochs: int = 60, seed: int = 0
+):
+    """A torch MLP classifier trained on (x, y); returns the module in eval mode."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    width = x.shape[1]
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, int(y.max()) + 1))
+    model = nn.Sequential(*layers)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=gen)
+        for i in range(0, len(xt), 64):
+            idx = perm[i : i + 64]
+            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+class SmallCNN:
+    """Factory for a small CNN classifier on (N, 1, 8, 8) digit images."""
+
+    @staticmethod
+    def train(x_img: np.ndarray, y: np.ndarray, epochs: int = 30, seed: int = 0):
+        import torch
+        from torch import nn
+
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
+        )
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        xt, yt = torch.from_numpy(x_img), torch.from_numpy(y)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            perm = torch.randperm(len(xt), generator=gen)
+            for i in range(0, len(xt), 64):
+                idx = perm[i : i + 64]
+                loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return model.eval()
+
+
+def export_onnx(
+    module,
+    example: tuple,
+    path: str | Path,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+) -> Path:
+    """Export with PyTorch's current (dynamo) exporter, dynamic batch axis on every input.
+
+    The exporter writes weights to an external ``<name>.data`` file beside the graph.
+    """
+    import torch
+
+    input_names = input_names or ["input"]
+    output_names = output_names or ["logits"]
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = tuple({0: batch} for _ in example)
+    path = Path(path)
+    torch.onnx.export(
+        module.eval(),
+        example,
+        str(path),
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_shapes=dynamic,
+    )
+    return path
+
+
+def export_onnx_legacy(module, example: tuple, path: str | Path, opset: int = 17) -> Path:
+    """Export with the TorchScript-based exporter (weights inside the graph file)."""
+    import torch
+
+    path = Path(path)
+    torch.onnx.export(
+        module.eval(),
+        example,
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=opset,
+        dynamo=False,
+    )
+    return path
+
+
+def sklearn_forest_onnx(
+    x: np.ndarray, y: np.ndarray, path: str | Path, zipmap: bool = False, n_estimators: int = 100
+) -> tuple[Path, object]:
+    """A RandomForestClassifier on (x, y), converted with skl2onnx; returns (path, model)."""
+    from skl2onnx import to_onnx
+    from sklearn.ensemble import RandomForestClassifier
+
+    model = RandomForestClassifier(n_estimators=n_estimators, random_state=0, n_jobs=1).fit(x, y)
+    options = {id(model): {"zipmap": zipmap}}
+    onx = to_onnx(model, x[:1], options=options, target_opset={"": 17, "ai.onnx.ml": 3})
+    path = Path(path)
+    path.write_bytes(onx.SerializeToString())
+    return path, model
+
+
+def sklearn_regressor_onnx(x: np.ndarray, y: np.ndarray, path: str | Path) -> tuple[Path, object]:
+    """A GradientBoostingRegressor on (x, y), converted with skl2onnx."""
+    from skl2onnx import to_onnx
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    model = GradientBoostingRegressor(random_state=0, n_estimators=50).fit(x, y)
+    onx = to_onnx(model, x[:1].astype(np.float32), target_opset={"": 17, "ai.onnx.ml": 3})
+    path = Path(path)
+    path.write_bytes(onx.SerializeToString())
+    return path, model
+
+
+def write_npz(path: str | Path, inputs: np.ndarray, labels: np.ndarray | None = None) -> Path:
+    path = Path(path)
+    arrays = {"inputs": inputs}
+    if labels is not None:
+        arrays["labels"] = labels
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path

@@ -1,0 +1,1 @@
+"""Distillery worker: the Celery side and the distillation engine (``worker.engine``)."""

@@ -1,0 +1,247 @@
+"""The job spec: what a distillation job means.
+
+The API validates requests with these same models, so the service and the
+engine can never disagree. Everything but the teacher and the dataset has a
+default. Unknown fields are refused (a typo must not silently fall back to a
+default). This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from worker.engine.errors import SpecInvalid
+
+Task = Literal["classification", "regression", "embedding"]
+Architecture = Literal["mlp", "cnn", "rnn", "transformer", "auto"]
+MethodName = Literal["kd", "mse", "mae", "cosine", "hint"]
+
+#: The loss each task gets when ``method.name`` is left out.
+DEFAULT_METHOD: dict[str, MethodName] = {
+    "classification": "kd",
+    "regression": "mse",
+    "embedding": "cosine",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StudentSpec(_Strict):
+    """The student to build. Size knobs left out are designed by ``auto``."""
+
+    architecture: Architecture = "auto"
+    compression: Annotated[float, Field(ge=1.0, le=1e6)] | None = Field(
+        default=10.0,
+        description="Teacher parameters / student parameters (teacher bytes / student bytes "
+        "for teachers without parameters, such as tree ensembles).",
+    )
+    max_parameters: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Upper bound on student parameters; wins over compression."
+    )
+    hidden_sizes: list[Annotated[int, Field(ge=1, le=65536)]] | None = Field(
+        default=None, description="mlp: width of each hidden layer."
+    )
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
+        default=None, description="cnn: channels of each convolution stage."
+    )
+    hidden_size: Annotated[int, Field(ge=1, le=65536)] | None = Field(
+        default=None, description="rnn/transformer: hidden width."
+    )
+    num_layers: Annotated[int, Field(ge=1, le=128)] | None = Field(
+        default=None, description="rnn/transformer: number of layers."
+    )
+    num_heads: Annotated[int, Field(ge=1, le=128)] | None = Field(
+        default=None, description="transformer: attention heads."
+    )
+    cell: Literal["gru", "lstm"] = Field(default="gru", description="rnn: recurrent cell.")
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    init_from_teacher: bool = Field(
+        default=True,
+        description="transformers teachers: initialise the student from a subset of the "
+        "teacher's layers.",
+    )
+
+
+class LossTerm(_Strict):
+    name: MethodName
+    weight: Annotated[float, Field(gt=0.0, le=1e6)] = 1.0
+
+
+class MethodSpec(_Strict):
+    """How the student learns from the teacher."""
+
+    name: MethodName | None = Field(
+        default=None, description="Main loss; inferred from the task when omitted."
+    )
+    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 4.0
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.9,
+        description="kd: weight of the soft (teacher) term; 1 - alpha goes to cross-entropy "
+        "on labels where labels exist.",
+    )
+    extra_terms: list[LossTerm] = Field(
+        default_factory=list,
+        description="Further losses added to the main one, each with its weight "
+        "(e.g. a hint term beside kd).",
+    )
+    hint_layer: str | None = Field(
+        default=None,
+        description="hint: the teacher layer (torch module name or ONNX tensor name) whose "
+        "features the student matches; chosen automatically when omitted.",
+    )
+    teacher_outputs: Literal["cached", "online"] = Field(
+        default="cached",
+        description="cached: run the teacher once over the transfer set; online: every step.",
+    )
+
+
+class TrainingSpec(_Strict):
+    epochs: Annotated[int, Field(ge=1, le=10000)] = 20
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 128
+    learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] = 0.01
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    grad_clip_norm: Annotated[float, Field(gt=0.0)] | None = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    max_minutes: Annotated[float, Field(gt=0.0, le=7 * 24 * 60)] = 60.0
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="Stop after this many epochs without a better validation fidelity.",
+    )
+    checkpoint_every_steps: Annotated[int, Field(ge=1)] | None = None
+    checkpoint_every_minutes: Annotated[float, Field(gt=0.0)] | None = 10.0
+
+
+class EvaluationSpec(_Strict):
+    validation_split: Annotated[float, Field(gt=0.0, lt=0.9)] = 0.1
+    baseline: bool = Field(
+        default=False,
+        description="Also train the same student on labels alone, to show what distillation "
+        "added. Needs labels.",
+    )
+
+
+class ExportSpec(_Strict):
+    formats: list[Literal["onnx", "safetensors"]] = Field(
+        default_factory=lambda: ["onnx", "safetensors"], min_length=1
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("formats must not repeat")
+        return v
+
+
+class DataSpec(_Strict):
+    """How the transfer set is read."""
+
+    label_column: str | None = Field(
+        default="label", description="CSV/Parquet: label column, if present."
+    )
+    feature_columns: list[str] | None = Field(
+        default=None, description="CSV/Parquet: feature columns (default: all but the label)."
+    )
+    max_length: Annotated[int, Field(ge=1, le=8192)] = 128
+    image_size: Annotated[int, Field(ge=4, le=1024)] | None = Field(
+        default=None, description="Image folders: resize to this square size (default: teacher's)."
+    )
+
+
+class DistillationSpec(_Strict):
+    """What to distil and how; shared by API jobs and local engine runs."""
+
+    task: Task | None = Field(default=None, description="Inferred from the teacher when omitted.")
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillationSpec:
+        if self.method.name == "kd" and self.task not in (None, "classification"):
+            raise ValueError("method kd needs task classification")
+        if self.method.name == "cosine" and self.task not in (None, "embedding"):
+            raise ValueError("method cosine needs task embedding")
+        if self.method.name in ("mse", "mae") and self.task == "classification":
+            raise ValueError(f"method {self.method.name} is for regression or embedding teachers")
+        return self
+
+    def method_for(self, task: str) -> MethodName:
+        """The main loss for ``task``: the one named, else the task's default."""
+        return self.method.name or DEFAULT_METHOD[task]
+
+
+class JobSpec(DistillationSpec):
+    """A job submitted to the service: teacher and dataset by id."""
+
+    teacher_model_id: str = Field(min_length=1, max_length=64)
+    dataset_id: str = Field(min_length=1, max_length=64)
+    webhook_url: str | None = Field(default=None, max_length=2048)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("webhook_url must be an http:// or https:// URL")
+        return v
+
+
+class PathRef(_Strict):
+    path: str = Field(min_length=1)
+
+
+class LocalJobSpec(DistillationSpec):
+    """A job for the engine CLI: teacher and dataset by file path."""
+
+    teacher: PathRef
+    dataset: PathRef
+
+
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "spec"
+
+
+def spec_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """Pydantic errors as ``[{"field": "training.epochs", "reason": ...}]``."""
+    return [{"field": _field_name(e["loc"]), "reason": e["msg"]} for e in exc.errors()]
+
+
+def parse_spec(data: Any, model: type[DistillationSpec] = LocalJobSpec) -> Any:
+    """Validate ``data`` as ``model``; a :class:`SpecInvalid` naming the first bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = spec_errors(exc)
+        first = errors[0]
+        detail = "; ".join(f"{e['field']}: {e['reason']}" for e in errors)
+        raise SpecInvalid(detail, field=first["field"]) from None
+
+
+def load_local_spec(path: str | Path) -> LocalJobSpec:
+    """Read a CLI spec file; relative teacher/dataset paths are taken from the spec's folder."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SpecInvalid(f"cannot read spec {path}: {exc}") from None
+    spec: LocalJobSpec = parse_spec(data, LocalJobSpec)
+    for ref in (spec.teacher, spec.dataset):
+        p = Path(ref.path)
+        if not p.is_absolute():
+            ref.path = str((path.parent / p).resolve())
+    return spec
