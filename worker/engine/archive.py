@@ -78,11 +78,15 @@ def list_members(path: str | Path, limits: ArchiveLimits = DEFAULT_LIMITS) -> li
         if info.file_size > limits.max_member_bytes:
             raise ArchiveUnsafe(f"archive member {info.filename!r} is over the size limit")
         if info.compress_size and info.file_size / info.compress_size > limits.max_ratio:
-            raise ArchiveUnsafe(f"archive member {info.filename!r} has a suspicious compression ratio")
+            raise ArchiveUnsafe(
+                f"archive member {info.filename!r} has a suspicious compression ratio"
+            )
         total += info.file_size
         files.append(info)
     if total > limits.max_total_bytes:
-        raise ArchiveUnsafe(f"archive expands to {total} bytes; the limit is {limits.max_total_bytes}")
+        raise ArchiveUnsafe(
+            f"archive expands to {total} bytes; the limit is {limits.max_total_bytes}"
+        )
     return files
 
 

@@ -19,6 +19,7 @@ from worker.engine.errors import SpecInvalid
 Task = Literal["classification", "regression", "embedding"]
 Architecture = Literal["mlp", "cnn", "rnn", "transformer", "auto"]
 MethodName = Literal["kd", "mse", "mae", "cosine", "hint"]
+ExportFormat = Literal["onnx", "safetensors"]
 
 #: The loss each task gets when ``method.name`` is left out.
 DEFAULT_METHOD: dict[str, MethodName] = {
@@ -133,8 +134,8 @@ class EvaluationSpec(_Strict):
 
 
 class ExportSpec(_Strict):
-    formats: list[Literal["onnx", "safetensors"]] = Field(
-        default_factory=lambda: ["onnx", "safetensors"], min_length=1
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: list[ExportFormat](["onnx", "safetensors"]), min_length=1
     )
 
     @field_validator("formats")

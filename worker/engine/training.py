@@ -229,7 +229,9 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "plain": plain}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _load_optimizer(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         idx, key = name.split(".", 1)
@@ -336,7 +338,9 @@ def load_checkpoint(
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").exists() else None
+    best = (
+        load_file(str(path / "best.safetensors")) if (path / "best.safetensors").exists() else None
+    )
     state = LoopState(
         step=meta["step"],
         best_score=meta["best_score"],
@@ -398,7 +402,9 @@ def _score(student_out: torch.Tensor, teacher_out: torch.Tensor, task: str, kind
 
 
 @torch.no_grad()
-def predict(module: nn.Module, tensors: Batch, batch_size: int, amp: torch.dtype | None) -> torch.Tensor:
+def predict(
+    module: nn.Module, tensors: Batch, batch_size: int, amp: torch.dtype | None
+) -> torch.Tensor:
     """Run ``module`` over ``tensors`` in batches, in eval mode; float32 outputs."""
     was_training = module.training
     module.eval()
@@ -471,7 +477,7 @@ def train(
 
     def check_finite() -> None:
         for offset, terms in enumerate(step_losses):
-            total_loss = sum(terms.values())
+            total_loss = torch.stack([t.float() for t in terms.values()]).sum()
             if not torch.isfinite(total_loss).all():
                 bad_step = state.step - len(step_losses) + offset + 1
                 detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
@@ -493,7 +499,12 @@ def train(
         check_finite()
         state.elapsed_s = elapsed_before + time.monotonic() - started
         path = save_checkpoint(
-            checkpoint_dir, student=student, loss=loss_fn, optimizer=optimizer, state=state, best=best
+            checkpoint_dir,
+            student=student,
+            loss=loss_fn,
+            optimizer=optimizer,
+            state=state,
+            best=best,
         )
         last_ckpt_time = time.monotonic()
         cb.event("checkpoint", {"step": state.step, "path": path.name})

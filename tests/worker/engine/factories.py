@@ -16,7 +16,11 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def train_mlp_teacher(
-    x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...] = (256, 256), epochs: int = 60, seed: int = 0
+    x: np.ndarray,
+    y: np.ndarray,
+    hidden: tuple[int, ...] = (256, 256),
+    epochs: int = 60,
+    seed: int = 0,
 ):
     """A torch MLP classifier trained on (x, y); returns the module in eval mode."""
     import torch
@@ -159,4 +163,35 @@ def write_npz(path: str | Path, inputs: np.ndarray, labels: np.ndarray | None = 
         arrays["labels"] = labels
     with open(path, "wb") as f:
         np.savez(f, **arrays)
+    return path
+
+
+def write_image_folders_zip(
+    path: str | Path,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    class_names: list[str] | None = None,
+    top: str | None = None,
+    fmt: str = "PNG",
+) -> Path:
+    """A zip of images (float (N, H, W) or (N, H, W, 3) in [0, 1]), one folder per class.
+
+    Without ``labels`` the images lie at the top level (an unlabelled set).
+    """
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    path = Path(path)
+    ext = {"PNG": "png", "JPEG": "jpg"}[fmt]
+    with zipfile.ZipFile(path, "w") as zf:
+        for i, img in enumerate(images):
+            buf = io.BytesIO()
+            Image.fromarray(np.round(img * 255).astype(np.uint8)).save(buf, format=fmt)
+            name = f"{i:05d}.{ext}"
+            if labels is not None:
+                folder = class_names[labels[i]] if class_names else str(labels[i])
+                name = f"{folder}/{name}"
+            zf.writestr(f"{top}/{name}" if top else name, buf.getvalue())
     return path
