@@ -1,0 +1,271 @@
+"""Whole runs of the engine on real teachers built here: quality, artifacts, CLI, guards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from tests.worker.engine.factories import (
+    digits,
+    export_onnx,
+    sklearn_forest_onnx,
+    sklearn_regressor_onnx,
+    train_mlp_teacher,
+    write_npz,
+)
+from worker.engine.errors import DatasetInvalid, SpecInvalid, TeacherIncompatible
+from worker.engine.evaluation import validate_metrics
+from worker.engine.pipeline import run
+from worker.engine.spec import DistillationSpec
+from worker.engine.training import Callbacks
+
+ARTIFACTS = {
+    "student.onnx",
+    "student.safetensors",
+    "student_config.json",
+    "metrics.json",
+    "model_card.md",
+    "training_curves.png",
+}
+
+
+@pytest.fixture(scope="module")
+def split_digits() -> dict[str, np.ndarray]:
+    """Digits split once: the teacher and transfer set see ``train``; ``test`` is held out."""
+    x, y = digits()
+    order = np.random.default_rng(0).permutation(len(x))
+    train, test = order[:1400], order[1400:]
+    return {"x": x[train], "y": y[train], "x_test": x[test], "y_test": y[test]}
+
+
+@pytest.fixture(scope="module")
+def mlp_teacher(tmp_path_factory, split_digits) -> Path:
+    folder = tmp_path_factory.mktemp("mlp_teacher")
+    module = train_mlp_teacher(split_digits["x"], split_digits["y"], epochs=40)
+    return export_onnx(module, (torch.from_numpy(split_digits["x"][:2]),), folder / "teacher.onnx")
+
+
+def onnx_predict(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: x})[0]
+
+
+def training(**kw: Any) -> dict[str, Any]:
+    return {"batch_size": 64, "learning_rate": 3e-3, "checkpoint_every_minutes": None, **kw}
+
+
+def test_kd_student_keeps_the_teachers_accuracy_with_10x_fewer_parameters(
+    tmp_path, mlp_teacher, split_digits
+) -> None:
+    data = write_npz(tmp_path / "transfer.npz", split_digits["x"], split_digits["y"])
+    spec = DistillationSpec(
+        student={"architecture": "auto", "compression": 10},
+        training=training(epochs=60),
+    )
+    result = run(spec, teacher_path=mlp_teacher, dataset_path=data, out_dir=tmp_path / "out")
+    metrics = result.metrics
+    validate_metrics(metrics)
+    assert metrics["teacher"]["parameters"] >= 10 * metrics["student"]["parameters"]
+    assert metrics["compression"] >= 10
+
+    x_test, y_test = split_digits["x_test"], split_digits["y_test"]
+    teacher_acc = (onnx_predict(mlp_teacher, x_test).argmax(1) == y_test).mean()
+    student_acc = (
+        onnx_predict(tmp_path / "out" / "student.onnx", x_test).argmax(1) == y_test
+    ).mean()
+    assert teacher_acc > 0.9
+    assert student_acc >= teacher_acc - 0.03, (student_acc, teacher_acc)
+    assert metrics["fidelity"]["agreement"] > 0.9
+
+
+def test_kd_beats_labels_alone_when_only_10_percent_are_labeled(
+    tmp_path, mlp_teacher, split_digits
+) -> None:
+    labels = split_digits["y"].copy()
+    hidden = np.random.default_rng(1).permutation(len(labels))[: int(0.9 * len(labels))]
+    labels[hidden] = -1
+    data = write_npz(tmp_path / "partial.npz", split_digits["x"], labels)
+    spec = DistillationSpec(
+        student={"architecture": "mlp", "compression": 10},
+        training=training(epochs=40),
+        evaluation={"baseline": True, "validation_split": 0.3},
+    )
+    result = run(spec, teacher_path=mlp_teacher, dataset_path=data, out_dir=tmp_path / "out")
+    metrics = result.metrics
+    validate_metrics(metrics)
+    assert metrics["split"]["reference"] == "labels"
+    assert metrics["baseline"]["parameters"] == metrics["student"]["parameters"]
+    assert metrics["student"]["accuracy"] > metrics["baseline"]["accuracy"] + 0.02, metrics
+    assert metrics["distillation_helped"] is True
+
+
+def test_cli_runs_a_forest_teacher_end_to_end(tmp_path, split_digits) -> None:
+    teacher, forest = sklearn_forest_onnx(
+        split_digits["x"], split_digits["y"], tmp_path / "forest.onnx", zipmap=True
+    )
+    write_npz(tmp_path / "digits.npz", split_digits["x"])
+    (tmp_path / "spec.json").write_text(
+        json.dumps(
+            {
+                "teacher": {"path": "forest.onnx"},
+                "dataset": {"path": "digits.npz"},
+                "training": training(epochs=30),
+            }
+        )
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.engine", "run", "spec.json", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert "step " in proc.stderr and "samples/s" in proc.stderr
+    assert ARTIFACTS <= {p.name for p in out.iterdir()}
+    for artifact in summary["artifacts"]:
+        digest = hashlib.sha256((out / artifact["name"]).read_bytes()).hexdigest()
+        assert artifact["sha256"] == digest
+    metrics = json.loads((out / "metrics.json").read_text())
+    validate_metrics(metrics)
+    assert metrics["teacher"]["parameters"] == 0
+    assert metrics["compression_basis"] == "bytes"
+    # No labels in the transfer set: the teacher's predictions are the reference.
+    assert metrics["split"]["reference"] == "teacher"
+    student_acc = (
+        onnx_predict(out / "student.onnx", split_digits["x_test"]).argmax(1)
+        == split_digits["y_test"]
+    ).mean()
+    forest_acc = (forest.predict(split_digits["x_test"]) == split_digits["y_test"]).mean()
+    assert student_acc >= forest_acc - 0.05, (student_acc, forest_acc)
+
+
+def test_cli_reports_bad_input_with_the_field(tmp_path) -> None:
+    (tmp_path / "spec.json").write_text(
+        json.dumps({"teacher": {"path": "t"}, "dataset": {"path": "d"}, "training": {"epochs": -1}})
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.engine", "run", "spec.json", "--out", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "spec_invalid" in proc.stderr and "training.epochs" in proc.stderr
+
+
+def test_regression_teacher_gets_regression_metrics(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    y = (x[:, 0] * 2 + np.sin(x[:, 1]) + 0.1 * rng.normal(size=600)).astype(np.float32)
+    teacher, _ = sklearn_regressor_onnx(x, y, tmp_path / "gbr.onnx")
+    data = write_npz(tmp_path / "reg.npz", x, y)
+    spec = DistillationSpec(training=training(epochs=30), student={"architecture": "mlp"})
+    result = run(spec, teacher_path=teacher, dataset_path=data, out_dir=tmp_path / "out")
+    metrics = result.metrics
+    validate_metrics(metrics)
+    assert metrics["task"] == "regression"
+    assert {"mae", "mse", "r2"} <= set(metrics["student"])
+    assert metrics["teacher"]["r2"] > 0.8
+    assert metrics["student"]["r2"] > 0.6
+
+
+def test_cache_reuses_teacher_outputs_across_runs(tmp_path, mlp_teacher, split_digits) -> None:
+    data = write_npz(tmp_path / "t.npz", split_digits["x"][:300])
+    spec = DistillationSpec(training=training(epochs=2))
+    stages: list[dict] = []
+    cb = Callbacks(on_event=lambda kind, d: stages.append(d) if kind == "stage" else None)
+    cache = tmp_path / "cache"
+    first = run(
+        spec, teacher_path=mlp_teacher, dataset_path=data, out_dir=tmp_path / "a", cache_dir=cache
+    )
+    second = run(
+        spec,
+        teacher_path=mlp_teacher,
+        dataset_path=data,
+        out_dir=tmp_path / "b",
+        cache_dir=cache,
+        callbacks=cb,
+    )
+    cached = [s["cached"] for s in stages if "cached" in s]
+    assert cached and all(cached)
+    assert first.metrics["student"]["accuracy"] == second.metrics["student"]["accuracy"]
+
+
+def test_online_and_hint_methods_train(tmp_path, mlp_teacher, split_digits) -> None:
+    data = write_npz(tmp_path / "t.npz", split_digits["x"][:400], split_digits["y"][:400])
+    rows: list[dict] = []
+    spec = DistillationSpec(
+        method={"teacher_outputs": "online", "extra_terms": [{"name": "hint", "weight": 0.5}]},
+        training=training(epochs=15),
+    )
+    result = run(
+        spec,
+        teacher_path=mlp_teacher,
+        dataset_path=data,
+        out_dir=tmp_path / "out",
+        callbacks=Callbacks(on_progress=rows.append),
+    )
+    assert {"loss/soft", "loss/hard", "loss/hint"} <= set(rows[-1])
+    assert result.metrics["student"]["accuracy"] > 0.5
+
+
+def test_time_budget_gives_a_partial_evaluated_student(tmp_path, mlp_teacher, split_digits) -> None:
+    data = write_npz(tmp_path / "t.npz", split_digits["x"][:300])
+    spec = DistillationSpec(training=training(epochs=10_000, max_minutes=0.01))
+    result = run(spec, teacher_path=mlp_teacher, dataset_path=data, out_dir=tmp_path / "out")
+    assert result.partial and result.stop_reason == "time_budget"
+    assert result.metrics["partial"] is True
+    assert ARTIFACTS <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_refuses_data_that_does_not_fit_the_teacher(tmp_path, mlp_teacher) -> None:
+    data = write_npz(tmp_path / "wide.npz", np.zeros((50, 32), np.float32))
+    with pytest.raises(DatasetInvalid, match=r"shape \[32\]"):
+        run(DistillationSpec(), teacher_path=mlp_teacher, dataset_path=data, out_dir=tmp_path / "o")
+
+
+def test_refuses_baseline_without_labels(tmp_path, mlp_teacher, split_digits) -> None:
+    data = write_npz(tmp_path / "nolabels.npz", split_digits["x"][:100])
+    spec = DistillationSpec(evaluation={"baseline": True})
+    with pytest.raises(SpecInvalid) as info:
+        run(spec, teacher_path=mlp_teacher, dataset_path=data, out_dir=tmp_path / "o")
+    assert info.value.field == "evaluation.baseline"
+
+
+def test_refuses_classification_on_a_regressor(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 4)).astype(np.float32)
+    teacher, _ = sklearn_regressor_onnx(x, x[:, 0], tmp_path / "gbr.onnx")
+    data = write_npz(tmp_path / "d.npz", x)
+    with pytest.raises(TeacherIncompatible) as info:
+        run(
+            DistillationSpec(task="classification"),
+            teacher_path=teacher,
+            dataset_path=data,
+            out_dir=tmp_path / "o",
+        )
+    assert info.value.field == "task"
+
+
+def test_engine_imports_nothing_from_the_service() -> None:
+    code = (
+        "import sys, worker.engine.pipeline, worker.engine.cli, worker.engine.hf; "
+        "bad = [m for m in ('fastapi', 'sqlalchemy', 'celery', 'app') if m in sys.modules]; "
+        "print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,5 @@
+import sys
+
+from worker.engine.cli import main
+
+sys.exit(main())
