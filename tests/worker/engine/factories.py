@@ -195,3 +195,145 @@ def write_image_folders_zip(
                 name = f"{folder}/{name}"
             zf.writestr(f"{top}/{name}" if top else name, buf.getvalue())
     return path
+
+
+class TeacherZoo:
+    """Real ONNX teachers on digits, built once per test process (see :func:`teacher_zoo`)."""
+
+    def __init__(self, folder: Path) -> None:
+        import torch
+
+        self.folder = folder
+        self.x, self.y = digits()
+        self.images = self.x.reshape(-1, 1, 8, 8)
+        example = (torch.from_numpy(self.x[:2]),)
+        self.mlp = _full_batch_mlp(self.x, self.y, hidden=64, steps=150)
+        self.mlp_dynamo = export_onnx(self.mlp, example, folder / "mlp_dynamo.onnx")
+        self.mlp_legacy = export_onnx_legacy(self.mlp, example, folder / "mlp_legacy.onnx")
+        self.cnn = SmallCNN.train(self.images, self.y, epochs=1)
+        self.cnn_dynamo = export_onnx(
+            self.cnn, (torch.from_numpy(self.images[:2]),), folder / "cnn_dynamo.onnx"
+        )
+        self.forest_zipmap, self.forest = sklearn_forest_onnx(
+            self.x, self.y, folder / "forest_zipmap.onnx", zipmap=True, n_estimators=10
+        )
+        self.forest_plain, _ = sklearn_forest_onnx(
+            self.x, self.y, folder / "forest_plain.onnx", zipmap=False, n_estimators=10
+        )
+        self.targets = (self.x[:, 20] + 2 * self.x[:, 43]).astype(np.float32)
+        self.regressor_path, self.regressor = sklearn_regressor_onnx(
+            self.x, self.targets, folder / "gbr.onnx"
+        )
+
+
+def _full_batch_mlp(x: np.ndarray, y: np.ndarray, hidden: int, steps: int, seed: int = 0):
+    """A one-hidden-layer MLP classifier fitted with full-batch Adam (fast on a busy CPU)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, int(y.max()) + 1)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(xt), yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+_ZOO: list[TeacherZoo] = []
+
+
+def teacher_zoo() -> TeacherZoo:
+    """The shared :class:`TeacherZoo`: trained and exported on first use, removed at exit."""
+    if not _ZOO:
+        import atexit
+        import shutil
+        import tempfile
+
+        import torch
+
+        folder = Path(tempfile.mkdtemp(prefix="distillery-teachers-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        # Tiny models train faster on one thread, and much faster when the CPU is shared.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _ZOO.append(TeacherZoo(folder))
+        finally:
+            torch.set_num_threads(threads)
+    return _ZOO[0]
+
+
+def zip_files(path: str | Path, files: dict[str, bytes | Path]) -> Path:
+    """A zip holding ``files`` (member name -> bytes or a file to copy)."""
+    import zipfile
+
+    path = Path(path)
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, content in files.items():
+            data = content.read_bytes() if isinstance(content, Path) else content
+            zf.writestr(name, data)
+    return path
+
+
+TINY_WORDS = [
+    *("the", "a", "cat", "dog", "sat", "on", "mat", "is", "good", "bad"),
+    *("movie", "film", "great", "awful", "i", "liked", "it", "not", "very"),
+]
+
+
+def tiny_bert_tokenizer(folder: Path, lowercase: bool = True):
+    """A BERT WordPiece tokenizer over a tiny vocabulary written into ``folder``."""
+    from transformers import BertTokenizerFast
+
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]) + "\n")
+    # transformers 5 takes the vocabulary as ``vocab`` (``vocab_file`` is ignored).
+    return BertTokenizerFast(vocab=str(vocab), do_lower_case=lowercase)
+
+
+def tiny_bert_config(**kw):
+    """A 4-layer, 32-wide BERT config: big enough to distil, small enough to train in seconds."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        **kw,
+    )
+
+
+def zip_folder(folder: Path, dest: Path) -> Path:
+    """Zip ``folder`` with its own name as the top folder, as users zip a saved model."""
+    import zipfile
+
+    with zipfile.ZipFile(dest, "w") as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(folder.parent))
+    return dest
+
+
+def write_jsonl(path: Path, texts: list[str], labels: list | None = None) -> Path:
+    import json
+
+    with open(path, "w") as f:
+        for i, text in enumerate(texts):
+            row: dict = {"text": text}
+            if labels is not None:
+                row["label"] = labels[i]
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def random_sentences(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(TINY_WORDS, size=rng.integers(3, 9))) for _ in range(n)]

@@ -17,10 +17,15 @@ import torch
 from tests.worker.engine.factories import (
     digits,
     export_onnx,
+    random_sentences,
     sklearn_forest_onnx,
     sklearn_regressor_onnx,
+    tiny_bert_config,
+    tiny_bert_tokenizer,
     train_mlp_teacher,
+    write_jsonl,
     write_npz,
+    zip_folder,
 )
 from worker.engine.errors import DatasetInvalid, SpecInvalid, TeacherIncompatible
 from worker.engine.evaluation import validate_metrics
@@ -110,7 +115,7 @@ def test_kd_beats_labels_alone_when_only_10_percent_are_labeled(
 
 
 def test_cli_runs_a_forest_teacher_end_to_end(tmp_path, split_digits) -> None:
-    teacher, forest = sklearn_forest_onnx(
+    _teacher, forest = sklearn_forest_onnx(
         split_digits["x"], split_digits["y"], tmp_path / "forest.onnx", zipmap=True
     )
     write_npz(tmp_path / "digits.npz", split_digits["x"])
@@ -134,7 +139,7 @@ def test_cli_runs_a_forest_teacher_end_to_end(tmp_path, split_digits) -> None:
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert "step " in proc.stderr and "samples/s" in proc.stderr
-    assert ARTIFACTS <= {p.name for p in out.iterdir()}
+    assert {p.name for p in out.iterdir()} >= ARTIFACTS
     for artifact in summary["artifacts"]:
         digest = hashlib.sha256((out / artifact["name"]).read_bytes()).hexdigest()
         assert artifact["sha256"] == digest
@@ -229,7 +234,7 @@ def test_time_budget_gives_a_partial_evaluated_student(tmp_path, mlp_teacher, sp
     result = run(spec, teacher_path=mlp_teacher, dataset_path=data, out_dir=tmp_path / "out")
     assert result.partial and result.stop_reason == "time_budget"
     assert result.metrics["partial"] is True
-    assert ARTIFACTS <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= ARTIFACTS
 
 
 def test_refuses_data_that_does_not_fit_the_teacher(tmp_path, mlp_teacher) -> None:
@@ -269,3 +274,88 @@ def test_engine_imports_nothing_from_the_service() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def text_teachers(tmp_path_factory) -> dict[str, Path]:
+    """A tiny BERT sequence classifier and a sentence-transformers encoder, zipped."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as st_modules
+    from transformers import BertForSequenceClassification, BertModel
+
+    root = tmp_path_factory.mktemp("text")
+    tok = tiny_bert_tokenizer(root)
+    torch.manual_seed(0)
+    clf_dir = root / "clf"
+    BertForSequenceClassification(tiny_bert_config(num_labels=3)).save_pretrained(clf_dir)
+    tok.save_pretrained(clf_dir)
+    enc_dir = root / "encoder"
+    BertModel(tiny_bert_config()).save_pretrained(enc_dir)
+    tok.save_pretrained(enc_dir)
+    st = SentenceTransformer(
+        modules=[
+            st_modules.Transformer(str(enc_dir)),
+            st_modules.Pooling(32, "mean"),
+            st_modules.Normalize(),
+        ],
+        device="cpu",
+    )
+    st_dir = root / "sentence"
+    st.save(str(st_dir))
+    return {
+        "classifier": zip_folder(clf_dir, root / "clf.zip"),
+        "sentence": zip_folder(st_dir, root / "sentence.zip"),
+    }
+
+
+def test_text_classifier_distils_to_a_layer_subset_student(tmp_path, text_teachers) -> None:
+    texts = random_sentences(300)
+    data = write_jsonl(tmp_path / "t.jsonl", texts)
+    spec = DistillationSpec(
+        student={"num_layers": 2},
+        training=training(epochs=3, batch_size=32),
+        data={"max_length": 16},
+    )
+    result = run(
+        spec,
+        teacher_path=text_teachers["classifier"],
+        dataset_path=data,
+        out_dir=tmp_path / "out",
+    )
+    validate_metrics(result.metrics)
+    config = json.loads((tmp_path / "out" / "student_config.json").read_text())
+    assert config["architecture"] == "hf_encoder"
+    assert config["initialised_from_teacher_layers"] == [0, 3]
+    session = ort.InferenceSession(str(tmp_path / "out" / "student.onnx"))
+    names = [i.name for i in session.get_inputs()]
+    assert names[:2] == ["input_ids", "attention_mask"]
+    ids = np.full((3, 10), 5, dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if "token_type_ids" in names:
+        feeds["token_type_ids"] = np.zeros_like(ids)
+    assert session.run(None, feeds)[0].shape == (3, 3)
+
+
+def test_sentence_embeddings_distil_to_a_narrower_student_with_projection(
+    tmp_path, text_teachers
+) -> None:
+    data = write_jsonl(tmp_path / "t.jsonl", random_sentences(400, seed=1))
+    spec = DistillationSpec(
+        student={"architecture": "transformer", "hidden_size": 16, "num_layers": 1, "num_heads": 2},
+        training=training(epochs=8, batch_size=32),
+        data={"max_length": 16},
+    )
+    result = run(
+        spec, teacher_path=text_teachers["sentence"], dataset_path=data, out_dir=tmp_path / "out"
+    )
+    metrics = result.metrics
+    validate_metrics(metrics)
+    assert metrics["task"] == "embedding"
+    assert metrics["student"]["cosine"] > 0.8
+    session = ort.InferenceSession(str(tmp_path / "out" / "student.onnx"))
+    ids = np.full((2, 12), 7, dtype=np.int64)
+    feeds = {
+        i.name: ids if i.name == "input_ids" else np.ones_like(ids) for i in session.get_inputs()
+    }
+    # The student is 16 wide; its projection head gives the teacher's 32-wide embedding.
+    assert session.run(None, feeds)[0].shape == (2, 32)
