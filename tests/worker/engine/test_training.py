@@ -173,7 +173,16 @@ def test_progress_reports_every_term_rate_and_eta() -> None:
     run(make_data(), spec(epochs=2), callbacks=Callbacks(on_progress=rows.append))
     assert rows
     row = rows[0]
-    for key in ("step", "total_steps", "epoch", "loss", "loss/soft", "lr", "samples_per_s", "eta_s"):
+    for key in (
+        "step",
+        "total_steps",
+        "epoch",
+        "loss",
+        "loss/soft",
+        "lr",
+        "samples_per_s",
+        "eta_s",
+    ):
         assert key in row
     assert row["total_steps"] == 10 and row["samples_per_s"] > 0
     assert rows[-1]["step"] == 10

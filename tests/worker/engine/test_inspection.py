@@ -1,0 +1,382 @@
+"""Teacher sniffing and signatures, on real exported teachers and hand-built bundles."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from safetensors.numpy import save_file
+
+from tests.worker.engine.factories import TeacherZoo, teacher_zoo, zip_files
+from worker.engine.errors import ArchiveUnsafe, TeacherInvalid, UnsupportedFormat
+from worker.engine.inspection import inspect, sniff_teacher
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="session")
+def zoo() -> TeacherZoo:
+    return teacher_zoo()
+
+
+def _refused(path: Path) -> UnsupportedFormat:
+    with pytest.raises(UnsupportedFormat) as err:
+        sniff_teacher(path)
+    with pytest.raises(UnsupportedFormat):
+        inspect(path)
+    return err.value
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def test_inspection_does_not_import_torch(zoo: TeacherZoo) -> None:
+    code = (
+        "import json, sys\n"
+        "from worker.engine.inspection import inspect, sniff_teacher\n"
+        f"paths = {[str(zoo.mlp_dynamo), str(zoo.forest_zipmap)]!r}\n"
+        "out = [(sniff_teacher(p), inspect(p).to_dict()) for p in paths]\n"
+        "assert 'torch' not in sys.modules, 'inspection imported torch'\n"
+        "print(json.dumps(out))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    (fmt, mlp), (_, forest) = json.loads(done.stdout)
+    assert fmt == "onnx" and mlp["task"] == "classification"
+    assert forest["output_kind"] == "probabilities"
+
+
+def test_dynamo_mlp_signature_counts_external_weights(zoo: TeacherZoo) -> None:
+    sig = inspect(zoo.mlp_dynamo)
+    data = zoo.mlp_dynamo.with_name(zoo.mlp_dynamo.name + ".data")
+    assert data.is_file()
+    assert sig.format == "onnx"
+    assert [(t.name, t.shape, t.dtype) for t in sig.inputs] == [("input", ["batch", 64], "float32")]
+    assert sig.outputs[0].name == "logits" and sig.outputs[0].shape == ["batch", 10]
+    assert (sig.task, sig.output, sig.output_kind) == ("classification", "logits", "logits")
+    assert sig.num_classes == sig.output_dim == 10
+    assert sig.parameters == sum(p.numel() for p in zoo.mlp.parameters())
+    assert sig.bytes == zoo.mlp_dynamo.stat().st_size + data.stat().st_size
+    assert sig.modality == "tabular"
+
+
+def test_legacy_and_cnn_signatures(zoo: TeacherZoo) -> None:
+    legacy = inspect(zoo.mlp_legacy)
+    assert legacy.parameters == sum(p.numel() for p in zoo.mlp.parameters())
+    assert legacy.extra["opsets"]["ai.onnx"] == 17
+    assert legacy.output_kind == "logits"
+    cnn = inspect(zoo.cnn_dynamo)
+    assert cnn.inputs[0].shape == ["batch", 1, 8, 8] and cnn.modality == "image"
+    assert cnn.parameters == sum(p.numel() for p in zoo.cnn.parameters())
+    assert cnn.num_classes == 10
+
+
+def test_content_not_name_decides(zoo: TeacherZoo, tmp_path: Path) -> None:
+    renamed = tmp_path / "weights.bin"
+    renamed.write_bytes(zoo.mlp_legacy.read_bytes())
+    assert sniff_teacher(renamed) == "onnx"
+
+
+@pytest.mark.parametrize("zipmap", [True, False])
+def test_forest_is_a_probability_classifier(zoo: TeacherZoo, zipmap: bool) -> None:
+    path = zoo.forest_zipmap if zipmap else zoo.forest_plain
+    sig = inspect(path)
+    assert (sig.task, sig.output_kind) == ("classification", "probabilities")
+    assert sig.output == ("output_probability" if zipmap else "probabilities")
+    assert sig.num_classes == 10 and sig.parameters == 0 and sig.bytes > 0
+    assert sig.architecture == "RandomForestClassifier" and sig.extra["sklearn"]
+    assert sig.extra["classes"] == [str(c) for c in range(10)]
+    assert ("zipmap" in sig.extra) is zipmap
+
+
+def test_regressor_signature(zoo: TeacherZoo) -> None:
+    sig = inspect(zoo.regressor_path)
+    assert (sig.task, sig.output_kind, sig.output_dim) == ("regression", "values", 1)
+    assert sig.output == "variable" and sig.num_classes is None
+
+
+def test_softmax_output_reads_as_probabilities(tmp_path: Path) -> None:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])
+    y = onnx.helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["n", 3])
+    w = onnx.numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("MatMul", ["x", "w"], ["z"]),
+            onnx.helper.make_node("Softmax", ["z"], ["probs"], axis=-1),
+        ],
+        "net",
+        [x],
+        [y],
+        [w],
+    )
+    path = tmp_path / "softmax.onnx"
+    onnx.save(onnx.helper.make_model(graph), path)
+    sig = inspect(path)
+    assert sig.output_kind == "probabilities" and sig.parameters == 12
+
+
+# --------------------------------------------------------------------------- bundles
+
+
+def test_zip_bundle_with_external_data(zoo: TeacherZoo, tmp_path: Path) -> None:
+    data = zoo.mlp_dynamo.with_name(zoo.mlp_dynamo.name + ".data")
+    bundle = zip_files(
+        tmp_path / "mlp.zip",
+        {f"mlp/{zoo.mlp_dynamo.name}": zoo.mlp_dynamo, f"mlp/{data.name}": data},
+    )
+    assert sniff_teacher(bundle) == "onnx"
+    assert inspect(bundle).to_dict() == inspect(zoo.mlp_dynamo).to_dict()
+
+
+def test_bundle_data_outside_the_bundle_is_refused(zoo: TeacherZoo, tmp_path: Path) -> None:
+    model = onnx.load(zoo.mlp_dynamo, load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.bin"
+    data = zoo.mlp_dynamo.with_name(zoo.mlp_dynamo.name + ".data")
+    bundle = zip_files(
+        tmp_path / "escape.zip",
+        {"model.onnx": model.SerializeToString(), "outside.bin": data},
+    )
+    with pytest.raises(ArchiveUnsafe):
+        inspect(bundle)
+
+
+def test_member_escaping_the_zip_is_refused(zoo: TeacherZoo, tmp_path: Path) -> None:
+    bundle = zip_files(tmp_path / "evil.zip", {"model.onnx": zoo.mlp_legacy, "../x": b"x"})
+    with pytest.raises(ArchiveUnsafe):
+        sniff_teacher(bundle)
+
+
+def test_bundle_with_two_graphs_is_invalid(zoo: TeacherZoo, tmp_path: Path) -> None:
+    bundle = zip_files(tmp_path / "two.zip", {"a.onnx": zoo.mlp_legacy, "b.onnx": zoo.mlp_legacy})
+    with pytest.raises(TeacherInvalid):
+        sniff_teacher(bundle)
+
+
+def _safetensors_bytes(tmp_path: Path, arrays: dict[str, np.ndarray]) -> bytes:
+    path = tmp_path / "w.safetensors"
+    save_file(arrays, str(path))
+    return path.read_bytes()
+
+
+def test_safetensors_bundle_signature(tmp_path: Path) -> None:
+    weights = _safetensors_bytes(
+        tmp_path,
+        {
+            "net.0.weight": np.zeros((32, 64), np.float32),
+            "net.0.bias": np.zeros(32, np.float32),
+            "head.weight": np.zeros((10, 32), np.float32),
+            "head.bias": np.zeros(10, np.float32),
+        },
+    )
+    config = {
+        "architecture": "mlp",
+        "task": "classification",
+        "modality": "tabular",
+        "input_names": ["inputs"],
+        "input_shape": [64],
+        "output_dim": 10,
+        "hidden_sizes": [32],
+    }
+    bundle = zip_files(
+        tmp_path / "student.zip",
+        {"student.safetensors": weights, "student_config.json": json.dumps(config).encode()},
+    )
+    assert sniff_teacher(bundle) == "safetensors"
+    sig = inspect(bundle)
+    assert sig.format == "safetensors" and sig.architecture == "mlp"
+    assert sig.parameters == 32 * 64 + 32 + 10 * 32 + 10
+    assert sig.inputs[0].shape == ["batch", 64]
+    assert (sig.task, sig.output_kind, sig.num_classes) == ("classification", "logits", 10)
+
+    config["architecture"] = "resnet"
+    odd = zip_files(
+        tmp_path / "odd.zip",
+        {"model.safetensors": weights, "config.json": json.dumps(config).encode()},
+    )
+    with pytest.raises(TeacherInvalid):
+        sniff_teacher(odd)
+
+
+def _bert_folder(tmp_path: Path, name: str, **config: object) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "bert",
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "vocab_size": 100,
+                **config,
+            }
+        )
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    (folder / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    save_file(
+        {"embeddings.word_embeddings.weight": np.zeros((100, 32), np.float32)},
+        str(folder / "model.safetensors"),
+    )
+    return folder
+
+
+def _zip_folder(folder: Path, dest: Path) -> Path:
+    files: dict[str, bytes | Path] = {
+        f"{folder.name}/{p.relative_to(folder).as_posix()}": p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+    return zip_files(dest, files)
+
+
+def test_transformers_classifier_signature(tmp_path: Path) -> None:
+    folder = _bert_folder(
+        tmp_path,
+        "clf",
+        architectures=["BertForSequenceClassification"],
+        id2label={"0": "neg", "1": "neu", "2": "pos"},
+    )
+    bundle = _zip_folder(folder, tmp_path / "clf.zip")
+    assert sniff_teacher(bundle) == "huggingface"
+    assert sniff_teacher(folder) == "huggingface"
+    sig = inspect(bundle)
+    assert sig.format == "huggingface" and sig.modality == "text"
+    assert (sig.task, sig.output_kind, sig.num_classes) == ("classification", "logits", 3)
+    assert [t.name for t in sig.inputs] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert sig.parameters == 3200 and sig.architecture == "BertForSequenceClassification"
+    assert sig.extra["labels"] == ["neg", "neu", "pos"]
+
+
+def test_sentence_transformers_signature(tmp_path: Path) -> None:
+    folder = _bert_folder(tmp_path, "st", architectures=["BertModel"])
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
+    )
+    (folder / "2_Dense").mkdir()
+    (folder / "2_Dense" / "config.json").write_text(
+        json.dumps({"in_features": 32, "out_features": 16})
+    )
+    save_file(
+        {"linear.weight": np.zeros((16, 32), np.float32)},
+        str(folder / "2_Dense" / "model.safetensors"),
+    )
+    sig = inspect(_zip_folder(folder, tmp_path / "st.zip"))
+    assert (sig.task, sig.output_kind, sig.output_dim) == ("embedding", "embedding", 16)
+    assert sig.parameters == 3200 + 512
+    assert sig.architecture == "SentenceTransformer(bert)"
+
+
+def test_transformers_folder_with_only_pickled_weights_is_refused(tmp_path: Path) -> None:
+    folder = _bert_folder(tmp_path, "pickled", architectures=["BertModel"])
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": 1}))
+    err = _refused(_zip_folder(folder, tmp_path / "p.zip"))
+    assert "pytorch_model.bin" in err.message and "safetensors" in err.message
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+class _Payload:
+    """Unpickling this would create ``marker``: sniffing must never unpickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_is_refused_without_unpickling(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    path = tmp_path / "model.onnx"
+    path.write_bytes(pickle.dumps({"model": _Payload(marker)}))
+    err = _refused(path)
+    assert "pickle" in err.message and "ONNX" in err.message and "safetensors" in err.message
+    assert not marker.exists()
+
+
+def _torch_files(tmp_path: Path) -> dict[str, Path]:
+    import torch
+    from torch import nn
+
+    module = nn.Sequential(nn.Linear(4, 2))
+    out = {name: tmp_path / name for name in ("sd.pt", "legacy.pt", "ts.pt", "m.pt2")}
+    torch.save(module.state_dict(), out["sd.pt"])
+    torch.save(module.state_dict(), out["legacy.pt"], _use_new_zipfile_serialization=False)
+    torch.jit.save(torch.jit.script(module), out["ts.pt"])
+    exported = torch.export.export(module, (torch.randn(2, 4),))
+    torch.export.save(exported, out["m.pt2"])
+    return out
+
+
+def test_torch_formats_are_refused(tmp_path: Path) -> None:
+    for name, path in _torch_files(tmp_path).items():
+        err = _refused(path)
+        assert "ONNX" in err.message and "safetensors" in err.message, name
+        assert err.code == "unsupported_format"
+
+
+def test_unknown_content_is_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    noise = tmp_path / "noise.onnx"
+    noise.write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    _refused(noise)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    _refused(empty)
+    other_zip = zip_files(tmp_path / "readme.zip", {"README.txt": b"hello"})
+    _refused(other_zip)
+
+
+def test_bare_safetensors_file_needs_a_config(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(_safetensors_bytes(tmp_path, {"w": np.zeros(3, np.float32)}))
+    assert "config.json" in _refused(path).message
+
+
+def test_truncated_onnx_is_invalid(zoo: TeacherZoo, tmp_path: Path) -> None:
+    data = zoo.mlp_legacy.read_bytes()
+    path = tmp_path / "truncated.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TeacherInvalid):
+        sniff_teacher(path)
+    with pytest.raises(TeacherInvalid):
+        inspect(path)
+
+
+def test_missing_file_is_invalid(tmp_path: Path) -> None:
+    with pytest.raises(TeacherInvalid):
+        sniff_teacher(tmp_path / "nothing.onnx")
+
+
+def test_plain_graph_with_missing_external_data_is_invalid(zoo: TeacherZoo, tmp_path: Path) -> None:
+    lonely = tmp_path / zoo.mlp_dynamo.name
+    lonely.write_bytes(zoo.mlp_dynamo.read_bytes())
+    assert os.path.exists(lonely) and sniff_teacher(lonely) == "onnx"
+    with pytest.raises(TeacherInvalid):
+        inspect(lonely)

@@ -1,0 +1,907 @@
+"""What a teacher file is and what it looks like, read without running it.
+
+:func:`sniff_teacher` classifies a file by its content (never its name) and
+refuses pickle-based formats; :func:`inspect` reads a teacher's
+:class:`TeacherSignature` from the ONNX graph, the safetensors header and the
+JSON configs alone. Nothing here imports torch or unpickles anything: the API
+calls it on every upload.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import posixpath
+import re
+import struct
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, cast
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from worker.engine.archive import ZIP_MAGIC, list_members, member_path
+from worker.engine.errors import TeacherIncompatible, TeacherInvalid, UnsupportedFormat
+from worker.engine.signature import Dim, TeacherSignature, TensorSpec
+
+#: Student architectures a safetensors bundle's config may name (see students.py).
+BUILTIN_ARCHITECTURES = ("mlp", "cnn", "rnn", "transformer")
+
+#: Operators of scikit-learn graphs (the ``ai.onnx.ml`` domain) that classify.
+SKLEARN_CLASSIFIERS = frozenset(
+    {"TreeEnsembleClassifier", "LinearClassifier", "SVMClassifier", "ZipMap"}
+)
+SKLEARN_REGRESSORS = frozenset({"TreeEnsembleRegressor", "LinearRegressor", "SVMRegressor"})
+ML_DOMAIN = "ai.onnx.ml"
+
+HOW_TO_EXPORT = (
+    "Export the model to ONNX (torch.onnx.export(model, example_inputs, 'model.onnx')) or save "
+    "its weights with safetensors (safetensors.torch.save_file(model.state_dict(), "
+    "'model.safetensors')) and zip them with a config.json naming the architecture; "
+    "transformers models: model.save_pretrained(folder, safe_serialization=True) and zip the "
+    "folder."
+)
+PICKLE_REFUSAL = "{what}; unpickling runs arbitrary code, so it is never loaded. " + HOW_TO_EXPORT
+
+_MAX_JSON_BYTES = 16 * 2**20
+_MAX_SAFETENSORS_HEADER = 100 * 2**20
+_ONNX_DTYPES = {
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    4: "uint16",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    8: "string",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    12: "uint32",
+    13: "uint64",
+    14: "complex64",
+    15: "complex128",
+    16: "bfloat16",
+}
+_MODALITIES = ("tabular", "image", "sequence", "text")
+_FLOAT_DTYPES = frozenset({"float32", "float16", "float64", "bfloat16"})
+# Quantized graphs keep their weights as 8-bit integers.
+_WEIGHT_DTYPES = _FLOAT_DTYPES | {"int8", "uint8"}
+# First byte of a serialized ModelProto: the tag of one of its fields.
+_MODELPROTO_TAGS = frozenset({0x08, 0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72})
+_GENERIC_GRAPH_NAMES = frozenset({"", "main_graph", "torch_jit", "torch-jit-export", "graph"})
+# Tokenizers of these families give no segment ids (see hf.py, which asks the tokenizer).
+_NO_TOKEN_TYPES = frozenset({"roberta", "xlm-roberta", "camembert", "distilbert", "mpnet"})
+_ST_POOLING_KEYS = (
+    "pooling_mode_cls_token",
+    "pooling_mode_max_tokens",
+    "pooling_mode_mean_tokens",
+    "pooling_mode_mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens",
+    "pooling_mode_lasttoken",
+)
+
+
+# --------------------------------------------------------------------------- bundles
+
+
+class Bundle:
+    """The files of a zip (validated by :func:`archive.list_members`) or of a folder.
+
+    Names are POSIX paths relative to the bundle root: a single top folder is
+    stripped, as :func:`archive.bundle_root` does after extraction.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.is_zip = self.path.is_file()
+        sizes: dict[str, int] = {}
+        if self.is_zip:
+            for info in list_members(self.path):
+                sizes[info.filename] = info.file_size
+        else:
+            for p in self.path.rglob("*"):
+                if p.is_file() and not p.is_symlink():
+                    sizes[p.relative_to(self.path).as_posix()] = p.stat().st_size
+        visible = {
+            n: s for n, s in sizes.items() if not n.split("/")[0].startswith(("__MACOSX", "."))
+        }
+        tops = {n.split("/")[0] for n in visible}
+        self.prefix = ""
+        if len(tops) == 1 and all("/" in n for n in visible):
+            self.prefix = next(iter(tops)) + "/"
+        self.sizes = {n[len(self.prefix) :]: s for n, s in visible.items()}
+        self.names = sorted(self.sizes)
+
+    def open(self, name: str) -> IO[bytes]:
+        """A binary stream of member ``name``."""
+        full = self.prefix + name
+        if self.is_zip:
+            zf = zipfile.ZipFile(self.path)
+            return io.BufferedReader(_ZipMember(zf, zf.open(full)))
+        return open(self.path / full, "rb")
+
+    def read(self, name: str, limit: int = _MAX_JSON_BYTES) -> bytes:
+        """Member ``name``'s bytes; :class:`TeacherInvalid` if it is over ``limit``."""
+        if self.sizes[name] > limit:
+            raise TeacherInvalid(f"{name} is too large ({self.sizes[name]} bytes)", field="teacher")
+        with self.open(name) as f:
+            return f.read(limit + 1)[:limit]
+
+    def json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read(name))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TeacherInvalid(f"cannot read {name}: {exc}", field="teacher") from None
+
+    def basenames(self) -> set[str]:
+        return {PurePosixPath(n).name for n in self.names}
+
+
+class _ZipMember(io.RawIOBase):
+    """A zip member as a raw stream that also closes its archive."""
+
+    def __init__(self, zf: zipfile.ZipFile, member: IO[bytes]) -> None:
+        self._zf, self._member = zf, member
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._member.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._member.close()
+        self._zf.close()
+        super().close()
+
+
+# --------------------------------------------------------------------------- sniffing
+
+
+def sniff_teacher(path: str | Path) -> str:
+    """The teacher format of ``path``, from its content: onnx, safetensors or huggingface.
+
+    Raises :class:`UnsupportedFormat` for pickle-based files (plain pickles,
+    ``torch.save`` and TorchScript archives, ``.pt2`` exported programs, transformers
+    folders with only ``pytorch_model.bin``) and for unknown content, and
+    :class:`TeacherInvalid` for a file that looks like ONNX but does not parse.
+    """
+    path = Path(path)
+    if _is_bundle(path):
+        return _classify_bundle(Bundle(path))[0]
+    _read_plain_onnx(path)
+    return "onnx"
+
+
+def _is_bundle(path: Path) -> bool:
+    if path.is_dir():
+        return True
+    if not path.is_file():
+        raise TeacherInvalid(f"teacher file {path.name!r} does not exist", field="teacher")
+    with open(path, "rb") as f:
+        return f.read(4) == ZIP_MAGIC
+
+
+def _read_plain_onnx(path: Path) -> onnx.ModelProto:
+    """Parse a file that is not a zip: ONNX, or refused with the reason."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    _refuse_known_non_onnx(head, path.stat().st_size)
+    # Cheap checks first: only a plausible ModelProto is read whole and parsed.
+    if not _looks_like_onnx(head) and (not head or head[0] not in _MODELPROTO_TAGS):
+        raise _unknown_format()
+    return _parse_onnx_bytes(path.read_bytes(), path.name)
+
+
+def _refuse_known_non_onnx(head: bytes, size: int) -> None:
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        raise UnsupportedFormat(
+            PICKLE_REFUSAL.format(
+                what="This file is a pickle (as .pt, .pth, .pkl and .ckpt files are)"
+            ),
+            field="teacher",
+        )
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        raise UnsupportedFormat(
+            "HDF5 (Keras .h5) models are not supported; convert the model to ONNX "
+            "(for example with tf2onnx) and upload the .onnx file.",
+            field="teacher",
+        )
+    if len(head) >= 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n <= min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise UnsupportedFormat(
+                "a bare safetensors file holds weights but not the architecture; zip it with a "
+                "config.json naming the architecture (or upload an ONNX export).",
+                field="teacher",
+            )
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    # ir_version (field 1, varint) comes first in every exporter we know; versions are small.
+    return len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 30
+
+
+def _parse_onnx_bytes(data: bytes, name: str, *, expected: bool = False) -> onnx.ModelProto:
+    """Parse a serialized ModelProto.
+
+    Content that fails to parse is :class:`TeacherInvalid` when it looks like ONNX
+    (or is ``expected`` to be ONNX), else :class:`UnsupportedFormat`.
+    """
+    looks = expected or _looks_like_onnx(data[:2])
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        if looks:
+            raise TeacherInvalid(
+                f"{name} is not a valid ONNX model (truncated or corrupt: {exc})", field="teacher"
+            ) from None
+        raise _unknown_format() from None
+    if not model.HasField("graph") or not model.opset_import:
+        if looks:
+            raise TeacherInvalid(f"{name} is an ONNX model without a graph", field="teacher")
+        raise _unknown_format()
+    _check_graph(model.graph, name)
+    return model
+
+
+def _check_graph(graph: onnx.GraphProto, name: str) -> None:
+    """Structural checks that catch truncated or hand-broken graphs before a runtime does."""
+    if not graph.output:
+        raise TeacherInvalid(f"{name}: the ONNX graph declares no outputs", field="teacher")
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    known |= {t.values.name for t in graph.sparse_initializer}
+    for node in graph.node:
+        known.update(node.output)
+    missing = [o.name for o in graph.output if o.name not in known]
+    if missing:
+        raise TeacherInvalid(
+            f"{name}: the ONNX graph's outputs {missing} are produced by no node", field="teacher"
+        )
+
+
+def _unknown_format() -> UnsupportedFormat:
+    return UnsupportedFormat(
+        "unrecognised teacher format: expected an ONNX model, a zip of safetensors weights with "
+        "config.json, or a zip of a transformers folder. " + HOW_TO_EXPORT,
+        field="teacher",
+    )
+
+
+@dataclass
+class _Classified:
+    format: str
+    graph: str | None = None  # the ONNX member
+    config: str | None = None  # the safetensors bundle's config member
+    weights: str | None = None
+
+
+def _classify_bundle(bundle: Bundle) -> tuple[str, _Classified]:
+    names = bundle.names
+    base = bundle.basenames()
+    if "archive_format" in base or any("serialized_exported_program" in n for n in names):
+        raise UnsupportedFormat(
+            PICKLE_REFUSAL.format(
+                what="This is a torch.export .pt2 archive, which stores data with pickle"
+            ),
+            field="teacher",
+        )
+    if "constants.pkl" in base:
+        raise UnsupportedFormat(
+            PICKLE_REFUSAL.format(
+                what="This is a TorchScript archive (torch.jit.save), built on pickle"
+            ),
+            field="teacher",
+        )
+    if "data.pkl" in base:
+        raise UnsupportedFormat(
+            PICKLE_REFUSAL.format(what="This is a torch.save archive (.pt/.pth), built on pickle"),
+            field="teacher",
+        )
+    graphs = [n for n in names if n.endswith(".onnx")]
+    if len(graphs) > 1:
+        raise TeacherInvalid(
+            f"the bundle holds several ONNX graphs ({', '.join(graphs[:5])}); upload one",
+            field="teacher",
+        )
+    if graphs:
+        return "onnx", _Classified("onnx", graph=graphs[0])
+    if "modules.json" in names or _hf_config(bundle) is not None:
+        _require_hf_safetensors(bundle)
+        return "huggingface", _Classified("huggingface")
+    for cfg in ("config.json", "student_config.json"):
+        if cfg in names:
+            config = bundle.json(cfg)
+            if isinstance(config, dict) and "architecture" in config:
+                return "safetensors", _safetensors_bundle(bundle, cfg, config)
+    if any(n.endswith((".safetensors",)) for n in names):
+        raise TeacherInvalid(
+            "the bundle has safetensors weights but no config.json naming the architecture "
+            f"(one of {', '.join(BUILTIN_ARCHITECTURES)}) or the transformers model_type",
+            field="teacher",
+        )
+    pickled = [n for n in names if n.endswith((".pt", ".pth", ".bin", ".ckpt", ".pkl"))]
+    if pickled:
+        raise UnsupportedFormat(
+            PICKLE_REFUSAL.format(what=f"The bundle's {pickled[0]} is pickle-based"),
+            field="teacher",
+        )
+    if "saved_model.pb" in base:
+        raise UnsupportedFormat(
+            "TensorFlow SavedModels are not supported; convert the model to ONNX (for example "
+            "with tf2onnx) and upload the .onnx file.",
+            field="teacher",
+        )
+    raise _unknown_format()
+
+
+def _hf_config(bundle: Bundle) -> dict[str, Any] | None:
+    if "config.json" not in bundle.names:
+        return None
+    config = bundle.json("config.json")
+    if isinstance(config, dict) and "model_type" in config:
+        return config
+    return None
+
+
+def _require_hf_safetensors(bundle: Bundle) -> None:
+    if any(n.endswith(".safetensors") for n in bundle.names):
+        return
+    pickled = sorted(
+        n
+        for n in bundle.names
+        if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".pkl"))
+    )
+    if pickled:
+        raise UnsupportedFormat(
+            f"the transformers folder has weights only in {', '.join(pickled[:3])}, which is "
+            "pickle-based (or framework-specific), and unpickling runs arbitrary code, so it is "
+            "never loaded. Convert it to safetensors: load it with transformers and call "
+            "model.save_pretrained(folder, safe_serialization=True), then zip the folder again.",
+            field="teacher",
+        )
+    raise TeacherInvalid("the transformers folder has no model.safetensors", field="teacher")
+
+
+def _safetensors_bundle(bundle: Bundle, cfg: str, config: dict[str, Any]) -> _Classified:
+    arch = config.get("architecture")
+    if arch not in BUILTIN_ARCHITECTURES:
+        raise TeacherInvalid(
+            f"{cfg} names architecture {arch!r}; a safetensors teacher must be one of "
+            f"{', '.join(BUILTIN_ARCHITECTURES)}",
+            field="teacher",
+        )
+    weights = [n for n in bundle.names if n.endswith(".safetensors")]
+    named = (config.get("weights") or {}).get("file") if isinstance(config, dict) else None
+    if isinstance(named, str) and named in weights:
+        weights = [named]
+    if len(weights) != 1:
+        raise TeacherInvalid(
+            f"a safetensors bundle needs exactly one .safetensors file beside {cfg}; "
+            f"found {len(weights)}",
+            field="teacher",
+        )
+    return _Classified("safetensors", config=cfg, weights=weights[0])
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+def inspect(path: str | Path) -> TeacherSignature:
+    """The teacher's signature, read from its files without running (or importing) a model."""
+    path = Path(path)
+    if not _is_bundle(path):
+        model = _read_plain_onnx(path)
+        return onnx_signature(model, external_bytes(model, path.parent) + path.stat().st_size)
+    bundle = Bundle(path)
+    fmt, found = _classify_bundle(bundle)
+    if fmt == "onnx":
+        assert found.graph is not None
+        model = read_bundle_graph(bundle, found.graph)
+        size = bundle.sizes[found.graph]
+        for member in bundle_external_members(model, found.graph):
+            if member not in bundle.sizes:
+                raise TeacherInvalid(
+                    f"{found.graph} refers to external data {member!r}, which the bundle lacks",
+                    field="teacher",
+                )
+            size += bundle.sizes[member]
+        return onnx_signature(model, size)
+    if fmt == "safetensors":
+        return _safetensors_signature(bundle, found)
+    return _hf_signature(bundle)
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def read_bundle_graph(bundle: Bundle, member: str) -> onnx.ModelProto:
+    """Parse the bundle's ONNX graph (its external data is left unread)."""
+    return _parse_onnx_bytes(bundle.read(member, limit=2**31), member, expected=True)
+
+
+def load_onnx(path: str | Path, *, expected: bool = False) -> onnx.ModelProto:
+    """Parse an ONNX file without its external data.
+
+    Anything else is refused as by :func:`sniff_teacher`; with ``expected`` (a
+    bundle's ``.onnx`` member) content that does not parse is :class:`TeacherInvalid`.
+    """
+    path = Path(path)
+    if expected:
+        return _parse_onnx_bytes(path.read_bytes(), path.name, expected=True)
+    return _read_plain_onnx(path)
+
+
+def external_locations(model: onnx.ModelProto) -> list[str]:
+    """Distinct ``location`` entries of the graph's external tensors, in order."""
+    seen: dict[str, None] = {}
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in tensor.external_data}
+            if "location" not in entries:
+                raise TeacherInvalid(
+                    f"external tensor {tensor.name!r} has no location", field="teacher"
+                )
+            seen[entries["location"]] = None
+    return list(seen)
+
+
+def bundle_external_members(model: onnx.ModelProto, graph_member: str) -> list[str]:
+    """The bundle members holding ``graph_member``'s external data; refuses escaping paths."""
+    folder = posixpath.dirname(graph_member)
+    out = []
+    for location in external_locations(model):
+        joined = posixpath.normpath(posixpath.join(folder, location))
+        # member_path refuses absolute paths, backslashes and anything that climbs out.
+        out.append(str(member_path(joined)))
+    return out
+
+
+def external_bytes(model: onnx.ModelProto, base_dir: Path) -> int:
+    """Total size of the external data files beside a plain graph file (contained in its folder)."""
+    from worker.engine.archive import contained
+
+    total = 0
+    for location in external_locations(model):
+        target = contained(base_dir, location)
+        if not target.is_file():
+            raise TeacherInvalid(
+                f"the graph refers to external data {location!r}, which does not exist beside it",
+                field="teacher",
+            )
+        total += target.stat().st_size
+    return total
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def dtype_name(elem_type: int) -> str:
+    """The numpy-style name of an ONNX tensor element type ("float32", "int64", ...)."""
+    return _ONNX_DTYPES.get(elem_type, f"onnx:{elem_type}")
+
+
+def _dims(shape: onnx.TensorShapeProto) -> list[Dim]:
+    out: list[Dim] = []
+    for d in shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+def _value_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    t = value.type
+    if t.HasField("tensor_type"):
+        shape = _dims(t.tensor_type.shape) if t.tensor_type.HasField("shape") else []
+        return TensorSpec(value.name, shape, dtype_name(t.tensor_type.elem_type))
+    if t.HasField("sequence_type") and t.sequence_type.elem_type.HasField("map_type"):
+        m = t.sequence_type.elem_type.map_type
+        inner = m.value_type.tensor_type.elem_type if m.value_type.HasField("tensor_type") else 0
+        return TensorSpec(
+            value.name, [None], f"sequence<map<{dtype_name(m.key_type)},{dtype_name(inner)}>>"
+        )
+    return TensorSpec(value.name, [], t.WhichOneof("value") or "unknown")
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Inputs fed at run time (old graphs also list their initializers as inputs)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _numel(dims: Any) -> int:
+    return int(math.prod(int(d) for d in dims)) if len(dims) else 1
+
+
+def _attr(node: onnx.NodeProto, name: str) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return None
+
+
+def _class_labels(node: onnx.NodeProto) -> list[str] | None:
+    for key in ("classlabels_int64s", "classlabels_strings", "classlabels_ints"):
+        value = _attr(node, key)
+        if value:
+            return [v.decode() if isinstance(v, bytes) else str(v) for v in value]
+    return None
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output if o}
+
+
+def _ends_in(producers: dict[str, onnx.NodeProto], name: str, op_types: set[str]) -> bool:
+    """Whether ``name`` comes from one of ``op_types`` through shape-only ops."""
+    passthrough = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"}
+    node = producers.get(name)
+    while node is not None and node.op_type in passthrough and node.input:
+        node = producers.get(node.input[0])
+    return node is not None and node.op_type in op_types
+
+
+def _architecture(model: onnx.ModelProto, sklearn_op: str | None) -> str:
+    name = model.graph.name
+    wrapped = re.fullmatch(r"ONNX\((.+)\)", name)
+    if wrapped:
+        return wrapped.group(1)
+    if name and name not in _GENERIC_GRAPH_NAMES:
+        return name
+    return sklearn_op or model.producer_name or "onnx"
+
+
+def _modality(inputs: list[TensorSpec]) -> Any:
+    if not inputs:
+        return None
+    first = inputs[0]
+    if first.dtype in ("int64", "int32") and any(i.name == "input_ids" for i in inputs):
+        return "text"
+    return {2: "tabular", 3: "sequence", 4: "image"}.get(len(first.shape))
+
+
+def onnx_signature(model: onnx.ModelProto, size: int) -> TeacherSignature:
+    """The signature of a parsed ONNX graph (external data not loaded); ``size`` in bytes."""
+    graph = model.graph
+    inputs = [_value_spec(v) for v in graph_inputs(model)]
+    outputs = [_value_spec(v) for v in graph.output]
+    parameters = sum(
+        _numel(t.dims) for t in graph.initializer if dtype_name(t.data_type) in _WEIGHT_DTYPES
+    )
+    ml_nodes = [n for n in graph.node if n.domain == ML_DOMAIN]
+    producers = _producers(graph)
+    extra: dict[str, Any] = {
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "ir_version": int(model.ir_version),
+        "opsets": {(o.domain or "ai.onnx"): int(o.version) for o in model.opset_import},
+        "sklearn": bool(ml_nodes),
+    }
+    if inputs and inputs[0].shape and inputs[0].shape[0] == 1:
+        extra["fixed_batch"] = 1
+    sig = TeacherSignature(
+        format="onnx",
+        inputs=inputs,
+        outputs=outputs,
+        parameters=int(parameters),
+        bytes=int(size),
+        task=None,
+        modality=_modality(inputs),
+    )
+    sklearn_op = None
+    classifier = next((n for n in ml_nodes if n.op_type in SKLEARN_CLASSIFIERS - {"ZipMap"}), None)
+    regressor = next((n for n in ml_nodes if n.op_type in SKLEARN_REGRESSORS), None)
+    zipmap = next((n for n in ml_nodes if n.op_type == "ZipMap"), None)
+    if classifier is not None or zipmap is not None:
+        sklearn_op = (classifier or zipmap).op_type  # type: ignore[union-attr]
+        labels = _class_labels(classifier or zipmap)  # type: ignore[arg-type]
+        _sklearn_classifier(sig, outputs, zipmap, labels, extra)
+    elif regressor is not None:
+        sklearn_op = regressor.op_type
+        _regressor(sig, outputs)
+    else:
+        _net_output(sig, outputs, producers)
+    sig.architecture = _architecture(model, sklearn_op)
+    sig.extra = extra
+    return sig
+
+
+def _sklearn_classifier(
+    sig: TeacherSignature,
+    outputs: list[TensorSpec],
+    zipmap: onnx.NodeProto | None,
+    labels: list[str] | None,
+    extra: dict[str, Any],
+) -> None:
+    tensors = [o for o in outputs if o.dtype in _FLOAT_DTYPES and len(o.shape) == 2]
+    preferred = [o for o in tensors if "prob" in o.name.lower()] or tensors
+    k = len(labels) if labels else None
+    if preferred:
+        out = preferred[0]
+        width = out.shape[1]
+        k = width if isinstance(width, int) else k
+    elif zipmap is not None:
+        out = next(o for o in outputs if o.name == zipmap.output[0])
+        out.shape = [None, k]
+        # The runtime reads the tensor that feeds the ZipMap instead of the maps.
+        extra["zipmap"] = {"output": zipmap.output[0], "tensor": zipmap.input[0]}
+    else:
+        raise TeacherIncompatible(
+            "this scikit-learn classifier graph has no probability output; convert it with "
+            "skl2onnx so it outputs probabilities",
+            field="teacher",
+        )
+    if labels:
+        extra["classes"] = labels
+    sig.task = "classification"
+    sig.output = out.name
+    sig.output_kind = "probabilities"
+    sig.num_classes = k
+    sig.output_dim = k
+
+
+def _regressor(sig: TeacherSignature, outputs: list[TensorSpec]) -> None:
+    floats = [o for o in outputs if o.dtype in _FLOAT_DTYPES]
+    if not floats:
+        raise TeacherIncompatible("the regressor graph has no float output", field="teacher")
+    out = floats[0]
+    width = out.shape[1] if len(out.shape) == 2 else 1
+    sig.task = "regression"
+    sig.output = out.name
+    sig.output_kind = "values"
+    sig.output_dim = width if isinstance(width, int) else None
+
+
+def _net_output(
+    sig: TeacherSignature, outputs: list[TensorSpec], producers: dict[str, onnx.NodeProto]
+) -> None:
+    floats = [o for o in outputs if o.dtype in _FLOAT_DTYPES]
+    if not floats:
+        return
+    named = [
+        o
+        for o in floats
+        if any(k in o.name.lower() for k in ("logit", "prob", "output", "embed", "pred"))
+    ]
+    out = (named or floats)[0]
+    sig.output = out.name
+    shape = out.shape
+    if len(shape) == 1:
+        sig.task, sig.output_kind, sig.output_dim = "regression", "values", 1
+        return
+    trailing = shape[1:]
+    width = _numel(trailing) if all(isinstance(d, int) for d in trailing) else None
+    sig.output_dim = width
+    if len(shape) != 2:
+        return
+    if "embed" in out.name.lower() or "pool" in out.name.lower():
+        sig.task, sig.output_kind = "embedding", "embedding"
+    elif width == 1:
+        sig.task, sig.output_kind = "regression", "values"
+    else:
+        sig.task = "classification"
+        sig.num_classes = width
+        softmax = _ends_in(producers, out.name, {"Softmax"})
+        sig.output_kind = "probabilities" if softmax else "logits"
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def safetensors_parameters(stream: IO[bytes], size: int, name: str) -> int:
+    """Element count of a safetensors file, from its JSON header only."""
+    raw = stream.read(8)
+    if len(raw) < 8:
+        raise TeacherInvalid(f"{name} is not a safetensors file (too short)", field="teacher")
+    (n,) = struct.unpack("<Q", raw)
+    if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+        raise TeacherInvalid(f"{name} has an invalid safetensors header length", field="teacher")
+    try:
+        header = json.loads(stream.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TeacherInvalid(f"{name} has an unreadable safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise TeacherInvalid(f"{name} has an invalid safetensors header", field="teacher")
+    total = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            total += _numel(entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise TeacherInvalid(
+                f"{name}: tensor {key!r} has no valid shape", field="teacher"
+            ) from None
+    return total
+
+
+def _bundle_parameters(bundle: Bundle, names: list[str]) -> int:
+    total = 0
+    for n in names:
+        with bundle.open(n) as f:
+            total += safetensors_parameters(f, bundle.sizes[n], n)
+    return total
+
+
+def _text_inputs(names: list[str]) -> list[TensorSpec]:
+    return [TensorSpec(n, ["batch", "sequence"], "int64") for n in names]
+
+
+def _kind_for(task: str | None) -> Any:
+    return {"classification": "logits", "regression": "values", "embedding": "embedding"}.get(
+        task or ""
+    )
+
+
+def _safetensors_signature(bundle: Bundle, found: _Classified) -> TeacherSignature:
+    assert found.config is not None and found.weights is not None
+    config = bundle.json(found.config)
+    try:
+        input_names = [str(n) for n in config["input_names"]]
+        output_dim = int(config["output_dim"])
+        input_shape = [int(d) for d in config.get("input_shape", [])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TeacherInvalid(
+            f"{found.config} lacks input_names/output_dim/input_shape: {exc}", field="teacher"
+        ) from None
+    task = config.get("task") or None
+    if task not in (None, "classification", "regression", "embedding"):
+        raise TeacherInvalid(f"{found.config} names an unknown task {task!r}", field="teacher")
+    text = "input_ids" in input_names
+    inputs = (
+        _text_inputs(input_names)
+        if text
+        else [TensorSpec(n, ["batch", *input_shape], "float32") for n in input_names]
+    )
+    modality = config.get("modality") or ("text" if text else _modality(inputs))
+    return TeacherSignature(
+        format="safetensors",
+        inputs=inputs,
+        outputs=[TensorSpec("output", ["batch", output_dim], "float32")],
+        parameters=_bundle_parameters(bundle, [found.weights]),
+        bytes=bundle.sizes[found.weights],
+        task=task,
+        output="output",
+        output_kind=_kind_for(task),
+        num_classes=output_dim if task == "classification" else None,
+        output_dim=output_dim,
+        architecture=str(config["architecture"]),
+        modality=cast(Any, modality if modality in _MODALITIES else None),
+        extra={"config": found.config, "weights": found.weights},
+    )
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+def _hf_signature(bundle: Bundle) -> TeacherSignature:
+    model_dir = ""
+    dense: list[dict[str, Any]] = []
+    pooling: dict[str, Any] | None = None
+    st = "modules.json" in bundle.names
+    if st:
+        modules = bundle.json("modules.json")
+        if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+            raise TeacherInvalid("modules.json is not a list of modules", field="teacher")
+        for m in sorted(modules, key=lambda e: int(e.get("idx", 0))):
+            kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+            raw = str(m.get("path") or "")
+            folder = "" if raw in ("", ".") else str(member_path(raw))
+            cfg_name = posixpath.join(folder, "config.json")
+            cfg = bundle.json(cfg_name) if cfg_name in bundle.names else {}
+            if kind == "Transformer":
+                model_dir = folder
+            elif kind == "Pooling":
+                pooling = cfg
+            elif kind == "Dense":
+                dense.append({**cfg, "folder": folder})
+    config_name = posixpath.join(model_dir, "config.json")
+    if config_name not in bundle.names:
+        raise TeacherInvalid("the transformers folder has no config.json", field="teacher")
+    config = bundle.json(config_name)
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise TeacherInvalid(f"{config_name} has no model_type", field="teacher")
+    model_type = str(config["model_type"])
+    architectures = [str(a) for a in config.get("architectures") or []]
+    hidden = config.get("hidden_size") or config.get("dim") or config.get("d_model")
+    task, num_labels = _hf_task(config, architectures, st)
+    if task == "embedding":
+        dim = int(hidden) if hidden else None
+        if pooling is not None:
+            modes = pooling.get("pooling_mode")
+            count = (
+                (1 if isinstance(modes, str) else len(modes))
+                if modes
+                else max(1, sum(bool(pooling.get(k)) for k in _ST_POOLING_KEYS))
+            )
+            width = pooling.get("word_embedding_dimension") or hidden
+            dim = int(width) * count if width else None
+        if dense:
+            dim = int(dense[-1].get("out_features") or 0) or dim
+    else:
+        dim = num_labels
+    weights = [n for n in bundle.names if n.endswith(".safetensors")]
+    tok_config = posixpath.join(model_dir, "tokenizer_config.json")
+    input_names = ["input_ids", "attention_mask"]
+    declared = None
+    if tok_config in bundle.names:
+        tok = bundle.json(tok_config)
+        declared = tok.get("model_input_names") if isinstance(tok, dict) else None
+    if declared:
+        if "token_type_ids" in declared:
+            input_names.append("token_type_ids")
+    elif model_type not in _NO_TOKEN_TYPES:
+        input_names.append("token_type_ids")
+    output = "logits" if task != "embedding" else "embedding"
+    labels = config.get("id2label") or {}
+    return TeacherSignature(
+        format="huggingface",
+        inputs=_text_inputs(input_names),
+        outputs=[TensorSpec(output, ["batch", dim], "float32")],
+        parameters=_bundle_parameters(bundle, weights),
+        bytes=bundle.path.stat().st_size if bundle.is_zip else sum(bundle.sizes.values()),
+        task=task,
+        output=output,
+        output_kind=_kind_for(task),
+        num_classes=dim if task == "classification" else None,
+        output_dim=dim,
+        architecture=(
+            f"SentenceTransformer({model_type})"
+            if st
+            else (architectures[0] if architectures else model_type)
+        ),
+        modality="text",
+        extra={
+            "model_type": model_type,
+            "hidden_size": hidden,
+            "num_layers": config.get("num_hidden_layers") or config.get("n_layers"),
+            "vocab_size": config.get("vocab_size"),
+            "sentence_transformers": st,
+            "labels": (
+                [str(labels[k]) for k in sorted(labels, key=lambda k: int(k))]
+                if task == "classification" and isinstance(labels, dict)
+                else None
+            ),
+        },
+    )
+
+
+def _hf_task(config: dict[str, Any], architectures: list[str], st: bool) -> tuple[Any, int | None]:
+    """``(task, num_labels)`` the way hf.py decides: sequence classifiers, else embeddings."""
+    if st:
+        return "embedding", None
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        id2label = config.get("id2label")
+        num = len(id2label) if isinstance(id2label, dict) and id2label else None
+        num = num or int(config.get("num_labels") or 2)
+        if num == 1 or config.get("problem_type") == "regression":
+            return "regression", num
+        return "classification", num
+    per_token = [
+        a
+        for a in architectures
+        if a.endswith(("ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice"))
+    ]
+    if per_token:
+        raise TeacherIncompatible(
+            f"{per_token[0]} outputs one prediction per token or choice; distillation supports "
+            "sequence classifiers and encoders (embeddings)",
+            field="teacher",
+        )
+    return "embedding", None
