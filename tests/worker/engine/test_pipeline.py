@@ -359,3 +359,23 @@ def test_sentence_embeddings_distil_to_a_narrower_student_with_projection(
     }
     # The student is 16 wide; its projection head gives the teacher's 32-wide embedding.
     assert session.run(None, feeds)[0].shape == (2, 32)
+
+
+def test_cnn_teacher_on_images_distils_to_a_cnn_student(tmp_path, split_digits) -> None:
+    from tests.worker.engine.factories import SmallCNN
+
+    images = split_digits["x"].reshape(-1, 1, 8, 8)
+    cnn = SmallCNN.train(images, split_digits["y"], epochs=8)
+    teacher = export_onnx(cnn, (torch.from_numpy(images[:2]),), tmp_path / "cnn.onnx")
+    data = write_npz(tmp_path / "images.npz", images, split_digits["y"])
+    spec = DistillationSpec(training=training(epochs=15))
+    result = run(spec, teacher_path=teacher, dataset_path=data, out_dir=tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "student_config.json").read_text())
+    assert config["architecture"] == "cnn"
+    assert result.metrics["teacher"]["parameters"] >= 10 * result.metrics["student"]["parameters"]
+    test_images = split_digits["x_test"].reshape(-1, 1, 8, 8)
+    student_acc = (
+        onnx_predict(tmp_path / "out" / "student.onnx", test_images).argmax(1)
+        == split_digits["y_test"]
+    ).mean()
+    assert student_acc > 0.85

@@ -233,3 +233,47 @@ def test_teacher_outputs_are_cached_by_teacher_data_and_preprocessing(tmp_path: 
     assert cache_key("t1", "d2", {"max_length": 128}) != key
     assert cache_key("t1", "d1", {"max_length": 64}) != key
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_sgd_with_warmup_linear_schedule_and_clipping_trains() -> None:
+    rows: list[dict] = []
+    result = run(
+        make_data(),
+        spec(
+            optimizer="sgd",
+            scheduler="linear",
+            warmup_steps=5,
+            grad_clip_norm=0.5,
+            learning_rate=5e-2,
+            epochs=20,
+        ),
+        callbacks=Callbacks(on_progress=rows.append),
+    )
+    losses = [row["loss"] for row in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    # Warmup: the first logged rate is below the peak; the linear schedule ends near zero.
+    assert rows[0]["lr"] <= 5e-2
+    assert rows[-1]["lr"] < 5e-2 * 0.05
+
+
+def test_bf16_autocast_keeps_loss_terms_in_fp32() -> None:
+    seen: list[torch.dtype] = []
+
+    class Recording(SoftLoss):
+        def forward(self, student_out, teacher_out, labels=None, **kw: Any):
+            terms = super().forward(student_out, teacher_out, labels, **kw)
+            seen.extend(t.dtype for t in terms.values())
+            return terms
+
+    torch.manual_seed(0)
+    result = train(
+        student=Student(),
+        loss_fn=Recording(),
+        data=make_data(),
+        spec=spec(precision="bf16", epochs=10),
+        task="regression",
+        teacher_output_kind="values",
+        device=torch.device("cpu"),
+    )
+    assert seen and set(seen) == {torch.float32}
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
