@@ -28,7 +28,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.engine.losses import build_loss
-
 from worker.engine.pipeline import LabelsOnlyLoss
 from worker.engine.spec import DistillationSpec, TrainingSpec
 from worker.engine.training import (
