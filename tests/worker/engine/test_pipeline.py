@@ -379,3 +379,54 @@ def test_cnn_teacher_on_images_distils_to_a_cnn_student(tmp_path, split_digits) 
         == split_digits["y_test"]
     ).mean()
     assert student_acc > 0.85
+
+
+def test_an_interrupted_job_resumes_to_the_same_student(
+    tmp_path, mlp_teacher, split_digits
+) -> None:
+    from worker.engine.errors import Cancelled
+
+    data = write_npz(tmp_path / "t.npz", split_digits["x"][:500], split_digits["y"][:500])
+    spec = DistillationSpec(training=training(epochs=6, checkpoint_every_steps=5))
+    whole = run(
+        spec,
+        teacher_path=mlp_teacher,
+        dataset_path=data,
+        out_dir=tmp_path / "whole",
+        checkpoint_dir=tmp_path / "ckpt-whole",
+    )
+    calls = {"n": 0}
+
+    def stop_at_step_17() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 17
+
+    with pytest.raises(Cancelled):
+        run(
+            spec,
+            teacher_path=mlp_teacher,
+            dataset_path=data,
+            out_dir=tmp_path / "resumed",
+            checkpoint_dir=tmp_path / "ckpt",
+            callbacks=Callbacks(should_cancel=stop_at_step_17),
+        )
+    resumed = run(
+        spec,
+        teacher_path=mlp_teacher,
+        dataset_path=data,
+        out_dir=tmp_path / "resumed",
+        checkpoint_dir=tmp_path / "ckpt",
+    )
+    assert resumed.resumed_from == 17
+    assert resumed.steps == whole.steps
+    from safetensors.numpy import load_file
+
+    whole_w, resumed_w = (
+        load_file(tmp_path / d / "student.safetensors") for d in ("whole", "resumed")
+    )
+    assert whole_w.keys() == resumed_w.keys()
+    for name, value in whole_w.items():
+        np.testing.assert_array_equal(value, resumed_w[name], err_msg=name)
+    for key in ("accuracy", "f1_macro"):
+        assert resumed.metrics["student"][key] == whole.metrics["student"][key]
+    assert resumed.metrics["fidelity"] == whole.metrics["fidelity"]
