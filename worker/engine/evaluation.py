@@ -358,19 +358,18 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-_COMPUTED_KEYS = frozenset(
-    {
-        "task",
-        "teacher",
-        "student",
-        "fidelity",
-        "compression",
-        "compression_basis",
-        "speedup",
-        "baseline",
-        "distillation_helped",
-        "verdict",
-    }
+#: The keys :func:`build_metrics` computes (``extra`` may not set them), in schema order.
+_COMPUTED_KEYS = (
+    "task",
+    "teacher",
+    "student",
+    "fidelity",
+    "compression",
+    "compression_basis",
+    "speedup",
+    "baseline",
+    "distillation_helped",
+    "verdict",
 )
 
 
@@ -396,7 +395,7 @@ def build_metrics(
     extra = _plain(dict(extra or {}))
     teacher, student, fidelity = _plain(teacher), _plain(student), _plain(fidelity)
     baseline = _plain(baseline) if baseline is not None else None
-    clash = _COMPUTED_KEYS & extra.keys()
+    clash = extra.keys() & set(_COMPUTED_KEYS)
     if clash:
         raise ValueError(f"extra may not set computed keys: {sorted(clash)}")
     fid = {k: fidelity.get(k) for k in FIDELITY_KEYS}
@@ -470,21 +469,7 @@ METRICS_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "Distillery metrics.json",
     "type": "object",
-    "required": [
-        "task",
-        "teacher",
-        "student",
-        "fidelity",
-        "compression",
-        "compression_basis",
-        "speedup",
-        "baseline",
-        "distillation_helped",
-        "verdict",
-        "split",
-        "device",
-        "partial",
-    ],
+    "required": [*_COMPUTED_KEYS, "split", "device", "partial"],
     "properties": {
         "task": {"enum": list(TASKS)},
         "teacher": _side_schema(),

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -107,6 +107,16 @@ def _metadata(exporter: str, note: str | None) -> dict[str, str]:
     return meta
 
 
+_Axis = TypeVar("_Axis")
+
+
+def _dynamic_axes(
+    sample: Mapping[str, torch.Tensor], seq: list[str], batch: _Axis, sequence: _Axis
+) -> dict[str, dict[int, _Axis]]:
+    """Each input's dynamic axes: ``batch`` on dim 0, and ``sequence`` on dim 1 of ``seq``."""
+    return {k: ({0: batch, 1: sequence} if k in seq else {0: batch}) for k in sample}
+
+
 def _export_dynamo(
     student: nn.Module,
     sample: dict[str, torch.Tensor],
@@ -120,7 +130,7 @@ def _export_dynamo(
 
     batch = torch.export.Dim("batch", min=1)
     sequence = torch.export.Dim("sequence", min=1)
-    dynamic = {k: ({0: batch, 1: sequence} if k in seq else {0: batch}) for k in sample}
+    dynamic = _dynamic_axes(sample, seq, batch, sequence)
     with _quiet_exporter():
         # Keyword inputs: dynamo reads ``forward``'s signature, so names match the batch.
         program = torch.onnx.export(
@@ -153,9 +163,7 @@ def _export_torchscript(
 ) -> None:
     import onnx
 
-    axes: dict[str, dict[int, str]] = {
-        k: ({0: "batch", 1: "sequence"} if k in seq else {0: "batch"}) for k in sample
-    }
+    axes = _dynamic_axes(sample, seq, "batch", "sequence")
     axes[OUTPUT_NAME] = {0: "batch"}
     # The TorchScript tracer takes positional inputs only.
     wrapper = _Positional(student, list(sample)).eval()

@@ -34,6 +34,7 @@ from worker.engine.errors import (
     TeacherInvalid,
     UnsupportedFormat,
 )
+from worker.engine.inspection import refuse_per_token_heads
 from worker.engine.signature import TeacherSignature, TensorSpec
 from worker.engine.spec import StudentSpec
 from worker.engine.students import STUDENTS, StudentContext
@@ -349,17 +350,7 @@ def _head_and_task(config: Any) -> tuple[Head, Task]:
         ):
             return "classification", "regression"
         return "classification", "classification"
-    unsupported = [
-        a
-        for a in architectures
-        if a.endswith(("ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice"))
-    ]
-    if unsupported:
-        raise TeacherIncompatible(
-            f"{unsupported[0]} outputs one prediction per token or choice; distillation supports "
-            "sequence classifiers and encoders (embeddings)",
-            field="teacher",
-        )
+    refuse_per_token_heads(architectures)
     # Bare encoders and pre-training checkpoints (MaskedLM, PreTraining) serve embeddings.
     return "base", "embedding"
 

@@ -893,6 +893,15 @@ def _hf_task(config: dict[str, Any], architectures: list[str], st: bool) -> tupl
         if num == 1 or config.get("problem_type") == "regression":
             return "regression", num
         return "classification", num
+    refuse_per_token_heads(architectures)
+    return "embedding", None
+
+
+def refuse_per_token_heads(architectures: list[str]) -> None:
+    """Raise :class:`TeacherIncompatible` for a token-classification, QA or multiple-choice head.
+
+    Shared with hf.py, which loads what this module inspects.
+    """
     per_token = [
         a
         for a in architectures
@@ -904,4 +913,3 @@ def _hf_task(config: dict[str, Any], architectures: list[str], st: bool) -> tupl
             "sequence classifiers and encoders (embeddings)",
             field="teacher",
         )
-    return "embedding", None

@@ -116,7 +116,56 @@ def _value_label_rows(labels: Tensor) -> Tensor:
     return finite.reshape(finite.shape[0], -1).all(dim=1)
 
 
-class KDLoss(DistillationLoss):
+class _TeacherAndLabelLoss(DistillationLoss):
+    """A teacher term plus ``hard``, a loss against the labels over the labeled rows.
+
+    With labels the teacher term has weight alpha and ``hard`` weight 1 - alpha;
+    either one alone gets weight 1. ``hard`` is left out when the batch has no
+    labeled rows. Subclasses give :meth:`teacher_terms`, :meth:`label_targets` and
+    :meth:`label_loss`.
+    """
+
+    def __init__(self, alpha: float, use_labels: bool):
+        super().__init__()
+        self.alpha = alpha
+        self.use_labels = use_labels
+
+    def teacher_terms(
+        self, student_out: Tensor, teacher_out: Tensor, weight: float
+    ) -> dict[str, Tensor]:
+        """The teacher term(s), already multiplied by ``weight``."""
+        raise NotImplementedError
+
+    def label_targets(self, student_out: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``(targets, rows)``: the targets, one per student row, and which rows are labeled."""
+        raise NotImplementedError
+
+    def label_loss(self, student_rows: Tensor, target_rows: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def terms(
+        self,
+        student_out: Tensor,
+        teacher_out: Tensor | None,
+        labels: Tensor | None,
+        student_features: Tensor | None,
+        teacher_features: Tensor | None,
+    ) -> dict[str, Tensor]:
+        labeled = self.use_labels and labels is not None
+        out: dict[str, Tensor] = {}
+        if teacher_out is not None:
+            out.update(self.teacher_terms(student_out, teacher_out, self.alpha if labeled else 1.0))
+        if labeled:
+            assert labels is not None
+            target, rows = self.label_targets(student_out, labels)
+            # One host sync per step, to leave the term out rather than report a fake 0.
+            if bool(rows.any()):
+                loss = self.label_loss(student_out[rows], target[rows])
+                out["hard"] = (1.0 - self.alpha if teacher_out is not None else 1.0) * loss
+        return out
+
+
+class KDLoss(_TeacherAndLabelLoss):
     """Hinton knowledge distillation.
 
     soft = alpha · T² · KL(teacher_T ‖ student_T), ``batchmean`` (summed over classes,
@@ -126,39 +175,27 @@ class KDLoss(DistillationLoss):
     """
 
     def __init__(self, temperature: float, alpha: float, output_kind: str, use_labels: bool):
-        super().__init__()
+        super().__init__(alpha, use_labels)
         self.temperature = temperature
-        self.alpha = alpha
         self.output_kind = output_kind
-        self.use_labels = use_labels
 
-    def terms(
-        self,
-        student_out: Tensor,
-        teacher_out: Tensor | None,
-        labels: Tensor | None,
-        student_features: Tensor | None,
-        teacher_features: Tensor | None,
+    def teacher_terms(
+        self, student_out: Tensor, teacher_out: Tensor, weight: float
     ) -> dict[str, Tensor]:
-        labeled = self.use_labels and labels is not None
-        out: dict[str, Tensor] = {}
-        if teacher_out is not None:
-            t = self.temperature
-            log_s = F.log_softmax(student_out / t, dim=-1)
-            log_t = teacher_log_probs(teacher_out, self.output_kind, t)
-            kl = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
-            out["soft"] = (self.alpha if labeled else 1.0) * t * t * kl
-        if labeled:
-            assert labels is not None
-            rows = _class_label_rows(labels)
-            # One host sync per step, to leave the term out rather than report a fake 0.
-            if bool(rows.any()):
-                ce = F.cross_entropy(student_out[rows], labels[rows].long())
-                out["hard"] = (1.0 - self.alpha if teacher_out is not None else 1.0) * ce
-        return out
+        t = self.temperature
+        log_s = F.log_softmax(student_out / t, dim=-1)
+        log_t = teacher_log_probs(teacher_out, self.output_kind, t)
+        kl = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
+        return {"soft": weight * t * t * kl}
+
+    def label_targets(self, student_out: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return labels.long(), _class_label_rows(labels)
+
+    def label_loss(self, student_rows: Tensor, target_rows: Tensor) -> Tensor:
+        return F.cross_entropy(student_rows, target_rows)
 
 
-class RegressionLoss(DistillationLoss):
+class RegressionLoss(_TeacherAndLabelLoss):
     """MSE or MAE between student and teacher outputs, plus a labeled term.
 
     With regression labels the teacher term has weight alpha and ``hard`` (the
@@ -166,39 +203,27 @@ class RegressionLoss(DistillationLoss):
     """
 
     def __init__(self, name: str, alpha: float, use_labels: bool):
-        super().__init__()
+        super().__init__(alpha, use_labels)
         self.name = name
-        self.alpha = alpha
-        self.use_labels = use_labels
         self.distance = F.mse_loss if name == "mse" else F.l1_loss
 
-    def terms(
-        self,
-        student_out: Tensor,
-        teacher_out: Tensor | None,
-        labels: Tensor | None,
-        student_features: Tensor | None,
-        teacher_features: Tensor | None,
+    def teacher_terms(
+        self, student_out: Tensor, teacher_out: Tensor, weight: float
     ) -> dict[str, Tensor]:
-        labeled = self.use_labels and labels is not None
-        out: dict[str, Tensor] = {}
-        if teacher_out is not None:
-            weight = self.alpha if labeled else 1.0
-            out[self.name] = weight * self.distance(student_out, teacher_out)
-        if labeled:
-            assert labels is not None
-            target = labels.float().reshape(student_out.shape[0], -1)
-            if target.shape[1] != student_out.shape[1]:
-                raise DatasetInvalid(
-                    f"regression labels have {target.shape[1]} values per row but the teacher "
-                    f"outputs {student_out.shape[1]}",
-                    field="labels",
-                )
-            rows = _value_label_rows(target)
-            if bool(rows.any()):
-                weight = 1.0 - self.alpha if teacher_out is not None else 1.0
-                out["hard"] = weight * self.distance(student_out[rows], target[rows])
-        return out
+        return {self.name: weight * self.distance(student_out, teacher_out)}
+
+    def label_targets(self, student_out: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        target = labels.float().reshape(student_out.shape[0], -1)
+        if target.shape[1] != student_out.shape[1]:
+            raise DatasetInvalid(
+                f"regression labels have {target.shape[1]} values per row but the teacher "
+                f"outputs {student_out.shape[1]}",
+                field="labels",
+            )
+        return target, _value_label_rows(target)
+
+    def label_loss(self, student_rows: Tensor, target_rows: Tensor) -> Tensor:
+        return self.distance(student_rows, target_rows)
 
 
 class CosineLoss(DistillationLoss):

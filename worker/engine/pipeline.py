@@ -296,27 +296,26 @@ def _run(
         "data": spec.data.model_dump(),
         "split": [spec.evaluation.validation_split, spec.training.seed],
     }
-    val_teacher, _ = cached_teacher_outputs(
-        teacher,
-        val_ts.arrays,
-        key=cache_key(teacher.digest, ts.digest, {**pre, "part": "val"}),
-        cache_dir=cache_dir,
-        batch_size=batch_size,
-        callbacks=cb,
-    )
+
+    def teacher_outputs(
+        part: str, arrays: dict[str, np.ndarray], hint: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        return cached_teacher_outputs(
+            teacher,
+            arrays,
+            key=cache_key(teacher.digest, ts.digest, {**pre, "part": part}),
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            hint_layer=hint,
+            callbacks=cb,
+        )
+
+    val_teacher, _ = teacher_outputs("val", val_ts.arrays)
     online = spec.method.teacher_outputs == "online"
     train_teacher: np.ndarray | None = None
     train_feat: np.ndarray | None = None
     if not online:
-        train_teacher, train_feat = cached_teacher_outputs(
-            teacher,
-            train_ts.arrays,
-            key=cache_key(teacher.digest, ts.digest, {**pre, "part": "train"}),
-            cache_dir=cache_dir,
-            batch_size=batch_size,
-            hint_layer=hint_layer,
-            callbacks=cb,
-        )
+        train_teacher, train_feat = teacher_outputs("train", train_ts.arrays, hint_layer)
     val_teacher = val_teacher.reshape(len(val_teacher), -1)
     output_dim = val_teacher.shape[1]
     teacher_feat_dim = None

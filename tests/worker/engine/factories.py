@@ -33,7 +33,14 @@ def train_mlp_teacher(
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
     layers.append(nn.Linear(width, int(y.max()) + 1))
-    model = nn.Sequential(*layers)
+    return _fit(nn.Sequential(*layers), x, y, epochs, seed)
+
+
+def _fit(model, x: np.ndarray, y: np.ndarray, epochs: int, seed: int):
+    """Adam (lr 1e-3) on cross-entropy, shuffled minibatches of 64; returns ``model.eval()``."""
+    import torch
+    from torch import nn
+
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     gen = torch.Generator().manual_seed(seed)
@@ -68,18 +75,7 @@ class SmallCNN:
             nn.ReLU(),
             nn.Linear(128, 10),
         )
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        xt, yt = torch.from_numpy(x_img), torch.from_numpy(y)
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
-            perm = torch.randperm(len(xt), generator=gen)
-            for i in range(0, len(xt), 64):
-                idx = perm[i : i + 64]
-                loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        return model.eval()
+        return _fit(model, x_img, y, epochs, seed)
 
 
 def export_onnx(
@@ -279,6 +275,27 @@ def zip_files(path: str | Path, files: dict[str, bytes | Path]) -> Path:
             data = content.read_bytes() if isinstance(content, Path) else content
             zf.writestr(name, data)
     return path
+
+
+def external_data(onnx_path: Path) -> Path:
+    """The external-data file ``<name>.data`` beside ``onnx_path`` (dynamo exports write one)."""
+    return onnx_path.with_name(onnx_path.name + ".data")
+
+
+def escaping_bundle(onnx_path: Path, dest: Path) -> Path:
+    """A zip of ``onnx_path`` whose weights' location is ``../outside.bin``, outside the bundle.
+
+    The real data file is in the zip too, as ``outside.bin``.
+    """
+    import onnx
+
+    model = onnx.load(onnx_path, load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.bin"
+    files = {"model.onnx": model.SerializeToString(), "outside.bin": external_data(onnx_path)}
+    return zip_files(dest, files)
 
 
 TINY_WORDS = [

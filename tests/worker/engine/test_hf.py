@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.worker.engine.factories import tiny_bert_config, tiny_bert_tokenizer, zip_folder
 from worker.engine import hf
 from worker.engine.errors import SpecInvalid, TeacherIncompatible, UnsupportedFormat
 from worker.engine.inspection import inspect as inspect_teacher
@@ -18,10 +18,6 @@ from worker.engine.spec import StudentSpec
 from worker.engine.students import StudentContext, rebuild_student
 from worker.engine.teachers import load_teacher
 
-WORDS = [
-    *("the", "a", "cat", "dog", "sat", "on", "mat", "is", "good", "bad"),
-    *("movie", "film", "great", "awful", "i", "liked", "it", "not", "very"),
-]
 SENTENCES = [
     "the cat sat on the mat",
     "a good movie",
@@ -30,36 +26,6 @@ SENTENCES = [
     "great film",
 ]
 CPU = torch.device("cpu")
-
-
-def _tokenizer(folder: Path, lowercase: bool = True):
-    from transformers import BertTokenizerFast
-
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    # transformers 5 takes the vocabulary as ``vocab`` (``vocab_file`` is ignored).
-    return BertTokenizerFast(vocab=str(vocab), do_lower_case=lowercase)
-
-
-def _bert_config(**kw):
-    from transformers import BertConfig
-
-    return BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=64,
-        **kw,
-    )
-
-
-def _zip(folder: Path, dest: Path) -> Path:
-    with zipfile.ZipFile(dest, "w") as zf:
-        for p in sorted(folder.rglob("*")):
-            if p.is_file():
-                zf.write(p, p.relative_to(folder.parent))
-    return dest
 
 
 def _batch(tokenizer, texts=SENTENCES) -> dict[str, torch.Tensor]:
@@ -72,21 +38,21 @@ def models(tmp_path_factory):
     from transformers import BertForSequenceClassification, BertModel
 
     root = tmp_path_factory.mktemp("hf")
-    tok = _tokenizer(root)
+    tok = tiny_bert_tokenizer(root)
     torch.manual_seed(0)
-    clf = BertForSequenceClassification(_bert_config(num_labels=3)).eval()
+    clf = BertForSequenceClassification(tiny_bert_config(num_labels=3)).eval()
     clf_dir = root / "clf"
     clf.save_pretrained(clf_dir, safe_serialization=True)
     tok.save_pretrained(clf_dir)
     encoder_dir = root / "encoder"
-    BertModel(_bert_config()).save_pretrained(encoder_dir, safe_serialization=True)
+    BertModel(tiny_bert_config()).save_pretrained(encoder_dir, safe_serialization=True)
     tok.save_pretrained(encoder_dir)
     return {
         "root": root,
         "tokenizer": tok,
         "clf": clf,
         "clf_dir": clf_dir,
-        "clf_zip": _zip(clf_dir, root / "clf.zip"),
+        "clf_zip": zip_folder(clf_dir, root / "clf.zip"),
         "encoder_dir": encoder_dir,
     }
 
@@ -165,7 +131,7 @@ def test_remote_code_is_never_run(models, tmp_path):
     tok_config = json.loads((folder / "tokenizer_config.json").read_text())
     tok_config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.Evil", "tokenization_evil.Evil"]}
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
-    archive = _zip(folder, tmp_path / "evil.zip")
+    archive = zip_folder(folder, tmp_path / "evil.zip")
 
     # A built-in family: the auto_map is ignored and the built-in class loads.
     runtime = hf.load_huggingface(archive, device=CPU, work_dir=tmp_path / "w1")
@@ -183,7 +149,7 @@ def test_pickle_only_weights_are_refused(models, tmp_path):
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not unpickled")
     with pytest.raises(UnsupportedFormat) as err:
-        hf.load_huggingface(_zip(folder, tmp_path / "p.zip"), device=CPU, work_dir=tmp_path)
+        hf.load_huggingface(zip_folder(folder, tmp_path / "p.zip"), device=CPU, work_dir=tmp_path)
     assert "safetensors" in err.value.message and "pytorch_model.bin" in err.value.message
 
 
@@ -221,7 +187,9 @@ def _sentence_transformer(models, name: str, pooling, dense: bool, normalize: bo
 def test_sentence_transformers_embedding_equals_encode(models, tmp_path, pooling, dense, normalize):
     name = f"st-{'-'.join([pooling] if isinstance(pooling, str) else pooling)}"
     model, folder = _sentence_transformer(models, name, pooling, dense, normalize)
-    runtime = hf.load_huggingface(_zip(folder, tmp_path / "st.zip"), device=CPU, work_dir=tmp_path)
+    runtime = hf.load_huggingface(
+        zip_folder(folder, tmp_path / "st.zip"), device=CPU, work_dir=tmp_path
+    )
     sig = runtime.signature
     assert (sig.task, sig.output_kind, sig.extra["normalize"]) == (
         "embedding",
@@ -244,7 +212,7 @@ def test_sentence_transformers_options_and_refusals(models, tmp_path):
     st_config.update(do_lower_case=True, max_seq_length=16)
     (folder / "sentence_bert_config.json").write_text(json.dumps(st_config))
     # A cased tokenizer: only the lowercasing wrapper maps "The CAT" onto the vocabulary.
-    _tokenizer(tmp_path, lowercase=False).save_pretrained(folder)
+    tiny_bert_tokenizer(tmp_path, lowercase=False).save_pretrained(folder)
     runtime = hf.load_huggingface(folder, device=CPU, work_dir=tmp_path)
     assert isinstance(runtime.tokenizer, hf.LowercasingTokenizer)
     assert runtime.signature.extra["max_length"] == 16 and len(runtime.tokenizer) == 24
@@ -269,7 +237,7 @@ def test_single_output_classifier_is_a_regressor(models, tmp_path):
     from transformers import BertForSequenceClassification
 
     folder = tmp_path / "reg"
-    BertForSequenceClassification(_bert_config(num_labels=1)).save_pretrained(folder)
+    BertForSequenceClassification(tiny_bert_config(num_labels=1)).save_pretrained(folder)
     models["tokenizer"].save_pretrained(folder)
     sig = hf.load_huggingface(folder, device=CPU, work_dir=tmp_path).signature
     assert (sig.task, sig.output_kind, sig.output_dim, sig.num_classes) == (
@@ -307,7 +275,7 @@ def test_other_families_load_and_seed_students(models, tmp_path, model_type):
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
     config = CONFIG_MAPPING[model_type](
-        **{**_bert_config(num_labels=2, pad_token_id=0).to_dict(), **FAMILY_OPTIONS[model_type]}
+        **{**tiny_bert_config(num_labels=2, pad_token_id=0).to_dict(), **FAMILY_OPTIONS[model_type]}
     )
     torch.manual_seed(0)
     model = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)](config).eval()

@@ -14,7 +14,13 @@ import onnx
 import pytest
 from safetensors.numpy import save_file
 
-from tests.worker.engine.factories import TeacherZoo, teacher_zoo, zip_files
+from tests.worker.engine.factories import (
+    TeacherZoo,
+    escaping_bundle,
+    external_data,
+    teacher_zoo,
+    zip_files,
+)
 from worker.engine.errors import ArchiveUnsafe, TeacherInvalid, UnsupportedFormat
 from worker.engine.inspection import inspect, sniff_teacher
 
@@ -57,7 +63,7 @@ def test_inspection_does_not_import_torch(zoo: TeacherZoo) -> None:
 
 def test_dynamo_mlp_signature_counts_external_weights(zoo: TeacherZoo) -> None:
     sig = inspect(zoo.mlp_dynamo)
-    data = zoo.mlp_dynamo.with_name(zoo.mlp_dynamo.name + ".data")
+    data = external_data(zoo.mlp_dynamo)
     assert data.is_file()
     assert sig.format == "onnx"
     assert [(t.name, t.shape, t.dtype) for t in sig.inputs] == [("input", ["batch", 64], "float32")]
@@ -128,7 +134,7 @@ def test_softmax_output_reads_as_probabilities(tmp_path: Path) -> None:
 
 
 def test_zip_bundle_with_external_data(zoo: TeacherZoo, tmp_path: Path) -> None:
-    data = zoo.mlp_dynamo.with_name(zoo.mlp_dynamo.name + ".data")
+    data = external_data(zoo.mlp_dynamo)
     bundle = zip_files(
         tmp_path / "mlp.zip",
         {f"mlp/{zoo.mlp_dynamo.name}": zoo.mlp_dynamo, f"mlp/{data.name}": data},
@@ -138,16 +144,7 @@ def test_zip_bundle_with_external_data(zoo: TeacherZoo, tmp_path: Path) -> None:
 
 
 def test_bundle_data_outside_the_bundle_is_refused(zoo: TeacherZoo, tmp_path: Path) -> None:
-    model = onnx.load(zoo.mlp_dynamo, load_external_data=False)
-    for t in model.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location":
-                entry.value = "../outside.bin"
-    data = zoo.mlp_dynamo.with_name(zoo.mlp_dynamo.name + ".data")
-    bundle = zip_files(
-        tmp_path / "escape.zip",
-        {"model.onnx": model.SerializeToString(), "outside.bin": data},
-    )
+    bundle = escaping_bundle(zoo.mlp_dynamo, tmp_path / "escape.zip")
     with pytest.raises(ArchiveUnsafe):
         inspect(bundle)
 

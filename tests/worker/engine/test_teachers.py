@@ -13,7 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from tests.worker.engine.factories import TeacherZoo, teacher_zoo, zip_files
+from tests.worker.engine.factories import (
+    TeacherZoo,
+    escaping_bundle,
+    external_data,
+    teacher_zoo,
+    zip_files,
+)
 from worker.engine import onnx_torch
 from worker.engine.errors import (
     ArchiveUnsafe,
@@ -80,7 +86,7 @@ def test_onnx_mlp_runs_in_onnxruntime_then_in_checked_torch(
     torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
     assert (after.argmax(1) == torch.from_numpy(zoo.y[:50])).float().mean() > 0.9
 
-    data = path.with_name(path.name + ".data")
+    data = external_data(path)
     files = [path, data] if data.exists() else [path]
     assert teacher.digest == _sha256(*files)
 
@@ -262,7 +268,7 @@ def test_float64_graph_takes_float32_batches(zoo: TeacherZoo, tmp_path: Path) ->
 
 
 def test_zip_bundle_with_external_data_loads(zoo: TeacherZoo, tmp_path: Path) -> None:
-    data = zoo.mlp_dynamo.with_name(zoo.mlp_dynamo.name + ".data")
+    data = external_data(zoo.mlp_dynamo)
     bundle = zip_files(
         tmp_path / "mlp.zip",
         {f"model/{zoo.mlp_dynamo.name}": zoo.mlp_dynamo, f"model/{data.name}": data},
@@ -281,7 +287,7 @@ def test_zip_bundle_with_external_data_loads(zoo: TeacherZoo, tmp_path: Path) ->
 def test_unzipped_folder_loads(zoo: TeacherZoo, tmp_path: Path) -> None:
     folder = tmp_path / "folder"
     folder.mkdir()
-    data = zoo.mlp_dynamo.with_name(zoo.mlp_dynamo.name + ".data")
+    data = external_data(zoo.mlp_dynamo)
     for source in (zoo.mlp_dynamo, data):
         (folder / source.name).write_bytes(source.read_bytes())
     teacher = _load(folder, tmp_path)
@@ -291,18 +297,10 @@ def test_unzipped_folder_loads(zoo: TeacherZoo, tmp_path: Path) -> None:
 
 
 def test_external_data_outside_the_bundle_is_refused(zoo: TeacherZoo, tmp_path: Path) -> None:
-    model = onnx.load(zoo.mlp_dynamo, load_external_data=False)
-    for t in model.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location":
-                entry.value = "../outside.bin"
-    data = zoo.mlp_dynamo.with_name(zoo.mlp_dynamo.name + ".data")
-    bundle = zip_files(
-        tmp_path / "escape.zip", {"model.onnx": model.SerializeToString(), "outside.bin": data}
-    )
+    bundle = escaping_bundle(zoo.mlp_dynamo, tmp_path / "escape.zip")
     # The file the location points at exists once extracted beside the bundle folder.
     (tmp_path / "work").mkdir()
-    (tmp_path / "work" / "outside.bin").write_bytes(data.read_bytes())
+    (tmp_path / "work" / "outside.bin").write_bytes(external_data(zoo.mlp_dynamo).read_bytes())
     with pytest.raises(ArchiveUnsafe):
         _load(bundle, tmp_path)
 
