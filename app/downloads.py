@@ -1,0 +1,94 @@
+"""Stored files as HTTP responses: ETag (the sha256), conditional GET, single ranges.
+
+One function serves models, datasets and (later) job artifacts the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+
+from app.errors import RangeNotSatisfiable
+from app.storage import LocalStorage
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if header is None:
+        return False
+    candidates = [c.strip().removeprefix("W/") for c in header.split(",")]
+    return "*" in candidates or etag in candidates
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The inclusive ``(start, end)`` of a single ``bytes=`` range, or None for the whole file.
+
+    Headers this server does not support (other units, several ranges) or that are
+    malformed are ignored, as RFC 9110 allows; a well-formed range that lies wholly
+    past the end raises :class:`RangeNotSatisfiable`.
+    """
+    if header is None:
+        return None
+    match = _RANGE.match(header.strip())
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:
+        # A suffix: the last N bytes.
+        length = int(last)
+        if length == 0:
+            raise RangeNotSatisfiable(size)
+        return max(0, size - length), size - 1
+    start = int(first)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise RangeNotSatisfiable(size)
+    return start, min(int(last), size - 1) if last else size - 1
+
+
+def content_disposition(filename: str) -> str:
+    """An ``attachment`` header value that survives any file name (RFC 6266)."""
+    fallback = filename.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename)}"
+
+
+def content_response(
+    request: Request,
+    storage: LocalStorage,
+    key: str,
+    *,
+    sha256: str,
+    size: int,
+    filename: str,
+    media_type: str = "application/octet-stream",
+) -> Response:
+    """The stored file ``key`` as a 200, 206 or 304 response."""
+    etag = f'"{sha256}"'
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": content_disposition(filename),
+    }
+    if _etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers={"ETag": etag})
+    byte_range = parse_range(request.headers.get("range"), size)
+    if_range = request.headers.get("if-range")
+    if byte_range is not None and if_range is not None and if_range.strip() != etag:
+        # The client's copy is stale: it gets the whole current file.
+        byte_range = None
+    if byte_range is None:
+        headers["Content-Length"] = str(size)
+        return StreamingResponse(storage.read(key), media_type=media_type, headers=headers)
+    start, end = byte_range
+    headers["Content-Length"] = str(end - start + 1)
+    headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return StreamingResponse(
+        storage.read(key, start, end), status_code=206, media_type=media_type, headers=headers
+    )

@@ -1,0 +1,203 @@
+"""Typed errors and the one handler that renders them as RFC 9457 problem+json.
+
+Services raise a :class:`DistilleryError` subclass; :func:`install_error_handlers`
+turns it into ``application/problem+json`` with a stable ``code``. Request
+validation errors become 422 problems naming the fields, and anything
+unexpected becomes a 500 problem that says nothing about the internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+_TYPE_BASE = "https://distillery.dev/problems/"
+
+
+class FieldError(BaseModel):
+    """One invalid input: where it is (``body.name``, ``query.limit``, ``file``) and why."""
+
+    field: str
+    reason: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document, as every error response carries."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: list[FieldError] | None = None
+
+
+class DistilleryError(Exception):
+    """Base of the errors a client can cause: an HTTP ``status`` and a stable ``code``."""
+
+    status = 500
+    code = "internal_error"
+    title = "Internal server error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        code: str | None = None,
+        errors: list[FieldError] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+        self.errors = errors
+        self.headers = headers or {}
+
+    def problem(self) -> Problem:
+        """This error as a problem document."""
+        return Problem(
+            type=_TYPE_BASE + self.code.replace("_", "-"),
+            title=self.title,
+            status=self.status,
+            detail=self.detail,
+            code=self.code,
+            errors=self.errors,
+        )
+
+
+class Unauthorized(DistilleryError):
+    """No API key, or one that is unknown or revoked."""
+
+    status = 401
+    code = "unauthorized"
+    title = "Unauthorized"
+
+    def __init__(self, detail: str = "a valid API key is required (Authorization: Bearer …)"):
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="distillery"'})
+
+
+class NotFound(DistilleryError):
+    """No such resource for this tenant (another tenant's resources are not found either)."""
+
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class Conflict(DistilleryError):
+    """The request contradicts the resource's state."""
+
+    status = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class PayloadTooLarge(DistilleryError):
+    """The upload passed ``DISTILL_MAX_UPLOAD_BYTES``."""
+
+    status = 413
+    code = "payload_too_large"
+    title = "Payload too large"
+
+
+class RangeNotSatisfiable(DistilleryError):
+    """A ``Range`` that starts past the end of the content."""
+
+    status = 416
+    code = "range_not_satisfiable"
+    title = "Range not satisfiable"
+
+    def __init__(self, size: int) -> None:
+        super().__init__(
+            f"the requested range is outside the content's {size} bytes",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+
+
+class UnsupportedMediaType(DistilleryError):
+    """A file format refused on purpose (pickle-based) or not recognised."""
+
+    status = 415
+    code = "unsupported_media_type"
+    title = "Unsupported media type"
+
+
+class Unprocessable(DistilleryError):
+    """Input that is well-formed HTTP but invalid: a malformed file, a bad field."""
+
+    status = 422
+    code = "unprocessable"
+    title = "Unprocessable content"
+
+
+def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
+    """``problem`` as an ``application/problem+json`` response."""
+    return JSONResponse(
+        problem.model_dump(exclude_none=True),
+        status_code=problem.status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def responses(*errors: type[DistilleryError]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for an endpoint that may raise ``errors``."""
+    return {
+        e.status: {"model": Problem, "description": e.title, "content": {PROBLEM_JSON: {}}}
+        for e in errors
+    }
+
+
+def _field_name(loc: tuple[Any, ...] | list[Any]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+async def _distillery_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DistilleryError)
+    return problem_response(exc.problem(), exc.headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [FieldError(field=_field_name(e["loc"]), reason=e["msg"]) for e in exc.errors()]
+    fields = ", ".join(e.field for e in errors)
+    problem = Unprocessable(f"invalid request: {fields}", code="validation_error", errors=errors)
+    return problem_response(problem.problem())
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    # Starlette's own 404/405 for unknown routes and methods, as problems too.
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    problem = Problem(
+        type=_TYPE_BASE + code.replace("_", "-"),
+        title=str(exc.detail),
+        status=exc.status_code,
+        detail=str(exc.detail),
+        code=code,
+    )
+    return problem_response(problem, dict(exc.headers or {}))
+
+
+async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+    # Logged with its traceback for operators; the client learns nothing about internals.
+    log.exception("unhandled error", exc_info=exc)
+    return problem_response(DistilleryError("an unexpected error occurred").problem())
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render every error ``app`` raises as problem+json."""
+    app.add_exception_handler(DistilleryError, _distillery_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

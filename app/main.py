@@ -1,0 +1,80 @@
+"""The FastAPI application: ``uvicorn app.main:app``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings, get_settings
+from app.db import build_engine
+from app.errors import install_error_handlers
+from app.models.router import router as models_router
+from app.storage import LocalStorage
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application on ``settings`` (the environment's by default)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        app.state.engine.dispose()
+
+    app = FastAPI(
+        title="Distillery",
+        version="0.1.0",
+        summary="Distillation as a service: upload a teacher and a transfer set, "
+        "get back a smaller evaluated student.",
+        lifespan=lifespan,
+    )
+    engine = build_engine(settings.database_url)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = sessionmaker(engine, expire_on_commit=False)
+    app.state.storage = LocalStorage(settings.storage_root())
+    install_error_handlers(app)
+    app.include_router(models_router)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness")
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Readiness: database and storage")
+    async def readyz(request: Request) -> JSONResponse:
+        """200 when the database answers and storage can be written, else 503 naming what failed."""
+        checks = await anyio.to_thread.run_sync(_readiness, request.app)
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "unavailable", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    return app
+
+
+def _readiness(app: FastAPI) -> dict[str, str]:
+    checks: dict[str, str] = {}
+    factory: sessionmaker[Session] = app.state.session_factory
+    try:
+        with factory() as session:
+            session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"unavailable: {type(exc).__name__}"
+    try:
+        app.state.storage.check()
+        checks["storage"] = "ok"
+    except OSError as exc:
+        checks["storage"] = f"unavailable: {type(exc).__name__}"
+    return checks
+
+
+app = create_app()

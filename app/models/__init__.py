@@ -1,0 +1,1 @@
+"""Teacher models: upload, inspect, list, read, delete and download."""

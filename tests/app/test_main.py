@@ -1,0 +1,50 @@
+"""The application as a whole: import cost, health, readiness, unknown routes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from app.errors import PROBLEM_JSON
+from tests.app.databases import REPO
+
+
+def test_importing_the_app_does_not_import_torch():
+    code = "import sys, app.main; print('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_health_and_readiness(client: TestClient):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "storage": "ok"}}
+
+
+def test_readiness_fails_when_the_database_is_gone(client: TestClient):
+    # Point the app's sessions at a database that cannot be opened.
+    state = client.app.state  # type: ignore[attr-defined]
+    state.session_factory.configure(bind=sa.create_engine("sqlite:////nonexistent/dir/x.db"))
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["database"].startswith("unavailable")
+
+
+def test_unknown_routes_are_problems(client: TestClient):
+    response = client.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith(PROBLEM_JSON)
+    assert response.json()["code"] == "not_found"
+
+
+def test_openapi_documents_the_problem_responses(client: TestClient):
+    spec = client.get("/openapi.json").json()
+    upload = spec["paths"]["/v1/models"]["post"]
+    assert {"201", "401", "413", "415", "422"} <= upload["responses"].keys()
+    assert "multipart/form-data" in upload["requestBody"]["content"]

@@ -1,0 +1,137 @@
+"""The real thing: uvicorn in a subprocess on a loopback port, spoken to over HTTP with httpx."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from app.storage import LocalStorage
+from tests.app.conftest import TEST_MAX_UPLOAD, Tenants
+from tests.app.databases import REPO, count_rows
+from tests.worker.engine.factories import digits, sklearn_forest_onnx
+
+STARTUP_SECONDS = 30
+
+
+@pytest.fixture
+def server(database_url: str, tmp_path: Path) -> Iterator[tuple[str, LocalStorage]]:
+    """uvicorn serving ``app.main:app`` on the session's database; yields (base URL, storage)."""
+    storage_root = tmp_path / "artifacts"
+    # The socket is bound and listening before uvicorn starts and is inherited by it:
+    # no other process can take the port, and early connections wait in the backlog.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "DISTILL_DATABASE_URL": database_url,
+        "DISTILL_STORAGE_URL": f"file://{storage_root}",
+        "DISTILL_MAX_UPLOAD_BYTES": str(TEST_MAX_UPLOAD),
+    }
+    log = open(tmp_path / "uvicorn.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app.main:app", "--fd", str(sock.fileno())],
+        cwd=REPO,
+        env=env,
+        pass_fds=[sock.fileno()],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    sock.close()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_healthy(base, proc, tmp_path / "uvicorn.log")
+        yield base, LocalStorage(storage_root)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _wait_until_healthy(base: str, proc: subprocess.Popen, log: Path) -> None:
+    # The first request waits in the listening socket's backlog until uvicorn
+    # accepts it, so one request with a deadline is the whole wait.
+    try:
+        response = httpx.get(f"{base}/healthz", timeout=STARTUP_SECONDS)
+    except httpx.TransportError as exc:
+        proc.poll()
+        pytest.fail(f"uvicorn did not answer ({exc!r}, exit {proc.returncode}):\n{log.read_text()}")
+    assert response.status_code == 200, log.read_text()
+
+
+@pytest.fixture(scope="module")
+def forest_onnx(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A scikit-learn random forest on digits, converted to ONNX."""
+    x, y = digits()
+    path, _ = sklearn_forest_onnx(
+        x, y, tmp_path_factory.mktemp("teacher") / "forest.onnx", n_estimators=5
+    )
+    return path.read_bytes()
+
+
+def test_upload_and_ranged_download_over_real_http(
+    server: tuple[str, LocalStorage], tenants: Tenants, forest_onnx: bytes
+):
+    base, _ = server
+    with httpx.Client(base_url=base, headers=tenants.acme, timeout=30) as client:
+        assert client.get("/readyz").json()["status"] == "ready"
+        created = client.post(
+            "/v1/models", files={"file": ("forest.onnx", forest_onnx)}, data={"name": "forest"}
+        )
+        assert created.status_code == 201, created.text
+        model = created.json()
+        assert model["status"] == "ready"
+        assert model["sha256"] == hashlib.sha256(forest_onnx).hexdigest()
+        assert model["signature"]["task"] == "classification"
+        assert model["signature"]["num_classes"] == 10
+
+        url = f"/v1/models/{model['id']}/content"
+        size = len(forest_onnx)
+        step = max(1, size // 7)
+        parts = []
+        for start in range(0, size, step):
+            end = min(start + step, size) - 1
+            part = client.get(url, headers={"Range": f"bytes={start}-{end}"})
+            assert part.status_code == 206
+            assert part.headers["content-range"] == f"bytes {start}-{end}/{size}"
+            parts.append(part.content)
+        assert b"".join(parts) == forest_onnx
+        assert client.get(url, headers={"Range": f"bytes={size}-"}).status_code == 416
+
+
+def test_chunked_over_cap_upload_gets_413_from_a_real_server(
+    server: tuple[str, LocalStorage], tenants: Tenants, engine: sa.Engine
+):
+    base, storage = server
+
+    def body() -> Iterator[bytes]:
+        yield b'--xx\r\nContent-Disposition: form-data; name="file"; filename="big.onnx"\r\n\r\n'
+        for _ in range(3 * TEST_MAX_UPLOAD // 65536):
+            yield b"\0" * 65536
+        yield b"\r\n--xx--\r\n"
+
+    response = httpx.post(
+        f"{base}/v1/models",
+        headers={**tenants.acme, "Content-Type": "multipart/form-data; boundary=xx"},
+        content=body(),
+        timeout=30,
+    )
+    assert response.status_code == 413
+    assert response.json()["code"] == "upload_too_large"
+    assert count_rows(engine, "models") == 0
+    assert not storage.root.exists() or storage.files() == []
