@@ -117,6 +117,13 @@ def check_fits(signature: TeacherSignature, ts: TransferSet) -> None:
         )
 
 
+def looks_like_probabilities(outputs: np.ndarray, atol: float = 1e-3) -> bool:
+    """Rows that are non-negative and sum to 1: a classifier's probabilities, not logits."""
+    if outputs.ndim != 2 or outputs.shape[1] < 2 or not len(outputs):
+        return False
+    return bool((outputs >= 0).all() and np.allclose(outputs.sum(1), 1.0, atol=atol))
+
+
 def check_labels(
     task: str, spec: DistillationSpec, ts: TransferSet, num_classes: int | None
 ) -> None:
@@ -318,6 +325,22 @@ def _run(
         train_teacher, train_feat = teacher_outputs("train", train_ts.arrays, hint_layer)
     val_teacher = val_teacher.reshape(len(val_teacher), -1)
     output_dim = val_teacher.shape[1]
+    if (
+        task == "classification"
+        and output_kind == "logits"
+        and looks_like_probabilities(val_teacher)
+    ):
+        # The graph hides its softmax (e.g. written out as exp / sum): softmaxing
+        # these again would flatten every soft target towards uniform.
+        output_kind = "probabilities"
+        cb.event(
+            "warning",
+            {
+                "code": "teacher_outputs_probabilities",
+                "message": "the teacher's outputs are probabilities (non-negative, rows sum "
+                "to 1); they are taken in log space",
+            },
+        )
     teacher_feat_dim = None
     if hint_layer is not None:
         probe = to_tensors({k: v[:2] for k, v in train_ts.arrays.items()}, dev)

@@ -430,3 +430,34 @@ def test_an_interrupted_job_resumes_to_the_same_student(
     for key in ("accuracy", "f1_macro"):
         assert resumed.metrics["student"][key] == whole.metrics["student"][key]
     assert resumed.metrics["fidelity"] == whole.metrics["fidelity"]
+
+
+def test_a_teacher_with_a_hidden_softmax_is_read_in_log_space(tmp_path, split_digits) -> None:
+    class HiddenSoftmax(torch.nn.Module):
+        """Probabilities written out as exp / sum, so the graph has no Softmax node."""
+
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = self.net(x)
+            e = torch.exp(z - z.max(dim=1, keepdim=True).values)
+            return e / e.sum(dim=1, keepdim=True)
+
+    net = train_mlp_teacher(split_digits["x"], split_digits["y"], hidden=(64,), epochs=10)
+    teacher = export_onnx(
+        HiddenSoftmax(net), (torch.from_numpy(split_digits["x"][:2]),), tmp_path / "p.onnx"
+    )
+    data = write_npz(tmp_path / "t.npz", split_digits["x"][:600])
+    events: list[tuple[str, dict]] = []
+    result = run(
+        DistillationSpec(student={"compression": 2}, training=training(epochs=20)),
+        teacher_path=teacher,
+        dataset_path=data,
+        out_dir=tmp_path / "out",
+        callbacks=Callbacks(on_event=lambda kind, d: events.append((kind, d))),
+    )
+    warnings = [d for kind, d in events if kind == "warning"]
+    assert any(w["code"] == "teacher_outputs_probabilities" for w in warnings)
+    assert result.metrics["fidelity"]["agreement"] > 0.85
