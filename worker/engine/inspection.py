@@ -890,7 +890,8 @@ def _hf_task(config: dict[str, Any], architectures: list[str], st: bool) -> tupl
         id2label = config.get("id2label")
         num = len(id2label) if isinstance(id2label, dict) and id2label else None
         num = num or int(config.get("num_labels") or 2)
-        if num == 1 or config.get("problem_type") == "regression":
+        # Multi-label logits are independent sigmoids: matched as values, as hf.py does.
+        if num == 1 or config.get("problem_type") in ("regression", "multi_label_classification"):
             return "regression", num
         return "classification", num
     refuse_per_token_heads(architectures)

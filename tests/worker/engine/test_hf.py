@@ -248,6 +248,21 @@ def test_single_output_classifier_is_a_regressor(models, tmp_path):
     )
 
 
+def test_multi_label_classifier_is_read_as_values_on_upload_and_at_run_time(models, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    folder = tmp_path / "multi"
+    config = tiny_bert_config(num_labels=4, problem_type="multi_label_classification")
+    BertForSequenceClassification(config).save_pretrained(folder)
+    models["tokenizer"].save_pretrained(folder)
+    bundle = zip_folder(folder, tmp_path / "multi.zip")
+    runtime = hf.load_huggingface(bundle, device=CPU, work_dir=tmp_path / "work").signature
+    inspected = inspect_teacher(bundle)
+    # Independent sigmoid logits: never distilled through a softmax.
+    for sig in (runtime, inspected):
+        assert (sig.task, sig.output_kind, sig.output_dim) == ("regression", "values", 4)
+
+
 def test_bare_encoder_uses_mean_pooling(models, tmp_path):
     from transformers import BertModel
 
