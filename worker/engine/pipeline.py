@@ -273,7 +273,20 @@ def _run(
             raise TeacherIncompatible(
                 "a text transfer set needs a teacher that ships its tokenizer", field="dataset_id"
             )
-        ts = tokenize(ts, teacher.tokenizer, spec.data.max_length)
+        max_length = spec.data.max_length
+        limit = sig.extra.get("max_length")
+        if isinstance(limit, int) and 0 < limit < max_length:
+            # Past its position table the teacher cannot run at all.
+            cb.event(
+                "warning",
+                {
+                    "code": "max_length_clamped",
+                    "message": f"data.max_length {max_length} is beyond the teacher's limit; "
+                    f"using {limit}",
+                },
+            )
+            max_length = limit
+        ts = tokenize(ts, teacher.tokenizer, max_length)
     task = resolve_task(spec, sig)
     check_fits(sig, ts)
     check_labels(task, spec, ts, sig.num_classes)

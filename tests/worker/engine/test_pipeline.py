@@ -287,7 +287,8 @@ def text_teachers(tmp_path_factory) -> dict[str, Path]:
     tok = tiny_bert_tokenizer(root)
     torch.manual_seed(0)
     clf_dir = root / "clf"
-    BertForSequenceClassification(tiny_bert_config(num_labels=3)).save_pretrained(clf_dir)
+    config = tiny_bert_config(num_labels=3, max_position_embeddings=24)
+    BertForSequenceClassification(config).save_pretrained(clf_dir)
     tok.save_pretrained(clf_dir)
     enc_dir = root / "encoder"
     BertModel(tiny_bert_config()).save_pretrained(enc_dir)
@@ -314,14 +315,18 @@ def test_text_classifier_distils_to_a_layer_subset_student(tmp_path, text_teache
     spec = DistillationSpec(
         student={"num_layers": 2},
         training=training(epochs=3, batch_size=32),
-        data={"max_length": 16},
+        # Past the classifier's 24 positions: clamped, with a warning.
+        data={"max_length": 40},
     )
+    events: list[tuple[str, dict]] = []
     result = run(
         spec,
         teacher_path=text_teachers["classifier"],
         dataset_path=data,
         out_dir=tmp_path / "out",
+        callbacks=Callbacks(on_event=lambda kind, d: events.append((kind, d))),
     )
+    assert any(d.get("code") == "max_length_clamped" for kind, d in events if kind == "warning")
     validate_metrics(result.metrics)
     config = json.loads((tmp_path / "out" / "student_config.json").read_text())
     assert config["architecture"] == "hf_encoder"
