@@ -6,15 +6,24 @@ One function serves models, datasets and (later) job artifacts the same way.
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
-from app.errors import RangeNotSatisfiable
+from app.errors import NotFound, RangeNotSatisfiable, responses
 from app.storage import LocalStorage
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+#: The OpenAPI responses of a download endpoint.
+CONTENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "the file"},
+    206: {"content": {"application/octet-stream": {}}, "description": "one byte range"},
+    304: {"description": "the client's copy (If-None-Match) is current"},
+    **responses(NotFound, RangeNotSatisfiable),
+}
 
 
 def _etag_matches(header: str | None, etag: str) -> bool:

@@ -12,6 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
+from app.datasets.router import router as datasets_router
 from app.db import build_engine
 from app.errors import install_error_handlers
 from app.models.router import router as models_router
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = LocalStorage(settings.storage_root())
     install_error_handlers(app)
     app.include_router(models_router)
+    app.include_router(datasets_router)
 
     @app.get("/healthz", tags=["health"], summary="Liveness")
     def healthz() -> dict[str, str]:

@@ -29,6 +29,26 @@ FRAMING_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 1024
 
 
+#: The OpenAPI request body of an upload endpoint (the body is parsed by hand).
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "name": {"type": "string", "maxLength": 255},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
 @dataclass
 class Upload:
     """A received upload: its file (written, not yet committed) and its text fields."""

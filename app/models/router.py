@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import uuid
 from functools import partial
 from typing import Annotated
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request, Response, status
 
+from app import stored_files
 from app.auth.dependencies import CurrentTenant
 from app.config import SettingsDep
 from app.db import SessionDep
-from app.downloads import content_response
+from app.downloads import CONTENT_RESPONSES
 from app.errors import (
     NotFound,
     PayloadTooLarge,
-    RangeNotSatisfiable,
     Unauthorized,
     Unprocessable,
     UnsupportedMediaType,
@@ -26,27 +25,9 @@ from app.models import service
 from app.models.schemas import ModelOut
 from app.pagination import Page, PageParams, page_params
 from app.storage import StorageDep
-from app.uploads import receive_upload
+from app.uploads import UPLOAD_BODY
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=responses(Unauthorized))
-
-_UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "name": {"type": "string", "maxLength": 255},
-                    },
-                }
-            }
-        },
-    }
-}
 
 
 @router.post(
@@ -54,7 +35,7 @@ _UPLOAD_BODY = {
     status_code=status.HTTP_201_CREATED,
     summary="Upload a teacher model",
     responses=responses(PayloadTooLarge, UnsupportedMediaType, Unprocessable),
-    openapi_extra=_UPLOAD_BODY,
+    openapi_extra=UPLOAD_BODY,
 )
 async def upload_model(
     request: Request,
@@ -68,14 +49,8 @@ async def upload_model(
     The body is parsed as it arrives (constant memory); the format is sniffed
     from the content. Pickle-based files are refused with 415.
     """
-    model_id = uuid.uuid4()
-    upload = await receive_upload(
-        request,
-        storage,
-        service.storage_key(tenant.id, model_id),
-        max_bytes=settings.max_upload_bytes,
-        file_field=service.FILE_FIELD,
-        text_fields=frozenset({"name"}),
+    model_id, upload = await stored_files.receive(
+        request, storage, settings, kind="models", tenant=tenant
     )
     # Inspection parses the file and the session blocks: both off the event loop.
     model = await anyio.to_thread.run_sync(
@@ -129,12 +104,7 @@ def delete_model(
     "/{model_id}/content",
     summary="Download a teacher model's file",
     response_class=Response,
-    responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "the file"},
-        206: {"content": {"application/octet-stream": {}}, "description": "one byte range"},
-        304: {"description": "the client's copy (If-None-Match) is current"},
-        **responses(NotFound, RangeNotSatisfiable),
-    },
+    responses=CONTENT_RESPONSES,
 )
 def download_model(
     model_id: str,
@@ -145,11 +115,4 @@ def download_model(
 ) -> Response:
     """The stored file, with ETag (its sha256), Range and Content-Disposition."""
     model = service.get_model(session, tenant=tenant, model_id=model_id)
-    return content_response(
-        request,
-        storage,
-        model.storage_key,
-        sha256=model.sha256,
-        size=model.bytes,
-        filename=model.filename,
-    )
+    return stored_files.content(request, storage, model)

@@ -10,7 +10,7 @@ from alembic import command
 
 from tests.app.databases import alembic_config, fresh_database
 
-TABLES = {"tenants", "api_keys", "models"}
+TABLES = {"tenants", "api_keys", "models", "datasets"}
 
 
 def _tables(url: str) -> set[str]:

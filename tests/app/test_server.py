@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from app.storage import LocalStorage
 from tests.app.conftest import TEST_MAX_UPLOAD, Tenants
 from tests.app.databases import REPO, count_rows
-from tests.worker.engine.factories import digits, sklearn_forest_onnx
+from tests.worker.engine.factories import digits, sklearn_forest_onnx, write_npz
 
 STARTUP_SECONDS = 30
 
@@ -112,6 +112,24 @@ def test_upload_and_ranged_download_over_real_http(
             parts.append(part.content)
         assert b"".join(parts) == forest_onnx
         assert client.get(url, headers={"Range": f"bytes={size}-"}).status_code == 416
+
+
+def test_dataset_upload_and_download_over_real_http(
+    server: tuple[str, LocalStorage], tenants: Tenants, tmp_path: Path
+):
+    base, storage = server
+    x, y = digits()
+    data = write_npz(tmp_path / "digits.npz", x[:100], y[:100]).read_bytes()
+    with httpx.Client(base_url=base, headers=tenants.acme, timeout=30) as client:
+        created = client.post("/v1/datasets", files={"file": ("digits.npz", data)})
+        assert created.status_code == 201, created.text
+        dataset = created.json()
+        assert dataset["rows"] == 100 and dataset["summary"]["num_classes"] == 10
+        assert dataset["sha256"] == hashlib.sha256(data).hexdigest()
+        content = client.get(f"/v1/datasets/{dataset['id']}/content")
+        assert content.status_code == 200 and content.content == data
+        assert client.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
+        assert storage.files() == []
 
 
 def test_chunked_over_cap_upload_gets_413_from_a_real_server(

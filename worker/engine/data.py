@@ -35,7 +35,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from worker.engine import archive
-from worker.engine.errors import DatasetInvalid
+from worker.engine.errors import DatasetInvalid, UnsupportedFormat
 from worker.engine.registry import Registry
 from worker.engine.spec import DataSpec
 
@@ -165,9 +165,11 @@ DATASET_READERS = Registry[DatasetReader]("dataset format")
 # --- sniffing -------------------------------------------------------------------------------
 
 
-def _unrecognised() -> DatasetInvalid:
+def _unrecognised() -> UnsupportedFormat:
     expected = "; ".join(FORMAT_NAMES.values())
-    return DatasetInvalid(f"unrecognised dataset format; expected one of: {expected}", field=FIELD)
+    return UnsupportedFormat(
+        f"unrecognised dataset format; expected one of: {expected}", field=FIELD
+    )
 
 
 def _as_text(head: bytes, complete: bool) -> str | None:
@@ -186,7 +188,8 @@ def _as_text(head: bytes, complete: bool) -> str | None:
 def sniff_dataset(path: str | Path) -> str:
     """The format name of the dataset at ``path``, from its content.
 
-    Raises :class:`DatasetInvalid` for empty, pickled or unrecognised files and
+    Raises :class:`UnsupportedFormat` for pickled or unrecognised files,
+    :class:`DatasetInvalid` for empty ones, and
     :class:`ArchiveUnsafe` for unsafe zips.
     """
     path = Path(path)
@@ -212,7 +215,7 @@ def sniff_dataset(path: str | Path) -> str:
             field=FIELD,
         )
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        raise DatasetInvalid(
+        raise UnsupportedFormat(
             "pickle files are refused: unpickling can run arbitrary code. Save the arrays "
             "with numpy.savez(path, inputs=..., labels=...) or as safetensors, CSV or Parquet",
             field=FIELD,

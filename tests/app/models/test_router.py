@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from app.errors import PROBLEM_JSON
 from app.storage import LocalStorage
 from tests.app.conftest import TEST_MAX_UPLOAD, Tenants
 from tests.app.databases import count_rows
 from tests.app.factories import pickled_checkpoint, tiny_onnx_classifier
+from tests.app.http import all_pages, assert_problem, chunked_multipart
 
 
 def upload(client: TestClient, headers: dict[str, str], data: bytes, **fields: str):
@@ -23,16 +21,6 @@ def upload(client: TestClient, headers: dict[str, str], data: bytes, **fields: s
         files={"file": ("teacher.onnx", data, "application/octet-stream")},
         data=fields,
     )
-
-
-def assert_problem(response, status: int, code: str) -> dict:
-    """``response`` is a problem+json document with ``status`` and ``code``."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM_JSON)
-    body = response.json()
-    assert body["status"] == status and body["code"] == code
-    assert {"type", "title", "detail"} <= body.keys()
-    return body
 
 
 def assert_nothing_stored(engine: sa.Engine, storage: LocalStorage) -> None:
@@ -129,27 +117,13 @@ def test_over_cap_upload_with_content_length_gets_413_and_leaves_nothing(
     assert_nothing_stored(engine, storage)
 
 
-def _chunked_multipart(payload_bytes: int, chunk: int = 64 * 1024) -> Iterator[bytes]:
-    yield (
-        b"--b0undary\r\n"
-        b'Content-Disposition: form-data; name="file"; filename="big.onnx"\r\n'
-        b"Content-Type: application/octet-stream\r\n\r\n"
-    )
-    sent = 0
-    while sent < payload_bytes:
-        n = min(chunk, payload_bytes - sent)
-        yield b"\0" * n
-        sent += n
-    yield b"\r\n--b0undary--\r\n"
-
-
 def test_over_cap_chunked_upload_without_content_length_gets_413(
     client: TestClient, tenants: Tenants, engine: sa.Engine, storage: LocalStorage
 ):
     response = client.post(
         "/v1/models",
         headers={**tenants.acme, "Content-Type": "multipart/form-data; boundary=b0undary"},
-        content=_chunked_multipart(3 * TEST_MAX_UPLOAD),
+        content=chunked_multipart(3 * TEST_MAX_UPLOAD, filename="big.onnx"),
     )
     assert_problem(response, 413, "upload_too_large")
     assert_nothing_stored(engine, storage)
@@ -217,17 +191,7 @@ def test_list_pages_newest_first_with_a_cursor(client: TestClient, tenants: Tena
         for i in range(5)
     ]
     upload(client, tenants.globex, tiny_onnx_classifier())
-    seen, after, pages = [], None, 0
-    while True:
-        params = {"limit": 2, **({"after": after} if after else {})}
-        page = client.get("/v1/models", headers=tenants.acme, params=params).json()
-        seen += [m["id"] for m in page["data"]]
-        pages += 1
-        after = page["next_cursor"]
-        if after is None:
-            break
-    assert seen == ids[::-1]
-    assert pages == 3
+    assert all_pages(client, "/v1/models", tenants.acme) == (ids[::-1], 3)
 
 
 def test_content_has_etag_and_answers_if_none_match_with_304(client: TestClient, tenants: Tenants):

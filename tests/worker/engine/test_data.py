@@ -25,7 +25,7 @@ from worker.engine.data import (
     split,
     tokenize,
 )
-from worker.engine.errors import ArchiveUnsafe, DatasetInvalid
+from worker.engine.errors import ArchiveUnsafe, DatasetInvalid, UnsupportedFormat
 from worker.engine.spec import DataSpec
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -580,10 +580,10 @@ def test_zip_without_images_or_with_loose_and_huge_images(tmp_path, xy):
 def test_pickle_and_random_bytes_are_refused(tmp_path, xy):
     path = tmp_path / "d.pkl"
     path.write_bytes(pickle.dumps({"inputs": xy[0][:5]}))
-    with raises(DatasetInvalid, "pickle", "refused"):
+    with raises(UnsupportedFormat, "pickle", "refused"):
         load_transfer_set(path)
     path.write_bytes(np.random.default_rng(0).bytes(5000))
-    with raises(DatasetInvalid, "unrecognised dataset format", "expected one of"):
+    with raises(UnsupportedFormat, "unrecognised dataset format", "expected one of"):
         load_transfer_set(path)
     buf = io.BytesIO()
     np.save(buf, xy[0])

@@ -1,0 +1,1 @@
+"""Transfer datasets: upload, inspect, list, read, delete and download."""

@@ -1,0 +1,12 @@
+"""Queries of datasets; every one is scoped by tenant."""
+
+from __future__ import annotations
+
+from app.datasets.models import Dataset
+from app.repository import TenantRepository
+
+
+class DatasetRepository(TenantRepository[Dataset]):
+    """Datasets of one session."""
+
+    row_type = Dataset

@@ -1,0 +1,191 @@
+"""Rows that own an uploaded file (teacher models, datasets), and the flow they share.
+
+An upload is inspected by the engine before its file is kept: a refused or
+malformed file leaves no row and no file. The file is kept once the row is
+flushed and removed again if the transaction rolls back; a deleted row's file
+goes only once the delete commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fastapi import Request, Response
+from sqlalchemy import JSON, BigInteger, ForeignKey, String
+from sqlalchemy.orm import Mapped, Session, declared_attr, mapped_column, relationship
+
+from app.auth.models import Tenant
+from app.config import Settings
+from app.db import UTCDateTime, after_commit, after_rollback, utcnow
+from app.downloads import content_response
+from app.errors import FieldError, NotFound, Unprocessable, UnsupportedMediaType
+from app.pagination import Cursor
+from app.storage import LocalStorage
+from app.uploads import Upload, receive_upload
+from worker.engine.errors import EngineError, UnsupportedFormat
+
+if TYPE_CHECKING:
+    from app.repository import TenantRepository
+
+log = logging.getLogger(__name__)
+
+#: The multipart field that carries the file, and the field errors name.
+FILE_FIELD = "file"
+
+T = TypeVar("T")
+RowT = TypeVar("RowT", bound="StoredFile")
+
+
+class StoredFile:
+    """Columns of a tenant's uploaded file; mixed into a table class on ``app.db.Base``.
+
+    ``status`` is ``ready``, ``processing`` or ``invalid`` (with ``error``).
+    """
+
+    id: Mapped[uuid.UUID]
+    created_at: Mapped[datetime]
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16))
+    format: Mapped[str | None] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(512))
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+    @declared_attr
+    def tenant(cls) -> Mapped[Tenant]:
+        """The owning tenant; never loaded implicitly (``lazy="raise"``)."""
+        return relationship(Tenant, lazy="raise")
+
+
+def storage_key(kind: str, tenant_id: uuid.UUID, row_id: uuid.UUID) -> str:
+    """Where a tenant's file of ``kind`` (``models``, ``datasets``) is stored."""
+    return f"tenants/{tenant_id.hex}/{kind}/{row_id.hex}"
+
+
+async def receive(
+    request: Request, storage: LocalStorage, settings: Settings, *, kind: str, tenant: Tenant
+) -> tuple[uuid.UUID, Upload]:
+    """A new row id and the request's upload (``file``, optional ``name``), streamed to its key.
+
+    The body is parsed as it arrives (constant memory) and capped at
+    ``settings.max_upload_bytes``.
+    """
+    row_id = uuid.uuid4()
+    upload = await receive_upload(
+        request,
+        storage,
+        storage_key(kind, tenant.id, row_id),
+        max_bytes=settings.max_upload_bytes,
+        file_field=FILE_FIELD,
+        text_fields=frozenset({"name"}),
+    )
+    return row_id, upload
+
+
+def rejected(error: EngineError) -> UnsupportedMediaType | Unprocessable:
+    """An engine error about the uploaded file as the HTTP error a client should see."""
+    errors = [FieldError(field=FILE_FIELD, reason=error.message)]
+    if isinstance(error, UnsupportedFormat):
+        return UnsupportedMediaType(error.message, code=error.code, errors=errors)
+    return Unprocessable(error.message, code=error.code, errors=errors)
+
+
+def inspect_upload(upload: Upload, inspect: Callable[[Path], T], *, invalid: EngineError) -> T:
+    """``inspect`` of the upload's written file; engine errors as HTTP errors.
+
+    ``invalid`` is reported when the parser fails in a way the engine did not
+    foresee: hostile bytes are still bad input, not a server error.
+    """
+    try:
+        return inspect(upload.file.temp_path)
+    except EngineError as exc:
+        raise rejected(exc) from None
+    except Exception:
+        log.exception("inspecting an upload failed")
+        raise rejected(invalid) from None
+
+
+def ready_columns(upload: Upload, *, tenant: Tenant, row_id: uuid.UUID, fmt: str) -> dict[str, Any]:
+    """The shared columns of a ``ready`` row for an inspected upload of format ``fmt``."""
+    filename = upload.filename or f"{row_id.hex}.{fmt}"
+    return {
+        "id": row_id,
+        "tenant_id": tenant.id,
+        "name": upload.fields.get("name") or filename,
+        "status": "ready",
+        "format": fmt,
+        "filename": filename,
+        "bytes": upload.file.size,
+        "sha256": upload.file.sha256,
+        "storage_key": upload.file.key,
+        "error": None,
+    }
+
+
+def keep_upload(
+    session: Session,
+    storage: LocalStorage,
+    repository: TenantRepository[RowT],
+    row: RowT,
+    upload: Upload,
+) -> RowT:
+    """Add ``row`` and keep the upload's file; the file goes again if the transaction rolls back."""
+    repository.add(row)
+    stored = upload.file.commit()
+    after_rollback(session, lambda: storage.delete(stored.key))
+    return row
+
+
+def get_owned(
+    repository: TenantRepository[RowT], tenant: Tenant, row_id: str, *, what: str
+) -> RowT:
+    """The tenant's row ``row_id``; :class:`NotFound` (code ``{what}_not_found``) otherwise.
+
+    Malformed ids are not found either, so ids reveal nothing about other tenants.
+    """
+    try:
+        ident: uuid.UUID | None = uuid.UUID(row_id)
+    except ValueError:
+        ident = None
+    row = repository.get(tenant.id, ident) if ident else None
+    if row is None:
+        raise NotFound(f"no {what} {row_id!r}", code=f"{what}_not_found")
+    return row
+
+
+def list_page(
+    repository: TenantRepository[RowT], tenant: Tenant, *, limit: int, after: Cursor | None
+) -> tuple[Sequence[RowT], Cursor | None]:
+    """A page of the tenant's rows, newest first, and the cursor of the next page."""
+    rows = repository.page(tenant.id, limit=limit + 1, after=after)
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    return rows, Cursor(rows[-1].created_at, rows[-1].id)
+
+
+def delete_owned(
+    session: Session, storage: LocalStorage, repository: TenantRepository[RowT], row: RowT
+) -> None:
+    """Delete ``row``; its file goes once the delete commits (a rollback keeps it)."""
+    repository.delete(row)
+    key = row.storage_key
+    after_commit(session, lambda: storage.delete(key))
+
+
+def content(request: Request, storage: LocalStorage, row: StoredFile) -> Response:
+    """``row``'s file, with ETag (its sha256), Range and Content-Disposition."""
+    return content_response(
+        request, storage, row.storage_key, sha256=row.sha256, size=row.bytes, filename=row.filename
+    )
