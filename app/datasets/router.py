@@ -47,8 +47,8 @@ async def upload_dataset(
     """Stream the multipart ``file`` to storage, inspect it, and return the dataset.
 
     The body is parsed as it arrives (constant memory); the format is sniffed
-    from the content. Malformed, unsafe, pickled and unrecognised files get 422
-    with the engine's code.
+    from the content. Pickled and unrecognised files get 415, malformed and
+    unsafe ones 422, each with the engine's code.
     """
     dataset_id, upload = await stored_files.receive(
         request, storage, settings, kind="datasets", tenant=tenant
