@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,6 @@ class RunResult:
     partial: bool
     steps: int
     resumed_from: int | None
-    warnings: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- checks

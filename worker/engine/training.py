@@ -11,7 +11,6 @@ plus a JSON state; nothing is pickled.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import math
@@ -561,7 +560,16 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = spec.learning_rate * factor
                 terms = _train_step(
-                    student, loss_fn, optimizer, data, idx, device, amp, spec, use_teacher
+                    student,
+                    loss_fn,
+                    optimizer,
+                    data,
+                    idx,
+                    device,
+                    amp,
+                    params,
+                    spec.grad_clip_norm,
+                    use_teacher,
                 )
                 state.step += 1
                 window_samples += len(idx)
@@ -635,7 +643,8 @@ def _train_step(
     idx: torch.Tensor,
     device: torch.device,
     amp: torch.dtype | None,
-    spec: TrainingSpec,
+    params: list[nn.Parameter],
+    clip_norm: float | None,
     use_teacher: bool,
 ) -> dict[str, torch.Tensor]:
     batch = {k: v[idx.to(v.device)].to(device, non_blocking=True) for k, v in data.train.items()}
@@ -674,9 +683,8 @@ def _train_step(
     total_loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
     total_loss.backward()
-    if spec.grad_clip_norm is not None:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, spec.grad_clip_norm)
+    if clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
     optimizer.step()
     return {k: v.detach() for k, v in terms.items()}
 
@@ -701,8 +709,3 @@ def _first_tensor(out: Any) -> torch.Tensor:
     if hasattr(out, "last_hidden_state"):
         return out.last_hidden_state.mean(1)
     raise TypeError(f"cannot take features from {type(out).__name__}")
-
-
-def clone_module(module: nn.Module) -> nn.Module:
-    """A deep copy, for training the same student twice (distilled and baseline)."""
-    return copy.deepcopy(module)
