@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from worker.engine import evaluation, export
+from worker.engine.compatibility import DataFacts, check_fits, check_labels, resolve_task
 from worker.engine.data import TransferSet, load_transfer_set, split, tokenize
-from worker.engine.errors import DatasetInvalid, SpecInvalid, TeacherIncompatible
+from worker.engine.errors import TeacherIncompatible
 from worker.engine.export import sha256_file
 from worker.engine.losses import build_loss
 from worker.engine.signature import TeacherSignature
@@ -82,70 +83,11 @@ class RunResult:
 # --------------------------------------------------------------------------- checks
 
 
-def resolve_task(spec: DistillationSpec, signature: TeacherSignature) -> str:
-    """The task named in the spec, else the teacher's; refuses a task the teacher can't serve."""
-    kind = signature.output_kind
-    task: str | None = spec.task or signature.task
-    if task is None:
-        task = {"logits": "classification", "probabilities": "classification"}.get(
-            kind or "", "embedding" if kind == "embedding" else "regression"
-        )
-    if task == "classification" and kind in ("values", "embedding"):
-        raise TeacherIncompatible(
-            f"task classification needs a classifier teacher, but this teacher outputs {kind}",
-            field="task",
-        )
-    return task
-
-
-def check_fits(signature: TeacherSignature, ts: TransferSet) -> None:
-    """The transfer set's per-sample shape must match the teacher's declared input."""
-    if ts.modality == "text" or "inputs" not in ts.arrays:
-        return
-    if not signature.inputs:
-        return
-    declared = signature.inputs[0].shape[1:]
-    actual = list(ts.arrays["inputs"].shape[1:])
-    if len(declared) != len(actual) or any(
-        isinstance(d, int) and d > 0 and d != a for d, a in zip(declared, actual, strict=False)
-    ):
-        raise DatasetInvalid(
-            f"the teacher's input {signature.inputs[0].name!r} takes samples of shape "
-            f"{declared}, but the transfer set's inputs have shape {actual}",
-            field="dataset_id",
-        )
-
-
 def looks_like_probabilities(outputs: np.ndarray, atol: float = 1e-3) -> bool:
     """Rows that are non-negative and sum to 1: a classifier's probabilities, not logits."""
     if outputs.ndim != 2 or outputs.shape[1] < 2 or not len(outputs):
         return False
     return bool((outputs >= 0).all() and np.allclose(outputs.sum(1), 1.0, atol=atol))
-
-
-def check_labels(
-    task: str, spec: DistillationSpec, ts: TransferSet, num_classes: int | None
-) -> None:
-    labels = ts.labels
-    if spec.evaluation.baseline and (labels is None or not _labeled(labels).any()):
-        raise SpecInvalid(
-            "evaluation.baseline trains a student on labels alone, "
-            "but the transfer set has no labels",
-            field="evaluation.baseline",
-        )
-    if labels is None:
-        return
-    if task == "classification":
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise DatasetInvalid(
-                "a classification transfer set needs integer class labels", field="labels"
-            )
-        known = labels[labels >= 0]
-        if num_classes is not None and len(known) and int(known.max()) >= num_classes:
-            raise DatasetInvalid(
-                f"label {int(known.max())} is out of range: the teacher has {num_classes} classes",
-                field="labels",
-            )
 
 
 def _labeled(labels: np.ndarray) -> np.ndarray:
@@ -287,8 +229,15 @@ def _run(
             max_length = limit
         ts = tokenize(ts, teacher.tokenizer, max_length)
     task = resolve_task(spec, sig)
-    check_fits(sig, ts)
-    check_labels(task, spec, ts, sig.num_classes)
+    facts = DataFacts(
+        modality=ts.modality,
+        feature_shape=ts.feature_shape,
+        labelled_rows=ts.labelled_rows,
+        label_kind=ts.label_kind,
+        num_classes=ts.num_classes,
+    )
+    check_fits(sig, facts)
+    check_labels(task, spec, facts, sig.num_classes)
     train_ts, val_ts = split(ts, spec.evaluation.validation_split, spec.training.seed)
     output_kind = sig.output_kind or ("logits" if task == "classification" else "values")
 

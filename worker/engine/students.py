@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.engine.compatibility import require_inputs
 from worker.engine.errors import SpecInvalid
 from worker.engine.registry import Registry
 from worker.engine.spec import StudentSpec
@@ -435,13 +436,10 @@ def _prod(shape: tuple[int, ...]) -> int:
     return int(math.prod(shape)) if shape else 1
 
 
-def _require(ok: bool, architecture: str, need: str, ctx: StudentContext) -> None:
-    if not ok:
-        raise SpecInvalid(
-            f"student {architecture} needs {need}; this data is {ctx.modality} with "
-            f"per-sample shape {list(ctx.input_shape)}",
-            field="student.architecture",
-        )
+def _require(architecture: str, ctx: StudentContext) -> None:
+    require_inputs(
+        architecture, text=_is_text(ctx), shape=tuple(ctx.input_shape), modality=ctx.modality
+    )
 
 
 def _is_text(ctx: StudentContext) -> bool:
@@ -470,7 +468,7 @@ def build_mlp(spec: StudentSpec, ctx: StudentContext) -> nn.Module:
     """MLP on flattened ``inputs``; default design is two hidden layers of equal width."""
     if ctx.saved_config is not None:
         return _from_saved(MLPStudent, ctx.saved_config)
-    _require(not _is_text(ctx), "numeric inputs (not token ids)", "mlp", ctx)
+    _require("mlp", ctx)
     base = {
         "in_features": _prod(ctx.input_shape),
         "output_dim": ctx.output_dim,
@@ -500,7 +498,7 @@ def build_cnn(spec: StudentSpec, ctx: StudentContext) -> nn.Module:
     """CNN for (C, H, W) images; default channels double each stage from a searched base."""
     if ctx.saved_config is not None:
         return _from_saved(CNNStudent, ctx.saved_config)
-    _require(len(ctx.input_shape) == 3 and not _is_text(ctx), "(C, H, W) images", "cnn", ctx)
+    _require("cnn", ctx)
     base = {
         "in_channels": ctx.input_shape[0],
         "output_dim": ctx.output_dim,
@@ -522,7 +520,7 @@ def build_rnn(spec: StudentSpec, ctx: StudentContext) -> nn.Module:
     if ctx.saved_config is not None:
         return _from_saved(RNNStudent, ctx.saved_config)
     text = _is_text(ctx)
-    _require(text or len(ctx.input_shape) == 2, "(T, F) sequences or text", "rnn", ctx)
+    _require("rnn", ctx)
     base: dict[str, Any] = {
         "cell": spec.cell,
         "num_layers": spec.num_layers or 1,
@@ -554,7 +552,7 @@ def build_transformer(spec: StudentSpec, ctx: StudentContext) -> nn.Module:
     if ctx.saved_config is not None:
         return _from_saved(TransformerStudent, ctx.saved_config)
     text = _is_text(ctx)
-    _require(text or len(ctx.input_shape) == 2, "(T, F) sequences or text", "transformer", ctx)
+    _require("transformer", ctx)
     heads = spec.num_heads
     if spec.hidden_size is not None and heads is not None and spec.hidden_size % heads:
         raise SpecInvalid(
