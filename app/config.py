@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlparse
 
 from fastapi import Depends, Request
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +26,15 @@ class Settings(BaseSettings):
     storage_url: str = "file://var/artifacts"
     max_upload_bytes: int = 10 * 2**30
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Where workers keep a running job's files (checkpoints, outputs) and the teacher cache.
+    work_dir: Path = Path("var/work")
+    #: Redis re-delivers an unacknowledged message after this long: keep it above the
+    #: longest job, or a running job is delivered a second time.
+    visibility_timeout_s: int = 48 * 3600
+    #: Seconds between keep-alive comments on an idle event stream (at most 15).
+    sse_keepalive_s: float = Field(default=10.0, gt=0, le=15)
+    #: Seconds between database polls of an event stream.
+    sse_poll_s: float = Field(default=0.5, gt=0, le=5)
 
     def storage_root(self) -> Path:
         """The folder of a ``file://`` storage URL (relative URLs are taken from the cwd)."""
@@ -35,6 +45,13 @@ class Settings(BaseSettings):
             )
         # file://var/artifacts parses "var" as the host: join it back into a relative path.
         return Path(parsed.netloc + parsed.path)
+
+    def broker_folder(self) -> Path | None:
+        """The folder of a ``filesystem://`` broker (``var/broker`` when the URL names none)."""
+        parsed = urlparse(self.broker_url)
+        if parsed.scheme != "filesystem":
+            return None
+        return Path(parsed.netloc + parsed.path or "var/broker")
 
 
 @lru_cache

@@ -15,6 +15,9 @@ from app.config import Settings, get_settings
 from app.datasets.router import router as datasets_router
 from app.db import build_engine
 from app.errors import install_error_handlers
+from app.jobs.queue import JobQueue
+from app.jobs.router import router as jobs_router
+from app.metrics import install_metrics
 from app.models.router import router as models_router
 from app.storage import LocalStorage
 
@@ -26,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        app.state.job_queue.close()
         app.state.engine.dispose()
 
     app = FastAPI(
@@ -40,9 +44,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = sessionmaker(engine, expire_on_commit=False)
     app.state.storage = LocalStorage(settings.storage_root())
+    app.state.job_queue = JobQueue(settings)
     install_error_handlers(app)
+    install_metrics(app)
     app.include_router(models_router)
     app.include_router(datasets_router)
+    app.include_router(jobs_router)
 
     @app.get("/healthz", tags=["health"], summary="Liveness")
     def healthz() -> dict[str, str]:

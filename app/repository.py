@@ -6,19 +6,19 @@ import uuid
 from collections.abc import Sequence
 from typing import ClassVar, Generic, TypeVar
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session
 
 from app.pagination import Cursor
-from app.stored_files import StoredFile
+from app.tenancy import TenantOwned
 
-RowT = TypeVar("RowT", bound=StoredFile)
+RowT = TypeVar("RowT", bound=TenantOwned)
 
 
 class TenantRepository(Generic[RowT]):
     """Rows of ``row_type`` in one session, each query limited to one tenant."""
 
-    row_type: ClassVar[type[StoredFile]]
+    row_type: ClassVar[type[TenantOwned]]
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -31,10 +31,17 @@ class TenantRepository(Generic[RowT]):
         ).one_or_none()
         return found  # type: ignore[return-value]
 
-    def page(self, tenant_id: uuid.UUID, *, limit: int, after: Cursor | None) -> Sequence[RowT]:
-        """Up to ``limit`` of the tenant's rows after ``after``, newest first."""
+    def page(
+        self,
+        tenant_id: uuid.UUID,
+        *,
+        limit: int,
+        after: Cursor | None,
+        where: Sequence[ColumnElement[bool]] = (),
+    ) -> Sequence[RowT]:
+        """Up to ``limit`` of the tenant's rows after ``after`` matching ``where``, newest first."""
         row = self.row_type
-        query = select(row).where(row.tenant_id == tenant_id)
+        query = select(row).where(row.tenant_id == tenant_id, *where)
         if after is not None:
             query = query.where(
                 or_(

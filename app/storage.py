@@ -127,6 +127,13 @@ class LocalStorage:
         self._incoming.mkdir(parents=True, exist_ok=True)
         return StorageWriter(final, key, self._incoming, max_bytes)
 
+    def put_file(self, key: str, source: Path) -> StoredObject:
+        """Copy the file ``source`` to ``key`` (atomically), hashing it on the way."""
+        with self.writer(key, max_bytes=2**62) as writer, open(source, "rb") as f:
+            while chunk := f.read(READ_CHUNK):
+                writer.write(chunk)
+            return writer.commit()
+
     def size(self, key: str) -> int:
         """The stored file's size in bytes."""
         return self.path(key).stat().st_size

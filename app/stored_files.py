@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request, Response
-from sqlalchemy import JSON, BigInteger, ForeignKey, String
-from sqlalchemy.orm import Mapped, Session, declared_attr, mapped_column, relationship
+from sqlalchemy import JSON, BigInteger, String
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from app.auth.models import Tenant
 from app.config import Settings
@@ -26,6 +26,7 @@ from app.downloads import content_response
 from app.errors import FieldError, NotFound, Unprocessable, UnsupportedMediaType
 from app.pagination import Cursor
 from app.storage import LocalStorage
+from app.tenancy import TenantOwned
 from app.uploads import Upload, receive_upload
 from worker.engine.errors import EngineError, UnsupportedFormat
 
@@ -39,19 +40,15 @@ FILE_FIELD = "file"
 
 T = TypeVar("T")
 RowT = TypeVar("RowT", bound="StoredFile")
+OwnedT = TypeVar("OwnedT", bound=TenantOwned)
 
 
-class StoredFile:
+class StoredFile(TenantOwned):
     """Columns of a tenant's uploaded file; mixed into a table class on ``app.db.Base``.
 
     ``status`` is ``ready``, ``processing`` or ``invalid`` (with ``error``).
     """
 
-    id: Mapped[uuid.UUID]
-    created_at: Mapped[datetime]
-    tenant_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
-    )
     name: Mapped[str] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16))
     format: Mapped[str | None] = mapped_column(String(32))
@@ -61,11 +58,6 @@ class StoredFile:
     storage_key: Mapped[str] = mapped_column(String(512))
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
-
-    @declared_attr
-    def tenant(cls) -> Mapped[Tenant]:
-        """The owning tenant; never loaded implicitly (``lazy="raise"``)."""
-        return relationship(Tenant, lazy="raise")
 
 
 def storage_key(kind: str, tenant_id: uuid.UUID, row_id: uuid.UUID) -> str:
@@ -148,8 +140,8 @@ def keep_upload(
 
 
 def get_owned(
-    repository: TenantRepository[RowT], tenant: Tenant, row_id: str, *, what: str
-) -> RowT:
+    repository: TenantRepository[OwnedT], tenant: Tenant, row_id: str, *, what: str
+) -> OwnedT:
     """The tenant's row ``row_id``; :class:`NotFound` (code ``{what}_not_found``) otherwise.
 
     Malformed ids are not found either, so ids reveal nothing about other tenants.

@@ -9,6 +9,7 @@ from alembic import context
 
 import app.auth.models
 import app.datasets.models
+import app.jobs.models
 import app.models.models  # noqa: F401 - registers the tables on the metadata
 from app.config import get_settings
 from app.db import Base, UTCDateTime, build_engine, normalize_database_url

@@ -16,6 +16,7 @@ from app.datasets.schemas import DatasetOut
 from app.db import SessionDep
 from app.downloads import CONTENT_RESPONSES
 from app.errors import (
+    Conflict,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
@@ -93,7 +94,7 @@ def get_dataset(dataset_id: str, tenant: CurrentTenant, session: SessionDep) -> 
     "/{dataset_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete a dataset",
-    responses=responses(NotFound),
+    responses=responses(NotFound, Conflict),
 )
 def delete_dataset(
     dataset_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep

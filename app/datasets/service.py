@@ -16,6 +16,8 @@ from app import stored_files
 from app.auth.models import Tenant
 from app.datasets.models import Dataset
 from app.datasets.repository import DatasetRepository
+from app.jobs.models import Job
+from app.jobs.service import refuse_if_in_use
 from app.pagination import Cursor
 from app.storage import LocalStorage
 from app.uploads import Upload
@@ -69,6 +71,8 @@ def list_datasets(
 def delete_dataset(
     session: Session, storage: LocalStorage, *, tenant: Tenant, dataset_id: str
 ) -> None:
-    """Delete the tenant's dataset ``dataset_id`` and its file."""
+    """Delete the tenant's dataset ``dataset_id`` and its file; :class:`Conflict` while
+    a queued or running job uses it."""
     dataset = get_dataset(session, tenant=tenant, dataset_id=dataset_id)
+    refuse_if_in_use(session, Job.dataset_id, dataset.id, what="dataset")
     stored_files.delete_owned(session, storage, DatasetRepository(session), dataset)

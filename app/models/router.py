@@ -14,6 +14,7 @@ from app.config import SettingsDep
 from app.db import SessionDep
 from app.downloads import CONTENT_RESPONSES
 from app.errors import (
+    Conflict,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
@@ -90,7 +91,7 @@ def get_model(model_id: str, tenant: CurrentTenant, session: SessionDep) -> Mode
     "/{model_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete a teacher model",
-    responses=responses(NotFound),
+    responses=responses(NotFound, Conflict),
 )
 def delete_model(
     model_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep

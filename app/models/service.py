@@ -14,6 +14,8 @@ from sqlalchemy.orm import Session
 
 from app import stored_files
 from app.auth.models import Tenant
+from app.jobs.models import Job
+from app.jobs.service import refuse_if_in_use
 from app.models.models import TeacherModel
 from app.models.repository import ModelRepository
 from app.pagination import Cursor
@@ -65,6 +67,8 @@ def list_models(
 
 
 def delete_model(session: Session, storage: LocalStorage, *, tenant: Tenant, model_id: str) -> None:
-    """Delete the tenant's model ``model_id`` and its file."""
+    """Delete the tenant's model ``model_id`` and its file; :class:`Conflict` while
+    a queued or running job uses it."""
     model = get_model(session, tenant=tenant, model_id=model_id)
+    refuse_if_in_use(session, Job.teacher_model_id, model.id, what="model")
     stored_files.delete_owned(session, storage, ModelRepository(session), model)

@@ -60,7 +60,9 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
     """Settings on the session's database, with storage in the test's folder."""
     return Settings(
         database_url=database_url,
+        broker_url=f"filesystem://{tmp_path / 'broker'}",
         storage_url=f"file://{tmp_path / 'artifacts'}",
+        work_dir=tmp_path / "work",
         max_upload_bytes=TEST_MAX_UPLOAD,
     )
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -35,3 +39,29 @@ def tiny_onnx_classifier(features: int = 4, classes: int = 3, seed: int = 0) -> 
 def pickled_checkpoint() -> bytes:
     """What ``torch.save`` of a state dict starts as: a pickle (protocol 2+)."""
     return pickle.dumps({"weight": [[0.0, 1.0]], "bias": [0.0]}, protocol=4)
+
+
+def npz_dataset(rows: int = 60, features: int = 4, classes: int | None = 3, seed: int = 0) -> bytes:
+    """A transfer set as ``.npz`` bytes: ``inputs`` (rows, features), and labels if ``classes``."""
+    rng = np.random.default_rng(seed)
+    arrays = {"inputs": rng.standard_normal((rows, features)).astype(np.float32)}
+    if classes is not None:
+        arrays["labels"] = (np.arange(rows) % classes).astype(np.int64)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def queued_job_ids(broker_folder: Path) -> list[str]:
+    """The job ids of the messages waiting in a ``filesystem://`` broker folder, oldest first.
+
+    Each message file is kombu's JSON envelope around a base64 body holding the
+    task's ``[args, kwargs, embed]``.
+    """
+    ids = []
+    for path in sorted((broker_folder / "queue").glob("*.msg")):
+        envelope = json.loads(path.read_text())
+        args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+        assert kwargs == {}
+        ids.extend(args)
+    return ids

@@ -1,0 +1,1 @@
+"""Distillation jobs: submission, state, events, artifacts, and their execution in the worker."""

@@ -1,0 +1,297 @@
+"""A job's run in a worker: claim it, run the engine, store its artifacts, finish it.
+
+Called by the Celery task with the job id only. The claim is a conditional
+update (``queued`` to ``running``, ``attempt`` + 1), so a message delivered
+twice runs the job once. Every later write is fenced by that attempt. The
+engine (torch) is imported here, inside the function, never by the API.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings, get_settings
+from app.datasets.models import Dataset
+from app.db import after_rollback, build_engine, utcnow
+from app.jobs import repository, service
+from app.jobs.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
+from app.models.models import TeacherModel
+from app.storage import LocalStorage
+from worker.engine.errors import Cancelled, EngineError
+from worker.engine.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+#: A running job's own statuses: the worker may write while the job is in one of them.
+OWN = (RUNNING, CANCELLING)
+#: Seconds between progress writes (the first and the last step are always written).
+PROGRESS_INTERVAL_S = 1.0
+#: Seconds between checks for a cancellation request.
+CANCEL_CHECK_S = 1.0
+
+
+class JobLost(Exception):
+    """Another attempt owns the job now: this run must stop without writing."""
+
+
+@lru_cache(maxsize=4)
+def _engine(url: str) -> Engine:
+    # One engine per worker child; children are forked before any database use.
+    return build_engine(url)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a claimed run needs: the job, its attempt, and its input files."""
+
+    job_id: uuid.UUID
+    attempt: int
+    spec: JobSpec
+    teacher_path: Path
+    dataset_path: Path
+
+
+def execute_job(job_id: str, settings: Settings | None = None) -> None:
+    """Run job ``job_id`` to a terminal state, if it is still queued (else do nothing)."""
+    settings = settings or get_settings()
+    factory = sessionmaker(_engine(settings.database_url), expire_on_commit=False)
+    storage = LocalStorage(settings.storage_root())
+    claim = _claim(factory, storage, job_id)
+    if claim is None:
+        return
+    JobRun(factory, storage, settings, claim).run()
+
+
+def _fail_unclaimed(session: Session, job: Job, code: str, message: str) -> None:
+    service.change_status(
+        session,
+        job,
+        FAILED,
+        from_statuses=[QUEUED],
+        error={"code": code, "message": message, "field": None},
+        event={"error": {"code": code, "message": message}},
+    )
+
+
+def _claim(factory: sessionmaker[Session], storage: LocalStorage, job_id: str) -> Claim | None:
+    try:
+        ident = uuid.UUID(job_id)
+    except ValueError:
+        log.error("job message with a malformed id %r dropped", job_id)
+        return None
+    with factory() as session, session.begin():
+        job = session.get(Job, ident)
+        if job is None or job.status != QUEUED:
+            log.info("job %s is %s: nothing to run", job_id, job and job.status)
+            return None
+        teacher = session.get(TeacherModel, job.teacher_model_id) if job.teacher_model_id else None
+        dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+        if teacher is None or dataset is None:
+            _fail_unclaimed(session, job, "input_missing", "the teacher or dataset was deleted")
+            return None
+        for row, what in ((teacher, "model"), (dataset, "dataset")):
+            if row.status == "invalid":
+                reason = (row.error or {}).get("message", "it could not be read")
+                _fail_unclaimed(session, job, f"{what}_invalid", f"the {what} is invalid: {reason}")
+                return None
+        if "processing" in (teacher.status, dataset.status):
+            # Sent again once both are inspected.
+            return None
+        claimed = service.change_status(
+            session,
+            job,
+            RUNNING,
+            from_statuses=[QUEUED],
+            event={"attempt": job.attempt + 1},
+            attempt=job.attempt + 1,
+            started_at=job.started_at or utcnow(),
+        )
+        if not claimed:
+            return None
+        return Claim(
+            job_id=job.id,
+            attempt=job.attempt,
+            spec=JobSpec.model_validate(job.spec),
+            teacher_path=storage.path(teacher.storage_key),
+            dataset_path=storage.path(dataset.storage_key),
+        )
+
+
+class JobRun:
+    """One attempt of a claimed job: the engine's callbacks write to the job's row and log."""
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        storage: LocalStorage,
+        settings: Settings,
+        claim: Claim,
+    ) -> None:
+        self.factory = factory
+        self.storage = storage
+        self.settings = settings
+        self.claim = claim
+        self.folder = settings.work_dir / "jobs" / claim.job_id.hex
+        self._last_progress = 0.0
+        self._last_cancel_check = 0.0
+        self._cancel_requested = False
+
+    # ------------------------------------------------------------------ writes
+
+    def _write(self, type: str, data: dict[str, Any], **values: Any) -> None:
+        """Update the job (fenced by attempt) and log an event, in one transaction."""
+        with self.factory() as session, session.begin():
+            changed = repository.transition(
+                session,
+                self.claim.job_id,
+                from_statuses=OWN,
+                fence=self.claim.attempt,
+                **values,
+            )
+            if not changed:
+                raise JobLost(f"job {self.claim.job_id} attempt {self.claim.attempt} was fenced")
+            repository.add_event(session, self.claim.job_id, type, data, attempt=self.claim.attempt)
+
+    def on_progress(self, data: dict[str, Any]) -> None:
+        """Engine progress: written at most every second, and always at the last step."""
+        total = data.get("total_steps") or 0
+        step = int(data.get("step", 0))
+        now = time.monotonic()
+        if now - self._last_progress < PROGRESS_INTERVAL_S and step < total:
+            return
+        self._last_progress = now
+        progress = {**data, "step": step, "fraction": min(1.0, step / total) if total else 0.0}
+        self._write("progress", progress, progress=progress)
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        """Engine events go to the log; evaluations also become the job's latest metrics."""
+        values = {"metrics": {"validation": data}} if kind == "evaluation" else {}
+        self._write(kind, data, **values)
+
+    def should_cancel(self) -> bool:
+        """Whether the job was asked to stop; reads the database at most once a second."""
+        now = time.monotonic()
+        if self._cancel_requested or now - self._last_cancel_check < CANCEL_CHECK_S:
+            return self._cancel_requested
+        self._last_cancel_check = now
+        with self.factory() as session:
+            job = session.get(Job, self.claim.job_id)
+            if job is None or job.attempt != self.claim.attempt or job.status not in OWN:
+                raise JobLost(f"job {self.claim.job_id} is no longer this attempt's")
+            self._cancel_requested = job.status == CANCELLING
+        return self._cancel_requested
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> None:
+        """Run the engine and record the outcome; the work folder goes unless cancelled."""
+        from worker.engine import pipeline
+        from worker.engine.training import Callbacks
+
+        out = self.folder / f"attempt-{self.claim.attempt}"
+        keep_checkpoints = False
+        try:
+            result = pipeline.run(
+                self.claim.spec,
+                teacher_path=self.claim.teacher_path,
+                dataset_path=self.claim.dataset_path,
+                out_dir=out,
+                device=self.settings.device,
+                cache_dir=self.settings.work_dir / "cache",
+                checkpoint_dir=self.folder / "checkpoints",
+                callbacks=Callbacks(
+                    on_progress=self.on_progress,
+                    on_event=self.on_event,
+                    should_cancel=self.should_cancel,
+                ),
+            )
+        except JobLost as exc:
+            log.warning("%s; stopping without further writes", exc)
+            return
+        except Cancelled as exc:
+            keep_checkpoints = True
+            self._finish(CANCELLED, event={"message": str(exc)})
+        except EngineError as exc:
+            self._fail(exc.code, exc.message, exc.field)
+        except Exception as exc:
+            log.exception("job %s failed unexpectedly", self.claim.job_id)
+            self._fail("internal_error", f"the worker failed: {type(exc).__name__}: {exc}", None)
+        else:
+            self._succeed(result)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+            if not keep_checkpoints:
+                shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _fail(self, code: str, message: str, field: str | None) -> None:
+        error = {"code": code, "message": message, "field": field}
+        self._finish(FAILED, error=error, event={"error": error})
+
+    def _finish(self, status: str, *, event: dict[str, Any], **values: Any) -> None:
+        with self.factory() as session, session.begin():
+            job = session.get(Job, self.claim.job_id)
+            if job is None or not service.change_status(
+                session,
+                job,
+                status,
+                from_statuses=OWN,
+                fence=self.claim.attempt,
+                event=event,
+                **values,
+            ):
+                raise JobLost(f"job {self.claim.job_id}: the final write was fenced")
+
+    def _succeed(self, result: Any) -> None:
+        """Store every artifact with its sha256, then finish, all or nothing."""
+        with self.factory() as session, session.begin():
+            job = session.get(Job, self.claim.job_id)
+            assert job is not None
+            for artifact in result.artifacts:
+                key = service.artifact_key(job, artifact.name)
+                stored = self.storage.put_file(key, artifact.path)
+                after_rollback(session, partial(self.storage.delete, key))
+                if stored.sha256 != artifact.sha256:
+                    raise RuntimeError(f"artifact {artifact.name} changed while it was stored")
+                service.add_artifact(
+                    session, job, stored, name=artifact.name, media=artifact.media_type
+                )
+            outcome: dict[str, Any] = {
+                "metrics": result.metrics,
+                "stop_reason": result.stop_reason,
+                "partial": result.partial,
+            }
+            status, event = SUCCEEDED, {"stop_reason": result.stop_reason}
+            if result.partial:
+                # The best student before the time limit is kept, but the job did not finish.
+                status = FAILED
+                error = {
+                    "code": "time_budget_exceeded",
+                    "message": "training.max_minutes ran out; the artifacts hold the best "
+                    "student found before it",
+                    "field": "training.max_minutes",
+                }
+                outcome["error"] = error
+                event["error"] = error
+            if job.progress is not None:
+                outcome["progress"] = {**job.progress, "fraction": 1.0, "eta_s": 0.0}
+            changed = service.change_status(
+                session,
+                job,
+                status,
+                from_statuses=OWN,
+                fence=self.claim.attempt,
+                event={**event, "artifacts": [a.name for a in result.artifacts]},
+                **outcome,
+            )
+            if not changed:
+                raise JobLost(f"job {self.claim.job_id}: the final write was fenced")

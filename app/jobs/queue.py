@@ -1,0 +1,37 @@
+"""Sending jobs to the workers: a Celery message that carries only the job's id."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+
+from app.config import Settings
+from app.jobs.service import SendJob
+from worker.broker import JOBS_QUEUE, RUN_JOB, create_celery
+
+
+class JobQueue:
+    """The API's producer side of the job queue."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.celery: Celery = create_celery(settings)
+
+    def send(self, job_id: uuid.UUID) -> None:
+        """Queue job ``job_id`` for a worker (call it only after the job's row committed)."""
+        self.celery.send_task(RUN_JOB, args=[str(job_id)], queue=JOBS_QUEUE)
+
+    def close(self) -> None:
+        """Release the broker connections."""
+        self.celery.close()
+
+
+def get_job_sender(request: Request) -> SendJob:
+    """The application's :meth:`JobQueue.send`."""
+    queue: JobQueue = request.app.state.job_queue
+    return queue.send
+
+
+JobQueueDep = Annotated[SendJob, Depends(get_job_sender)]

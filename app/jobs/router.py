@@ -1,0 +1,201 @@
+"""``/v1/jobs``: submit, list, read and cancel jobs; follow their events; download artifacts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.auth.dependencies import CurrentTenant
+from app.config import SettingsDep
+from app.db import SessionDep
+from app.downloads import CONTENT_RESPONSES, content_response
+from app.errors import Conflict, FieldError, NotFound, Unauthorized, Unprocessable, responses
+from app.jobs import service
+from app.jobs.events import EVENT_STREAM, event_stream, wants_event_stream
+from app.jobs.queue import JobQueueDep
+from app.jobs.schemas import ArtifactList, ArtifactOut, JobEventOut, JobEventPage, JobOut, JobStatus
+from app.pagination import Page, PageParams, page_params
+from app.storage import StorageDep
+from worker.engine.spec import JobSpec
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(Unauthorized))
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=255,
+        description="Retry-safe submission: the same key and spec return the same job; "
+        "the same key with another spec is a 409.",
+    ),
+]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Submit a distillation job",
+    responses=responses(Conflict, Unprocessable),
+)
+def submit_job(
+    spec: JobSpec,
+    response: Response,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    send: JobQueueDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
+    """Validate the spec against the teacher's signature and the dataset, then queue the job.
+
+    A spec the teacher or dataset cannot serve (shape mismatch, labels needed but
+    absent, a student that cannot read the inputs) is a 422 naming the field.
+    A replayed ``Idempotency-Key`` answers with the original job and the header
+    ``Idempotent-Replayed: true``.
+    """
+    job, created = service.submit_job(
+        session, send, tenant=tenant, spec=spec, idempotency_key=idempotency_key
+    )
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.model_validate(job)
+
+
+@router.get("", summary="List jobs, newest first")
+def list_jobs(
+    tenant: CurrentTenant,
+    session: SessionDep,
+    page: Annotated[PageParams, Depends(page_params)],
+    status: Annotated[
+        list[JobStatus] | None, Query(description="only jobs in these statuses (repeatable)")
+    ] = None,
+) -> Page[JobOut]:
+    """A page of the tenant's jobs; pass ``next_cursor`` as ``after`` for the next."""
+    rows, cursor = service.list_jobs(
+        session, tenant=tenant, statuses=status or [], limit=page.limit, after=page.after
+    )
+    return Page[JobOut](
+        data=[JobOut.model_validate(r) for r in rows],
+        next_cursor=None if cursor is None else cursor.encode(),
+    )
+
+
+@router.get("/{job_id}", summary="Read a job", responses=responses(NotFound))
+def get_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobOut:
+    """Status, progress, latest metrics, ``attempt`` and ``error``."""
+    return JobOut.model_validate(service.get_job(session, tenant=tenant, job_id=job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Cancel a job",
+    responses=responses(NotFound, Conflict),
+)
+def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobOut:
+    """A queued job is ``cancelled`` at once; a running one goes ``cancelling`` and stops at
+    its next step. Repeating is harmless; a finished job answers 409."""
+    return JobOut.model_validate(service.cancel_job(session, tenant=tenant, job_id=job_id))
+
+
+_EVENTS_RESPONSES = {
+    200: {
+        "description": "a JSON page, or with `Accept: text/event-stream` Server-Sent Events",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/JobEventPage"}},
+            EVENT_STREAM: {"schema": {"type": "string"}},
+        },
+    },
+    **responses(NotFound),
+}
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Read or follow a job's event log",
+    response_model=JobEventPage,
+    responses=_EVENTS_RESPONSES,
+)
+def job_events(
+    job_id: str,
+    request: Request,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    settings: SettingsDep,
+    after: Annotated[int, Query(ge=0, description="the last event id already seen")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="events per page")] = 100,
+    last_event_id: Annotated[
+        str | None, Header(alias="Last-Event-ID", description="SSE resume point")
+    ] = None,
+) -> Response:
+    """The append-only log: ``status``, ``stage``, ``progress``, ``evaluation``,
+    ``checkpoint``, ``resumed``, ``warning`` and one final ``terminal`` event.
+
+    With ``Accept: text/event-stream`` the log is streamed as Server-Sent Events
+    (``id`` is the event id, ``event`` its type, ``data`` the event as JSON),
+    resuming after ``Last-Event-ID``, with a keep-alive comment at least every
+    15 s, and closing after the ``terminal`` event.
+    """
+    if wants_event_stream(request):
+        job = service.get_job(session, tenant=tenant, job_id=job_id)
+        start = _resume_point(last_event_id, after)
+        return StreamingResponse(
+            event_stream(request.app.state.session_factory, job.id, start, settings),
+            media_type=EVENT_STREAM,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    _, events = service.list_events(session, tenant=tenant, job_id=job_id, after=after, limit=limit)
+    page = JobEventPage(
+        data=[JobEventOut.model_validate(e) for e in events],
+        next_cursor=str(events[-1].id) if len(events) == limit else None,
+    )
+    return JSONResponse(page.model_dump(mode="json"))
+
+
+def _resume_point(last_event_id: str | None, after: int) -> int:
+    if last_event_id is None:
+        return after
+    try:
+        return max(0, int(last_event_id))
+    except ValueError:
+        raise Unprocessable(
+            "Last-Event-ID must be an event id",
+            code="validation_error",
+            errors=[FieldError(field="header.last-event-id", reason="not an integer")],
+        ) from None
+
+
+@router.get("/{job_id}/artifacts", summary="List a job's artifacts", responses=responses(NotFound))
+def list_artifacts(job_id: str, tenant: CurrentTenant, session: SessionDep) -> ArtifactList:
+    """Name, size, sha256 and media type of every file the job produced."""
+    rows = service.list_artifacts(session, tenant=tenant, job_id=job_id)
+    return ArtifactList(data=[ArtifactOut.model_validate(r) for r in rows])
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    summary="Download one artifact",
+    response_class=Response,
+    responses=CONTENT_RESPONSES,
+)
+def download_artifact(
+    job_id: str,
+    name: str,
+    request: Request,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    storage: StorageDep,
+) -> Response:
+    """The file, with ETag (its sha256), Range and Content-Disposition."""
+    found = service.get_artifact(session, tenant=tenant, job_id=job_id, name=name)
+    return content_response(
+        request,
+        storage,
+        found.storage_key,
+        sha256=found.sha256,
+        size=found.bytes,
+        filename=found.name,
+        media_type=found.media_type,
+    )

@@ -1,0 +1,102 @@
+"""Response shapes of the jobs endpoints (the request body is the engine's ``JobSpec``)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+EventType = Literal[
+    "status", "stage", "progress", "evaluation", "checkpoint", "resumed", "warning", "terminal"
+]
+
+
+class JobProgress(BaseModel):
+    """How far training is; loss terms, ``lr`` and ``epoch`` come along as extra fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    step: int
+    total_steps: int | None
+    fraction: float = Field(ge=0.0, le=1.0)
+    eta_s: float | None = Field(default=None, description="estimated seconds left in training")
+    samples_per_s: float | None = None
+
+
+class JobError(BaseModel):
+    """Why a job failed: a stable ``code`` (``teacher_incompatible``, ``out_of_memory``, …)."""
+
+    code: str
+    message: str
+    field: str | None = Field(default=None, description="the spec field at fault, if any")
+
+
+class JobOut(BaseModel):
+    """A distillation job.
+
+    ``metrics`` holds the latest validation figures while it runs and the
+    report of ``metrics.json`` once it succeeded.
+    """
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    status: JobStatus
+    teacher_model_id: uuid.UUID | None
+    dataset_id: uuid.UUID | None
+    task: Literal["classification", "regression", "embedding"] | None
+    attempt: int = Field(description="how many times a worker has started this job")
+    progress: JobProgress | None
+    metrics: dict[str, Any] | None
+    error: JobError | None
+    stop_reason: str | None = Field(
+        description="completed, early_stopping, max_steps or time_budget once training ended"
+    )
+    partial: bool = Field(description="the student is the best one found before a time limit")
+    spec: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobEventOut(BaseModel):
+    """One entry of a job's event log; ``id`` is the cursor to resume after."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    type: EventType
+    attempt: int
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class JobEventPage(BaseModel):
+    """Events after the cursor, oldest first; pass the last ``id`` as ``after`` to go on."""
+
+    data: list[JobEventOut]
+    next_cursor: str | None = Field(
+        description="the last event's id when more may follow at once; null on the last page"
+    )
+
+
+class ArtifactOut(BaseModel):
+    """A file a job produced."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    bytes: int
+    sha256: str
+    media_type: str
+    created_at: datetime
+
+
+class ArtifactList(BaseModel):
+    """A job's artifacts, by name."""
+
+    data: list[ArtifactOut]

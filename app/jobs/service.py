@@ -1,0 +1,295 @@
+"""Jobs: submission (validated against the teacher and dataset), reading, cancellation.
+
+The job row and its first event are written in the request's transaction; the
+message to the workers, which carries only the job id, is sent once that
+transaction commits. State changes go through :func:`change_status`, which
+appends the matching event in the same transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import stored_files
+from app.auth.models import Tenant
+from app.datasets.models import Dataset
+from app.datasets.repository import DatasetRepository
+from app.db import after_commit, utcnow
+from app.errors import Conflict, FieldError, NotFound, Unprocessable
+from app.jobs import repository
+from app.jobs.models import (
+    ACTIVE,
+    CANCELLED,
+    CANCELLING,
+    QUEUED,
+    RUNNING,
+    TERMINAL,
+    Job,
+    JobArtifact,
+    JobEvent,
+)
+from app.jobs.repository import JobRepository
+from app.models.models import TeacherModel
+from app.models.repository import ModelRepository
+from app.pagination import Cursor
+from app.storage import StoredObject
+from worker.engine.compatibility import DataFacts, check_job
+from worker.engine.errors import EngineError
+from worker.engine.signature import TeacherSignature
+from worker.engine.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+#: Sends a job's id to the workers (``app.state.job_queue``).
+SendJob = Callable[[uuid.UUID], None]
+
+
+def spec_digest(spec: JobSpec) -> str:
+    """sha256 of the spec in canonical JSON: equal for bodies that mean the same job."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _body_error(
+    detail: str, *, code: str, field: str, error: type[Unprocessable] = Unprocessable
+) -> Unprocessable:
+    return error(detail, code=code, errors=[FieldError(field=f"body.{field}", reason=detail)])
+
+
+def _input(
+    row: TeacherModel | Dataset | None, *, field: str, what: str, given: str
+) -> TeacherModel | Dataset:
+    if row is None:
+        raise _body_error(f"no {what} {given!r}", code=f"{what}_not_found", field=field)
+    if row.status == "invalid":
+        reason = (row.error or {}).get("message", "it could not be read")
+        raise _body_error(
+            f"{what} {given} is invalid: {reason}", code=f"{what}_invalid", field=field
+        )
+    return row
+
+
+def _owned_id(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+def submit_job(
+    session: Session,
+    send: SendJob,
+    *,
+    tenant: Tenant,
+    spec: JobSpec,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """Validate ``spec`` against its teacher and dataset and queue a job; ``(job, created)``.
+
+    With an ``idempotency_key`` already used for the same spec, returns that job
+    (``created`` false); used for another spec, raises :class:`Conflict`.
+    Engine checks that fail become 422 problems naming the spec field.
+    """
+    digest = spec_digest(spec)
+    jobs = JobRepository(session)
+    if idempotency_key is not None:
+        existing = jobs.by_idempotency_key(tenant.id, idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest), False
+
+    model_id, dataset_id = _owned_id(spec.teacher_model_id), _owned_id(spec.dataset_id)
+    teacher = _input(
+        ModelRepository(session).get(tenant.id, model_id) if model_id else None,
+        field="teacher_model_id",
+        what="model",
+        given=spec.teacher_model_id,
+    )
+    dataset = _input(
+        DatasetRepository(session).get(tenant.id, dataset_id) if dataset_id else None,
+        field="dataset_id",
+        what="dataset",
+        given=spec.dataset_id,
+    )
+    task = None
+    if teacher.status == "ready" and dataset.status == "ready":
+        assert isinstance(teacher, TeacherModel) and isinstance(dataset, Dataset)
+        task = _check(spec, teacher, dataset)
+
+    job = Job(
+        id=uuid.uuid4(),
+        tenant_id=tenant.id,
+        teacher_model_id=teacher.id,
+        dataset_id=dataset.id,
+        status=QUEUED,
+        spec=spec.model_dump(mode="json"),
+        task=task,
+        attempt=0,
+        partial=False,
+        idempotency_key=idempotency_key,
+        request_sha256=digest,
+    )
+    try:
+        with session.begin_nested():
+            jobs.add(job)
+    except IntegrityError:
+        # Another request with the same key committed first.
+        if idempotency_key is None:
+            raise
+        existing = jobs.by_idempotency_key(tenant.id, idempotency_key)
+        if existing is None:
+            raise
+        return _replay(existing, digest), False
+    repository.add_event(session, job.id, "status", {"status": QUEUED}, attempt=0)
+    job_id = job.id
+    after_commit(session, lambda: send(job_id))
+    return job, True
+
+
+def _check(spec: JobSpec, teacher: TeacherModel, dataset: Dataset) -> str:
+    assert teacher.signature is not None and dataset.summary is not None
+    try:
+        return check_job(
+            spec,
+            TeacherSignature.from_dict(teacher.signature),
+            DataFacts.from_summary(dataset.summary),
+        )
+    except EngineError as exc:
+        raise _body_error(exc.message, code=exc.code, field=exc.field or "spec") from None
+
+
+def _replay(existing: Job, digest: str) -> Job:
+    if existing.request_sha256 != digest:
+        raise Conflict(
+            "this Idempotency-Key was used for a different job spec",
+            code="idempotency_key_reused",
+            errors=[FieldError(field="header.idempotency-key", reason="reused for another body")],
+        )
+    return existing
+
+
+def get_job(session: Session, *, tenant: Tenant, job_id: str) -> Job:
+    """The tenant's job ``job_id``; :class:`NotFound` otherwise."""
+    return stored_files.get_owned(JobRepository(session), tenant, job_id, what="job")
+
+
+def list_jobs(
+    session: Session,
+    *,
+    tenant: Tenant,
+    statuses: Collection[str],
+    limit: int,
+    after: Cursor | None,
+) -> tuple[Sequence[Job], Cursor | None]:
+    """A page of the tenant's jobs (in ``statuses`` if any given), newest first."""
+    where = [Job.status.in_(statuses)] if statuses else []
+    rows = JobRepository(session).page(tenant.id, limit=limit + 1, after=after, where=where)
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    return rows, Cursor(rows[-1].created_at, rows[-1].id)
+
+
+def change_status(
+    session: Session,
+    job: Job,
+    status: str,
+    *,
+    from_statuses: Collection[str],
+    fence: int | None = None,
+    event: dict[str, Any] | None = None,
+    **values: Any,
+) -> bool:
+    """Move ``job`` to ``status`` if it is in ``from_statuses``, logging the change.
+
+    ``fence``, when given, is the attempt the caller runs: the change is refused
+    once another attempt owns the job. A terminal status is logged as the
+    ``terminal`` event, the last of the log. Returns whether the job changed;
+    ``job`` is refreshed either way.
+    """
+    if status in TERMINAL:
+        values.setdefault("finished_at", utcnow())
+    changed = repository.transition(
+        session, job.id, from_statuses=from_statuses, fence=fence, status=status, **values
+    )
+    session.refresh(job)
+    if changed:
+        kind = "terminal" if status in TERMINAL else "status"
+        data = {"status": status, **(event or {})}
+        repository.add_event(session, job.id, kind, data, attempt=job.attempt)
+    return changed
+
+
+def cancel_job(session: Session, *, tenant: Tenant, job_id: str) -> Job:
+    """Cancel a queued job at once, or ask a running one to stop; harmless when repeated.
+
+    A finished job cannot be cancelled: :class:`Conflict`.
+    """
+    job = get_job(session, tenant=tenant, job_id=job_id)
+    if change_status(session, job, CANCELLED, from_statuses=[QUEUED]):
+        return job
+    if change_status(session, job, CANCELLING, from_statuses=[RUNNING]):
+        return job
+    if job.status in (CANCELLING, CANCELLED):
+        return job
+    raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
+
+
+def list_events(
+    session: Session, *, tenant: Tenant, job_id: str, after: int, limit: int
+) -> tuple[Job, Sequence[JobEvent]]:
+    """The tenant's job and up to ``limit`` of its events after id ``after``."""
+    job = get_job(session, tenant=tenant, job_id=job_id)
+    return job, repository.events_after(session, job.id, after, limit)
+
+
+def list_artifacts(session: Session, *, tenant: Tenant, job_id: str) -> Sequence[JobArtifact]:
+    """The artifacts of the tenant's job ``job_id``."""
+    job = get_job(session, tenant=tenant, job_id=job_id)
+    return repository.artifacts(session, job.id)
+
+
+def get_artifact(session: Session, *, tenant: Tenant, job_id: str, name: str) -> JobArtifact:
+    """The artifact ``name`` of the tenant's job ``job_id``; :class:`NotFound` otherwise."""
+    job = get_job(session, tenant=tenant, job_id=job_id)
+    found = repository.artifact(session, job.id, name)
+    if found is None:
+        raise NotFound(f"job {job_id} has no artifact {name!r}", code="artifact_not_found")
+    return found
+
+
+def refuse_if_in_use(session: Session, column: Any, row_id: uuid.UUID, *, what: str) -> None:
+    """:class:`Conflict` if a queued or running job still needs the model or dataset ``row_id``."""
+    if JobRepository(session).active_using(column, row_id, ACTIVE):
+        raise Conflict(
+            f"a queued or running job uses this {what}; cancel it or wait for it to finish",
+            code=f"{what}_in_use",
+        )
+
+
+def artifact_key(job: Job, name: str) -> str:
+    """Where the job's artifact ``name`` is stored."""
+    return f"tenants/{job.tenant_id.hex}/jobs/{job.id.hex}/{name}"
+
+
+def add_artifact(
+    session: Session, job: Job, stored: StoredObject, *, name: str, media: str
+) -> None:
+    """Record a stored artifact of ``job``."""
+    session.add(
+        JobArtifact(
+            job_id=job.id,
+            name=name,
+            bytes=stored.size,
+            sha256=stored.sha256,
+            media_type=media,
+            storage_key=stored.key,
+        )
+    )

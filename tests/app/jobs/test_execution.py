@@ -1,0 +1,164 @@
+"""A job's run in the worker, called in-process: the claim, the engine, the artifacts, the end.
+
+The Celery task only calls :func:`execute_job` with the id; here the test calls
+it directly (in a thread where the API must act meanwhile) on the test's own
+database and storage. The end-to-end tests run it under a real Celery worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.jobs.execution import execute_job
+from app.storage import LocalStorage
+from tests.app.conftest import Tenants
+from tests.app.factories import npz_dataset, tiny_onnx_classifier
+from worker.engine.evaluation import validate_metrics
+
+DEADLINE_S = 120
+
+
+@pytest.fixture
+def submit(client: TestClient, tenants: Tenants) -> Callable[..., dict]:
+    """Submit a job of acme's on a fresh tiny teacher and transfer set; returns the job."""
+    model = client.post(
+        "/v1/models", headers=tenants.acme, files={"file": ("t.onnx", tiny_onnx_classifier())}
+    ).json()
+    dataset = client.post(
+        "/v1/datasets", headers=tenants.acme, files={"file": ("d.npz", npz_dataset(rows=120))}
+    ).json()
+
+    def submit(**spec) -> dict:
+        body = {"teacher_model_id": model["id"], "dataset_id": dataset["id"], **spec}
+        response = client.post("/v1/jobs", headers=tenants.acme, json=body)
+        assert response.status_code == 202, response.text
+        return response.json()
+
+    return submit
+
+
+def events(client: TestClient, tenants: Tenants, job_id: str) -> list[dict]:
+    return client.get(
+        f"/v1/jobs/{job_id}/events", headers=tenants.acme, params={"limit": 1000}
+    ).json()["data"]
+
+
+def wait_for(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``deadline_s``."""
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_job_runs_to_success_with_checksummed_artifacts(
+    client: TestClient, tenants: Tenants, submit, settings: Settings, storage: LocalStorage
+):
+    job = submit(training={"epochs": 3, "batch_size": 32})
+    execute_job(job["id"], settings)
+
+    done = client.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempt"] == 1 and done["error"] is None and done["partial"] is False
+    assert done["progress"]["fraction"] == 1.0 and done["stop_reason"] == "completed"
+    validate_metrics(done["metrics"])
+
+    artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts", headers=tenants.acme).json()["data"]
+    names = {a["name"] for a in artifacts}
+    assert names == {
+        "student.onnx",
+        "student.safetensors",
+        "student_config.json",
+        "metrics.json",
+        "model_card.md",
+        "training_curves.png",
+    }
+    for artifact in artifacts:
+        body = client.get(
+            f"/v1/jobs/{job['id']}/artifacts/{artifact['name']}", headers=tenants.acme
+        )
+        assert body.status_code == 200
+        assert hashlib.sha256(body.content).hexdigest() == artifact["sha256"]
+        assert len(body.content) == artifact["bytes"]
+        assert body.headers["content-type"].startswith(artifact["media_type"].split(";")[0])
+        assert body.headers["etag"] == f'"{artifact["sha256"]}"'
+        assert artifact["name"] in body.headers["content-disposition"]
+    metrics = client.get(f"/v1/jobs/{job['id']}/artifacts/metrics.json", headers=tenants.acme)
+    assert json.loads(metrics.content) == done["metrics"]
+
+    log = events(client, tenants, job["id"])
+    ids = [e["id"] for e in log]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    kinds = [e["type"] for e in log]
+    assert kinds[:2] == ["status", "status"] and kinds[-1] == "terminal"
+    assert kinds.count("terminal") == 1
+    assert {"stage", "progress", "evaluation"} <= set(kinds)
+    assert log[-1]["data"]["status"] == "succeeded"
+    assert all(e["attempt"] == 1 for e in log[1:])
+    # The work folder is gone; the store holds the inputs and the six artifacts.
+    assert not (settings.work_dir / "jobs").exists() or not any(
+        (settings.work_dir / "jobs").iterdir()
+    )
+    assert len(storage.files()) == 2 + 6
+
+    # A second delivery of the same message changes nothing.
+    execute_job(job["id"], settings)
+    assert client.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json() == done
+    assert events(client, tenants, job["id"]) == log
+
+
+def test_engine_errors_become_typed_job_errors(
+    client: TestClient, tenants: Tenants, submit, settings: Settings, storage: LocalStorage
+):
+    job = submit(training={"epochs": 1})
+    teacher_key = next(k for k in storage.files() if "/models/" in k)
+    # The stored teacher is damaged after it was accepted.
+    storage.path(teacher_key).write_bytes(b"\x08\x07garbage")
+    execute_job(job["id"], settings)
+    failed = client.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "teacher_invalid", failed["error"]
+    assert failed["error"]["message"]
+    terminal = events(client, tenants, job["id"])[-1]
+    assert terminal["type"] == "terminal" and terminal["data"]["error"]["code"] == "teacher_invalid"
+    assert client.get(f"/v1/jobs/{job['id']}/artifacts", headers=tenants.acme).json()["data"] == []
+
+
+def test_cancelling_a_running_job_stops_it_at_a_step_and_keeps_its_checkpoint(
+    client: TestClient, tenants: Tenants, submit, settings: Settings
+):
+    job = submit(training={"epochs": 5000, "batch_size": 8, "checkpoint_every_steps": 50})
+    runner = threading.Thread(target=execute_job, args=(job["id"], settings))
+    runner.start()
+    try:
+        wait_for(
+            lambda: any(e["type"] == "checkpoint" for e in events(client, tenants, job["id"])),
+            "a checkpoint",
+        )
+        asked = client.post(f"/v1/jobs/{job['id']}/cancel", headers=tenants.acme)
+        assert asked.json()["status"] == "cancelling"
+        asked_at = time.monotonic()
+        runner.join(DEADLINE_S)
+        assert not runner.is_alive()
+        assert time.monotonic() - asked_at < 10
+    finally:
+        runner.join(DEADLINE_S)
+    ended = client.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
+    assert ended["status"] == "cancelled" and ended["finished_at"] is not None
+    kinds = [e["type"] for e in events(client, tenants, job["id"])]
+    assert kinds[-1] == "terminal" and kinds.count("terminal") == 1
+    statuses = [
+        e["data"]["status"] for e in events(client, tenants, job["id"]) if "status" in e["data"]
+    ]
+    assert statuses == ["queued", "running", "cancelling", "cancelled"]
+    checkpoints = settings.work_dir / "jobs" / job["id"].replace("-", "") / "checkpoints"
+    assert (checkpoints / "latest").is_file()

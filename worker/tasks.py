@@ -1,0 +1,15 @@
+"""Thin Celery tasks: each takes an id, opens its own session and calls a service."""
+
+from __future__ import annotations
+
+from worker.broker import RUN_JOB
+from worker.celery_app import app
+
+
+@app.task(name=RUN_JOB, ignore_result=True)
+def run_job(job_id: str) -> None:
+    """Run job ``job_id`` if it is still queued; safe to deliver twice."""
+    # Imported here: the engine (torch) loads in the child that runs the job only.
+    from app.jobs.execution import execute_job
+
+    execute_job(job_id)
