@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,62 +12,22 @@ import sqlalchemy as sa
 
 from app.storage import LocalStorage
 from tests.app.conftest import TEST_MAX_UPLOAD, Tenants
-from tests.app.databases import REPO, count_rows
+from tests.app.databases import count_rows
+from tests.app.servers import uvicorn_server
 from tests.worker.engine.factories import digits, sklearn_forest_onnx, write_npz
-
-STARTUP_SECONDS = 30
 
 
 @pytest.fixture
 def server(database_url: str, tmp_path: Path) -> Iterator[tuple[str, LocalStorage]]:
     """uvicorn serving ``app.main:app`` on the session's database; yields (base URL, storage)."""
     storage_root = tmp_path / "artifacts"
-    # The socket is bound and listening before uvicorn starts and is inherited by it:
-    # no other process can take the port, and early connections wait in the backlog.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
     env = {
-        **os.environ,
         "DISTILL_DATABASE_URL": database_url,
         "DISTILL_STORAGE_URL": f"file://{storage_root}",
         "DISTILL_MAX_UPLOAD_BYTES": str(TEST_MAX_UPLOAD),
     }
-    log = open(tmp_path / "uvicorn.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--fd", str(sock.fileno())],
-        cwd=REPO,
-        env=env,
-        pass_fds=[sock.fileno()],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    sock.close()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_healthy(base, proc, tmp_path / "uvicorn.log")
-        yield base, LocalStorage(storage_root)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def _wait_until_healthy(base: str, proc: subprocess.Popen, log: Path) -> None:
-    # The first request waits in the listening socket's backlog until uvicorn
-    # accepts it, so one request with a deadline is the whole wait.
-    try:
-        response = httpx.get(f"{base}/healthz", timeout=STARTUP_SECONDS)
-    except httpx.TransportError as exc:
-        proc.poll()
-        pytest.fail(f"uvicorn did not answer ({exc!r}, exit {proc.returncode}):\n{log.read_text()}")
-    assert response.status_code == 200, log.read_text()
+    with uvicorn_server(env, tmp_path / "uvicorn.log") as server:
+        yield server.base_url, LocalStorage(storage_root)
 
 
 @pytest.fixture(scope="module")
