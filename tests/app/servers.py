@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,3 +80,50 @@ def _wait_until_healthy(server: Server, log_path: Path) -> None:
         code = server.process.poll()
         pytest.fail(f"uvicorn did not answer ({exc!r}, exit {code}):\n{log_path.read_text()}")
     assert response.status_code == 200, log_path.read_text()
+
+
+#: The worker's entry point, as DESIGN.md names it.
+CELERY_WORKER = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"]
+#: How long a Celery worker may take to connect to its broker and say it is ready.
+WORKER_STARTUP_SECONDS = 60
+#: How long a warm shutdown (finishing the running job) may take before the worker is killed.
+WORKER_SHUTDOWN_SECONDS = 60
+
+
+@contextmanager
+def celery_worker(env_overrides: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """``celery -A worker.celery_app worker``, as production runs it, with ``env_overrides``.
+
+    Yields once the worker logs that it is ready; SIGTERM (a warm shutdown) on exit.
+    """
+    env = {**os.environ, **env_overrides}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [*CELERY_WORKER, "--loglevel", "INFO", "--hostname", f"test-{os.getpid()}@%h"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_log(process, log_path, " ready.", WORKER_STARTUP_SECONDS)
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=WORKER_SHUTDOWN_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_for_log(process: subprocess.Popen, log_path: Path, text: str, deadline_s: float) -> None:
+    """Wait until ``text`` appears in the process's log; fail with the log if it exits first."""
+    end = time.monotonic() + deadline_s
+    while text not in log_path.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > end:
+            pytest.fail(
+                f"no {text!r} from pid {process.pid} (exit {process.returncode}):\n"
+                + log_path.read_text(errors="replace")
+            )
+        time.sleep(0.1)
