@@ -56,9 +56,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="Readiness: database and storage")
+    @app.get("/readyz", tags=["health"], summary="Readiness: database, broker and storage")
     async def readyz(request: Request) -> JSONResponse:
-        """200 when the database answers and storage can be written, else 503 naming what failed."""
+        """200 when the database and broker answer and storage can be written, else 503 naming
+        what failed."""
         checks = await anyio.to_thread.run_sync(_readiness, request.app)
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse(
@@ -78,6 +79,11 @@ def _readiness(app: FastAPI) -> dict[str, str]:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"
+    try:
+        app.state.job_queue.check()
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"unavailable: {type(exc).__name__}"
     try:
         app.state.storage.check()
         checks["storage"] = "ok"

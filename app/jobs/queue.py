@@ -23,6 +23,11 @@ class JobQueue:
         """Queue job ``job_id`` for a worker (call it only after the job's row committed)."""
         self.celery.send_task(RUN_JOB, args=[str(job_id)], queue=JOBS_QUEUE)
 
+    def check(self) -> None:
+        """Raise unless the broker accepts a connection now (readiness)."""
+        with self.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=3)
+
     def close(self) -> None:
         """Release the broker connections."""
         self.celery.close()

@@ -8,7 +8,9 @@ import sys
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from app.config import Settings
 from app.errors import PROBLEM_JSON
+from app.main import create_app
 from tests.app.databases import REPO
 
 
@@ -24,7 +26,10 @@ def test_health_and_readiness(client: TestClient):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "storage": "ok"}}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "broker": "ok", "storage": "ok"},
+    }
 
 
 def test_readiness_fails_when_the_database_is_gone(client: TestClient):
@@ -48,3 +53,13 @@ def test_openapi_documents_the_problem_responses(client: TestClient):
     upload = spec["paths"]["/v1/models"]["post"]
     assert {"201", "401", "413", "415", "422"} <= upload["responses"].keys()
     assert "multipart/form-data" in upload["requestBody"]["content"]
+
+
+def test_readiness_fails_when_the_broker_is_unreachable(settings: Settings):
+    # Nothing listens on port 1 of loopback.
+    app = create_app(settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"}))
+    with TestClient(app) as client:
+        ready = client.get("/readyz")
+    assert ready.status_code == 503
+    checks = ready.json()["checks"]
+    assert checks["broker"].startswith("unavailable") and checks["database"] == "ok"
