@@ -45,7 +45,12 @@ def uvicorn_server(env_overrides: dict[str, str], log_path: Path) -> Iterator[Se
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     port = sock.getsockname()[1]
-    env = {**os.environ, **env_overrides}
+    # A broker and work folder of the test's own unless it names others: never the repo's var/.
+    own = {
+        "DISTILL_BROKER_URL": f"filesystem://{log_path.parent / 'broker'}",
+        "DISTILL_WORK_DIR": str(log_path.parent / "work"),
+    }
+    env = {**os.environ, **own, **env_overrides}
     with open(log_path, "wb") as log:
         try:
             process = subprocess.Popen(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +14,12 @@ import sqlalchemy as sa
 from app.storage import LocalStorage
 from tests.app.conftest import TEST_MAX_UPLOAD, Tenants
 from tests.app.databases import count_rows
+from tests.app.factories import tiny_onnx_classifier
 from tests.app.servers import uvicorn_server
 from tests.worker.engine.factories import digits, sklearn_forest_onnx, write_npz
+
+#: The test server's keep-alive interval on idle event streams (production: at most 15 s).
+KEEPALIVE_S = 0.5
 
 
 @pytest.fixture
@@ -25,6 +30,7 @@ def server(database_url: str, tmp_path: Path) -> Iterator[tuple[str, LocalStorag
         "DISTILL_DATABASE_URL": database_url,
         "DISTILL_STORAGE_URL": f"file://{storage_root}",
         "DISTILL_MAX_UPLOAD_BYTES": str(TEST_MAX_UPLOAD),
+        "DISTILL_SSE_KEEPALIVE_S": str(KEEPALIVE_S),
     }
     with uvicorn_server(env, tmp_path / "uvicorn.log") as server:
         yield server.base_url, LocalStorage(storage_root)
@@ -109,3 +115,37 @@ def test_chunked_over_cap_upload_gets_413_from_a_real_server(
     assert response.json()["code"] == "upload_too_large"
     assert count_rows(engine, "models") == 0
     assert not storage.root.exists() or storage.files() == []
+
+
+def test_an_idle_event_stream_sends_keep_alives_until_the_job_ends(
+    server: tuple[str, LocalStorage], tenants: Tenants, tmp_path: Path
+):
+    base, _ = server
+    x, y = digits()
+    with httpx.Client(base_url=base, headers=tenants.acme, timeout=30) as client:
+        model = client.post("/v1/models", files={"file": ("t.onnx", tiny_onnx_classifier(64, 10))})
+        dataset = client.post(
+            "/v1/datasets",
+            files={"file": ("d.npz", write_npz(tmp_path / "d.npz", x[:50], y[:50]).read_bytes())},
+        )
+        ids = {"teacher_model_id": model.json()["id"], "dataset_id": dataset.json()["id"]}
+        job = client.post("/v1/jobs", json=ids).json()  # no worker runs: it stays queued
+        url = f"/v1/jobs/{job['id']}/events"
+        seen: list[str] = []
+        keep_alives = 0
+        with client.stream("GET", url, headers={"Accept": "text/event-stream"}) as stream:
+            started = time.monotonic()
+            for line in stream.iter_lines():
+                seen.append(line)
+                if line.startswith(":"):
+                    keep_alives += 1
+                    if keep_alives == 3:
+                        # Idle for three intervals, then the job ends: the stream must close.
+                        cancelled = client.post(f"/v1/jobs/{job['id']}/cancel")
+                        assert cancelled.json()["status"] == "cancelled"
+            elapsed = time.monotonic() - started
+        assert keep_alives >= 3
+        # Three intervals passed between the first event and the cancellation, no more.
+        assert 3 * KEEPALIVE_S <= elapsed < 3 * KEEPALIVE_S + 10
+        events = [line for line in seen if line.startswith("event: ")]
+        assert events == ["event: status", "event: terminal"]
