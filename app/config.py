@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     storage_url: str = "file://var/artifacts"
     max_upload_bytes: int = 10 * 2**30
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Uploads up to this size are inspected by the API before it answers; larger ones are
+    #: answered ``processing`` and inspected by a worker.
+    inline_inspection_max_bytes: int = 256 * 2**20
     #: Where workers keep a running job's files (checkpoints, outputs) and the teacher cache.
     work_dir: Path = Path("var/work")
     #: Redis re-delivers an unacknowledged message after this long: keep it above the

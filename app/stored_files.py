@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from fastapi import Request, Response
 from sqlalchemy import JSON, BigInteger, String
@@ -123,6 +124,79 @@ def ready_columns(upload: Upload, *, tenant: Tenant, row_id: uuid.UUID, fmt: str
         "storage_key": upload.file.key,
         "error": None,
     }
+
+
+@dataclass(frozen=True)
+class Inspector(Generic[T]):
+    """How the engine reads one kind of upload.
+
+    ``screen`` names the format from the first bytes (cheap, refuses pickles);
+    ``inspect`` reads the file whole; ``columns`` turns what it read into the
+    row's columns (``format`` among them).
+    """
+
+    kind: str
+    screen: Callable[[Path], str]
+    inspect: Callable[[Path], T]
+    columns: Callable[[T], dict[str, Any]]
+    invalid: EngineError
+
+
+def store_upload(
+    session: Session,
+    storage: LocalStorage,
+    repository: TenantRepository[RowT],
+    inspector: Inspector[Any],
+    upload: Upload,
+    *,
+    tenant: Tenant,
+    row_id: uuid.UUID,
+    inline_max_bytes: int,
+    send_inspection: Callable[[str, uuid.UUID], None],
+) -> RowT:
+    """Keep an upload as a ``ready`` row, or as ``processing`` when it is too large to inspect here.
+
+    Up to ``inline_max_bytes`` the file is inspected now (blocking: run it off
+    the event loop) and a bad file leaves nothing behind. A larger file is only
+    screened (pickles are still refused at once); the worker inspects it after
+    the commit (``send_inspection``) and sets ``ready`` or ``invalid``.
+    """
+    with upload.file:
+        if upload.file.size <= inline_max_bytes:
+            found = inspect_upload(upload, inspector.inspect, invalid=inspector.invalid)
+            columns = inspector.columns(found)
+            fmt = columns.pop("format")
+            row: Any = repository.row_type(
+                **ready_columns(upload, tenant=tenant, row_id=row_id, fmt=fmt), **columns
+            )
+        else:
+            fmt = inspect_upload(upload, inspector.screen, invalid=inspector.invalid)
+            columns = ready_columns(upload, tenant=tenant, row_id=row_id, fmt=fmt)
+            row = repository.row_type(**{**columns, "status": "processing"})
+            after_commit(session, lambda: send_inspection(inspector.kind, row_id))
+        kept: RowT = keep_upload(session, storage, repository, row, upload)
+        return kept
+
+
+def complete_inspection(storage: LocalStorage, row: StoredFile, inspector: Inspector[Any]) -> None:
+    """Inspect a ``processing`` row's stored file and set it ``ready`` or ``invalid``."""
+    error: EngineError | None = None
+    try:
+        columns = inspector.columns(inspector.inspect(storage.path(row.storage_key)))
+    except EngineError as exc:
+        error = exc
+    except Exception:
+        # Hostile bytes are bad input, not a server error.
+        log.exception("inspecting stored %s %s failed", inspector.kind, row.id)
+        error = inspector.invalid
+    if error is not None:
+        row.status = "invalid"
+        row.error = {"code": error.code, "message": error.message}
+        return
+    for name, value in columns.items():
+        setattr(row, name, value)
+    row.status = "ready"
+    row.error = None
 
 
 def keep_upload(

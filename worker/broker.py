@@ -17,6 +17,7 @@ from app.config import Settings
 #: The queue jobs go to; workers consume it.
 JOBS_QUEUE = "distillery.jobs"
 RUN_JOB = "distillery.run_job"
+INSPECT_UPLOAD = "distillery.inspect_upload"
 
 
 def broker_options(settings: Settings) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.broker import RUN_JOB
+from worker.broker import INSPECT_UPLOAD, RUN_JOB
 from worker.celery_app import app
 
 
@@ -13,3 +13,11 @@ def run_job(job_id: str) -> None:
     from app.jobs.execution import execute_job
 
     execute_job(job_id)
+
+
+@app.task(name=INSPECT_UPLOAD, ignore_result=True)
+def inspect_upload(kind: str, row_id: str) -> None:
+    """Inspect an upload the API kept as ``processing``; safe to deliver twice."""
+    from app.jobs.inputs import inspect_input
+
+    inspect_input(kind, row_id)

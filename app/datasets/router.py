@@ -24,6 +24,7 @@ from app.errors import (
     UnsupportedMediaType,
     responses,
 )
+from app.jobs.queue import JobQueueDep
 from app.pagination import Page, PageParams, page_params
 from app.storage import StorageDep
 from app.uploads import UPLOAD_BODY
@@ -44,6 +45,7 @@ async def upload_dataset(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
+    queue: JobQueueDep,
 ) -> DatasetOut:
     """Stream the multipart ``file`` to storage, inspect it, and return the dataset.
 
@@ -63,6 +65,8 @@ async def upload_dataset(
             tenant=tenant,
             dataset_id=dataset_id,
             upload=upload,
+            inline_max_bytes=settings.inline_inspection_max_bytes,
+            send_inspection=queue.inspect,
         )
     )
     return DatasetOut.model_validate(dataset)

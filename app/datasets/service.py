@@ -2,13 +2,15 @@
 
 Inspection reads the whole file with the engine's torch-free
 :func:`inspect_dataset` (never unpickling anything) before the file is kept:
-a refused or malformed dataset leaves no row and no file.
+a refused or malformed dataset leaves no row and no file. Files too large to
+inspect in the API are kept as ``processing`` and inspected by a worker.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -21,8 +23,21 @@ from app.jobs.service import refuse_if_in_use
 from app.pagination import Cursor
 from app.storage import LocalStorage
 from app.uploads import Upload
-from worker.engine.data import inspect_dataset
+from worker.engine.data import inspect_dataset, sniff_dataset
 from worker.engine.errors import DatasetInvalid
+
+
+def _columns(summary: dict[str, Any]) -> dict[str, Any]:
+    return {"format": summary["format"], "rows": summary["rows"], "summary": summary}
+
+
+INSPECTOR: stored_files.Inspector[dict[str, Any]] = stored_files.Inspector(
+    kind="datasets",
+    screen=sniff_dataset,
+    inspect=inspect_dataset,
+    columns=_columns,
+    invalid=DatasetInvalid("the file could not be read as a dataset"),
+)
 
 
 def create_dataset(
@@ -32,28 +47,27 @@ def create_dataset(
     tenant: Tenant,
     dataset_id: uuid.UUID,
     upload: Upload,
+    inline_max_bytes: int,
+    send_inspection: Callable[[str, uuid.UUID], None],
 ) -> Dataset:
-    """Inspect the uploaded dataset and keep it as ``ready``; blocking, run it off the event loop.
+    """Keep the uploaded dataset, inspected (``ready``) or to be inspected by a worker
+    (``processing``, above ``inline_max_bytes``); blocking, run it off the event loop.
 
-    Raises :class:`Unprocessable` (the engine's code, naming ``file``) for
-    malformed, unsafe, pickled and unrecognised files; the upload is discarded.
+    Raises :class:`UnsupportedMediaType` for pickled and unrecognised files and
+    :class:`Unprocessable` (the engine's code, naming ``file``) for malformed and
+    unsafe ones; the upload is discarded.
     """
-    with upload.file:
-        summary = stored_files.inspect_upload(
-            upload,
-            inspect_dataset,
-            invalid=DatasetInvalid("the file could not be read as a dataset"),
-        )
-        dataset = Dataset(
-            **stored_files.ready_columns(
-                upload, tenant=tenant, row_id=dataset_id, fmt=summary["format"]
-            ),
-            rows=summary["rows"],
-            summary=summary,
-        )
-        return stored_files.keep_upload(
-            session, storage, DatasetRepository(session), dataset, upload
-        )
+    return stored_files.store_upload(
+        session,
+        storage,
+        DatasetRepository(session),
+        INSPECTOR,
+        upload,
+        tenant=tenant,
+        row_id=dataset_id,
+        inline_max_bytes=inline_max_bytes,
+        send_inspection=send_inspection,
+    )
 
 
 def get_dataset(session: Session, *, tenant: Tenant, dataset_id: str) -> Dataset:

@@ -50,6 +50,11 @@ def _engine(url: str) -> Engine:
     return build_engine(url)
 
 
+def worker_sessions(settings: Settings) -> sessionmaker[Session]:
+    """Sessions on ``settings``' database for a task in a worker process."""
+    return sessionmaker(_engine(settings.database_url), expire_on_commit=False)
+
+
 @dataclass(frozen=True)
 class Claim:
     """What a claimed run needs: the job, its attempt, and its input files."""
@@ -64,23 +69,12 @@ class Claim:
 def execute_job(job_id: str, settings: Settings | None = None) -> None:
     """Run job ``job_id`` to a terminal state, if it is still queued (else do nothing)."""
     settings = settings or get_settings()
-    factory = sessionmaker(_engine(settings.database_url), expire_on_commit=False)
+    factory = worker_sessions(settings)
     storage = LocalStorage(settings.storage_root())
     claim = _claim(factory, storage, job_id)
     if claim is None:
         return
     JobRun(factory, storage, settings, claim).run()
-
-
-def _fail_unclaimed(session: Session, job: Job, code: str, message: str) -> None:
-    service.change_status(
-        session,
-        job,
-        FAILED,
-        from_statuses=[QUEUED],
-        error={"code": code, "message": message, "field": None},
-        event={"error": {"code": code, "message": message}},
-    )
 
 
 def _claim(factory: sessionmaker[Session], storage: LocalStorage, job_id: str) -> Claim | None:
@@ -97,12 +91,16 @@ def _claim(factory: sessionmaker[Session], storage: LocalStorage, job_id: str) -
         teacher = session.get(TeacherModel, job.teacher_model_id) if job.teacher_model_id else None
         dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
         if teacher is None or dataset is None:
-            _fail_unclaimed(session, job, "input_missing", "the teacher or dataset was deleted")
+            service.fail_queued(
+                session, job, code="input_missing", message="the teacher or dataset was deleted"
+            )
             return None
         for row, what in ((teacher, "model"), (dataset, "dataset")):
             if row.status == "invalid":
                 reason = (row.error or {}).get("message", "it could not be read")
-                _fail_unclaimed(session, job, f"{what}_invalid", f"the {what} is invalid: {reason}")
+                service.fail_queued(
+                    session, job, code=f"{what}_invalid", message=f"the {what} is invalid: {reason}"
+                )
                 return None
         if "processing" in (teacher.status, dataset.status):
             # Sent again once both are inspected.

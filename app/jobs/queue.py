@@ -9,8 +9,7 @@ from celery import Celery
 from fastapi import Depends, Request
 
 from app.config import Settings
-from app.jobs.service import SendJob
-from worker.broker import JOBS_QUEUE, RUN_JOB, create_celery
+from worker.broker import INSPECT_UPLOAD, JOBS_QUEUE, RUN_JOB, create_celery
 
 
 class JobQueue:
@@ -23,6 +22,10 @@ class JobQueue:
         """Queue job ``job_id`` for a worker (call it only after the job's row committed)."""
         self.celery.send_task(RUN_JOB, args=[str(job_id)], queue=JOBS_QUEUE)
 
+    def inspect(self, kind: str, row_id: uuid.UUID) -> None:
+        """Have a worker inspect an upload kept as ``processing`` (``models`` or ``datasets``)."""
+        self.celery.send_task(INSPECT_UPLOAD, args=[kind, str(row_id)], queue=JOBS_QUEUE)
+
     def check(self) -> None:
         """Raise unless the broker accepts a connection now (readiness)."""
         with self.celery.connection_for_write() as connection:
@@ -33,10 +36,10 @@ class JobQueue:
         self.celery.close()
 
 
-def get_job_sender(request: Request) -> SendJob:
-    """The application's :meth:`JobQueue.send`."""
+def get_job_queue(request: Request) -> JobQueue:
+    """The application's :class:`JobQueue`."""
     queue: JobQueue = request.app.state.job_queue
-    return queue.send
+    return queue
 
 
-JobQueueDep = Annotated[SendJob, Depends(get_job_sender)]
+JobQueueDep = Annotated[JobQueue, Depends(get_job_queue)]

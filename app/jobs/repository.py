@@ -15,7 +15,7 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
-from app.jobs.models import Job, JobArtifact, JobEvent
+from app.jobs.models import QUEUED, Job, JobArtifact, JobEvent
 from app.repository import TenantRepository
 
 
@@ -29,6 +29,12 @@ class JobRepository(TenantRepository[Job]):
         return self.session.scalars(
             select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)
         ).one_or_none()
+
+    def queued_using(self, column: Any, row_id: uuid.UUID) -> Sequence[Job]:
+        """Queued jobs that reference ``row_id`` through ``column`` (all of the row's tenant)."""
+        return self.session.scalars(
+            select(Job).where(column == row_id, Job.status == QUEUED).order_by(Job.created_at)
+        ).all()
 
     def active_using(self, column: Any, row_id: uuid.UUID, statuses: Collection[str]) -> bool:
         """Whether a job in one of ``statuses`` references ``row_id`` through ``column``."""

@@ -44,7 +44,7 @@ def submit_job(
     response: Response,
     tenant: CurrentTenant,
     session: SessionDep,
-    send: JobQueueDep,
+    queue: JobQueueDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
     """Validate the spec against the teacher's signature and the dataset, then queue the job.
@@ -55,7 +55,7 @@ def submit_job(
     ``Idempotent-Replayed: true``.
     """
     job, created = service.submit_job(
-        session, send, tenant=tenant, spec=spec, idempotency_key=idempotency_key
+        session, queue.send, tenant=tenant, spec=spec, idempotency_key=idempotency_key
     )
     if not created:
         response.headers["Idempotent-Replayed"] = "true"

@@ -13,6 +13,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Collection, Sequence
+from functools import partial
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -29,6 +30,7 @@ from app.jobs.models import (
     ACTIVE,
     CANCELLED,
     CANCELLING,
+    FAILED,
     QUEUED,
     RUNNING,
     TERMINAL,
@@ -225,6 +227,49 @@ def change_status(
         data = {"status": status, **(event or {})}
         repository.add_event(session, job.id, kind, data, attempt=job.attempt)
     return changed
+
+
+def fail_queued(
+    session: Session, job: Job, *, code: str, message: str, field: str | None = None
+) -> bool:
+    """Fail a job that never started (its inputs turned out unusable); whether it changed."""
+    error = {"code": code, "message": message, "field": field}
+    return change_status(
+        session, job, FAILED, from_statuses=[QUEUED], error=error, event={"error": error}
+    )
+
+
+def release_waiting_jobs(session: Session, send: SendJob, row: TeacherModel | Dataset) -> None:
+    """Settle the queued jobs that waited for ``row`` to be inspected.
+
+    If ``row`` is invalid they fail with its error. Otherwise each job whose
+    other input is ready too is checked as a submission would have been (a
+    failed check fails the job with the engine's code) and sent after commit.
+    """
+    is_model = isinstance(row, TeacherModel)
+    what = "model" if is_model else "dataset"
+    column = Job.teacher_model_id if is_model else Job.dataset_id
+    for job in JobRepository(session).queued_using(column, row.id):
+        if row.status == "invalid":
+            reason = (row.error or {}).get("message", "it could not be read")
+            fail_queued(
+                session, job, code=f"{what}_invalid", message=f"the {what} is invalid: {reason}"
+            )
+            continue
+        teacher = session.get(TeacherModel, job.teacher_model_id) if job.teacher_model_id else None
+        dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+        if teacher is None or dataset is None:
+            continue
+        if teacher.status != "ready" or dataset.status != "ready":
+            # The other input's inspection releases the job when it ends.
+            continue
+        try:
+            job.task = _check(JobSpec.model_validate(job.spec), teacher, dataset)
+        except Unprocessable as exc:
+            field = exc.errors[0].field.removeprefix("body.") if exc.errors else None
+            fail_queued(session, job, code=exc.code, message=exc.detail, field=field)
+            continue
+        after_commit(session, partial(send, job.id))
 
 
 def cancel_job(session: Session, *, tenant: Tenant, job_id: str) -> Job:

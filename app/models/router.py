@@ -22,6 +22,7 @@ from app.errors import (
     UnsupportedMediaType,
     responses,
 )
+from app.jobs.queue import JobQueueDep
 from app.models import service
 from app.models.schemas import ModelOut
 from app.pagination import Page, PageParams, page_params
@@ -44,6 +45,7 @@ async def upload_model(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
+    queue: JobQueueDep,
 ) -> ModelOut:
     """Stream the multipart ``file`` to storage, inspect it, and return the model.
 
@@ -62,6 +64,8 @@ async def upload_model(
             tenant=tenant,
             model_id=model_id,
             upload=upload,
+            inline_max_bytes=settings.inline_inspection_max_bytes,
+            send_inspection=queue.inspect,
         )
     )
     return ModelOut.model_validate(model)

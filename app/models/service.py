@@ -2,13 +2,15 @@
 
 Inspection reads the file with the engine's torch-free :func:`inspect` (never
 unpickling anything) before the file is kept: a refused or malformed teacher
-leaves no row and no file.
+leaves no row and no file. Files too large to inspect in the API are kept as
+``processing`` and inspected by a worker.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -22,7 +24,21 @@ from app.pagination import Cursor
 from app.storage import LocalStorage
 from app.uploads import Upload
 from worker.engine.errors import TeacherInvalid
-from worker.engine.inspection import inspect
+from worker.engine.inspection import inspect, screen_teacher
+from worker.engine.signature import TeacherSignature
+
+
+def _columns(signature: TeacherSignature) -> dict[str, Any]:
+    return {"format": signature.format, "signature": signature.to_dict()}
+
+
+INSPECTOR: stored_files.Inspector[TeacherSignature] = stored_files.Inspector(
+    kind="models",
+    screen=screen_teacher,
+    inspect=inspect,
+    columns=_columns,
+    invalid=TeacherInvalid("the file could not be read as a teacher model"),
+)
 
 
 def create_model(
@@ -32,26 +48,27 @@ def create_model(
     tenant: Tenant,
     model_id: uuid.UUID,
     upload: Upload,
+    inline_max_bytes: int,
+    send_inspection: Callable[[str, uuid.UUID], None],
 ) -> TeacherModel:
-    """Inspect the uploaded teacher and keep it as ``ready``; blocking, run it off the event loop.
+    """Keep the uploaded teacher, inspected (``ready``) or to be inspected by a worker
+    (``processing``, above ``inline_max_bytes``); blocking, run it off the event loop.
 
     Raises :class:`UnsupportedMediaType` for refused formats (pickle-based and
     unknown files, with the engine's explanation) and :class:`Unprocessable` for
     malformed teachers; either way the upload is discarded.
     """
-    with upload.file:
-        signature = stored_files.inspect_upload(
-            upload,
-            inspect,
-            invalid=TeacherInvalid("the file could not be read as a teacher model"),
-        )
-        model = TeacherModel(
-            **stored_files.ready_columns(
-                upload, tenant=tenant, row_id=model_id, fmt=signature.format
-            ),
-            signature=signature.to_dict(),
-        )
-        return stored_files.keep_upload(session, storage, ModelRepository(session), model, upload)
+    return stored_files.store_upload(
+        session,
+        storage,
+        ModelRepository(session),
+        INSPECTOR,
+        upload,
+        tenant=tenant,
+        row_id=model_id,
+        inline_max_bytes=inline_max_bytes,
+        send_inspection=send_inspection,
+    )
 
 
 def get_model(session: Session, *, tenant: Tenant, model_id: str) -> TeacherModel:

@@ -52,16 +52,22 @@ def npz_dataset(rows: int = 60, features: int = 4, classes: int | None = 3, seed
     return buffer.getvalue()
 
 
-def queued_job_ids(broker_folder: Path) -> list[str]:
-    """The job ids of the messages waiting in a ``filesystem://`` broker folder, oldest first.
+def queued_tasks(broker_folder: Path) -> list[tuple[str, list]]:
+    """(task name, args) of each message waiting in a ``filesystem://`` broker folder.
 
-    Each message file is kombu's JSON envelope around a base64 body holding the
-    task's ``[args, kwargs, embed]``.
+    Each message file is kombu's JSON envelope: the task name in its headers, and
+    a base64 body holding the task's ``[args, kwargs, embed]``.
     """
-    ids = []
-    for path in sorted((broker_folder / "queue").glob("*.msg")):
+    tasks = []
+    paths = sorted((broker_folder / "queue").glob("*.msg"), key=lambda p: p.stat().st_mtime_ns)
+    for path in paths:
         envelope = json.loads(path.read_text())
         args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
         assert kwargs == {}
-        ids.extend(args)
-    return ids
+        tasks.append((envelope["headers"]["task"], args))
+    return tasks
+
+
+def queued_job_ids(broker_folder: Path) -> list[str]:
+    """The job ids of the ``run_job`` messages waiting in a ``filesystem://`` broker folder."""
+    return [args[0] for task, args in queued_tasks(broker_folder) if task == "distillery.run_job"]

@@ -189,14 +189,33 @@ def _is_bundle(path: Path) -> bool:
         return f.read(4) == ZIP_MAGIC
 
 
-def _read_plain_onnx(path: Path) -> onnx.ModelProto:
-    """Parse a file that is not a zip: ONNX, or refused with the reason."""
+def screen_teacher(path: str | Path) -> str:
+    """The teacher format of ``path`` from its first bytes (and a zip's listing) alone.
+
+    Refuses what :func:`sniff_teacher` refuses by content type (pickle-based
+    files, HDF5, bare safetensors, unknown bytes) without parsing the file
+    whole, so it is cheap for files of any size; a file that passes may still
+    turn out invalid once :func:`inspect` reads it.
+    """
+    path = Path(path)
+    if _is_bundle(path):
+        return _classify_bundle(Bundle(path))[0]
+    _screen_plain(path)
+    return "onnx"
+
+
+def _screen_plain(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(16)
     _refuse_known_non_onnx(head, path.stat().st_size)
-    # Cheap checks first: only a plausible ModelProto is read whole and parsed.
     if not _looks_like_onnx(head) and (not head or head[0] not in _MODELPROTO_TAGS):
         raise _unknown_format()
+
+
+def _read_plain_onnx(path: Path) -> onnx.ModelProto:
+    """Parse a file that is not a zip: ONNX, or refused with the reason."""
+    # Cheap checks first: only a plausible ModelProto is read whole and parsed.
+    _screen_plain(path)
     return _parse_onnx_bytes(path.read_bytes(), path.name)
 
 
