@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint format typecheck bench clean
+.PHONY: install serve test lint format typecheck bench clean
 
 # torch is pinned to 2.13.0 in pyproject.toml: on the development machines pip
 # takes that CPU build from local disk instead of a multi-GB CUDA download.
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The whole service on embedded defaults (everything under var/); see app/devserver.py.
+serve: install
+	$(BIN)/python -m app.devserver
 
 lint: install
 	$(BIN)/ruff check .
