@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -195,9 +196,44 @@ async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
     return problem_response(DistilleryError("an unexpected error occurred").problem())
 
 
+def problem_openapi(app: FastAPI) -> dict[str, Any]:
+    """``app``'s OpenAPI schema with every 422 documented as the problem it really is.
+
+    FastAPI documents request validation errors with its own
+    ``HTTPValidationError`` shape; :func:`_validation_error` answers with a
+    problem instead, so the schema says so.
+    """
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            summary=app.summary,
+            description=app.description,
+            routes=app.routes,
+        )
+        problem = {"$ref": "#/components/schemas/Problem"}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                answers = operation.get("responses", {})
+                if "422" in answers and "HTTPValidationError" in str(answers["422"]):
+                    answers["422"] = {
+                        "description": "Unprocessable content: the fields at fault in `errors`",
+                        "content": {PROBLEM_JSON: {"schema": problem}},
+                    }
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        components.setdefault(
+            "Problem", Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+        )
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Render every error ``app`` raises as problem+json."""
+    """Render every error ``app`` raises as problem+json, and document it so."""
     app.add_exception_handler(DistilleryError, _distillery_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    app.openapi = lambda: problem_openapi(app)  # type: ignore[method-assign]

@@ -56,7 +56,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="Readiness: database, broker and storage")
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Readiness: database, broker and storage",
+        responses={503: {"description": "a dependency is unavailable; `checks` names it"}},
+    )
     async def readyz(request: Request) -> JSONResponse:
         """200 when the database and broker answer and storage can be written, else 503 naming
         what failed."""

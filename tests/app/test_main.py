@@ -63,3 +63,22 @@ def test_readiness_fails_when_the_broker_is_unreachable(settings: Settings):
     assert ready.status_code == 503
     checks = ready.json()["checks"]
     assert checks["broker"].startswith("unavailable") and checks["database"] == "ok"
+
+
+def test_openapi_documents_every_error_as_a_problem(client: TestClient):
+    spec = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in str(spec)
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            answers = operation["responses"]
+            if path.startswith("/v1/"):
+                assert "401" in answers, (method, path)
+            for status, answer in answers.items():
+                if status.startswith(("4", "5")) and "content" in answer:
+                    assert PROBLEM_JSON in answer["content"], (method, path, status)
+    assert "503" in spec["paths"]["/readyz"]["get"]["responses"]
+    submit = spec["paths"]["/v1/jobs"]["post"]
+    assert {"202", "401", "409", "422"} <= submit["responses"].keys()
+    assert submit["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/JobSpec"
+    )
