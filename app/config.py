@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     #: Redis re-delivers an unacknowledged message after this long: keep it above the
     #: longest job, or a running job is delivered a second time.
     visibility_timeout_s: int = 48 * 3600
+    #: Let webhook URLs reach loopback, private and link-local addresses (the service's own
+    #: network); off unless the operator needs it.
+    webhook_allow_private: bool = False
     #: Seconds between keep-alive comments on an idle event stream (at most 15).
     sse_keepalive_s: float = Field(default=10.0, gt=0, le=15)
     #: Seconds between database polls of an event stream.

@@ -69,6 +69,10 @@ class Job(TenantOwned, Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     #: sha256 of the canonical spec, to tell a replay from a reused Idempotency-Key.
     request_sha256: Mapped[str] = mapped_column(String(64))
+    #: The worker running the current attempt, and until when it holds the job unless it
+    #: renews the lease; a job whose lease expired is handed to another worker.
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)

@@ -65,14 +65,19 @@ def transition(
     return result.rowcount == 1
 
 
+def lock_job(session: Session, job_id: uuid.UUID) -> None:
+    """Take the job row's lock until the transaction ends, for an event with no state change."""
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+
+
 def add_event(
     session: Session, job_id: uuid.UUID, type: str, data: dict[str, Any], *, attempt: int
 ) -> JobEvent:
     """Append an event to the job's log (flushed, so its id is known).
 
-    Callers update the job's row in the same transaction first: the row lock
-    makes one job's events commit in id order, so a reader resuming after id N
-    never misses an event that commits later with a smaller id.
+    Callers update the job's row (or :func:`lock_job` it) in the same transaction
+    first: the row lock makes one job's events commit in id order, so a reader
+    resuming after id N never misses an event that commits later with a smaller id.
     """
     event = JobEvent(job_id=job_id, type=type, data=data, attempt=attempt)
     session.add(event)

@@ -45,6 +45,7 @@ def submit_job(
     tenant: CurrentTenant,
     session: SessionDep,
     queue: JobQueueDep,
+    settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
     """Validate the spec against the teacher's signature and the dataset, then queue the job.
@@ -55,7 +56,12 @@ def submit_job(
     ``Idempotent-Replayed: true``.
     """
     job, created = service.submit_job(
-        session, queue.send, tenant=tenant, spec=spec, idempotency_key=idempotency_key
+        session,
+        queue.send,
+        tenant=tenant,
+        spec=spec,
+        idempotency_key=idempotency_key,
+        allow_private_webhooks=settings.webhook_allow_private,
     )
     if not created:
         response.headers["Idempotent-Replayed"] = "true"

@@ -10,7 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 EventType = Literal[
-    "status", "stage", "progress", "evaluation", "checkpoint", "resumed", "warning", "terminal"
+    "status",
+    "stage",
+    "progress",
+    "evaluation",
+    "checkpoint",
+    "resumed",
+    "warning",
+    "webhook",
+    "terminal",
 ]
 
 

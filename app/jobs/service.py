@@ -43,6 +43,7 @@ from app.models.models import TeacherModel
 from app.models.repository import ModelRepository
 from app.pagination import Cursor
 from app.storage import StoredObject
+from app.webhooks import service as webhooks
 from worker.engine.compatibility import DataFacts, check_job
 from worker.engine.errors import EngineError
 from worker.engine.signature import TeacherSignature
@@ -93,6 +94,7 @@ def submit_job(
     tenant: Tenant,
     spec: JobSpec,
     idempotency_key: str | None,
+    allow_private_webhooks: bool = False,
 ) -> tuple[Job, bool]:
     """Validate ``spec`` against its teacher and dataset and queue a job; ``(job, created)``.
 
@@ -102,6 +104,7 @@ def submit_job(
     """
     digest = spec_digest(spec)
     jobs = JobRepository(session)
+    webhooks.check_webhook_url(spec.webhook_url, allow_private=allow_private_webhooks)
     if idempotency_key is not None:
         existing = jobs.by_idempotency_key(tenant.id, idempotency_key)
         if existing is not None:
@@ -149,7 +152,8 @@ def submit_job(
         if existing is None:
             raise
         return _replay(existing, digest), False
-    repository.add_event(session, job.id, "status", {"status": QUEUED}, attempt=0)
+    logged = repository.add_event(session, job.id, "status", {"status": QUEUED}, attempt=0)
+    webhooks.schedule_deliveries(session, job, logged)
     job_id = job.id
     after_commit(session, lambda: send(job_id))
     return job, True
@@ -225,7 +229,8 @@ def change_status(
     if changed:
         kind = "terminal" if status in TERMINAL else "status"
         data = {"status": status, **(event or {})}
-        repository.add_event(session, job.id, kind, data, attempt=job.attempt)
+        logged = repository.add_event(session, job.id, kind, data, attempt=job.attempt)
+        webhooks.schedule_deliveries(session, job, logged)
     return changed
 
 
