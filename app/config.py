@@ -31,12 +31,29 @@ class Settings(BaseSettings):
     inline_inspection_max_bytes: int = 256 * 2**20
     #: Where workers keep a running job's files (checkpoints, outputs) and the teacher cache.
     work_dir: Path = Path("var/work")
+    #: Seconds a worker holds a running job without renewing its lease (renewed every third).
+    lease_seconds: float = Field(default=60.0, gt=0)
+    #: Attempts at a job whose workers keep dying before it fails.
+    max_attempts: int = Field(default=3, ge=1)
+    #: Seconds between two passes of the reconciler (expired leases, lost messages).
+    reconcile_interval_s: float = Field(default=15.0, gt=0)
+    #: Seconds between two passes over due webhook deliveries.
+    webhook_poll_s: float = Field(default=2.0, gt=0)
+    #: A server-wide ceiling on ``training.max_minutes``; none by default.
+    max_job_minutes: float | None = Field(default=None, gt=0)
     #: Redis re-delivers an unacknowledged message after this long: keep it above the
     #: longest job, or a running job is delivered a second time.
     visibility_timeout_s: int = 48 * 3600
     #: Let webhook URLs reach loopback, private and link-local addresses (the service's own
     #: network); off unless the operator needs it.
     webhook_allow_private: bool = False
+    #: Seconds a webhook receiver gets to connect and to answer each read.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    #: Seconds before the first retry of a failed delivery; each further retry waits twice
+    #: as long, up to 300 s.
+    webhook_retry_base_s: float = Field(default=2.0, ge=0)
+    #: Attempts of one delivery before it is given up as failed.
+    webhook_max_attempts: int = Field(default=8, ge=1)
     #: Seconds between keep-alive comments on an idle event stream (at most 15).
     sse_keepalive_s: float = Field(default=10.0, gt=0, le=15)
     #: Seconds between database polls of an event stream.

@@ -1,10 +1,11 @@
 """The whole service on one machine: ``python -m app.devserver`` (what ``make serve`` runs).
 
 Migrates the database, makes sure a development API key exists, then runs the API
-(uvicorn) and one Celery worker as child processes on the environment's settings; the
-embedded defaults put SQLite, the filesystem broker and the artifacts under ``var/`` in
-the working directory. SIGINT (Ctrl-C) or SIGTERM stops both; if either exits on its
-own, the other is stopped too and the exit status is non-zero.
+(uvicorn), one Celery job worker and the control worker (beat, reconciler, webhooks)
+as child processes on the environment's settings; the embedded defaults put SQLite,
+the filesystem broker and the artifacts under ``var/`` in the working directory.
+SIGINT (Ctrl-C) or SIGTERM stops them all; if one exits on its own, the others are
+stopped too and the exit status is non-zero.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ API_COMMAND = [
 WORKER_COMMAND = [
     *(sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"),
     *("--loglevel", "INFO"),
+]
+#: The control worker with beat embedded: it runs the periodic reconciler and webhook
+#: deliveries, never queued behind a job (production runs beat and it apart).
+CONTROL_COMMAND = [
+    *(sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"),
+    *("--queues", "distillery.control", "--pool", "threads", "--concurrency", "2"),
+    *("--beat", "--schedule", "var/celerybeat-schedule", "--loglevel", "INFO"),
+    *("--hostname", "control@%h"),
 ]
 # The health check goes straight to the loopback address, never through an http_proxy.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -125,13 +134,15 @@ def _base_url(sock: socket.socket) -> str:
 
 
 def _start_children(sock: socket.socket) -> dict[str, subprocess.Popen[bytes]]:
-    """The API on ``sock`` and one worker; they share this process's environment and cwd."""
+    """The API on ``sock``, one job worker and the control worker; they share this process's
+    environment and cwd."""
     children: dict[str, subprocess.Popen[bytes]] = {}
     children["API (uvicorn)"] = subprocess.Popen(
         [*API_COMMAND, "--fd", str(sock.fileno())], pass_fds=[sock.fileno()]
     )
     try:
         children["worker (celery)"] = subprocess.Popen(WORKER_COMMAND)
+        children["control worker (celery beat)"] = subprocess.Popen(CONTROL_COMMAND)
     except BaseException:
         stop_children(children)
         raise
@@ -141,8 +152,8 @@ def _start_children(sock: socket.socket) -> dict[str, subprocess.Popen[bytes]]:
 def stop_children(children: dict[str, subprocess.Popen[bytes]]) -> None:
     """SIGTERM every running child, wait up to STOP_SECONDS for each, then SIGKILL it.
 
-    SIGTERM is the graceful stop of both: uvicorn drains its connections and Celery's
-    warm shutdown lets a running job finish.
+    SIGTERM is the graceful stop of each: uvicorn drains its connections and Celery's
+    warm shutdown checkpoints a running job and puts it back in the queue.
     """
     for process in children.values():
         if process.poll() is None:
@@ -213,13 +224,13 @@ def _banner(url: str, token: str, new: bool) -> str:
     origin = f"new, saved in {KEY_FILE}" if new else f"from {KEY_FILE}"
     return (
         "\n"
-        "  Distillery is running: the API and one worker.\n"
+        "  Distillery is running: the API, one job worker and the control worker.\n"
         "\n"
         f"  URL:      {url}  (API docs: {url}/docs)\n"
         f"  API key:  {token}  ({origin})\n"
         f'  Try:      curl -H "Authorization: Bearer {token}" {url}/v1/models\n'
         "\n"
-        "  Ctrl-C stops both.\n"
+        "  Ctrl-C stops them all (a running job is checkpointed and requeued).\n"
         "\n"
     )
 
@@ -260,7 +271,7 @@ def serve(host: str, port: int) -> int:
         return 1
     finally:
         if stop:
-            _say("stopping the API and the worker")
+            _say("stopping the API and the workers")
         stop_children(children)
     return 0
 

@@ -34,7 +34,18 @@ IMAGE = "distillery:latest"
 TORCH_VERSION = "2.13.0"
 SUBPROCESS_TIMEOUT_S = 120
 
-REQUIRED_SERVICES = {"postgres", "redis", "migrate", "api", "worker", "beat", "flower"}
+REQUIRED_SERVICES = {
+    "postgres",
+    "redis",
+    "migrate",
+    "api",
+    "worker",
+    "beat",
+    "control",
+    "flower",
+}
+#: The queue of the control worker (the periodic tasks), which needs no GPU.
+CONTROL_QUEUE = "distillery.control"
 
 #: The project's entry points (DESIGN.md), as the argv prefix a container's command starts with.
 ENTRY_POINTS: dict[str, tuple[str, ...]] = {
@@ -138,12 +149,20 @@ def entry_point_of(argv: list[str]) -> str | None:
 
 
 def services_running(compose: dict[str, Any], entry_point: str) -> dict[str, dict[str, Any]]:
-    """The project services whose command is ``entry_point``."""
+    """The project services whose command is ``entry_point`` (``worker``: the job workers,
+    not the control worker that only consumes the control queue)."""
     return {
         name: s
         for name, s in project_services(compose).items()
         if entry_point_of(command_of(s)) == entry_point
+        and not (entry_point == "worker" and is_control_worker(s))
     }
+
+
+def is_control_worker(service: dict[str, Any]) -> bool:
+    """Whether the service is a Celery worker consuming only the control queue."""
+    argv = command_of(service)
+    return "--queues" in argv and argv[argv.index("--queues") + 1] == CONTROL_QUEUE
 
 
 def volume_holding(service: dict[str, Any], path: str) -> tuple[str, str] | None:
@@ -493,3 +512,20 @@ def test_dockerfile_copies_paths_that_exist(dockerfile: list[tuple[str, str]]) -
     assert set(needed) <= set(copied), f"not copied: {sorted(set(needed) - set(copied))}"
     # The metadata comes first, so a code change does not reinstall the dependencies.
     assert copied.index("pyproject.toml") < copied.index("app")
+
+
+def test_the_control_worker_takes_what_beat_schedules(compose: dict[str, Any], tmp_path) -> None:
+    control = services(compose)["control"]
+    assert is_control_worker(control)
+    assert "deploy" not in control, "the control worker needs no GPU"
+    argv = command_of(control)
+    assert argv[argv.index("--pool") + 1] == "threads"
+    # Every periodic task is routed to the control queue, never behind a training job.
+    probe = (
+        "from worker.celery_app import app; "
+        "routes = app.conf.task_routes; "
+        "print(sorted({routes[e['task']]['queue'] for e in app.conf.beat_schedule.values()}))"
+    )
+    result = run_python(["-c", probe], subprocess_env(control, tmp_path))
+    assert_ran(result, "beat schedule routes")
+    assert result.stdout.strip().splitlines()[-1] == str([CONTROL_QUEUE])

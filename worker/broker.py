@@ -14,10 +14,14 @@ from celery import Celery
 
 from app.config import Settings
 
-#: The queue jobs go to; workers consume it.
+#: The queue jobs and upload inspections go to; GPU workers consume it, one task at a time.
 JOBS_QUEUE = "distillery.jobs"
+#: The queue of short periodic tasks, consumed by the control worker (never behind a job).
+CONTROL_QUEUE = "distillery.control"
 RUN_JOB = "distillery.run_job"
 INSPECT_UPLOAD = "distillery.inspect_upload"
+RECONCILE = "distillery.reconcile"
+DELIVER_WEBHOOKS = "distillery.deliver_webhooks"
 
 
 def broker_options(settings: Settings) -> dict[str, Any]:
@@ -60,5 +64,16 @@ def create_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         enable_utc=True,
+        task_routes={
+            RECONCILE: {"queue": CONTROL_QUEUE},
+            DELIVER_WEBHOOKS: {"queue": CONTROL_QUEUE},
+        },
+        beat_schedule={
+            "reconcile": {"task": RECONCILE, "schedule": settings.reconcile_interval_s},
+            "deliver-webhooks": {
+                "task": DELIVER_WEBHOOKS,
+                "schedule": settings.webhook_poll_s,
+            },
+        },
     )
     return celery

@@ -6,6 +6,7 @@ Settings come from the same ``DISTILL_*`` environment as the API; see
 
 from __future__ import annotations
 
+import worker.lifecycle  # noqa: F401 - connects the graceful-shutdown signals
 from app.config import get_settings
 from worker.broker import create_celery
 

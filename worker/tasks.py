@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from worker.broker import INSPECT_UPLOAD, RUN_JOB
+from app.config import get_settings
+from worker.broker import DELIVER_WEBHOOKS, INSPECT_UPLOAD, RECONCILE, RUN_JOB
 from worker.celery_app import app
 
 
@@ -21,3 +22,21 @@ def inspect_upload(kind: str, row_id: str) -> None:
     from app.jobs.inputs import inspect_input
 
     inspect_input(kind, row_id)
+
+
+@app.task(name=RECONCILE, ignore_result=True)
+def reconcile() -> None:
+    """Requeue or fail jobs whose worker was lost; resend lost messages (periodic)."""
+    from app.jobs.reconciler import reconcile as run_reconciler
+
+    run_reconciler()
+
+
+@app.task(name=DELIVER_WEBHOOKS, ignore_result=True)
+def deliver_webhooks() -> None:
+    """POST the due webhook deliveries (periodic)."""
+    from app.jobs.execution import worker_sessions
+    from app.webhooks.service import deliver_due
+
+    settings = get_settings()
+    deliver_due(worker_sessions(settings), settings)

@@ -9,10 +9,14 @@ engine (torch) is imported here, inside the function, never by the API.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
@@ -22,9 +26,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
 from app.datasets.models import Dataset
-from app.db import after_rollback, build_engine, utcnow
+from app.db import after_commit, after_rollback, build_engine, utcnow
 from app.jobs import repository, service
 from app.jobs.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
+from app.jobs.queue import JobQueue
 from app.models.models import TeacherModel
 from app.storage import LocalStorage
 from worker.engine.errors import Cancelled, EngineError
@@ -66,18 +71,30 @@ class Claim:
     dataset_path: Path
 
 
+#: Set in a worker child when its worker shuts down: the running job checkpoints at its
+#: next step and goes back to the queue (see :mod:`worker.lifecycle`).
+handback_requested = threading.Event()
+
+
+def worker_identity() -> str:
+    """Who holds a lease: this host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def execute_job(job_id: str, settings: Settings | None = None) -> None:
     """Run job ``job_id`` to a terminal state, if it is still queued (else do nothing)."""
     settings = settings or get_settings()
     factory = worker_sessions(settings)
     storage = LocalStorage(settings.storage_root())
-    claim = _claim(factory, storage, job_id)
+    claim = _claim(factory, storage, job_id, settings)
     if claim is None:
         return
     JobRun(factory, storage, settings, claim).run()
 
 
-def _claim(factory: sessionmaker[Session], storage: LocalStorage, job_id: str) -> Claim | None:
+def _claim(
+    factory: sessionmaker[Session], storage: LocalStorage, job_id: str, settings: Settings
+) -> Claim | None:
     try:
         ident = uuid.UUID(job_id)
     except ValueError:
@@ -113,6 +130,8 @@ def _claim(factory: sessionmaker[Session], storage: LocalStorage, job_id: str) -
             event={"attempt": job.attempt + 1},
             attempt=job.attempt + 1,
             started_at=job.started_at or utcnow(),
+            lease_owner=worker_identity(),
+            lease_expires_at=utcnow() + timedelta(seconds=settings.lease_seconds),
         )
         if not claimed:
             return None
@@ -143,6 +162,39 @@ class JobRun:
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
         self._cancel_requested = False
+        self._lost = threading.Event()
+        self._stop_heartbeat = threading.Event()
+
+    # ------------------------------------------------------------------ the lease
+
+    def _heartbeat(self) -> None:
+        """Renew the lease every third of its length; a refused or failing renewal stops the run.
+
+        A renewal the database refuses means another attempt owns the job. One
+        that cannot reach the database is retried until the lease would have
+        expired: past that point another worker may own the job.
+        """
+        lease = self.settings.lease_seconds
+        renewed_at = time.monotonic()
+        while not self._stop_heartbeat.wait(lease / 3):
+            try:
+                with self.factory() as session, session.begin():
+                    held = repository.transition(
+                        session,
+                        self.claim.job_id,
+                        from_statuses=OWN,
+                        fence=self.claim.attempt,
+                        lease_expires_at=utcnow() + timedelta(seconds=lease),
+                    )
+            except Exception:
+                log.warning("job %s: lease renewal failed", self.claim.job_id, exc_info=True)
+                held = time.monotonic() - renewed_at < lease
+            else:
+                renewed_at = time.monotonic()
+            if not held:
+                log.warning("job %s: lease lost; stopping", self.claim.job_id)
+                self._lost.set()
+                return
 
     # ------------------------------------------------------------------ writes
 
@@ -177,7 +229,12 @@ class JobRun:
         self._write(kind, data, **values)
 
     def should_cancel(self) -> bool:
-        """Whether the job was asked to stop; reads the database at most once a second."""
+        """Whether the run must stop at this step: the lease is lost, the worker is shutting
+        down, or the job was cancelled (read from the database at most once a second)."""
+        if self._lost.is_set():
+            raise JobLost(f"job {self.claim.job_id} attempt {self.claim.attempt} lost its lease")
+        if handback_requested.is_set():
+            return True
         now = time.monotonic()
         if self._cancel_requested or now - self._last_cancel_check < CANCEL_CHECK_S:
             return self._cancel_requested
@@ -197,16 +254,19 @@ class JobRun:
         from worker.engine.training import Callbacks
 
         out = self.folder / f"attempt-{self.claim.attempt}"
+        checkpoints = self._checkpoints()
         keep_checkpoints = False
+        heartbeat = threading.Thread(target=self._heartbeat, name="lease", daemon=True)
+        heartbeat.start()
         try:
             result = pipeline.run(
-                self.claim.spec,
+                self._spec(),
                 teacher_path=self.claim.teacher_path,
                 dataset_path=self.claim.dataset_path,
                 out_dir=out,
                 device=self.settings.device,
                 cache_dir=self.settings.work_dir / "cache",
-                checkpoint_dir=self.folder / "checkpoints",
+                checkpoint_dir=checkpoints,
                 callbacks=Callbacks(
                     on_progress=self.on_progress,
                     on_event=self.on_event,
@@ -218,7 +278,10 @@ class JobRun:
             return
         except Cancelled as exc:
             keep_checkpoints = True
-            self._finish(CANCELLED, event={"message": str(exc)})
+            if handback_requested.is_set():
+                self._hand_back(str(exc))
+            else:
+                self._finish(CANCELLED, event={"message": str(exc)})
         except EngineError as exc:
             self._fail(exc.code, exc.message, exc.field)
         except Exception as exc:
@@ -227,9 +290,70 @@ class JobRun:
         else:
             self._succeed(result)
         finally:
+            self._stop_heartbeat.set()
+            heartbeat.join()
             shutil.rmtree(out, ignore_errors=True)
             if not keep_checkpoints:
                 shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _spec(self) -> JobSpec:
+        """The claimed spec, its time budget capped by the server's ceiling."""
+        spec = self.claim.spec.model_copy(deep=True)
+        ceiling = self.settings.max_job_minutes
+        if ceiling is not None and spec.training.max_minutes > ceiling:
+            spec.training.max_minutes = ceiling
+        return spec
+
+    def _checkpoints(self) -> Path:
+        """This attempt's own checkpoint folder, starting from the latest earlier checkpoint.
+
+        Each attempt writes only its own folder, so a stale attempt that wakes up
+        (a paused worker) can never overwrite the checkpoints of the one that
+        replaced it.
+        """
+        own = self.folder / "checkpoints" / f"attempt-{self.claim.attempt}"
+        if own.exists():
+            return own
+        for earlier in range(self.claim.attempt - 1, 0, -1):
+            previous = self.folder / "checkpoints" / f"attempt-{earlier}"
+            latest = previous / "latest"
+            if latest.is_file() and (previous / latest.read_text().strip()).is_dir():
+                name = latest.read_text().strip()
+                own.mkdir(parents=True)
+                shutil.copytree(previous / name, own / name)
+                (own / "latest").write_text(name)
+                break
+        return own
+
+    def _hand_back(self, reason: str) -> None:
+        """Put the job back in the queue after its checkpoint (the worker is shutting down)."""
+        with self.factory() as session, session.begin():
+            job = session.get(Job, self.claim.job_id)
+            if job is not None and job.status == CANCELLING:
+                # A cancellation arrived meanwhile: it wins.
+                service.change_status(
+                    session,
+                    job,
+                    CANCELLED,
+                    from_statuses=OWN,
+                    fence=self.claim.attempt,
+                    event={"message": reason},
+                )
+                return
+            if job is None or not service.change_status(
+                session,
+                job,
+                QUEUED,
+                from_statuses=OWN,
+                fence=self.claim.attempt,
+                event={"reason": "worker_shutdown", "message": reason},
+                lease_owner=None,
+                lease_expires_at=None,
+            ):
+                raise JobLost(f"job {self.claim.job_id}: the hand-back was fenced")
+            queue = JobQueue(self.settings)
+            after_commit(session, partial(queue.send, job.id))
+            after_commit(session, queue.close)
 
     def _fail(self, code: str, message: str, field: str | None) -> None:
         error = {"code": code, "message": message, "field": field}

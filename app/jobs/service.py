@@ -325,8 +325,9 @@ def refuse_if_in_use(session: Session, column: Any, row_id: uuid.UUID, *, what: 
 
 
 def artifact_key(job: Job, name: str) -> str:
-    """Where the job's artifact ``name`` is stored."""
-    return f"tenants/{job.tenant_id.hex}/jobs/{job.id.hex}/{name}"
+    """Where the job's artifact ``name`` is stored: under its attempt, so two attempts never
+    write the same file."""
+    return f"tenants/{job.tenant_id.hex}/jobs/{job.id.hex}/attempt-{job.attempt}/{name}"
 
 
 def add_artifact(

@@ -21,7 +21,7 @@ from tests.app.databases import REPO
 
 #: Migrating, importing the app and booting the worker, on a busy two-core machine.
 STARTUP_SECONDS = 60
-#: Warm shutdown of both children after SIGINT.
+#: Warm shutdown of the children after SIGINT.
 SHUTDOWN_SECONDS = 60
 URL_LINE = re.compile(r"^\s*URL:\s+(http://\S+)")
 KEY_LINE = re.compile(r"^\s*API key:\s+(dk_\S+)")
@@ -142,7 +142,7 @@ def test_serves_from_an_empty_folder_and_reuses_its_key(tmp_path: Path):
     try:
         url, key = first.wait_for_banner()
         assert f'curl -H "Authorization: Bearer {key}" {url}/v1/models' in first.output()
-        assert "Ctrl-C stops both" in first.output()
+        assert "Ctrl-C stops them all" in first.output()
         with httpx.Client(base_url=url, timeout=30) as client:
             assert client.get("/healthz").status_code == 200
             authorized = client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})

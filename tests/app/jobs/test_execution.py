@@ -11,16 +11,21 @@ import hashlib
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.jobs.execution import execute_job
+from app.jobs.execution import execute_job, handback_requested
+from app.jobs.models import Job
 from app.storage import LocalStorage
 from tests.app.conftest import Tenants
-from tests.app.factories import npz_dataset, tiny_onnx_classifier
+from tests.app.factories import npz_dataset, queued_job_ids, tiny_onnx_classifier
 from worker.engine.evaluation import validate_metrics
 
 DEADLINE_S = 120
@@ -49,6 +54,12 @@ def events(client: TestClient, tenants: Tenants, job_id: str) -> list[dict]:
     return client.get(
         f"/v1/jobs/{job_id}/events", headers=tenants.acme, params={"limit": 1000}
     ).json()["data"]
+
+
+def broker(settings: Settings) -> Path:
+    folder = settings.broker_folder()
+    assert folder is not None
+    return folder
 
 
 def wait_for(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
@@ -161,4 +172,67 @@ def test_cancelling_a_running_job_stops_it_at_a_step_and_keeps_its_checkpoint(
     ]
     assert statuses == ["queued", "running", "cancelling", "cancelled"]
     checkpoints = settings.work_dir / "jobs" / job["id"].replace("-", "") / "checkpoints"
-    assert (checkpoints / "latest").is_file()
+    assert (checkpoints / "attempt-1" / "latest").is_file()
+
+
+def test_a_worker_shutting_down_hands_the_job_back_and_the_next_attempt_resumes(
+    client: TestClient, tenants: Tenants, submit, settings: Settings
+):
+    job = submit(training={"epochs": 300, "batch_size": 8, "checkpoint_every_steps": 20})
+    runner = threading.Thread(target=execute_job, args=(job["id"], settings))
+    runner.start()
+    try:
+        wait_for(
+            lambda: any(e["type"] == "checkpoint" for e in events(client, tenants, job["id"])),
+            "a checkpoint",
+        )
+        handback_requested.set()
+        runner.join(DEADLINE_S)
+        assert not runner.is_alive()
+    finally:
+        handback_requested.clear()
+        runner.join(DEADLINE_S)
+    back = client.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
+    assert back["status"] == "queued" and back["attempt"] == 1
+    log = events(client, tenants, job["id"])
+    assert log[-1]["type"] == "status" and log[-1]["data"]["reason"] == "worker_shutdown"
+    checkpointed = max(e["data"]["step"] for e in log if e["type"] == "checkpoint")
+    assert queued_job_ids(broker(settings)) == [job["id"], job["id"]]
+
+    # The next delivery runs attempt 2 from the last checkpoint, not from step 0.
+    execute_job(job["id"], settings)
+    done = client.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
+    assert done["status"] == "succeeded" and done["attempt"] == 2, done["error"]
+    resumed = [e for e in events(client, tenants, job["id"]) if e["type"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["attempt"] == 2
+    assert resumed[0]["data"]["step"] >= checkpointed > 0
+    artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts", headers=tenants.acme).json()
+    assert len(artifacts["data"]) == 6
+
+
+def test_a_run_that_lost_its_job_stops_without_writing(
+    client: TestClient, tenants: Tenants, submit, settings: Settings, engine
+):
+    quick = settings.model_copy(update={"lease_seconds": 0.3})
+    job = submit(training={"epochs": 3000, "batch_size": 8})
+    runner = threading.Thread(target=execute_job, args=(job["id"], quick))
+    runner.start()
+    try:
+        wait_for(
+            lambda: any(e["type"] == "progress" for e in events(client, tenants, job["id"])),
+            "progress",
+        )
+        # Another worker took the job over (as the reconciler and a new claim would).
+        with Session(engine) as session, session.begin():
+            session.execute(
+                update(Job).where(Job.id == uuid.UUID(job["id"])).values(attempt=Job.attempt + 1)
+            )
+        taken_over = max(e["id"] for e in events(client, tenants, job["id"]))
+        runner.join(DEADLINE_S)
+        assert not runner.is_alive()
+    finally:
+        runner.join(DEADLINE_S)
+    after = [e for e in events(client, tenants, job["id"]) if e["id"] > taken_over]
+    assert after == []
+    still = client.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
+    assert still["status"] == "running" and still["attempt"] == 2

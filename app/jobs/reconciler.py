@@ -1,0 +1,154 @@
+"""The reconciler: the database is the source of truth, the broker only a doorbell.
+
+Run periodically (Celery beat in production, the embedded control worker under
+``make serve``), it repairs what a dead worker or a restarted broker leaves:
+
+- a running job whose lease expired goes back to the queue (its next attempt
+  resumes from the last checkpoint), or fails once it has used up
+  ``DISTILL_MAX_ATTEMPTS``; a ``cancelling`` one is simply ``cancelled``;
+- a queued job with no message in the broker is sent again;
+- an upload left ``processing`` with no inspection message is sent again.
+
+Every change is a conditional update, so two reconcilers (or a reconciler and
+a worker) racing on one job cannot both act on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import partial
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.config import Settings, get_settings
+from app.datasets.models import Dataset
+from app.db import after_commit, utcnow
+from app.jobs import service
+from app.jobs.execution import OWN, worker_sessions
+from app.jobs.models import CANCELLED, CANCELLING, FAILED, QUEUED, Job
+from app.jobs.queue import JobQueue
+from app.models.models import TeacherModel
+from worker.broker import INSPECT_UPLOAD, RUN_JOB
+
+log = logging.getLogger(__name__)
+
+#: A queued job or processing upload younger than this is left alone: its message
+#: may be on its way (it is sent just after the commit).
+SEND_GRACE = timedelta(seconds=10)
+
+
+@dataclass
+class Reconciled:
+    """What one pass did, by job or upload id."""
+
+    requeued: list[uuid.UUID] = field(default_factory=list)
+    failed: list[uuid.UUID] = field(default_factory=list)
+    cancelled: list[uuid.UUID] = field(default_factory=list)
+    resent: list[uuid.UUID] = field(default_factory=list)
+    reinspected: list[uuid.UUID] = field(default_factory=list)
+
+
+def reconcile(settings: Settings | None = None, *, now: datetime | None = None) -> Reconciled:
+    """One pass over expired leases, unsent jobs and uninspected uploads."""
+    settings = settings or get_settings()
+    now = now or utcnow()
+    done = Reconciled()
+    queue = JobQueue(settings)
+    try:
+        with worker_sessions(settings)() as session, session.begin():
+            _expired_leases(session, queue, settings, now, done)
+        pending = queue.pending()
+        if pending is None:
+            return done
+        with worker_sessions(settings)() as session, session.begin():
+            _unsent(session, queue, pending, now, done)
+    finally:
+        queue.close()
+    if any((done.requeued, done.failed, done.cancelled, done.resent, done.reinspected)):
+        log.info("reconciled: %s", done)
+    return done
+
+
+def _expired_leases(
+    session: Session, queue: JobQueue, settings: Settings, now: datetime, done: Reconciled
+) -> None:
+    expired = session.scalars(
+        select(Job)
+        .where(Job.status.in_(OWN), Job.lease_expires_at < now)
+        .order_by(Job.lease_expires_at)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for job in expired:
+        attempt = job.attempt
+        lost = {"reason": "lease_expired", "lease_owner": job.lease_owner}
+        cleared = {"lease_owner": None, "lease_expires_at": None}
+        if job.status == CANCELLING:
+            if service.change_status(
+                session, job, CANCELLED, from_statuses=OWN, fence=attempt, event=lost, **cleared
+            ):
+                done.cancelled.append(job.id)
+        elif attempt >= settings.max_attempts:
+            error = {
+                "code": "max_attempts_exceeded",
+                "message": f"the job's worker was lost {attempt} times "
+                f"(DISTILL_MAX_ATTEMPTS is {settings.max_attempts})",
+                "field": None,
+            }
+            if service.change_status(
+                session,
+                job,
+                FAILED,
+                from_statuses=OWN,
+                fence=attempt,
+                event={**lost, "error": error},
+                error=error,
+                **cleared,
+            ):
+                done.failed.append(job.id)
+        elif service.change_status(
+            session, job, QUEUED, from_statuses=OWN, fence=attempt, event=lost, **cleared
+        ):
+            done.requeued.append(job.id)
+            after_commit(session, partial(queue.send, job.id))
+
+
+def _unsent(
+    session: Session,
+    queue: JobQueue,
+    pending: list[tuple[str, list]],
+    now: datetime,
+    done: Reconciled,
+) -> None:
+    sent_jobs = {args[0] for task, args in pending if task == RUN_JOB and args}
+    sent_inspections = {args[1] for task, args in pending if task == INSPECT_UPLOAD and args[1:]}
+    settled = now - SEND_GRACE
+    for job in session.scalars(
+        select(Job).where(Job.status == QUEUED, Job.updated_at < settled)
+    ).all():
+        if str(job.id) in sent_jobs or not _inputs_ready(session, job):
+            continue
+        done.resent.append(job.id)
+        after_commit(session, partial(queue.send, job.id))
+    for kind, row_type in (("models", TeacherModel), ("datasets", Dataset)):
+        waiting = session.scalars(
+            select(row_type).where(row_type.status == "processing", row_type.updated_at < settled)
+        ).all()
+        for row in waiting:
+            if str(row.id) not in sent_inspections:
+                done.reinspected.append(row.id)
+                after_commit(session, partial(queue.inspect, kind, row.id))
+
+
+def _inputs_ready(session: Session, job: Job) -> bool:
+    """Whether a worker could start the job now (else an inspection will release it)."""
+    teacher = session.get(TeacherModel, job.teacher_model_id) if job.teacher_model_id else None
+    dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+    # A job with a deleted or invalid input is failed by the worker's claim: send it.
+    return not (
+        (teacher is not None and teacher.status == "processing")
+        or (dataset is not None and dataset.status == "processing")
+    )
