@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     #: Seconds between two passes of the reconciler (expired leases, lost messages).
     reconcile_interval_s: float = Field(default=15.0, gt=0)
+    #: A queued job or uploaded file changed less than this many seconds ago is never
+    #: resent by the reconciler: its message may still be on its way.
+    resend_grace_s: float = Field(default=10.0, ge=0)
     #: Seconds between two passes over due webhook deliveries.
     webhook_poll_s: float = Field(default=2.0, gt=0)
     #: A server-wide ceiling on ``training.max_minutes``; none by default.

@@ -20,6 +20,7 @@ from app.jobs.router import router as jobs_router
 from app.metrics import install_metrics
 from app.models.router import router as models_router
 from app.storage import LocalStorage
+from app.webhooks.router import router as webhooks_router
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models_router)
     app.include_router(datasets_router)
     app.include_router(jobs_router)
+    app.include_router(webhooks_router)
 
     @app.get("/healthz", tags=["health"], summary="Liveness")
     def healthz() -> dict[str, str]:

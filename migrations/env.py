@@ -10,7 +10,8 @@ from alembic import context
 import app.auth.models
 import app.datasets.models
 import app.jobs.models
-import app.models.models  # noqa: F401 - registers the tables on the metadata
+import app.models.models
+import app.webhooks.models  # noqa: F401 - registers the tables on the metadata
 from app.config import get_settings
 from app.db import Base, UTCDateTime, build_engine, normalize_database_url
 
@@ -48,16 +49,28 @@ def run_migrations_online() -> None:
     engine = build_engine(url)
     try:
         with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                # A batch ALTER rebuilds the table (copy, DROP, rename), and with foreign keys
+                # on, SQLite's DROP first deletes every row, cascading into the tables that
+                # reference it. The pragma only takes effect outside a transaction.
+                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                connection.commit()
             # Batch mode lets later ALTERs work on SQLite, which rebuilds tables instead.
             context.configure(
                 connection=connection,
                 target_metadata=target_metadata,
-                render_as_batch=connection.dialect.name == "sqlite",
+                render_as_batch=sqlite,
                 compare_type=True,
                 render_item=render_item,
             )
             with context.begin_transaction():
                 context.run_migrations()
+                if sqlite:
+                    # What the switched-off foreign keys would have caught.
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(f"the migration broke foreign keys: {broken[:10]}")
     finally:
         engine.dispose()
 

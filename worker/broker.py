@@ -68,11 +68,17 @@ def create_celery(settings: Settings) -> Celery:
             RECONCILE: {"queue": CONTROL_QUEUE},
             DELIVER_WEBHOOKS: {"queue": CONTROL_QUEUE},
         },
+        # Each run expires once the next is due: a backlog of periodic runs is never kept.
         beat_schedule={
-            "reconcile": {"task": RECONCILE, "schedule": settings.reconcile_interval_s},
+            "reconcile": {
+                "task": RECONCILE,
+                "schedule": settings.reconcile_interval_s,
+                "options": {"expires": settings.reconcile_interval_s},
+            },
             "deliver-webhooks": {
                 "task": DELIVER_WEBHOOKS,
                 "schedule": settings.webhook_poll_s,
+                "options": {"expires": settings.webhook_poll_s},
             },
         },
     )

@@ -1,7 +1,8 @@
-"""Tables of the auth domain: tenants and their API keys."""
+"""Tables of the auth domain: tenants (with their webhook secret) and their API keys."""
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from datetime import datetime
 
@@ -11,12 +12,19 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from app.db import Base, UTCDateTime
 
 
+def new_webhook_secret() -> str:
+    """A fresh random secret for signing a tenant's webhooks (43 URL-safe characters)."""
+    return secrets.token_urlsafe(32)
+
+
 class Tenant(Base):
     """An account: every resource belongs to exactly one tenant."""
 
     __tablename__ = "tenants"
 
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    #: The key of the HMAC-SHA256 signature on the tenant's webhook deliveries.
+    webhook_secret: Mapped[str] = mapped_column(String(64), default=new_webhook_secret)
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant", lazy="raise")
 

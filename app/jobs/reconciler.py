@@ -36,10 +36,6 @@ from worker.broker import INSPECT_UPLOAD, RUN_JOB
 
 log = logging.getLogger(__name__)
 
-#: A queued job or processing upload younger than this is left alone: its message
-#: may be on its way (it is sent just after the commit).
-SEND_GRACE = timedelta(seconds=10)
-
 
 @dataclass
 class Reconciled:
@@ -65,7 +61,8 @@ def reconcile(settings: Settings | None = None, *, now: datetime | None = None) 
         if pending is None:
             return done
         with worker_sessions(settings)() as session, session.begin():
-            _unsent(session, queue, pending, now, done)
+            grace = timedelta(seconds=settings.resend_grace_s)
+            _unsent(session, queue, pending, now - grace, done)
     finally:
         queue.close()
     if any((done.requeued, done.failed, done.cancelled, done.resent, done.reinspected)):
@@ -120,12 +117,13 @@ def _unsent(
     session: Session,
     queue: JobQueue,
     pending: list[tuple[str, list]],
-    now: datetime,
+    settled: datetime,
     done: Reconciled,
 ) -> None:
+    # Rows changed after ``settled`` are left alone: their message may be on its way
+    # (it is sent just after the commit).
     sent_jobs = {args[0] for task, args in pending if task == RUN_JOB and args}
     sent_inspections = {args[1] for task, args in pending if task == INSPECT_UPLOAD and args[1:]}
-    settled = now - SEND_GRACE
     for job in session.scalars(
         select(Job).where(Job.status == QUEUED, Job.updated_at < settled)
     ).all():

@@ -217,8 +217,8 @@ def change_status(
 
     ``fence``, when given, is the attempt the caller runs: the change is refused
     once another attempt owns the job. A terminal status is logged as the
-    ``terminal`` event, the last of the log. Returns whether the job changed;
-    ``job`` is refreshed either way.
+    ``terminal`` event, the last of the log but for webhook deliveries of it.
+    Returns whether the job changed; ``job`` is refreshed either way.
     """
     if status in TERMINAL:
         values.setdefault("finished_at", utcnow())

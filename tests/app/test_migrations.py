@@ -10,7 +10,16 @@ from alembic import command
 
 from tests.app.databases import alembic_config, fresh_database
 
-TABLES = {"tenants", "api_keys", "models", "datasets", "jobs", "job_events", "job_artifacts"}
+TABLES = {
+    "tenants",
+    "api_keys",
+    "models",
+    "datasets",
+    "jobs",
+    "job_events",
+    "job_artifacts",
+    "webhook_deliveries",
+}
 
 
 def _tables(url: str) -> set[str]:

@@ -180,6 +180,15 @@ def submit_refused(_walk: Walk, response: httpx.Response) -> None:
     assert [e["field"] for e in body["errors"]] == ["body.teacher_model_id"]
 
 
+def own_webhook_secret(walk: Walk, response: httpx.Response) -> None:
+    """Another tenant's secret route (read or rotate) answers with its own secret, never acme's."""
+    assert response.status_code == 200
+    client, tenants = walk.client, walk.tenants
+    acme = client.get("/v1/webhook-secret", headers=tenants.acme).json()["secret"]
+    globex = client.get("/v1/webhook-secret", headers=tenants.globex).json()["secret"]
+    assert response.json()["secret"] == globex != acme
+
+
 def _ids(client: TestClient, path: str, headers: dict[str, str]) -> list[str]:
     """The ids on the first page of the list at ``path`` (each test holds only a few rows)."""
     response = client.get(path, headers=headers, params={"limit": 200})
@@ -253,6 +262,9 @@ ROUTES: dict[tuple[str, str], RouteCase] = {
     ),
     ("GET", "/v1/jobs/{job_id}/artifacts"): RouteCase(not_found("job_not_found"), READS),
     ("GET", "/v1/jobs/{job_id}/artifacts/{name}"): RouteCase(not_found("job_not_found"), DOWNLOADS),
+    # The secret is the caller's own: no id to aim at, so globex must get only its own.
+    ("GET", "/v1/webhook-secret"): RouteCase(own_webhook_secret, READS),
+    ("POST", "/v1/webhook-secret/rotate"): RouteCase(own_webhook_secret, (Variant(answers(200)),)),
 }
 
 
@@ -374,6 +386,7 @@ def acme_view(walk: Walk) -> dict[str, Any]:
         "models": _ids(client, "/v1/models", acme),
         "datasets": _ids(client, "/v1/datasets", acme),
         "jobs": _ids(client, "/v1/jobs", acme),
+        "webhook secret": read("/v1/webhook-secret").json(),
     }
 
 

@@ -15,12 +15,13 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import utcnow
 from app.jobs.models import Job
-from app.jobs.reconciler import SEND_GRACE, reconcile
+from app.jobs.reconciler import reconcile
 from app.main import create_app
 from tests.app.conftest import Tenants
 from tests.app.factories import npz_dataset, queued_job_ids, queued_tasks, tiny_onnx_classifier
 
-LATER = SEND_GRACE + timedelta(seconds=1)
+#: Past the reconciler's grace period for messages on their way.
+LATER = timedelta(seconds=Settings().resend_grace_s + 1)
 
 
 @pytest.fixture
