@@ -96,14 +96,17 @@ def wait_until(condition: Callable[[], bool], what: str, server: DevServer) -> N
 
 
 def worker_booted(tree: list[psutil.Process]) -> bool:
-    """Whether the Celery worker has forked its pool process (it is past its startup)."""
+    """Whether both Celery workers are past their startup: the job worker has forked its
+    pool process and the control worker its embedded beat."""
+    booted = {"job": False, "control": False}
     for process in tree:
         try:
-            if "celery" in " ".join(process.cmdline()) and process.children():
-                return True
+            command = " ".join(process.cmdline())
+            if "celery" in command and " worker" in command and process.children():
+                booted["control" if "distillery.control" in command else "job"] = True
         except psutil.Error:
             continue
-    return False
+    return all(booted.values())
 
 
 def process_tree(server: DevServer) -> list[psutil.Process]:
