@@ -179,12 +179,8 @@ class JobRun:
         while not self._stop_heartbeat.wait(lease / 3):
             try:
                 with self.factory() as session, session.begin():
-                    held = repository.transition(
-                        session,
-                        self.claim.job_id,
-                        from_statuses=OWN,
-                        fence=self.claim.attempt,
-                        lease_expires_at=utcnow() + timedelta(seconds=lease),
+                    held = self._fenced_update(
+                        session, lease_expires_at=utcnow() + timedelta(seconds=lease)
                     )
             except Exception:
                 log.warning("job %s: lease renewal failed", self.claim.job_id, exc_info=True)
@@ -198,17 +194,16 @@ class JobRun:
 
     # ------------------------------------------------------------------ writes
 
+    def _fenced_update(self, session: Session, **values: Any) -> bool:
+        """Set ``values`` on the job if this attempt still owns it; whether it did."""
+        return repository.transition(
+            session, self.claim.job_id, from_statuses=OWN, fence=self.claim.attempt, **values
+        )
+
     def _write(self, type: str, data: dict[str, Any], **values: Any) -> None:
         """Update the job (fenced by attempt) and log an event, in one transaction."""
         with self.factory() as session, session.begin():
-            changed = repository.transition(
-                session,
-                self.claim.job_id,
-                from_statuses=OWN,
-                fence=self.claim.attempt,
-                **values,
-            )
-            if not changed:
+            if not self._fenced_update(session, **values):
                 raise JobLost(f"job {self.claim.job_id} attempt {self.claim.attempt} was fenced")
             repository.add_event(session, self.claim.job_id, type, data, attempt=self.claim.attempt)
 
@@ -288,6 +283,7 @@ class JobRun:
             log.exception("job %s failed unexpectedly", self.claim.job_id)
             self._fail("internal_error", f"the worker failed: {type(exc).__name__}: {exc}", None)
         else:
+            keep_checkpoints = result.partial
             self._succeed(result)
         finally:
             self._stop_heartbeat.set()

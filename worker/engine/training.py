@@ -554,6 +554,8 @@ def train(
                     raise Cancelled(f"cancelled at step {state.step}")
                 if elapsed_before + time.monotonic() - started > budget_s:
                     stop_reason = "time_budget"
+                    # The run can be taken up again from here with a larger budget.
+                    checkpoint()
                     break
                 idx = perm[i * bs : (i + 1) * bs] if i < steps_per_epoch - 1 else perm[i * bs :]
                 factor = lr_factor(state.step, total, spec.warmup_steps, spec.scheduler)

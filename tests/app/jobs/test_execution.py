@@ -12,7 +12,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,28 @@ def wait_for(condition: Callable[[], bool], what: str, deadline_s: float = DEADL
         if time.monotonic() > end:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+@contextmanager
+def running(
+    client: TestClient, tenants: Tenants, job_id: str, settings: Settings, *, until: str
+) -> Iterator[threading.Thread]:
+    """The job run by :func:`execute_job` in a thread, once it logged an ``until`` event.
+
+    The thread is joined on exit (a test makes it stop before then).
+    """
+    runner = threading.Thread(target=execute_job, args=(job_id, settings))
+    runner.start()
+    try:
+        wait_for(
+            lambda: any(e["type"] == until for e in events(client, tenants, job_id)),
+            f"a {until} event",
+        )
+        yield runner
+        runner.join(DEADLINE_S)
+        assert not runner.is_alive()
+    finally:
+        runner.join(DEADLINE_S)
 
 
 def test_a_job_runs_to_success_with_checksummed_artifacts(
@@ -148,21 +171,11 @@ def test_cancelling_a_running_job_stops_it_at_a_step_and_keeps_its_checkpoint(
     client: TestClient, tenants: Tenants, submit, settings: Settings
 ):
     job = submit(training={"epochs": 5000, "batch_size": 8, "checkpoint_every_steps": 50})
-    runner = threading.Thread(target=execute_job, args=(job["id"], settings))
-    runner.start()
-    try:
-        wait_for(
-            lambda: any(e["type"] == "checkpoint" for e in events(client, tenants, job["id"])),
-            "a checkpoint",
-        )
+    with running(client, tenants, job["id"], settings, until="checkpoint"):
         asked = client.post(f"/v1/jobs/{job['id']}/cancel", headers=tenants.acme)
         assert asked.json()["status"] == "cancelling"
         asked_at = time.monotonic()
-        runner.join(DEADLINE_S)
-        assert not runner.is_alive()
-        assert time.monotonic() - asked_at < 10
-    finally:
-        runner.join(DEADLINE_S)
+    assert time.monotonic() - asked_at < 10
     ended = client.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
     assert ended["status"] == "cancelled" and ended["finished_at"] is not None
     kinds = [e["type"] for e in events(client, tenants, job["id"])]
@@ -179,19 +192,11 @@ def test_a_worker_shutting_down_hands_the_job_back_and_the_next_attempt_resumes(
     client: TestClient, tenants: Tenants, submit, settings: Settings
 ):
     job = submit(training={"epochs": 300, "batch_size": 8, "checkpoint_every_steps": 20})
-    runner = threading.Thread(target=execute_job, args=(job["id"], settings))
-    runner.start()
     try:
-        wait_for(
-            lambda: any(e["type"] == "checkpoint" for e in events(client, tenants, job["id"])),
-            "a checkpoint",
-        )
-        handback_requested.set()
-        runner.join(DEADLINE_S)
-        assert not runner.is_alive()
+        with running(client, tenants, job["id"], settings, until="checkpoint"):
+            handback_requested.set()
     finally:
         handback_requested.clear()
-        runner.join(DEADLINE_S)
     back = client.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
     assert back["status"] == "queued" and back["attempt"] == 1
     log = events(client, tenants, job["id"])
@@ -215,24 +220,34 @@ def test_a_run_that_lost_its_job_stops_without_writing(
 ):
     quick = settings.model_copy(update={"lease_seconds": 0.3})
     job = submit(training={"epochs": 3000, "batch_size": 8})
-    runner = threading.Thread(target=execute_job, args=(job["id"], quick))
-    runner.start()
-    try:
-        wait_for(
-            lambda: any(e["type"] == "progress" for e in events(client, tenants, job["id"])),
-            "progress",
-        )
+    with running(client, tenants, job["id"], quick, until="progress"):
         # Another worker took the job over (as the reconciler and a new claim would).
         with Session(engine) as session, session.begin():
             session.execute(
                 update(Job).where(Job.id == uuid.UUID(job["id"])).values(attempt=Job.attempt + 1)
             )
         taken_over = max(e["id"] for e in events(client, tenants, job["id"]))
-        runner.join(DEADLINE_S)
-        assert not runner.is_alive()
-    finally:
-        runner.join(DEADLINE_S)
     after = [e for e in events(client, tenants, job["id"]) if e["id"] > taken_over]
     assert after == []
     still = client.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
     assert still["status"] == "running" and still["attempt"] == 2
+
+
+def test_the_servers_time_ceiling_ends_a_job_with_its_best_student_so_far(
+    client: TestClient, tenants: Tenants, submit, settings: Settings
+):
+    capped = settings.model_copy(update={"max_job_minutes": 0.02})  # 1.2 s
+    job = submit(training={"epochs": 5000, "batch_size": 8, "max_minutes": 60})
+    execute_job(job["id"], capped)
+    ended = client.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
+    assert ended["status"] == "failed" and ended["partial"] is True
+    assert ended["error"]["code"] == "time_budget_exceeded"
+    assert ended["stop_reason"] == "time_budget"
+    assert ended["metrics"]["partial"] is True
+    log = events(client, tenants, job["id"])
+    last_checkpoint = max(e["data"]["step"] for e in log if e["type"] == "checkpoint")
+    assert last_checkpoint == ended["metrics"]["training"]["steps"]
+    artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts", headers=tenants.acme).json()
+    assert len(artifacts["data"]) == 6
+    checkpoints = settings.work_dir / "jobs" / job["id"].replace("-", "") / "checkpoints"
+    assert (checkpoints / "attempt-1" / "latest").is_file()
