@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -240,3 +241,44 @@ def test_upload_submit_follow_and_download(service: Service, digits_case: Digits
         assert metrics["fidelity"]["agreement"] > 0.9
         assert job["metrics"] == metrics
     assert service.worker.poll() is None, service.worker_log.read_text()
+
+
+@pytest.mark.parametrize("service", ["embedded"], indirect=True)
+def test_sigterm_hands_a_running_job_back_on_the_embedded_broker(
+    service: Service, digits_case: Digits, tmp_path: Path
+):
+    # The filesystem broker runs Celery's threaded pool, whose processes get their signal
+    # handlers replaced by billiard: the hand-back must survive that (the fault tests
+    # cover Redis).
+    with service.client() as client:
+        model = client.post("/v1/models", files={"file": ("t.onnx", digits_case.teacher_onnx)})
+        dataset = client.post("/v1/datasets", files={"file": ("d.npz", digits_case.transfer_npz)})
+        spec = {
+            "teacher_model_id": model.json()["id"],
+            "dataset_id": dataset.json()["id"],
+            "training": {"epochs": 1000, "batch_size": 16, "checkpoint_every_steps": 50},
+        }
+        job_id = client.post("/v1/jobs", json=spec).json()["id"]
+
+        def logged(kind: str) -> list[dict]:
+            page = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()
+            return [e for e in page["data"] if e["type"] == kind]
+
+        wait_until(lambda: logged("checkpoint"), "a checkpoint")
+        service.worker.terminate()
+        assert service.worker.wait(timeout=60) == 0, service.worker_log.read_text()
+        back = client.get(f"/v1/jobs/{job_id}").json()
+        assert back["status"] == "queued", service.worker_log.read_text()
+        assert logged("status")[-1]["data"]["reason"] == "worker_shutdown"
+        checkpoints = tmp_path / "work" / "jobs" / job_id.replace("-", "") / "checkpoints"
+        assert (checkpoints / "attempt-1" / "latest").is_file()
+        assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+
+
+def wait_until(condition, what: str, deadline_s: float = JOB_DEADLINE_S) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` at the deadline."""
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)

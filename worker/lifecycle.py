@@ -2,40 +2,46 @@
 
 Celery's warm shutdown (SIGTERM or SIGINT to the worker) waits for the running
 task to finish, which for a training job can take hours. When it starts, the
-worker's main process signals its pool children; a child running a job sets
+worker's main process signals its pool processes; the one running a job sets
 :data:`app.jobs.execution.handback_requested`, and the job stops at its next
 step, writes a checkpoint, is put back in the queue for another worker (which
-resumes from that checkpoint), and the child returns.
+resumes from that checkpoint), and the task returns.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
+import threading
 from typing import Any
 
 from billiard.process import active_children
-from celery.signals import worker_process_init, worker_shutting_down
+from celery.signals import worker_shutting_down
 
-log = logging.getLogger(__name__)
-
-#: The signal a pool child gets when its worker shuts down.
+#: The signal a pool process gets when its worker shuts down.
 HANDBACK_SIGNAL = signal.SIGUSR2
+#: billiard's name for the processes of a prefork pool (beat, embedded in a worker, is not).
+_POOL_PROCESS = "ForkPoolWorker"
 
 
 @worker_shutting_down.connect
-def _tell_children(**_: Any) -> None:
+def _tell_pool(**_: Any) -> None:
     # Runs in the worker's main process, inside its signal handler.
     for child in active_children():
-        if child.pid is not None:
+        if child.pid is not None and child.name.startswith(_POOL_PROCESS):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, HANDBACK_SIGNAL)
 
 
-@worker_process_init.connect
-def _listen_in_child(**_: Any) -> None:
+def listen_for_handback() -> None:
+    """Make :data:`HANDBACK_SIGNAL` request a hand-back of the job this process runs.
+
+    Called as each job starts, not when the pool process starts: billiard
+    replaces the handlers of its pool processes after Celery's start-up hooks
+    (with the threaded pool the filesystem broker uses, ``SIGUSR2`` included).
+    """
     from app.jobs.execution import handback_requested
 
-    signal.signal(HANDBACK_SIGNAL, lambda *_: handback_requested.set())
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(HANDBACK_SIGNAL, lambda *_: handback_requested.set())

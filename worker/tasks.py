@@ -5,6 +5,7 @@ from __future__ import annotations
 from app.config import get_settings
 from worker.broker import DELIVER_WEBHOOKS, INSPECT_UPLOAD, RECONCILE, RUN_JOB
 from worker.celery_app import app
+from worker.lifecycle import listen_for_handback
 
 
 @app.task(name=RUN_JOB, ignore_result=True)
@@ -13,6 +14,7 @@ def run_job(job_id: str) -> None:
     # Imported here: the engine (torch) loads in the child that runs the job only.
     from app.jobs.execution import execute_job
 
+    listen_for_handback()
     execute_job(job_id)
 
 

@@ -26,10 +26,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
 from app.datasets.models import Dataset
-from app.db import after_commit, after_rollback, build_engine, utcnow
+from app.db import after_rollback, build_engine, utcnow
 from app.jobs import repository, service
 from app.jobs.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
-from app.jobs.queue import JobQueue
 from app.models.models import TeacherModel
 from app.storage import LocalStorage
 from worker.engine.errors import Cancelled, EngineError
@@ -322,7 +321,12 @@ class JobRun:
         return own
 
     def _hand_back(self, reason: str) -> None:
-        """Put the job back in the queue after its checkpoint (the worker is shutting down)."""
+        """Put the job back in the queue after its checkpoint (the worker is shutting down).
+
+        No message is sent from here: a worker in its warm shutdown may still
+        take one and be killed with it. The reconciler sends the job again once
+        no message for it is left in the broker.
+        """
         with self.factory() as session, session.begin():
             job = session.get(Job, self.claim.job_id)
             if job is not None and job.status == CANCELLING:
@@ -347,9 +351,6 @@ class JobRun:
                 lease_expires_at=None,
             ):
                 raise JobLost(f"job {self.claim.job_id}: the hand-back was fenced")
-            queue = JobQueue(self.settings)
-            after_commit(session, partial(queue.send, job.id))
-            after_commit(session, queue.close)
 
     def _fail(self, code: str, message: str, field: str | None) -> None:
         error = {"code": code, "message": message, "field": field}

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,10 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db import utcnow
 from app.jobs.execution import execute_job, handback_requested
 from app.jobs.models import Job
+from app.jobs.reconciler import reconcile
 from app.storage import LocalStorage
 from tests.app.conftest import Tenants
 from tests.app.factories import npz_dataset, queued_job_ids, tiny_onnx_classifier
@@ -202,7 +205,12 @@ def test_a_worker_shutting_down_hands_the_job_back_and_the_next_attempt_resumes(
     log = events(client, tenants, job["id"])
     assert log[-1]["type"] == "status" and log[-1]["data"]["reason"] == "worker_shutdown"
     checkpointed = max(e["data"]["step"] for e in log if e["type"] == "checkpoint")
-    assert queued_job_ids(broker(settings)) == [job["id"], job["id"]]
+    # The reconciler sends it again once the broker holds no message for it.
+    (message,) = (broker(settings) / "queue").glob("*.msg")
+    message.unlink()  # the submission's, consumed by the run above
+    later = utcnow() + timedelta(seconds=settings.resend_grace_s + 1)
+    assert [str(i) for i in reconcile(settings, now=later).resent] == [job["id"]]
+    assert queued_job_ids(broker(settings)) == [job["id"]]
 
     # The next delivery runs attempt 2 from the last checkpoint, not from step 0.
     execute_job(job["id"], settings)
