@@ -243,52 +243,63 @@ class JobRun:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> None:
-        """Run the engine and record the outcome; the work folder goes unless cancelled."""
+        """Run the engine and record the outcome.
+
+        The job's work folder goes only once this run ended the job for good and
+        nothing in it is worth keeping; checkpoints stay for a cancelled or
+        time-limited job, for a hand-back, and whenever the run is cut short
+        (another attempt may be resuming from them).
+        """
         from worker.engine import pipeline
         from worker.engine.training import Callbacks
 
         out = self.folder / f"attempt-{self.claim.attempt}"
         checkpoints = self._checkpoints()
-        keep_checkpoints = False
+        spent = False  # the job ended and its checkpoints are of no further use
         heartbeat = threading.Thread(target=self._heartbeat, name="lease", daemon=True)
         heartbeat.start()
         try:
-            result = pipeline.run(
-                self._spec(),
-                teacher_path=self.claim.teacher_path,
-                dataset_path=self.claim.dataset_path,
-                out_dir=out,
-                device=self.settings.device,
-                cache_dir=self.settings.work_dir / "cache",
-                checkpoint_dir=checkpoints,
-                callbacks=Callbacks(
-                    on_progress=self.on_progress,
-                    on_event=self.on_event,
-                    should_cancel=self.should_cancel,
-                ),
-            )
+            try:
+                result = pipeline.run(
+                    self._spec(),
+                    teacher_path=self.claim.teacher_path,
+                    dataset_path=self.claim.dataset_path,
+                    out_dir=out,
+                    device=self.settings.device,
+                    cache_dir=self.settings.work_dir / "cache",
+                    checkpoint_dir=checkpoints,
+                    callbacks=Callbacks(
+                        on_progress=self.on_progress,
+                        on_event=self.on_event,
+                        should_cancel=self.should_cancel,
+                    ),
+                )
+            except Cancelled as exc:
+                if handback_requested.is_set():
+                    self._hand_back(str(exc))
+                else:
+                    self._finish(CANCELLED, event={"message": str(exc)})
+            except EngineError as exc:
+                self._fail(exc.code, exc.message, exc.field)
+                spent = True
+            except JobLost:
+                raise
+            except Exception as exc:
+                log.exception("job %s failed unexpectedly", self.claim.job_id)
+                self._fail(
+                    "internal_error", f"the worker failed: {type(exc).__name__}: {exc}", None
+                )
+                spent = True
+            else:
+                self._succeed(result)
+                spent = not result.partial
         except JobLost as exc:
             log.warning("%s; stopping without further writes", exc)
-            return
-        except Cancelled as exc:
-            keep_checkpoints = True
-            if handback_requested.is_set():
-                self._hand_back(str(exc))
-            else:
-                self._finish(CANCELLED, event={"message": str(exc)})
-        except EngineError as exc:
-            self._fail(exc.code, exc.message, exc.field)
-        except Exception as exc:
-            log.exception("job %s failed unexpectedly", self.claim.job_id)
-            self._fail("internal_error", f"the worker failed: {type(exc).__name__}: {exc}", None)
-        else:
-            keep_checkpoints = result.partial
-            self._succeed(result)
         finally:
             self._stop_heartbeat.set()
             heartbeat.join()
             shutil.rmtree(out, ignore_errors=True)
-            if not keep_checkpoints:
+            if spent:
                 shutil.rmtree(self.folder, ignore_errors=True)
 
     def _spec(self) -> JobSpec:

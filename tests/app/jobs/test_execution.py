@@ -227,8 +227,8 @@ def test_a_run_that_lost_its_job_stops_without_writing(
     client: TestClient, tenants: Tenants, submit, settings: Settings, engine
 ):
     quick = settings.model_copy(update={"lease_seconds": 0.3})
-    job = submit(training={"epochs": 3000, "batch_size": 8})
-    with running(client, tenants, job["id"], quick, until="progress"):
+    job = submit(training={"epochs": 3000, "batch_size": 8, "checkpoint_every_steps": 20})
+    with running(client, tenants, job["id"], quick, until="checkpoint"):
         # Another worker took the job over (as the reconciler and a new claim would).
         with Session(engine) as session, session.begin():
             session.execute(
@@ -239,6 +239,9 @@ def test_a_run_that_lost_its_job_stops_without_writing(
     assert after == []
     still = client.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
     assert still["status"] == "running" and still["attempt"] == 2
+    # The job is not over: the checkpoints the next attempt resumes from are kept.
+    checkpoints = quick.work_dir / "jobs" / job["id"].replace("-", "") / "checkpoints"
+    assert (checkpoints / "attempt-1" / "latest").is_file()
 
 
 def test_the_servers_time_ceiling_ends_a_job_with_its_best_student_so_far(
