@@ -551,7 +551,7 @@ def train(
                     break
                 if cb.cancelled():
                     checkpoint()
-                    raise Cancelled(f"cancelled at step {state.step}")
+                    raise Cancelled(f"stopped at step {state.step}, after a checkpoint")
                 if elapsed_before + time.monotonic() - started > budget_s:
                     stop_reason = "time_budget"
                     # The run can be taken up again from here with a larger budget.
