@@ -250,16 +250,18 @@ class JobRun:
         time-limited job, for a hand-back, and whenever the run is cut short
         (another attempt may be resuming from them).
         """
-        from worker.engine import pipeline
-        from worker.engine.training import Callbacks
-
         out = self.folder / f"attempt-{self.claim.attempt}"
-        checkpoints = self._checkpoints()
         spent = False  # the job ended and its checkpoints are of no further use
+        # The lease is renewed from the claim on: importing the engine (torch) and
+        # copying the last checkpoint can take longer than a short lease.
         heartbeat = threading.Thread(target=self._heartbeat, name="lease", daemon=True)
         heartbeat.start()
         try:
             try:
+                from worker.engine import pipeline
+                from worker.engine.training import Callbacks
+
+                checkpoints = self._checkpoints()
                 result = pipeline.run(
                     self._spec(),
                     teacher_path=self.claim.teacher_path,
