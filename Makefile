@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test lint format typecheck bench clean
+.PHONY: install serve test pytest lint format typecheck bench clean
 
 # torch is pinned to 2.13.0 in pyproject.toml: on the development machines pip
 # takes that CPU build from local disk instead of a multi-GB CUDA download.
@@ -31,7 +31,12 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck
+# mypy runs beside the test suite (which waits on worker processes much of the time);
+# either failing fails the target.
+test: lint
+	$(MAKE) --no-print-directory --jobs=2 --output-sync=line typecheck pytest
+
+pytest: install
 	$(BIN)/python -m pytest
 
 bench: install

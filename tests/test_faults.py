@@ -380,7 +380,7 @@ def test_a_paused_worker_past_its_lease_writes_nothing_when_it_wakes(
 
 def test_a_redis_restart_loses_nothing(cluster: Cluster, inputs: dict[str, str]):
     cluster.start_worker()
-    running = submit(cluster, inputs, training={**SPEC["training"], "epochs": 60})
+    running = submit(cluster, inputs)
     wait_until(lambda: checkpointed(cluster, running, 1), "the first job to run")
     waiting = submit(cluster, inputs)
     assert job(cluster, waiting)["status"] == "queued"
@@ -425,7 +425,7 @@ def test_sigterm_hands_the_job_back_and_another_worker_resumes_it(
     cluster: Cluster, inputs: dict[str, str]
 ):
     leaving = cluster.start_worker()
-    job_id = submit(cluster, inputs, training={**SPEC["training"], "epochs": 200})
+    job_id = submit(cluster, inputs)
     wait_until(lambda: checkpointed(cluster, job_id, 1), "a checkpoint of attempt 1")
     asked = time.monotonic()
     leaving.process.send_signal(signal.SIGTERM)

@@ -194,7 +194,7 @@ def test_cancelling_a_running_job_stops_it_at_a_step_and_keeps_its_checkpoint(
 def test_a_worker_shutting_down_hands_the_job_back_and_the_next_attempt_resumes(
     client: TestClient, tenants: Tenants, submit, settings: Settings
 ):
-    job = submit(training={"epochs": 300, "batch_size": 8, "checkpoint_every_steps": 20})
+    job = submit(training={"epochs": 60, "batch_size": 8, "checkpoint_every_steps": 20})
     try:
         with running(client, tenants, job["id"], settings, until="checkpoint"):
             handback_requested.set()
