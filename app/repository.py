@@ -31,6 +31,14 @@ class TenantRepository(Generic[RowT]):
         ).one_or_none()
         return found  # type: ignore[return-value]
 
+    def lookup(self, tenant_id: uuid.UUID, row_id: str) -> RowT | None:
+        """The tenant's row whose id is the text ``row_id``; a malformed id finds nothing."""
+        try:
+            ident = uuid.UUID(row_id)
+        except ValueError:
+            return None
+        return self.get(tenant_id, ident)
+
     def page(
         self,
         tenant_id: uuid.UUID,

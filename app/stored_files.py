@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from fastapi import Request, Response
-from sqlalchemy import JSON, BigInteger, String
+from sqlalchemy import JSON, BigInteger, ColumnElement, String
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from app.auth.models import Tenant
@@ -220,21 +220,23 @@ def get_owned(
 
     Malformed ids are not found either, so ids reveal nothing about other tenants.
     """
-    try:
-        ident: uuid.UUID | None = uuid.UUID(row_id)
-    except ValueError:
-        ident = None
-    row = repository.get(tenant.id, ident) if ident else None
+    row = repository.lookup(tenant.id, row_id)
     if row is None:
         raise NotFound(f"no {what} {row_id!r}", code=f"{what}_not_found")
     return row
 
 
 def list_page(
-    repository: TenantRepository[RowT], tenant: Tenant, *, limit: int, after: Cursor | None
-) -> tuple[Sequence[RowT], Cursor | None]:
-    """A page of the tenant's rows, newest first, and the cursor of the next page."""
-    rows = repository.page(tenant.id, limit=limit + 1, after=after)
+    repository: TenantRepository[OwnedT],
+    tenant: Tenant,
+    *,
+    limit: int,
+    after: Cursor | None,
+    where: Sequence[ColumnElement[bool]] = (),
+) -> tuple[Sequence[OwnedT], Cursor | None]:
+    """A page of the tenant's rows (matching ``where``), newest first, and the cursor of the
+    next page."""
+    rows = repository.page(tenant.id, limit=limit + 1, after=after, where=where)
     if len(rows) <= limit:
         return rows, None
     rows = rows[:limit]

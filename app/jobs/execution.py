@@ -25,11 +25,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
-from app.datasets.models import Dataset
 from app.db import after_rollback, build_engine, utcnow
 from app.jobs import repository, service
 from app.jobs.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
-from app.models.models import TeacherModel
 from app.storage import LocalStorage
 from worker.engine.errors import Cancelled, EngineError
 from worker.engine.spec import JobSpec
@@ -104,8 +102,7 @@ def _claim(
         if job is None or job.status != QUEUED:
             log.info("job %s is %s: nothing to run", job_id, job and job.status)
             return None
-        teacher = session.get(TeacherModel, job.teacher_model_id) if job.teacher_model_id else None
-        dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+        teacher, dataset = service.job_inputs(session, job)
         if teacher is None or dataset is None:
             service.fail_queued(
                 session, job, code="input_missing", message="the teacher or dataset was deleted"
@@ -113,7 +110,7 @@ def _claim(
             return None
         for row, what in ((teacher, "model"), (dataset, "dataset")):
             if row.status == "invalid":
-                reason = (row.error or {}).get("message", "it could not be read")
+                reason = service.invalid_reason(row)
                 service.fail_queued(
                     session, job, code=f"{what}_invalid", message=f"the {what} is invalid: {reason}"
                 )

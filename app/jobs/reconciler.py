@@ -143,8 +143,7 @@ def _unsent(
 
 def _inputs_ready(session: Session, job: Job) -> bool:
     """Whether a worker could start the job now (else an inspection will release it)."""
-    teacher = session.get(TeacherModel, job.teacher_model_id) if job.teacher_model_id else None
-    dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+    teacher, dataset = service.job_inputs(session, job)
     # A job with a deleted or invalid input is failed by the worker's claim: send it.
     return not (
         (teacher is not None and teacher.status == "processing")

@@ -61,10 +61,10 @@ def spec_digest(spec: JobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _body_error(
-    detail: str, *, code: str, field: str, error: type[Unprocessable] = Unprocessable
-) -> Unprocessable:
-    return error(detail, code=code, errors=[FieldError(field=f"body.{field}", reason=detail)])
+def _body_error(detail: str, *, code: str, field: str) -> Unprocessable:
+    return Unprocessable(
+        detail, code=code, errors=[FieldError(field=f"body.{field}", reason=detail)]
+    )
 
 
 def _input(
@@ -73,18 +73,21 @@ def _input(
     if row is None:
         raise _body_error(f"no {what} {given!r}", code=f"{what}_not_found", field=field)
     if row.status == "invalid":
-        reason = (row.error or {}).get("message", "it could not be read")
-        raise _body_error(
-            f"{what} {given} is invalid: {reason}", code=f"{what}_invalid", field=field
-        )
+        detail = f"{what} {given} is invalid: {invalid_reason(row)}"
+        raise _body_error(detail, code=f"{what}_invalid", field=field)
     return row
 
 
-def _owned_id(value: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        return None
+def invalid_reason(row: TeacherModel | Dataset) -> str:
+    """Why an ``invalid`` model or dataset could not be read."""
+    return str((row.error or {}).get("message", "it could not be read"))
+
+
+def job_inputs(session: Session, job: Job) -> tuple[TeacherModel | None, Dataset | None]:
+    """The job's teacher and dataset (``None`` for one deleted since)."""
+    teacher = session.get(TeacherModel, job.teacher_model_id) if job.teacher_model_id else None
+    dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+    return teacher, dataset
 
 
 def submit_job(
@@ -110,15 +113,14 @@ def submit_job(
         if existing is not None:
             return _replay(existing, digest), False
 
-    model_id, dataset_id = _owned_id(spec.teacher_model_id), _owned_id(spec.dataset_id)
     teacher = _input(
-        ModelRepository(session).get(tenant.id, model_id) if model_id else None,
+        ModelRepository(session).lookup(tenant.id, spec.teacher_model_id),
         field="teacher_model_id",
         what="model",
         given=spec.teacher_model_id,
     )
     dataset = _input(
-        DatasetRepository(session).get(tenant.id, dataset_id) if dataset_id else None,
+        DatasetRepository(session).lookup(tenant.id, spec.dataset_id),
         field="dataset_id",
         what="dataset",
         given=spec.dataset_id,
@@ -196,11 +198,9 @@ def list_jobs(
 ) -> tuple[Sequence[Job], Cursor | None]:
     """A page of the tenant's jobs (in ``statuses`` if any given), newest first."""
     where = [Job.status.in_(statuses)] if statuses else []
-    rows = JobRepository(session).page(tenant.id, limit=limit + 1, after=after, where=where)
-    if len(rows) <= limit:
-        return rows, None
-    rows = rows[:limit]
-    return rows, Cursor(rows[-1].created_at, rows[-1].id)
+    return stored_files.list_page(
+        JobRepository(session), tenant, limit=limit, after=after, where=where
+    )
 
 
 def change_status(
@@ -256,13 +256,12 @@ def release_waiting_jobs(session: Session, send: SendJob, row: TeacherModel | Da
     column = Job.teacher_model_id if is_model else Job.dataset_id
     for job in JobRepository(session).queued_using(column, row.id):
         if row.status == "invalid":
-            reason = (row.error or {}).get("message", "it could not be read")
+            reason = invalid_reason(row)
             fail_queued(
                 session, job, code=f"{what}_invalid", message=f"the {what} is invalid: {reason}"
             )
             continue
-        teacher = session.get(TeacherModel, job.teacher_model_id) if job.teacher_model_id else None
-        dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+        teacher, dataset = job_inputs(session, job)
         if teacher is None or dataset is None:
             continue
         if teacher.status != "ready" or dataset.status != "ready":
