@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import pytest
 import redis
 
 from tests.app.databases import REPO, postgres_database
-from tests.app.servers import celery_worker, uvicorn_server
+from tests.app.servers import celery_worker, uvicorn_server, wait_until
 from tests.worker.engine.factories import digits, export_onnx_legacy, train_mlp_teacher, write_npz
 from worker.engine.evaluation import validate_metrics
 
@@ -264,7 +263,7 @@ def test_sigterm_hands_a_running_job_back_on_the_embedded_broker(
             page = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()
             return [e for e in page["data"] if e["type"] == kind]
 
-        wait_until(lambda: logged("checkpoint"), "a checkpoint")
+        wait_until(lambda: logged("checkpoint"), "a checkpoint", JOB_DEADLINE_S)
         service.worker.terminate()
         assert service.worker.wait(timeout=60) == 0, service.worker_log.read_text()
         back = client.get(f"/v1/jobs/{job_id}").json()
@@ -273,12 +272,3 @@ def test_sigterm_hands_a_running_job_back_on_the_embedded_broker(
         checkpoints = tmp_path / "work" / "jobs" / job_id.replace("-", "") / "checkpoints"
         assert (checkpoints / "attempt-1" / "latest").is_file()
         assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
-
-
-def wait_until(condition, what: str, deadline_s: float = JOB_DEADLINE_S) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` at the deadline."""
-    end = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)

@@ -32,6 +32,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from tests.app import servers
 from tests.app.databases import REPO, postgres_database
 from tests.app.factories import tiny_onnx_classifier
 from tests.app.servers import CELERY_WORKER, uvicorn_server, wait_for_log
@@ -163,15 +164,8 @@ class Cluster:
 
 
 def wait_until(condition: Callable[[], Any], what: str, deadline_s: float = DEADLINE_S) -> Any:
-    """Poll ``condition`` until it returns something truthy (returned); fail at the deadline."""
-    end = time.monotonic() + deadline_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {deadline_s:.0f} s waiting for {what}")
-        time.sleep(0.1)
+    """:func:`tests.app.servers.wait_until` with this module's deadline."""
+    return servers.wait_until(condition, what, deadline_s)
 
 
 @pytest.fixture(scope="module")

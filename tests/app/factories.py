@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from app.config import Settings
+
 
 def tiny_onnx_classifier(features: int = 4, classes: int = 3, seed: int = 0) -> bytes:
     """A linear classifier (Gemm then Softmax) as serialized ONNX, dynamic batch."""
@@ -50,6 +52,13 @@ def npz_dataset(rows: int = 60, features: int = 4, classes: int | None = 3, seed
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
+
+
+def broker_folder(settings: Settings) -> Path:
+    """The folder of the ``filesystem://`` broker the test's settings name."""
+    folder = settings.broker_folder()
+    assert folder is not None
+    return folder
 
 
 def queued_tasks(broker_folder: Path) -> list[tuple[str, list]]:

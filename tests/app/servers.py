@@ -7,10 +7,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -131,4 +132,16 @@ def wait_for_log(process: subprocess.Popen, log_path: Path, text: str, deadline_
                 f"no {text!r} from pid {process.pid} (exit {process.returncode}):\n"
                 + log_path.read_text(errors="replace")
             )
+        time.sleep(0.1)
+
+
+def wait_until(condition: Callable[[], Any], what: str, deadline_s: float) -> Any:
+    """Poll ``condition`` until it returns something truthy (returned); fail at the deadline."""
+    end = time.monotonic() + deadline_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {deadline_s:.0f} s waiting for {what}")
         time.sleep(0.1)

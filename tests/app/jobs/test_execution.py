@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -29,7 +28,8 @@ from app.jobs.models import Job
 from app.jobs.reconciler import reconcile
 from app.storage import LocalStorage
 from tests.app.conftest import Tenants
-from tests.app.factories import npz_dataset, queued_job_ids, tiny_onnx_classifier
+from tests.app.factories import broker_folder, npz_dataset, queued_job_ids, tiny_onnx_classifier
+from tests.app.servers import wait_until
 from worker.engine.evaluation import validate_metrics
 
 DEADLINE_S = 120
@@ -60,21 +60,6 @@ def events(client: TestClient, tenants: Tenants, job_id: str) -> list[dict]:
     ).json()["data"]
 
 
-def broker(settings: Settings) -> Path:
-    folder = settings.broker_folder()
-    assert folder is not None
-    return folder
-
-
-def wait_for(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``deadline_s``."""
-    end = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @contextmanager
 def running(
     client: TestClient, tenants: Tenants, job_id: str, settings: Settings, *, until: str
@@ -86,9 +71,10 @@ def running(
     runner = threading.Thread(target=execute_job, args=(job_id, settings))
     runner.start()
     try:
-        wait_for(
+        wait_until(
             lambda: any(e["type"] == until for e in events(client, tenants, job_id)),
             f"a {until} event",
+            DEADLINE_S,
         )
         yield runner
         runner.join(DEADLINE_S)
@@ -206,11 +192,11 @@ def test_a_worker_shutting_down_hands_the_job_back_and_the_next_attempt_resumes(
     assert log[-1]["type"] == "status" and log[-1]["data"]["reason"] == "worker_shutdown"
     checkpointed = max(e["data"]["step"] for e in log if e["type"] == "checkpoint")
     # The reconciler sends it again once the broker holds no message for it.
-    (message,) = (broker(settings) / "queue").glob("*.msg")
+    (message,) = (broker_folder(settings) / "queue").glob("*.msg")
     message.unlink()  # the submission's, consumed by the run above
     later = utcnow() + timedelta(seconds=settings.resend_grace_s + 1)
     assert [str(i) for i in reconcile(settings, now=later).resent] == [job["id"]]
-    assert queued_job_ids(broker(settings)) == [job["id"]]
+    assert queued_job_ids(broker_folder(settings)) == [job["id"]]
 
     # The next delivery runs attempt 2 from the last checkpoint, not from step 0.
     execute_job(job["id"], settings)

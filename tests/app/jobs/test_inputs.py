@@ -8,7 +8,6 @@ reads the messages the API and the task send from the filesystem broker folder.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,6 +18,7 @@ from app.jobs.inputs import inspect_input
 from app.main import create_app
 from tests.app.conftest import Tenants
 from tests.app.factories import (
+    broker_folder,
     npz_dataset,
     pickled_checkpoint,
     queued_job_ids,
@@ -42,12 +42,6 @@ def api(deferring: Settings) -> Iterator[TestClient]:
         yield client
 
 
-def broker(settings: Settings) -> Path:
-    folder = settings.broker_folder()
-    assert folder is not None
-    return folder
-
-
 def upload(api: TestClient, tenants: Tenants, kind: str, data: bytes) -> dict:
     response = api.post(f"/v1/{kind}", headers=tenants.acme, files={"file": ("f", data)})
     assert response.status_code == 201, response.text
@@ -62,7 +56,7 @@ def test_large_uploads_are_processing_until_a_worker_inspects_them(
     assert model["status"] == dataset["status"] == "processing"
     assert model["signature"] is None and model["format"] == "onnx"
     assert dataset["summary"] is None and dataset["format"] == "npz"
-    assert queued_tasks(broker(deferring)) == [
+    assert queued_tasks(broker_folder(deferring)) == [
         (INSPECT, ["models", model["id"]]),
         (INSPECT, ["datasets", dataset["id"]]),
     ]
@@ -87,13 +81,13 @@ def test_large_uploads_are_processing_until_a_worker_inspects_them(
     inspect_input("models", model["id"], deferring)  # a second delivery changes nothing
     ready = api.get(f"/v1/models/{model['id']}", headers=tenants.acme).json()
     assert ready["status"] == "ready" and ready["signature"]["num_classes"] == 3
-    assert queued_job_ids(broker(deferring)) == [job["id"]]  # only the submission's message
+    assert queued_job_ids(broker_folder(deferring)) == [job["id"]]  # only the submission's message
 
     inspect_input("datasets", dataset["id"], deferring)
     summary = api.get(f"/v1/datasets/{dataset['id']}", headers=tenants.acme).json()
     assert summary["status"] == "ready" and summary["rows"] == 60
     # Both inputs ready: the job was checked and sent again.
-    assert queued_job_ids(broker(deferring)) == [job["id"], job["id"]]
+    assert queued_job_ids(broker_folder(deferring)) == [job["id"], job["id"]]
     released = api.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
     assert released["status"] == "queued" and released["task"] == "classification"
 
@@ -133,4 +127,4 @@ def test_a_released_job_that_does_not_fit_fails_with_the_engine_code(
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "dataset_invalid"
     assert failed["error"]["field"] == "dataset_id"
-    assert queued_job_ids(broker(deferring)) == [job["id"]]  # not sent again
+    assert queued_job_ids(broker_folder(deferring)) == [job["id"]]  # not sent again

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -18,7 +17,13 @@ from app.jobs.models import Job
 from app.jobs.reconciler import reconcile
 from app.main import create_app
 from tests.app.conftest import Tenants
-from tests.app.factories import npz_dataset, queued_job_ids, queued_tasks, tiny_onnx_classifier
+from tests.app.factories import (
+    broker_folder,
+    npz_dataset,
+    queued_job_ids,
+    queued_tasks,
+    tiny_onnx_classifier,
+)
 
 #: Past the reconciler's grace period for messages on their way.
 LATER = timedelta(seconds=Settings().resend_grace_s + 1)
@@ -41,15 +46,9 @@ def job_of(client: TestClient, tenants: Tenants):
     return submit
 
 
-def broker(settings: Settings) -> Path:
-    folder = settings.broker_folder()
-    assert folder is not None
-    return folder
-
-
 def empty_broker(settings: Settings) -> None:
     """What a broker restart without persistence leaves."""
-    for message in (broker(settings) / "queue").glob("*.msg"):
+    for message in (broker_folder(settings) / "queue").glob("*.msg"):
         message.unlink()
 
 
@@ -85,7 +84,7 @@ def test_an_expired_lease_requeues_the_job_until_its_attempts_run_out(
         "reason": "lease_expired",
         "lease_owner": "gone:1",
     }
-    assert queued_job_ids(broker(settings)) == [lost]
+    assert queued_job_ids(broker_folder(settings)) == [lost]
     assert job(client, tenants, held)["status"] == "running"
     # A second pass has nothing to do.
     again = reconcile(settings, now=now)
@@ -100,7 +99,7 @@ def test_an_expired_lease_requeues_the_job_until_its_attempts_run_out(
     assert terminal["type"] == "terminal" and terminal["data"]["error"]["code"] == (
         "max_attempts_exceeded"
     )
-    assert queued_job_ids(broker(settings)) == [lost]  # no new message
+    assert queued_job_ids(broker_folder(settings)) == [lost]  # no new message
 
 
 def test_a_cancelling_job_whose_worker_died_ends_cancelled(
@@ -118,16 +117,16 @@ def test_queued_jobs_without_a_message_are_sent_again(
 ):
     with_message, lost = job_of(), job_of()
     messages = sorted(
-        (broker(settings) / "queue").glob("*.msg"), key=lambda p: p.stat().st_mtime_ns
+        (broker_folder(settings) / "queue").glob("*.msg"), key=lambda p: p.stat().st_mtime_ns
     )
     messages[1].unlink()  # the broker lost the second job's message
-    assert queued_job_ids(broker(settings)) == [with_message]
+    assert queued_job_ids(broker_folder(settings)) == [with_message]
 
     # Within the grace period the message may still be on its way: left alone.
     assert reconcile(settings).resent == []
     done = reconcile(settings, now=utcnow() + LATER)
     assert [str(i) for i in done.resent] == [lost]
-    assert sorted(queued_job_ids(broker(settings))) == sorted([with_message, lost])
+    assert sorted(queued_job_ids(broker_folder(settings))) == sorted([with_message, lost])
     assert reconcile(settings, now=utcnow() + LATER).resent == []
 
 
@@ -150,6 +149,6 @@ def test_uploads_left_processing_are_inspected_again_and_their_jobs_wait(
     assert sorted(str(i) for i in done.reinspected) == sorted([model["id"], dataset["id"]])
     # The job waits for its inputs; their inspection releases it, not the reconciler.
     assert done.resent == []
-    tasks = queued_tasks(broker(deferring))
+    tasks = queued_tasks(broker_folder(deferring))
     assert sorted(args[0] for _, args in tasks) == ["datasets", "models"]
     assert waiting["status"] == "queued"

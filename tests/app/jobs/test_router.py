@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -20,7 +19,7 @@ from app.config import Settings
 from app.jobs.models import Job
 from tests.app.conftest import Tenants
 from tests.app.databases import count_rows
-from tests.app.factories import npz_dataset, queued_job_ids, tiny_onnx_classifier
+from tests.app.factories import broker_folder, npz_dataset, queued_job_ids, tiny_onnx_classifier
 from tests.app.http import all_pages, assert_problem
 
 
@@ -43,12 +42,6 @@ def set_status(engine: sa.Engine, job_id: str, status: str) -> None:
         session.execute(update(Job).where(Job.id == uuid.UUID(job_id)).values(status=status))
 
 
-def broker(settings: Settings) -> Path:
-    folder = settings.broker_folder()
-    assert folder is not None
-    return folder
-
-
 def test_submit_queues_the_job_and_sends_only_its_id(
     client: TestClient, tenants: Tenants, inputs: dict, settings: Settings
 ):
@@ -59,7 +52,7 @@ def test_submit_queues_the_job_and_sends_only_its_id(
     assert job["task"] == "classification"
     assert job["spec"]["training"]["epochs"] == 20  # defaults filled in
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
-    assert queued_job_ids(broker(settings)) == [job["id"]]
+    assert queued_job_ids(broker_folder(settings)) == [job["id"]]
 
     events = client.get(f"/v1/jobs/{job['id']}/events", headers=tenants.acme).json()
     assert [(e["type"], e["data"]) for e in events["data"]] == [("status", {"status": "queued"})]
@@ -103,7 +96,7 @@ def test_submit_names_the_field_at_fault(
     body = assert_problem(response, status, code)
     assert field in [e["field"] for e in body["errors"]], body
     assert count_rows(engine, "jobs") == 0
-    assert queued_job_ids(broker(settings)) == []
+    assert queued_job_ids(broker_folder(settings)) == []
 
 
 def test_submit_checks_the_data_against_the_teacher(
@@ -175,7 +168,7 @@ def test_idempotency_key_replays_and_refuses_another_body(
     )
     body = assert_problem(other, 409, "idempotency_key_reused")
     assert body["errors"][0]["field"] == "header.idempotency-key"
-    assert queued_job_ids(broker(settings)) == [first.json()["id"]]
+    assert queued_job_ids(broker_folder(settings)) == [first.json()["id"]]
     # Keys are per tenant: globex may use the same one (for its own inputs).
     assert_problem(
         client.post("/v1/jobs", headers={**tenants.globex, **key}, json=inputs),
