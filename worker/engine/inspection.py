@@ -19,7 +19,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, cast
+from typing import IO, Any, cast, get_args
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -27,9 +27,10 @@ from google.protobuf.message import DecodeError
 from worker.engine.archive import ZIP_MAGIC, list_members, member_path
 from worker.engine.errors import TeacherIncompatible, TeacherInvalid, UnsupportedFormat
 from worker.engine.signature import Dim, TeacherSignature, TensorSpec
+from worker.engine.spec import BuiltinArchitecture
 
-#: Student architectures a safetensors bundle's config may name (see students.py).
-BUILTIN_ARCHITECTURES = ("mlp", "cnn", "rnn", "transformer")
+#: Student architectures a safetensors bundle's config may name.
+BUILTIN_ARCHITECTURES: tuple[str, ...] = get_args(BuiltinArchitecture)
 
 #: Operators of scikit-learn graphs (the ``ai.onnx.ml`` domain) that classify.
 SKLEARN_CLASSIFIERS = frozenset(
