@@ -35,7 +35,8 @@ DEFAULT_METHOD: dict[str, MethodName] = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Infinity and NaN pass range checks such as gt=0 and would be stored as JSON null.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StudentSpec(_Strict):

@@ -54,6 +54,31 @@ def test_errors_name_the_field(patch: dict, field: str) -> None:
     assert field in info.value.message
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"training": {"grad_clip_norm": Infinity}}', "training.grad_clip_norm"),
+        ('{"training": {"grad_clip_norm": NaN}}', "training.grad_clip_norm"),
+        (
+            '{"training": {"checkpoint_every_minutes": Infinity}}',
+            "training.checkpoint_every_minutes",
+        ),
+        ('{"student": {"dropout": NaN}}', "student.dropout"),
+        (
+            '{"method": {"extra_terms": [{"name": "hint", "weight": NaN}]}}',
+            "method.extra_terms.0.weight",
+        ),
+    ],
+)
+def test_non_finite_numbers_are_refused(body: str, field: str) -> None:
+    # Python's json (as the API reads bodies) accepts these literals; JSON would store null.
+    patch = json.loads(body)
+    with pytest.raises(SpecInvalid) as info:
+        parse_spec({**MINIMAL, **patch})
+    assert info.value.field == field
+    assert "finite" in info.value.message
+
+
 def test_method_must_fit_task() -> None:
     with pytest.raises(SpecInvalid, match="kd needs task classification"):
         parse_spec({**MINIMAL, "task": "regression", "method": {"name": "kd"}})
