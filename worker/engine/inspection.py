@@ -17,7 +17,7 @@ import re
 import struct
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, cast, get_args
 
@@ -810,53 +810,55 @@ def _safetensors_signature(bundle: Bundle, found: _Classified) -> TeacherSignatu
 # --------------------------------------------------------------------------- transformers
 
 
-def _hf_signature(bundle: Bundle) -> TeacherSignature:
-    model_dir = ""
-    dense: list[dict[str, Any]] = []
+@dataclass
+class _SentenceTransformer:
+    """What modules.json says: the transformer's folder, its pooling and its dense layers."""
+
+    model_dir: str = ""
     pooling: dict[str, Any] | None = None
-    st = "modules.json" in bundle.names
-    if st:
-        modules = bundle.json("modules.json")
-        if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-            raise TeacherInvalid("modules.json is not a list of modules", field="teacher")
-        for m in sorted(modules, key=lambda e: int(e.get("idx", 0))):
-            kind = str(m.get("type", "")).rsplit(".", 1)[-1]
-            raw = str(m.get("path") or "")
-            folder = "" if raw in ("", ".") else str(member_path(raw))
-            cfg_name = posixpath.join(folder, "config.json")
-            cfg = bundle.json(cfg_name) if cfg_name in bundle.names else {}
-            if kind == "Transformer":
-                model_dir = folder
-            elif kind == "Pooling":
-                pooling = cfg
-            elif kind == "Dense":
-                dense.append({**cfg, "folder": folder})
-    config_name = posixpath.join(model_dir, "config.json")
-    if config_name not in bundle.names:
-        raise TeacherInvalid("the transformers folder has no config.json", field="teacher")
-    config = bundle.json(config_name)
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise TeacherInvalid(f"{config_name} has no model_type", field="teacher")
-    model_type = str(config["model_type"])
-    architectures = [str(a) for a in config.get("architectures") or []]
-    hidden = config.get("hidden_size") or config.get("dim") or config.get("d_model")
-    task, num_labels = _hf_task(config, architectures, st)
-    if task == "embedding":
-        dim = int(hidden) if hidden else None
-        if pooling is not None:
-            modes = pooling.get("pooling_mode")
-            count = (
-                (1 if isinstance(modes, str) else len(modes))
-                if modes
-                else max(1, sum(bool(pooling.get(k)) for k in _ST_POOLING_KEYS))
-            )
-            width = pooling.get("word_embedding_dimension") or hidden
-            dim = int(width) * count if width else None
-        if dense:
-            dim = int(dense[-1].get("out_features") or 0) or dim
-    else:
-        dim = num_labels
-    weights = [n for n in bundle.names if n.endswith(".safetensors")]
+    dense: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _sentence_transformer(bundle: Bundle) -> _SentenceTransformer:
+    modules = bundle.json("modules.json")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise TeacherInvalid("modules.json is not a list of modules", field="teacher")
+    found = _SentenceTransformer()
+    for m in sorted(modules, key=lambda e: int(e.get("idx", 0))):
+        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+        raw = str(m.get("path") or "")
+        folder = "" if raw in ("", ".") else str(member_path(raw))
+        cfg_name = posixpath.join(folder, "config.json")
+        cfg = bundle.json(cfg_name) if cfg_name in bundle.names else {}
+        if kind == "Transformer":
+            found.model_dir = folder
+        elif kind == "Pooling":
+            found.pooling = cfg
+        elif kind == "Dense":
+            found.dense.append({**cfg, "folder": folder})
+    return found
+
+
+def _embedding_dim(hidden: Any, st: _SentenceTransformer) -> int | None:
+    """Width of the sentence embedding: pooled (modes concatenated), then the last dense layer."""
+    dim = int(hidden) if hidden else None
+    pooling = st.pooling
+    if pooling is not None:
+        modes = pooling.get("pooling_mode")
+        count = (
+            (1 if isinstance(modes, str) else len(modes))
+            if modes
+            else max(1, sum(bool(pooling.get(k)) for k in _ST_POOLING_KEYS))
+        )
+        width = pooling.get("word_embedding_dimension") or hidden
+        dim = int(width) * count if width else None
+    if st.dense:
+        dim = int(st.dense[-1].get("out_features") or 0) or dim
+    return dim
+
+
+def _hf_input_names(bundle: Bundle, model_dir: str, model_type: str) -> list[str]:
+    """The tokenizer's outputs: as its config declares them, else by model family."""
     tok_config = posixpath.join(model_dir, "tokenizer_config.json")
     input_names = ["input_ids", "attention_mask"]
     declared = None
@@ -868,11 +870,49 @@ def _hf_signature(bundle: Bundle) -> TeacherSignature:
             input_names.append("token_type_ids")
     elif model_type not in _NO_TOKEN_TYPES:
         input_names.append("token_type_ids")
-    output = "logits" if task != "embedding" else "embedding"
+    return input_names
+
+
+def _hf_model_config(bundle: Bundle, model_dir: str) -> dict[str, Any]:
+    config_name = posixpath.join(model_dir, "config.json")
+    if config_name not in bundle.names:
+        raise TeacherInvalid("the transformers folder has no config.json", field="teacher")
+    config = bundle.json(config_name)
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise TeacherInvalid(f"{config_name} has no model_type", field="teacher")
+    return config
+
+
+def _hf_extra(config: dict[str, Any], task: Any, st: bool) -> dict[str, Any]:
     labels = config.get("id2label") or {}
+    return {
+        "model_type": str(config["model_type"]),
+        "hidden_size": config.get("hidden_size") or config.get("dim") or config.get("d_model"),
+        "num_layers": config.get("num_hidden_layers") or config.get("n_layers"),
+        "vocab_size": config.get("vocab_size"),
+        "sentence_transformers": st,
+        "labels": (
+            [str(labels[k]) for k in sorted(labels, key=lambda k: int(k))]
+            if task == "classification" and isinstance(labels, dict)
+            else None
+        ),
+    }
+
+
+def _hf_signature(bundle: Bundle) -> TeacherSignature:
+    is_st = "modules.json" in bundle.names
+    st = _sentence_transformer(bundle) if is_st else _SentenceTransformer()
+    config = _hf_model_config(bundle, st.model_dir)
+    model_type = str(config["model_type"])
+    architectures = [str(a) for a in config.get("architectures") or []]
+    hidden = config.get("hidden_size") or config.get("dim") or config.get("d_model")
+    task, num_labels = _hf_task(config, architectures, is_st)
+    dim = _embedding_dim(hidden, st) if task == "embedding" else num_labels
+    weights = [n for n in bundle.names if n.endswith(".safetensors")]
+    output = "logits" if task != "embedding" else "embedding"
     return TeacherSignature(
         format="huggingface",
-        inputs=_text_inputs(input_names),
+        inputs=_text_inputs(_hf_input_names(bundle, st.model_dir, model_type)),
         outputs=[TensorSpec(output, ["batch", dim], "float32")],
         parameters=_bundle_parameters(bundle, weights),
         bytes=bundle.path.stat().st_size if bundle.is_zip else sum(bundle.sizes.values()),
@@ -883,22 +923,11 @@ def _hf_signature(bundle: Bundle) -> TeacherSignature:
         output_dim=dim,
         architecture=(
             f"SentenceTransformer({model_type})"
-            if st
+            if is_st
             else (architectures[0] if architectures else model_type)
         ),
         modality="text",
-        extra={
-            "model_type": model_type,
-            "hidden_size": hidden,
-            "num_layers": config.get("num_hidden_layers") or config.get("n_layers"),
-            "vocab_size": config.get("vocab_size"),
-            "sentence_transformers": st,
-            "labels": (
-                [str(labels[k]) for k in sorted(labels, key=lambda k: int(k))]
-                if task == "classification" and isinstance(labels, dict)
-                else None
-            ),
-        },
+        extra=_hf_extra(config, task, is_st),
     )
 
 
