@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError
 
 from worker.engine.archive import ZIP_MAGIC, list_members, member_path
 from worker.engine.errors import TeacherIncompatible, TeacherInvalid, UnsupportedFormat
+from worker.engine.onnx_graph import check_structure
 from worker.engine.signature import Dim, TeacherSignature, TensorSpec
 from worker.engine.spec import BuiltinArchitecture
 
@@ -269,12 +270,16 @@ def _parse_onnx_bytes(data: bytes, name: str, *, expected: bool = False) -> onnx
         if looks:
             raise TeacherInvalid(f"{name} is an ONNX model without a graph", field="teacher")
         raise _unknown_format()
-    _check_graph(model.graph, name)
+    _check_graph(model, name)
     return model
 
 
-def _check_graph(graph: onnx.GraphProto, name: str) -> None:
-    """Structural checks that catch truncated or hand-broken graphs before a runtime does."""
+def _check_graph(model: onnx.ModelProto, name: str) -> None:
+    """Structural checks that catch truncated or hand-broken graphs before a runtime does.
+
+    Cyclic graphs and graphs over the size caps are refused here, before any walk of them.
+    """
+    graph = model.graph
     if not graph.output:
         raise TeacherInvalid(f"{name}: the ONNX graph declares no outputs", field="teacher")
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer}
@@ -286,6 +291,7 @@ def _check_graph(graph: onnx.GraphProto, name: str) -> None:
         raise TeacherInvalid(
             f"{name}: the ONNX graph's outputs {missing} are produced by no node", field="teacher"
         )
+    check_structure(model, name)
 
 
 def _unknown_format() -> UnsupportedFormat:
@@ -572,8 +578,12 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 def _ends_in(producers: dict[str, onnx.NodeProto], name: str, op_types: set[str]) -> bool:
     """Whether ``name`` comes from one of ``op_types`` through shape-only ops."""
     passthrough = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"}
+    seen = {name}
     node = producers.get(name)
     while node is not None and node.op_type in passthrough and node.input:
+        if node.input[0] in seen:
+            return False
+        seen.add(node.input[0])
         node = producers.get(node.input[0])
     return node is not None and node.op_type in op_types
 

@@ -7,6 +7,11 @@ import os
 import pickle
 import subprocess
 import sys
+import time
+import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,7 @@ from tests.worker.engine.factories import (
     teacher_zoo,
     zip_files,
 )
+from worker.engine import onnx_graph
 from worker.engine.errors import ArchiveUnsafe, TeacherInvalid, UnsupportedFormat
 from worker.engine.inspection import inspect, sniff_teacher
 
@@ -30,6 +36,32 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.fixture(scope="session")
 def zoo() -> TeacherZoo:
     return teacher_zoo()
+
+
+@dataclass
+class Usage:
+    """Wall-clock seconds and peak traced Python memory of a block."""
+
+    seconds: float = 0.0
+    peak_bytes: int = 0
+
+
+@contextmanager
+def measured() -> Iterator[Usage]:
+    """Measure the block; tests pair it with ``pytest.mark.timeout`` so a hang fails them."""
+    usage = Usage()
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    start = time.monotonic()
+    try:
+        yield usage
+    finally:
+        usage.seconds = time.monotonic() - start
+        usage.peak_bytes = tracemalloc.get_traced_memory()[1]
+        if not tracing:
+            tracemalloc.stop()
 
 
 def _refused(path: Path) -> UnsupportedFormat:
@@ -377,3 +409,140 @@ def test_plain_graph_with_missing_external_data_is_invalid(zoo: TeacherZoo, tmp_
     assert os.path.exists(lonely) and sniff_teacher(lonely) == "onnx"
     with pytest.raises(TeacherInvalid):
         inspect(lonely)
+
+
+# --------------------------------------------------------------------------- hostile graphs
+
+FLOAT = onnx.TensorProto.FLOAT
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _two_identities_feeding_each_other(path: Path) -> Path:
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Identity", ["b"], ["a"], name="A"),
+            onnx.helper.make_node("Identity", ["a"], ["b"], name="B"),
+        ],
+        "g",
+        [],
+        [onnx.helper.make_tensor_value_info("a", FLOAT, ["n", 3])],
+    )
+    return _save(graph, path)
+
+
+@pytest.mark.timeout(60)
+def test_a_cyclic_graph_is_refused_in_bounded_time(tmp_path: Path) -> None:
+    path = _two_identities_feeding_each_other(tmp_path / "cycle.onnx")
+    assert path.stat().st_size < 120
+    with measured() as usage, pytest.raises(TeacherInvalid) as err:
+        inspect(path)
+    assert "cycle through nodes 'A', 'B'" in err.value.message
+    assert err.value.field == "teacher"
+    assert usage.seconds < 5
+    with pytest.raises(TeacherInvalid, match="cycle"):
+        sniff_teacher(path)
+
+
+def _if_node(then_nodes: list[onnx.NodeProto], output: str, **kw: object) -> onnx.NodeProto:
+    branch = onnx.helper.make_graph(
+        then_nodes, "branch", [], [onnx.helper.make_tensor_value_info("t", FLOAT, ["n", 3])], **kw
+    )
+    return onnx.helper.make_node(
+        "If", ["cond"], [output], name="if", then_branch=branch, else_branch=branch
+    )
+
+
+def _with_if(nodes: list[onnx.NodeProto], path: Path) -> Path:
+    cond = onnx.helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])
+    x = onnx.helper.make_tensor_value_info("x", FLOAT, ["n", 3])
+    y = onnx.helper.make_tensor_value_info("y", FLOAT, ["n", 3])
+    return _save(onnx.helper.make_graph(nodes, "g", [cond, x], [y]), path)
+
+
+@pytest.mark.timeout(60)
+def test_a_cycle_inside_a_subgraph_is_refused(tmp_path: Path) -> None:
+    branch_cycle = [
+        onnx.helper.make_node("Identity", ["u"], ["t"], name="inner_t"),
+        onnx.helper.make_node("Identity", ["t"], ["u"], name="inner_u"),
+    ]
+    path = _with_if([_if_node(branch_cycle, "y")], tmp_path / "sub.onnx")
+    with pytest.raises(TeacherInvalid, match="cycle through nodes 'inner_t', 'inner_u'"):
+        inspect(path)
+
+
+@pytest.mark.timeout(60)
+def test_a_cycle_through_what_a_subgraph_reads_from_outside_is_refused(tmp_path: Path) -> None:
+    # The If reads "back" inside its branch; "back" is computed from the If's own output.
+    reads_outer = [onnx.helper.make_node("Add", ["x", "back"], ["t"], name="branch_add")]
+    nodes = [
+        _if_node(reads_outer, "y"),
+        onnx.helper.make_node("Relu", ["y"], ["back"], name="relu"),
+    ]
+    with pytest.raises(TeacherInvalid, match="cycle through nodes 'if', 'relu'"):
+        inspect(_with_if(nodes, tmp_path / "outer.onnx"))
+
+
+def test_a_cyclic_function_body_is_refused(tmp_path: Path) -> None:
+    body = [
+        onnx.helper.make_node("Identity", ["q"], ["p"], name="fn_p"),
+        onnx.helper.make_node("Add", ["i", "p"], ["q"], name="fn_q"),
+    ]
+    function = onnx.helper.make_function(
+        "local", "Loopy", ["i"], ["q"], body, [onnx.helper.make_opsetid("", 17)]
+    )
+    x = onnx.helper.make_tensor_value_info("x", FLOAT, ["n", 3])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Loopy", ["x"], ["y"], domain="local")],
+        "g",
+        [x],
+        [onnx.helper.make_tensor_value_info("y", FLOAT, ["n", 3])],
+    )
+    model = onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("local", 1)],
+        functions=[function],
+    )
+    onnx.save(model, tmp_path / "fn.onnx")
+    with pytest.raises(TeacherInvalid, match="cycle through nodes 'fn_p', 'fn_q'"):
+        inspect(tmp_path / "fn.onnx")
+
+
+def test_a_value_produced_twice_is_refused(tmp_path: Path) -> None:
+    x = onnx.helper.make_tensor_value_info("x", FLOAT, ["n", 3])
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Relu", ["x"], ["y"], name="first"),
+            onnx.helper.make_node("Neg", ["x"], ["y"], name="second"),
+        ],
+        "g",
+        [x],
+        [onnx.helper.make_tensor_value_info("y", FLOAT, ["n", 3])],
+    )
+    with pytest.raises(TeacherInvalid, match="'y' is produced by two nodes"):
+        inspect(_save(graph, tmp_path / "twice.onnx"))
+
+
+def test_graph_size_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    x = onnx.helper.make_tensor_value_info("x", FLOAT, ["n", 3])
+    chain = [onnx.helper.make_node("Relu", [f"v{i}"], [f"v{i + 1}"]) for i in range(4)]
+    weights = [onnx.numpy_helper.from_array(np.zeros(3, np.float32), f"w{i}") for i in range(4)]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["v0"]), *chain],
+        "g",
+        [x],
+        [onnx.helper.make_tensor_value_info("v4", FLOAT, ["n", 3])],
+        weights,
+    )
+    path = _save(graph, tmp_path / "chain.onnx")
+    assert inspect(path).parameters == 12
+    monkeypatch.setattr(onnx_graph, "MAX_GRAPH_NODES", 4)
+    with pytest.raises(TeacherInvalid, match="more than 4 nodes"):
+        inspect(path)
+    monkeypatch.setattr(onnx_graph, "MAX_GRAPH_NODES", 5)
+    monkeypatch.setattr(onnx_graph, "MAX_INITIALIZERS", 3)
+    with pytest.raises(TeacherInvalid, match="more than 3 initializers"):
+        inspect(path)
