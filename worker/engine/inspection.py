@@ -16,7 +16,6 @@ import posixpath
 import re
 import struct
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, cast, get_args
@@ -26,7 +25,7 @@ from google.protobuf.message import DecodeError
 
 from worker.engine.archive import ZIP_MAGIC, list_members, member_path
 from worker.engine.errors import TeacherIncompatible, TeacherInvalid, UnsupportedFormat
-from worker.engine.onnx_graph import check_structure
+from worker.engine.onnx_graph import all_tensors, check_structure
 from worker.engine.signature import Dim, TeacherSignature, TensorSpec
 from worker.engine.spec import BuiltinArchitecture
 
@@ -467,9 +466,13 @@ def load_onnx(path: str | Path, *, expected: bool = False) -> onnx.ModelProto:
 
 
 def external_locations(model: onnx.ModelProto) -> list[str]:
-    """Distinct ``location`` entries of the graph's external tensors, in order."""
+    """Distinct ``location`` entries of the model's external tensors, in order.
+
+    Subgraphs (``If``/``Loop``/``Scan`` bodies) and function bodies are included: the
+    runtime reads their external data too.
+    """
     seen: dict[str, None] = {}
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             entries = {e.key: e.value for e in tensor.external_data}
             if "location" not in entries:
@@ -505,14 +508,6 @@ def external_bytes(model: onnx.ModelProto, base_dir: Path) -> int:
             )
         total += target.stat().st_size
     return total
-
-
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
 
 
 def dtype_name(elem_type: int) -> str:

@@ -546,3 +546,39 @@ def test_graph_size_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(onnx_graph, "MAX_INITIALIZERS", 3)
     with pytest.raises(TeacherInvalid, match="more than 3 initializers"):
         inspect(path)
+
+
+def _external(name: str, location: str) -> onnx.TensorProto:
+    tensor = onnx.TensorProto(name=name, data_type=FLOAT, dims=[1, 3])
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    return tensor
+
+
+def _branch_data_at(location: str, path: Path) -> Path:
+    """A graph whose If branches read a [1, 3] weight stored in ``location``."""
+    read = [onnx.helper.make_node("Identity", ["w"], ["t"], name="read_w")]
+    return _with_if([_if_node(read, "y", initializer=[_external("w", location)])], path)
+
+
+def test_external_data_of_a_subgraph_must_stay_beside_the_graph(tmp_path: Path) -> None:
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 12)
+    with pytest.raises(ArchiveUnsafe):
+        inspect(_branch_data_at("../secret.bin", inner / "model.onnx"))
+    (inner / "w.bin").write_bytes(b"\0" * 12)
+    ok = _branch_data_at("w.bin", inner / "ok.onnx")
+    assert inspect(ok).bytes == ok.stat().st_size + 12
+
+
+def test_external_data_of_a_subgraph_must_stay_in_the_bundle(tmp_path: Path) -> None:
+    escaping = _branch_data_at("../../etc/passwd", tmp_path / "model.onnx")
+    bundle = zip_files(tmp_path / "escape.zip", {"m/model.onnx": escaping, "m/w.bin": b"\0" * 12})
+    with pytest.raises(ArchiveUnsafe):
+        inspect(bundle)
+    absent = _branch_data_at("absent.bin", tmp_path / "absent.onnx")
+    bundle = zip_files(tmp_path / "absent.zip", {"m/model.onnx": absent, "m/w.bin": b"\0" * 12})
+    with pytest.raises(TeacherInvalid, match=r"absent\.bin"):
+        inspect(bundle)
