@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import posixpath
 import re
 import struct
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, cast, get_args
@@ -47,6 +47,10 @@ HOW_TO_EXPORT = (
     "folder."
 )
 PICKLE_REFUSAL = "{what}; unpickling runs arbitrary code, so it is never loaded. " + HOW_TO_EXPORT
+
+#: Elements of one tensor, and parameters of one teacher: 2**44 (17.6 trillion) is ten times
+#: the largest models built, and keeps every count well inside a signed 64-bit integer.
+MAX_ELEMENTS = 2**44
 
 _MAX_JSON_BYTES = 16 * 2**20
 _MAX_SAFETENSORS_HEADER = 100 * 2**20
@@ -136,7 +140,8 @@ class Bundle:
     def json(self, name: str) -> Any:
         try:
             return json.loads(self.read(name))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # ValueError covers integers too long to convert; RecursionError, deep nesting.
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise TeacherInvalid(f"cannot read {name}: {exc}", field="teacher") from None
 
     def basenames(self) -> set[str]:
@@ -515,7 +520,7 @@ def dtype_name(elem_type: int) -> str:
     return _ONNX_DTYPES.get(elem_type, f"onnx:{elem_type}")
 
 
-def _dims(shape: onnx.TensorShapeProto) -> list[Dim]:
+def _dims(shape: onnx.TensorShapeProto, name: str) -> list[Dim]:
     out: list[Dim] = []
     for d in shape.dim:
         if d.HasField("dim_value"):
@@ -524,14 +529,17 @@ def _dims(shape: onnx.TensorShapeProto) -> list[Dim]:
             out.append(d.dim_param)
         else:
             out.append(None)
+    # Symbolic and negative ("unknown") sizes are left out of the product.
+    element_count([d for d in out if isinstance(d, int) and d >= 0], f"tensor {name!r}")
     return out
 
 
 def _value_spec(value: onnx.ValueInfoProto) -> TensorSpec:
     t = value.type
     if t.HasField("tensor_type"):
-        shape = _dims(t.tensor_type.shape) if t.tensor_type.HasField("shape") else []
-        return TensorSpec(value.name, shape, dtype_name(t.tensor_type.elem_type))
+        tensor = t.tensor_type
+        shape = _dims(tensor.shape, value.name) if tensor.HasField("shape") else []
+        return TensorSpec(value.name, shape, dtype_name(tensor.elem_type))
     if t.HasField("sequence_type") and t.sequence_type.elem_type.HasField("map_type"):
         m = t.sequence_type.elem_type.map_type
         inner = m.value_type.tensor_type.elem_type if m.value_type.HasField("tensor_type") else 0
@@ -547,8 +555,28 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
-def _numel(dims: Any) -> int:
-    return int(math.prod(int(d) for d in dims)) if len(dims) else 1
+def element_count(dims: Iterable[Any], what: str) -> int:
+    """The product of ``dims``: :class:`TeacherInvalid` for a negative size or past
+    :data:`MAX_ELEMENTS`, checked as it grows, so absurd shapes cost no big-number arithmetic."""
+    count = 1
+    for raw in dims:
+        d = int(raw)
+        if d < 0 or d > MAX_ELEMENTS:
+            raise TeacherInvalid(f"{what} has a dimension of {d}", field="teacher")
+        count *= d
+        if count > MAX_ELEMENTS:
+            raise TeacherInvalid(f"{what} has more than {MAX_ELEMENTS} elements", field="teacher")
+    return count
+
+
+def parameter_total(counts: Iterable[int], what: str) -> int:
+    """The sum of ``counts``; :class:`TeacherInvalid` past :data:`MAX_ELEMENTS`."""
+    total = 0
+    for n in counts:
+        total += n
+        if total > MAX_ELEMENTS:
+            raise TeacherInvalid(f"{what}: more than {MAX_ELEMENTS} parameters", field="teacher")
+    return total
 
 
 def _attr(node: onnx.NodeProto, name: str) -> Any:
@@ -607,8 +635,9 @@ def onnx_signature(model: onnx.ModelProto, size: int) -> TeacherSignature:
     graph = model.graph
     inputs = [_value_spec(v) for v in graph_inputs(model)]
     outputs = [_value_spec(v) for v in graph.output]
-    parameters = sum(
-        _numel(t.dims) for t in graph.initializer if dtype_name(t.data_type) in _WEIGHT_DTYPES
+    sizes = [(t, element_count(t.dims, f"initializer {t.name!r}")) for t in graph.initializer]
+    parameters = parameter_total(
+        (n for t, n in sizes if dtype_name(t.data_type) in _WEIGHT_DTYPES), "the initializers"
     )
     ml_nodes = [n for n in graph.node if n.domain == ML_DOMAIN]
     producers = _producers(graph)
@@ -711,7 +740,8 @@ def _net_output(
         sig.task, sig.output_kind, sig.output_dim = "regression", "values", 1
         return
     trailing = shape[1:]
-    width = _numel(trailing) if all(isinstance(d, int) for d in trailing) else None
+    known = all(isinstance(d, int) and d >= 0 for d in trailing)
+    width = element_count(trailing, f"output {out.name!r}") if known else None
     sig.output_dim = width
     if len(shape) != 2:
         return
@@ -739,29 +769,34 @@ def safetensors_parameters(stream: IO[bytes], size: int, name: str) -> int:
         raise TeacherInvalid(f"{name} has an invalid safetensors header length", field="teacher")
     try:
         header = json.loads(stream.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TeacherInvalid(f"{name} has an unreadable safetensors header: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise TeacherInvalid(
+            f"{name} has an unreadable safetensors header: {exc}", field="teacher"
+        ) from None
     if not isinstance(header, dict):
         raise TeacherInvalid(f"{name} has an invalid safetensors header", field="teacher")
-    total = 0
+    counts = []
     for key, entry in header.items():
         if key == "__metadata__":
             continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
         try:
-            total += _numel(entry["shape"])
-        except (KeyError, TypeError, ValueError):
+            if not isinstance(shape, list):
+                raise TypeError(shape)
+            counts.append(element_count(shape, f"{name}: tensor {key!r}"))
+        except (TypeError, ValueError, OverflowError):
             raise TeacherInvalid(
                 f"{name}: tensor {key!r} has no valid shape", field="teacher"
             ) from None
-    return total
+    return parameter_total(counts, name)
 
 
 def _bundle_parameters(bundle: Bundle, names: list[str]) -> int:
-    total = 0
+    counts = []
     for n in names:
         with bundle.open(n) as f:
-            total += safetensors_parameters(f, bundle.sizes[n], n)
-    return total
+            counts.append(safetensors_parameters(f, bundle.sizes[n], n))
+    return parameter_total(counts, "the weights")
 
 
 def _text_inputs(names: list[str]) -> list[TensorSpec]:

@@ -582,3 +582,51 @@ def test_external_data_of_a_subgraph_must_stay_in_the_bundle(tmp_path: Path) -> 
     bundle = zip_files(tmp_path / "absent.zip", {"m/model.onnx": absent, "m/w.bin": b"\0" * 12})
     with pytest.raises(TeacherInvalid, match=r"absent\.bin"):
         inspect(bundle)
+
+
+def _absurd_initializer(path: Path, dims: list[int]) -> Path:
+    weight = onnx.TensorProto(name="w", data_type=FLOAT, dims=dims)
+    x = onnx.helper.make_tensor_value_info("x", FLOAT, ["n", 3])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [x],
+        [onnx.helper.make_tensor_value_info("y", FLOAT, ["n", 3])],
+        [weight],
+    )
+    return _save(graph, path)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dims", [[2**62, 2**62], [2**62] * 20_000, [2**44 + 1], [-1, 3]])
+def test_absurd_initializer_dimensions_are_refused(tmp_path: Path, dims: list[int]) -> None:
+    path = _absurd_initializer(tmp_path / "huge.onnx", dims)
+    with measured() as usage, pytest.raises(TeacherInvalid) as err:
+        # What the API stores: a parameter count past 4300 digits cannot even become JSON.
+        json.dumps(inspect(path).to_dict())
+    assert "initializer 'w'" in err.value.message
+    assert usage.seconds < 5
+
+
+def test_absurd_input_dimensions_are_refused(tmp_path: Path) -> None:
+    x = onnx.helper.make_tensor_value_info("x", FLOAT, ["n", 2**40, 2**40])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [x],
+        [onnx.helper.make_tensor_value_info("y", FLOAT, ["n", 3])],
+    )
+    with pytest.raises(TeacherInvalid, match="tensor 'x' has more than"):
+        inspect(_save(graph, tmp_path / "wide.onnx"))
+
+
+def test_absurd_safetensors_shapes_are_refused(tmp_path: Path) -> None:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 0]}})
+    raw = len(header).to_bytes(8, "little") + header.encode()
+    config = {"architecture": "mlp", "input_names": ["inputs"], "output_dim": 2}
+    bundle = zip_files(
+        tmp_path / "huge.zip",
+        {"model.safetensors": raw, "config.json": json.dumps(config).encode()},
+    )
+    with pytest.raises(TeacherInvalid, match="tensor 'w' has a dimension"):
+        inspect(bundle)
