@@ -9,7 +9,6 @@ calls it on every upload.
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 import re
@@ -23,7 +22,14 @@ from typing import IO, Any, cast, get_args
 import onnx
 from google.protobuf.message import DecodeError
 
-from worker.engine.archive import ZIP_MAGIC, list_members, member_path
+from worker.engine.archive import (
+    TEACHER_LIMITS,
+    ZIP_MAGIC,
+    ExpansionBudget,
+    list_members,
+    member_path,
+    open_member,
+)
 from worker.engine.errors import TeacherIncompatible, TeacherInvalid, UnsupportedFormat
 from worker.engine.onnx_graph import all_tensors, check_structure
 from worker.engine.signature import Dim, TeacherSignature, TensorSpec
@@ -53,6 +59,8 @@ PICKLE_REFUSAL = "{what}; unpickling runs arbitrary code, so it is never loaded.
 MAX_ELEMENTS = 2**44
 
 _MAX_JSON_BYTES = 16 * 2**20
+# Protobuf's limit on one serialized message.
+_MAX_GRAPH_BYTES = 2**31
 _MAX_SAFETENSORS_HEADER = 100 * 2**20
 _ONNX_DTYPES = {
     1: "float32",
@@ -98,16 +106,22 @@ class Bundle:
     """The files of a zip (validated by :func:`archive.list_members`) or of a folder.
 
     Names are POSIX paths relative to the bundle root: a single top folder is
-    stripped, as :func:`archive.bundle_root` does after extraction.
+    stripped, as :func:`archive.bundle_root` does after extraction. A zip is read
+    under :data:`archive.TEACHER_LIMITS`: every read of its members counts against
+    one :class:`archive.ExpansionBudget`.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.is_zip = self.path.is_file()
         sizes: dict[str, int] = {}
+        self._infos: dict[str, zipfile.ZipInfo] = {}
+        self._budget: ExpansionBudget | None = None
         if self.is_zip:
-            for info in list_members(self.path):
+            for info in list_members(self.path, TEACHER_LIMITS):
                 sizes[info.filename] = info.file_size
+                self._infos[info.filename] = info
+            self._budget = ExpansionBudget(self.path, TEACHER_LIMITS)
         else:
             for p in self.path.rglob("*"):
                 if p.is_file() and not p.is_symlink():
@@ -122,20 +136,28 @@ class Bundle:
         self.sizes = {n[len(self.prefix) :]: s for n, s in visible.items()}
         self.names = sorted(self.sizes)
 
+    def archive_name(self, name: str) -> str:
+        """Member ``name``'s full name in the zip (its path under the folder)."""
+        return self.prefix + name
+
     def open(self, name: str) -> IO[bytes]:
         """A binary stream of member ``name``."""
-        full = self.prefix + name
-        if self.is_zip:
-            zf = zipfile.ZipFile(self.path)
-            return io.BufferedReader(_ZipMember(zf, zf.open(full)))
+        full = self.archive_name(name)
+        if self._budget is not None:
+            return open_member(self.path, self._infos[full], self._budget)
         return open(self.path / full, "rb")
 
     def read(self, name: str, limit: int = _MAX_JSON_BYTES) -> bytes:
         """Member ``name``'s bytes; :class:`TeacherInvalid` if it is over ``limit``."""
-        if self.sizes[name] > limit:
-            raise TeacherInvalid(f"{name} is too large ({self.sizes[name]} bytes)", field="teacher")
+        size = self.sizes[name]
+        if size > limit:
+            raise TeacherInvalid(f"{name} is too large ({size} bytes)", field="teacher")
         with self.open(name) as f:
-            return f.read(limit + 1)[:limit]
+            # Never more than the listing says: a buffer of ``limit`` is never allocated.
+            data = f.read(size + 1)
+        if len(data) > size:
+            raise TeacherInvalid(f"{name} is longer than the bundle lists it", field="teacher")
+        return data
 
     def json(self, name: str) -> Any:
         try:
@@ -146,26 +168,6 @@ class Bundle:
 
     def basenames(self) -> set[str]:
         return {PurePosixPath(n).name for n in self.names}
-
-
-class _ZipMember(io.RawIOBase):
-    """A zip member as a raw stream that also closes its archive."""
-
-    def __init__(self, zf: zipfile.ZipFile, member: IO[bytes]) -> None:
-        self._zf, self._member = zf, member
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._member.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self._member.close()
-        self._zf.close()
-        super().close()
 
 
 # --------------------------------------------------------------------------- sniffing
@@ -455,7 +457,7 @@ def inspect(path: str | Path) -> TeacherSignature:
 
 def read_bundle_graph(bundle: Bundle, member: str) -> onnx.ModelProto:
     """Parse the bundle's ONNX graph (its external data is left unread)."""
-    return _parse_onnx_bytes(bundle.read(member, limit=2**31), member, expected=True)
+    return _parse_onnx_bytes(bundle.read(member, limit=_MAX_GRAPH_BYTES), member, expected=True)
 
 
 def load_onnx(path: str | Path, *, expected: bool = False) -> onnx.ModelProto:

@@ -7,11 +7,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
-import tracemalloc
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +21,10 @@ from tests.worker.engine.factories import (
     teacher_zoo,
     zip_files,
 )
+from tests.worker.engine.hostile_files import Member, crafted_zip, measured
 from worker.engine import onnx_graph
 from worker.engine.errors import ArchiveUnsafe, TeacherInvalid, UnsupportedFormat
-from worker.engine.inspection import inspect, sniff_teacher
+from worker.engine.inspection import inspect, screen_teacher, sniff_teacher
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -36,32 +32,6 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.fixture(scope="session")
 def zoo() -> TeacherZoo:
     return teacher_zoo()
-
-
-@dataclass
-class Usage:
-    """Wall-clock seconds and peak traced Python memory of a block."""
-
-    seconds: float = 0.0
-    peak_bytes: int = 0
-
-
-@contextmanager
-def measured() -> Iterator[Usage]:
-    """Measure the block; tests pair it with ``pytest.mark.timeout`` so a hang fails them."""
-    usage = Usage()
-    tracing = tracemalloc.is_tracing()
-    if not tracing:
-        tracemalloc.start()
-    tracemalloc.reset_peak()
-    start = time.monotonic()
-    try:
-        yield usage
-    finally:
-        usage.seconds = time.monotonic() - start
-        usage.peak_bytes = tracemalloc.get_traced_memory()[1]
-        if not tracing:
-            tracemalloc.stop()
 
 
 def _refused(path: Path) -> UnsupportedFormat:
@@ -630,3 +600,15 @@ def test_absurd_safetensors_shapes_are_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(TeacherInvalid, match="tensor 'w' has a dimension"):
         inspect(bundle)
+
+
+@pytest.mark.timeout(120)
+def test_a_decompression_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    # 1.1 MiB on disk; model.onnx expands to 1 GiB (953 times, under the old cap of 1000).
+    bomb = crafted_zip(tmp_path / "bomb.zip", {"model.onnx": Member(bytes(256 << 10), 4096)})
+    assert bomb.stat().st_size < 1.2 * 2**20
+    for check in (inspect, sniff_teacher, screen_teacher):
+        with measured() as usage, pytest.raises(ArchiveUnsafe, match="compression ratio"):
+            check(bomb)
+        assert usage.peak_bytes < 16 * 2**20, check.__name__
+        assert usage.seconds < 10, check.__name__
