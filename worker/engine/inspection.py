@@ -26,6 +26,7 @@ from worker.engine.archive import (
     TEACHER_LIMITS,
     ZIP_MAGIC,
     ExpansionBudget,
+    extract_members,
     list_members,
     member_path,
     open_member,
@@ -438,21 +439,53 @@ def inspect(path: str | Path) -> TeacherSignature:
     if fmt == "onnx":
         assert found.graph is not None
         model = read_bundle_graph(bundle, found.graph)
-        size = bundle.sizes[found.graph]
-        for member in bundle_external_members(model, found.graph):
-            if member not in bundle.sizes:
-                raise TeacherInvalid(
-                    f"{found.graph} refers to external data {member!r}, which the bundle lacks",
-                    field="teacher",
-                )
-            size += bundle.sizes[member]
-        return onnx_signature(model, size)
+        data = _present_data_members(bundle, model, found.graph)
+        return onnx_signature(model, sum(bundle.sizes[m] for m in [found.graph, *data]))
     if fmt == "safetensors":
         return _safetensors_signature(bundle, found)
     return _hf_signature(bundle)
 
 
 # --------------------------------------------------------------------------- ONNX
+
+
+@dataclass(frozen=True)
+class ExtractedGraph:
+    """An ONNX bundle on disk: its root folder (the zip's single top folder) and its graph."""
+
+    root: Path
+    graph: Path
+
+
+def extract_onnx_bundle(path: str | Path, dest: str | Path) -> ExtractedGraph:
+    """Extract an ONNX zip bundle's graph and the external data it references into ``dest``.
+
+    Nothing else in the zip is written. Every referenced path must name a member
+    inside the bundle (:class:`ArchiveUnsafe` if it would escape,
+    :class:`TeacherInvalid` if it is missing); reads and writes run under
+    :data:`archive.TEACHER_LIMITS`.
+    """
+    bundle = Bundle(path)
+    fmt, found = _classify_bundle(bundle)
+    if fmt != "onnx" or found.graph is None:
+        raise TeacherInvalid(f"the bundle holds no ONNX graph (it is {fmt})", field="teacher")
+    model = read_bundle_graph(bundle, found.graph)
+    members = [found.graph, *_present_data_members(bundle, model, found.graph)]
+    names = [bundle.archive_name(m) for m in members]
+    root = extract_members(bundle.path, dest, names, TEACHER_LIMITS) / bundle.prefix
+    return ExtractedGraph(root, root / found.graph)
+
+
+def _present_data_members(bundle: Bundle, model: onnx.ModelProto, graph: str) -> list[str]:
+    """The members holding ``graph``'s external data, each contained in the bundle and present."""
+    members = bundle_external_members(model, graph)
+    for member in members:
+        if member not in bundle.sizes:
+            raise TeacherInvalid(
+                f"{graph} refers to external data {member!r}, which the bundle lacks",
+                field="teacher",
+            )
+    return members
 
 
 def read_bundle_graph(bundle: Bundle, member: str) -> onnx.ModelProto:

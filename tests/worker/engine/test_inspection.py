@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from tests.worker.engine.factories import (
 from tests.worker.engine.hostile_files import Member, crafted_zip, measured
 from worker.engine import onnx_graph
 from worker.engine.errors import ArchiveUnsafe, TeacherInvalid, UnsupportedFormat
-from worker.engine.inspection import inspect, screen_teacher, sniff_teacher
+from worker.engine.inspection import extract_onnx_bundle, inspect, screen_teacher, sniff_teacher
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -612,3 +613,47 @@ def test_a_decompression_bomb_is_refused_before_it_expands(tmp_path: Path) -> No
             check(bomb)
         assert usage.peak_bytes < 16 * 2**20, check.__name__
         assert usage.seconds < 10, check.__name__
+
+
+def _files_under(folder: Path) -> dict[str, int]:
+    return {
+        p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.timeout(300)
+def test_an_onnx_bundle_extracts_only_its_graph_and_referenced_data(
+    zoo: TeacherZoo, tmp_path: Path
+) -> None:
+    from worker.engine.teachers import load_teacher
+
+    data = external_data(zoo.mlp_dynamo)
+    # 2 GiB that no tensor references, compressing 60 times (within the teacher ratio cap).
+    noise = random.Random(0).randbytes(16 << 10)
+    junk = Member(noise + bytes((1 << 20) - len(noise)), 2048)
+    bundle = crafted_zip(
+        tmp_path / "mlp.zip",
+        {
+            "mlp/model.onnx": zoo.mlp_dynamo.read_bytes(),
+            f"mlp/{data.name}": data.read_bytes(),
+            "mlp/junk.bin": junk,
+        },
+    )
+    assert bundle.stat().st_size < 40 * 2**20
+    needed = {
+        "mlp/model.onnx": zoo.mlp_dynamo.stat().st_size,
+        f"mlp/{data.name}": data.stat().st_size,
+    }
+
+    extracted = extract_onnx_bundle(bundle, tmp_path / "out")
+    assert _files_under(tmp_path / "out") == needed
+    assert extracted.graph == (tmp_path / "out" / "mlp" / "model.onnx")
+
+    work = tmp_path / "work"
+    with measured() as usage:
+        teacher = load_teacher(bundle, device="cpu", work_dir=work)
+    written = _files_under(work)
+    assert not any(name.endswith("junk.bin") for name in written)
+    # The graph and its data, and the runtime's copies of the graph beside them.
+    assert sum(written.values()) < 2 * sum(needed.values())
+    assert teacher.signature.output == "logits" and usage.seconds < 120
