@@ -8,6 +8,7 @@ import pickle
 import random
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -418,10 +419,13 @@ def test_a_cyclic_graph_is_refused_in_bounded_time(tmp_path: Path) -> None:
         sniff_teacher(path)
 
 
-def _if_node(then_nodes: list[onnx.NodeProto], output: str, **kw: object) -> onnx.NodeProto:
-    branch = onnx.helper.make_graph(
-        then_nodes, "branch", [], [onnx.helper.make_tensor_value_info("t", FLOAT, ["n", 3])], **kw
-    )
+def _if_node(
+    then_nodes: list[onnx.NodeProto],
+    output: str,
+    initializer: Sequence[onnx.TensorProto] = (),
+) -> onnx.NodeProto:
+    t = onnx.helper.make_tensor_value_info("t", FLOAT, ["n", 3])
+    branch = onnx.helper.make_graph(then_nodes, "branch", [], [t], initializer)
     return onnx.helper.make_node(
         "If", ["cond"], [output], name="if", then_branch=branch, else_branch=branch
     )

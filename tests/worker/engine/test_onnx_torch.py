@@ -39,7 +39,9 @@ def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
     return session.run(None, feeds)
 
 
-def _torch(model: onnx.ModelProto, feeds: dict[str, np.ndarray], base_dir: Any = None) -> list:
+def _torch(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], base_dir: Any = None
+) -> list[np.ndarray]:
     module = convert(model, base_dir)
     with torch.no_grad():
         out = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
@@ -95,7 +97,7 @@ def _case(
     return pytest.param(op, inputs, set(const), attrs, opset, outputs, id=op)
 
 
-_POOL = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+_POOL: dict[str, Any] = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
 
 CASES = [
     _case("Gemm", [_f(3, 4), _f(5, 4), _f(5)], {1, 2}, transB=1),
