@@ -68,12 +68,6 @@ class NonFiniteLoss(EngineError):
     code = "non_finite_loss"
 
 
-class TimeBudgetExceeded(EngineError):
-    """The run passed ``training.max_minutes``."""
-
-    code = "time_budget_exceeded"
-
-
 class Cancelled(EngineError):
     """The cancellation callback asked the run to stop."""
 

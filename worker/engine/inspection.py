@@ -9,27 +9,35 @@ calls it on every upload.
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import posixpath
 import re
 import struct
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, cast
+from typing import IO, Any, cast, get_args
 
 import onnx
 from google.protobuf.message import DecodeError
 
-from worker.engine.archive import ZIP_MAGIC, list_members, member_path
+from worker.engine.archive import (
+    TEACHER_LIMITS,
+    ZIP_MAGIC,
+    ExpansionBudget,
+    extract_members,
+    list_members,
+    member_path,
+    open_member,
+)
 from worker.engine.errors import TeacherIncompatible, TeacherInvalid, UnsupportedFormat
+from worker.engine.onnx_graph import all_tensors, check_structure
 from worker.engine.signature import Dim, TeacherSignature, TensorSpec
+from worker.engine.spec import BuiltinArchitecture
 
-#: Student architectures a safetensors bundle's config may name (see students.py).
-BUILTIN_ARCHITECTURES = ("mlp", "cnn", "rnn", "transformer")
+#: Student architectures a safetensors bundle's config may name.
+BUILTIN_ARCHITECTURES: tuple[str, ...] = get_args(BuiltinArchitecture)
 
 #: Operators of scikit-learn graphs (the ``ai.onnx.ml`` domain) that classify.
 SKLEARN_CLASSIFIERS = frozenset(
@@ -47,7 +55,13 @@ HOW_TO_EXPORT = (
 )
 PICKLE_REFUSAL = "{what}; unpickling runs arbitrary code, so it is never loaded. " + HOW_TO_EXPORT
 
+#: Elements of one tensor, and parameters of one teacher: 2**44 (17.6 trillion) is ten times
+#: the largest models built, and keeps every count well inside a signed 64-bit integer.
+MAX_ELEMENTS = 2**44
+
 _MAX_JSON_BYTES = 16 * 2**20
+# Protobuf's limit on one serialized message.
+_MAX_GRAPH_BYTES = 2**31
 _MAX_SAFETENSORS_HEADER = 100 * 2**20
 _ONNX_DTYPES = {
     1: "float32",
@@ -93,16 +107,22 @@ class Bundle:
     """The files of a zip (validated by :func:`archive.list_members`) or of a folder.
 
     Names are POSIX paths relative to the bundle root: a single top folder is
-    stripped, as :func:`archive.bundle_root` does after extraction.
+    stripped, as :func:`archive.bundle_root` does after extraction. A zip is read
+    under :data:`archive.TEACHER_LIMITS`: every read of its members counts against
+    one :class:`archive.ExpansionBudget`.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.is_zip = self.path.is_file()
         sizes: dict[str, int] = {}
+        self._infos: dict[str, zipfile.ZipInfo] = {}
+        self._budget: ExpansionBudget | None = None
         if self.is_zip:
-            for info in list_members(self.path):
+            for info in list_members(self.path, TEACHER_LIMITS):
                 sizes[info.filename] = info.file_size
+                self._infos[info.filename] = info
+            self._budget = ExpansionBudget(self.path, TEACHER_LIMITS)
         else:
             for p in self.path.rglob("*"):
                 if p.is_file() and not p.is_symlink():
@@ -117,49 +137,38 @@ class Bundle:
         self.sizes = {n[len(self.prefix) :]: s for n, s in visible.items()}
         self.names = sorted(self.sizes)
 
+    def archive_name(self, name: str) -> str:
+        """Member ``name``'s full name in the zip (its path under the folder)."""
+        return self.prefix + name
+
     def open(self, name: str) -> IO[bytes]:
         """A binary stream of member ``name``."""
-        full = self.prefix + name
-        if self.is_zip:
-            zf = zipfile.ZipFile(self.path)
-            return io.BufferedReader(_ZipMember(zf, zf.open(full)))
+        full = self.archive_name(name)
+        if self._budget is not None:
+            return open_member(self.path, self._infos[full], self._budget)
         return open(self.path / full, "rb")
 
     def read(self, name: str, limit: int = _MAX_JSON_BYTES) -> bytes:
         """Member ``name``'s bytes; :class:`TeacherInvalid` if it is over ``limit``."""
-        if self.sizes[name] > limit:
-            raise TeacherInvalid(f"{name} is too large ({self.sizes[name]} bytes)", field="teacher")
+        size = self.sizes[name]
+        if size > limit:
+            raise TeacherInvalid(f"{name} is too large ({size} bytes)", field="teacher")
         with self.open(name) as f:
-            return f.read(limit + 1)[:limit]
+            # Never more than the listing says: a buffer of ``limit`` is never allocated.
+            data = f.read(size + 1)
+        if len(data) > size:
+            raise TeacherInvalid(f"{name} is longer than the bundle lists it", field="teacher")
+        return data
 
     def json(self, name: str) -> Any:
         try:
             return json.loads(self.read(name))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # ValueError covers integers too long to convert; RecursionError, deep nesting.
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise TeacherInvalid(f"cannot read {name}: {exc}", field="teacher") from None
 
     def basenames(self) -> set[str]:
         return {PurePosixPath(n).name for n in self.names}
-
-
-class _ZipMember(io.RawIOBase):
-    """A zip member as a raw stream that also closes its archive."""
-
-    def __init__(self, zf: zipfile.ZipFile, member: IO[bytes]) -> None:
-        self._zf, self._member = zf, member
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._member.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self._member.close()
-        self._zf.close()
-        super().close()
 
 
 # --------------------------------------------------------------------------- sniffing
@@ -268,12 +277,16 @@ def _parse_onnx_bytes(data: bytes, name: str, *, expected: bool = False) -> onnx
         if looks:
             raise TeacherInvalid(f"{name} is an ONNX model without a graph", field="teacher")
         raise _unknown_format()
-    _check_graph(model.graph, name)
+    _check_graph(model, name)
     return model
 
 
-def _check_graph(graph: onnx.GraphProto, name: str) -> None:
-    """Structural checks that catch truncated or hand-broken graphs before a runtime does."""
+def _check_graph(model: onnx.ModelProto, name: str) -> None:
+    """Structural checks that catch truncated or hand-broken graphs before a runtime does.
+
+    Cyclic graphs and graphs over the size caps are refused here, before any walk of them.
+    """
+    graph = model.graph
     if not graph.output:
         raise TeacherInvalid(f"{name}: the ONNX graph declares no outputs", field="teacher")
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer}
@@ -285,6 +298,7 @@ def _check_graph(graph: onnx.GraphProto, name: str) -> None:
         raise TeacherInvalid(
             f"{name}: the ONNX graph's outputs {missing} are produced by no node", field="teacher"
         )
+    check_structure(model, name)
 
 
 def _unknown_format() -> UnsupportedFormat:
@@ -425,15 +439,8 @@ def inspect(path: str | Path) -> TeacherSignature:
     if fmt == "onnx":
         assert found.graph is not None
         model = read_bundle_graph(bundle, found.graph)
-        size = bundle.sizes[found.graph]
-        for member in bundle_external_members(model, found.graph):
-            if member not in bundle.sizes:
-                raise TeacherInvalid(
-                    f"{found.graph} refers to external data {member!r}, which the bundle lacks",
-                    field="teacher",
-                )
-            size += bundle.sizes[member]
-        return onnx_signature(model, size)
+        data = _present_data_members(bundle, model, found.graph)
+        return onnx_signature(model, sum(bundle.sizes[m] for m in [found.graph, *data]))
     if fmt == "safetensors":
         return _safetensors_signature(bundle, found)
     return _hf_signature(bundle)
@@ -442,9 +449,48 @@ def inspect(path: str | Path) -> TeacherSignature:
 # --------------------------------------------------------------------------- ONNX
 
 
+@dataclass(frozen=True)
+class ExtractedGraph:
+    """An ONNX bundle on disk: its root folder (the zip's single top folder) and its graph."""
+
+    root: Path
+    graph: Path
+
+
+def extract_onnx_bundle(path: str | Path, dest: str | Path) -> ExtractedGraph:
+    """Extract an ONNX zip bundle's graph and the external data it references into ``dest``.
+
+    Nothing else in the zip is written. Every referenced path must name a member
+    inside the bundle (:class:`ArchiveUnsafe` if it would escape,
+    :class:`TeacherInvalid` if it is missing); reads and writes run under
+    :data:`archive.TEACHER_LIMITS`.
+    """
+    bundle = Bundle(path)
+    fmt, found = _classify_bundle(bundle)
+    if fmt != "onnx" or found.graph is None:
+        raise TeacherInvalid(f"the bundle holds no ONNX graph (it is {fmt})", field="teacher")
+    model = read_bundle_graph(bundle, found.graph)
+    members = [found.graph, *_present_data_members(bundle, model, found.graph)]
+    names = [bundle.archive_name(m) for m in members]
+    root = extract_members(bundle.path, dest, names, TEACHER_LIMITS) / bundle.prefix
+    return ExtractedGraph(root, root / found.graph)
+
+
+def _present_data_members(bundle: Bundle, model: onnx.ModelProto, graph: str) -> list[str]:
+    """The members holding ``graph``'s external data, each contained in the bundle and present."""
+    members = bundle_external_members(model, graph)
+    for member in members:
+        if member not in bundle.sizes:
+            raise TeacherInvalid(
+                f"{graph} refers to external data {member!r}, which the bundle lacks",
+                field="teacher",
+            )
+    return members
+
+
 def read_bundle_graph(bundle: Bundle, member: str) -> onnx.ModelProto:
     """Parse the bundle's ONNX graph (its external data is left unread)."""
-    return _parse_onnx_bytes(bundle.read(member, limit=2**31), member, expected=True)
+    return _parse_onnx_bytes(bundle.read(member, limit=_MAX_GRAPH_BYTES), member, expected=True)
 
 
 def load_onnx(path: str | Path, *, expected: bool = False) -> onnx.ModelProto:
@@ -460,9 +506,13 @@ def load_onnx(path: str | Path, *, expected: bool = False) -> onnx.ModelProto:
 
 
 def external_locations(model: onnx.ModelProto) -> list[str]:
-    """Distinct ``location`` entries of the graph's external tensors, in order."""
+    """Distinct ``location`` entries of the model's external tensors, in order.
+
+    Subgraphs (``If``/``Loop``/``Scan`` bodies) and function bodies are included: the
+    runtime reads their external data too.
+    """
     seen: dict[str, None] = {}
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             entries = {e.key: e.value for e in tensor.external_data}
             if "location" not in entries:
@@ -500,20 +550,12 @@ def external_bytes(model: onnx.ModelProto, base_dir: Path) -> int:
     return total
 
 
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-
-
 def dtype_name(elem_type: int) -> str:
     """The numpy-style name of an ONNX tensor element type ("float32", "int64", ...)."""
     return _ONNX_DTYPES.get(elem_type, f"onnx:{elem_type}")
 
 
-def _dims(shape: onnx.TensorShapeProto) -> list[Dim]:
+def _dims(shape: onnx.TensorShapeProto, name: str) -> list[Dim]:
     out: list[Dim] = []
     for d in shape.dim:
         if d.HasField("dim_value"):
@@ -522,14 +564,17 @@ def _dims(shape: onnx.TensorShapeProto) -> list[Dim]:
             out.append(d.dim_param)
         else:
             out.append(None)
+    # Symbolic and negative ("unknown") sizes are left out of the product.
+    element_count([d for d in out if isinstance(d, int) and d >= 0], f"tensor {name!r}")
     return out
 
 
 def _value_spec(value: onnx.ValueInfoProto) -> TensorSpec:
     t = value.type
     if t.HasField("tensor_type"):
-        shape = _dims(t.tensor_type.shape) if t.tensor_type.HasField("shape") else []
-        return TensorSpec(value.name, shape, dtype_name(t.tensor_type.elem_type))
+        tensor = t.tensor_type
+        shape = _dims(tensor.shape, value.name) if tensor.HasField("shape") else []
+        return TensorSpec(value.name, shape, dtype_name(tensor.elem_type))
     if t.HasField("sequence_type") and t.sequence_type.elem_type.HasField("map_type"):
         m = t.sequence_type.elem_type.map_type
         inner = m.value_type.tensor_type.elem_type if m.value_type.HasField("tensor_type") else 0
@@ -545,8 +590,28 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
-def _numel(dims: Any) -> int:
-    return int(math.prod(int(d) for d in dims)) if len(dims) else 1
+def element_count(dims: Iterable[Any], what: str) -> int:
+    """The product of ``dims``: :class:`TeacherInvalid` for a negative size or past
+    :data:`MAX_ELEMENTS`, checked as it grows, so absurd shapes cost no big-number arithmetic."""
+    count = 1
+    for raw in dims:
+        d = int(raw)
+        if d < 0 or d > MAX_ELEMENTS:
+            raise TeacherInvalid(f"{what} has a dimension of {d}", field="teacher")
+        count *= d
+        if count > MAX_ELEMENTS:
+            raise TeacherInvalid(f"{what} has more than {MAX_ELEMENTS} elements", field="teacher")
+    return count
+
+
+def parameter_total(counts: Iterable[int], what: str) -> int:
+    """The sum of ``counts``; :class:`TeacherInvalid` past :data:`MAX_ELEMENTS`."""
+    total = 0
+    for n in counts:
+        total += n
+        if total > MAX_ELEMENTS:
+            raise TeacherInvalid(f"{what}: more than {MAX_ELEMENTS} parameters", field="teacher")
+    return total
 
 
 def _attr(node: onnx.NodeProto, name: str) -> Any:
@@ -571,8 +636,12 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 def _ends_in(producers: dict[str, onnx.NodeProto], name: str, op_types: set[str]) -> bool:
     """Whether ``name`` comes from one of ``op_types`` through shape-only ops."""
     passthrough = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"}
+    seen = {name}
     node = producers.get(name)
     while node is not None and node.op_type in passthrough and node.input:
+        if node.input[0] in seen:
+            return False
+        seen.add(node.input[0])
         node = producers.get(node.input[0])
     return node is not None and node.op_type in op_types
 
@@ -601,8 +670,9 @@ def onnx_signature(model: onnx.ModelProto, size: int) -> TeacherSignature:
     graph = model.graph
     inputs = [_value_spec(v) for v in graph_inputs(model)]
     outputs = [_value_spec(v) for v in graph.output]
-    parameters = sum(
-        _numel(t.dims) for t in graph.initializer if dtype_name(t.data_type) in _WEIGHT_DTYPES
+    sizes = [(t, element_count(t.dims, f"initializer {t.name!r}")) for t in graph.initializer]
+    parameters = parameter_total(
+        (n for t, n in sizes if dtype_name(t.data_type) in _WEIGHT_DTYPES), "the initializers"
     )
     ml_nodes = [n for n in graph.node if n.domain == ML_DOMAIN]
     producers = _producers(graph)
@@ -705,7 +775,8 @@ def _net_output(
         sig.task, sig.output_kind, sig.output_dim = "regression", "values", 1
         return
     trailing = shape[1:]
-    width = _numel(trailing) if all(isinstance(d, int) for d in trailing) else None
+    known = all(isinstance(d, int) and d >= 0 for d in trailing)
+    width = element_count(trailing, f"output {out.name!r}") if known else None
     sig.output_dim = width
     if len(shape) != 2:
         return
@@ -733,29 +804,34 @@ def safetensors_parameters(stream: IO[bytes], size: int, name: str) -> int:
         raise TeacherInvalid(f"{name} has an invalid safetensors header length", field="teacher")
     try:
         header = json.loads(stream.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TeacherInvalid(f"{name} has an unreadable safetensors header: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise TeacherInvalid(
+            f"{name} has an unreadable safetensors header: {exc}", field="teacher"
+        ) from None
     if not isinstance(header, dict):
         raise TeacherInvalid(f"{name} has an invalid safetensors header", field="teacher")
-    total = 0
+    counts = []
     for key, entry in header.items():
         if key == "__metadata__":
             continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
         try:
-            total += _numel(entry["shape"])
-        except (KeyError, TypeError, ValueError):
+            if not isinstance(shape, list):
+                raise TypeError(shape)
+            counts.append(element_count(shape, f"{name}: tensor {key!r}"))
+        except (TypeError, ValueError, OverflowError):
             raise TeacherInvalid(
                 f"{name}: tensor {key!r} has no valid shape", field="teacher"
             ) from None
-    return total
+    return parameter_total(counts, name)
 
 
 def _bundle_parameters(bundle: Bundle, names: list[str]) -> int:
-    total = 0
+    counts = []
     for n in names:
         with bundle.open(n) as f:
-            total += safetensors_parameters(f, bundle.sizes[n], n)
-    return total
+            counts.append(safetensors_parameters(f, bundle.sizes[n], n))
+    return parameter_total(counts, "the weights")
 
 
 def _text_inputs(names: list[str]) -> list[TensorSpec]:
@@ -809,53 +885,55 @@ def _safetensors_signature(bundle: Bundle, found: _Classified) -> TeacherSignatu
 # --------------------------------------------------------------------------- transformers
 
 
-def _hf_signature(bundle: Bundle) -> TeacherSignature:
-    model_dir = ""
-    dense: list[dict[str, Any]] = []
+@dataclass
+class _SentenceTransformer:
+    """What modules.json says: the transformer's folder, its pooling and its dense layers."""
+
+    model_dir: str = ""
     pooling: dict[str, Any] | None = None
-    st = "modules.json" in bundle.names
-    if st:
-        modules = bundle.json("modules.json")
-        if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-            raise TeacherInvalid("modules.json is not a list of modules", field="teacher")
-        for m in sorted(modules, key=lambda e: int(e.get("idx", 0))):
-            kind = str(m.get("type", "")).rsplit(".", 1)[-1]
-            raw = str(m.get("path") or "")
-            folder = "" if raw in ("", ".") else str(member_path(raw))
-            cfg_name = posixpath.join(folder, "config.json")
-            cfg = bundle.json(cfg_name) if cfg_name in bundle.names else {}
-            if kind == "Transformer":
-                model_dir = folder
-            elif kind == "Pooling":
-                pooling = cfg
-            elif kind == "Dense":
-                dense.append({**cfg, "folder": folder})
-    config_name = posixpath.join(model_dir, "config.json")
-    if config_name not in bundle.names:
-        raise TeacherInvalid("the transformers folder has no config.json", field="teacher")
-    config = bundle.json(config_name)
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise TeacherInvalid(f"{config_name} has no model_type", field="teacher")
-    model_type = str(config["model_type"])
-    architectures = [str(a) for a in config.get("architectures") or []]
-    hidden = config.get("hidden_size") or config.get("dim") or config.get("d_model")
-    task, num_labels = _hf_task(config, architectures, st)
-    if task == "embedding":
-        dim = int(hidden) if hidden else None
-        if pooling is not None:
-            modes = pooling.get("pooling_mode")
-            count = (
-                (1 if isinstance(modes, str) else len(modes))
-                if modes
-                else max(1, sum(bool(pooling.get(k)) for k in _ST_POOLING_KEYS))
-            )
-            width = pooling.get("word_embedding_dimension") or hidden
-            dim = int(width) * count if width else None
-        if dense:
-            dim = int(dense[-1].get("out_features") or 0) or dim
-    else:
-        dim = num_labels
-    weights = [n for n in bundle.names if n.endswith(".safetensors")]
+    dense: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _sentence_transformer(bundle: Bundle) -> _SentenceTransformer:
+    modules = bundle.json("modules.json")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise TeacherInvalid("modules.json is not a list of modules", field="teacher")
+    found = _SentenceTransformer()
+    for m in sorted(modules, key=lambda e: int(e.get("idx", 0))):
+        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+        raw = str(m.get("path") or "")
+        folder = "" if raw in ("", ".") else str(member_path(raw))
+        cfg_name = posixpath.join(folder, "config.json")
+        cfg = bundle.json(cfg_name) if cfg_name in bundle.names else {}
+        if kind == "Transformer":
+            found.model_dir = folder
+        elif kind == "Pooling":
+            found.pooling = cfg
+        elif kind == "Dense":
+            found.dense.append({**cfg, "folder": folder})
+    return found
+
+
+def _embedding_dim(hidden: Any, st: _SentenceTransformer) -> int | None:
+    """Width of the sentence embedding: pooled (modes concatenated), then the last dense layer."""
+    dim = int(hidden) if hidden else None
+    pooling = st.pooling
+    if pooling is not None:
+        modes = pooling.get("pooling_mode")
+        count = (
+            (1 if isinstance(modes, str) else len(modes))
+            if modes
+            else max(1, sum(bool(pooling.get(k)) for k in _ST_POOLING_KEYS))
+        )
+        width = pooling.get("word_embedding_dimension") or hidden
+        dim = int(width) * count if width else None
+    if st.dense:
+        dim = int(st.dense[-1].get("out_features") or 0) or dim
+    return dim
+
+
+def _hf_input_names(bundle: Bundle, model_dir: str, model_type: str) -> list[str]:
+    """The tokenizer's outputs: as its config declares them, else by model family."""
     tok_config = posixpath.join(model_dir, "tokenizer_config.json")
     input_names = ["input_ids", "attention_mask"]
     declared = None
@@ -867,11 +945,49 @@ def _hf_signature(bundle: Bundle) -> TeacherSignature:
             input_names.append("token_type_ids")
     elif model_type not in _NO_TOKEN_TYPES:
         input_names.append("token_type_ids")
-    output = "logits" if task != "embedding" else "embedding"
+    return input_names
+
+
+def _hf_model_config(bundle: Bundle, model_dir: str) -> dict[str, Any]:
+    config_name = posixpath.join(model_dir, "config.json")
+    if config_name not in bundle.names:
+        raise TeacherInvalid("the transformers folder has no config.json", field="teacher")
+    config = bundle.json(config_name)
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise TeacherInvalid(f"{config_name} has no model_type", field="teacher")
+    return config
+
+
+def _hf_extra(config: dict[str, Any], task: Any, st: bool) -> dict[str, Any]:
     labels = config.get("id2label") or {}
+    return {
+        "model_type": str(config["model_type"]),
+        "hidden_size": config.get("hidden_size") or config.get("dim") or config.get("d_model"),
+        "num_layers": config.get("num_hidden_layers") or config.get("n_layers"),
+        "vocab_size": config.get("vocab_size"),
+        "sentence_transformers": st,
+        "labels": (
+            [str(labels[k]) for k in sorted(labels, key=lambda k: int(k))]
+            if task == "classification" and isinstance(labels, dict)
+            else None
+        ),
+    }
+
+
+def _hf_signature(bundle: Bundle) -> TeacherSignature:
+    is_st = "modules.json" in bundle.names
+    st = _sentence_transformer(bundle) if is_st else _SentenceTransformer()
+    config = _hf_model_config(bundle, st.model_dir)
+    model_type = str(config["model_type"])
+    architectures = [str(a) for a in config.get("architectures") or []]
+    hidden = config.get("hidden_size") or config.get("dim") or config.get("d_model")
+    task, num_labels = _hf_task(config, architectures, is_st)
+    dim = _embedding_dim(hidden, st) if task == "embedding" else num_labels
+    weights = [n for n in bundle.names if n.endswith(".safetensors")]
+    output = "logits" if task != "embedding" else "embedding"
     return TeacherSignature(
         format="huggingface",
-        inputs=_text_inputs(input_names),
+        inputs=_text_inputs(_hf_input_names(bundle, st.model_dir, model_type)),
         outputs=[TensorSpec(output, ["batch", dim], "float32")],
         parameters=_bundle_parameters(bundle, weights),
         bytes=bundle.path.stat().st_size if bundle.is_zip else sum(bundle.sizes.values()),
@@ -882,22 +998,11 @@ def _hf_signature(bundle: Bundle) -> TeacherSignature:
         output_dim=dim,
         architecture=(
             f"SentenceTransformer({model_type})"
-            if st
+            if is_st
             else (architectures[0] if architectures else model_type)
         ),
         modality="text",
-        extra={
-            "model_type": model_type,
-            "hidden_size": hidden,
-            "num_layers": config.get("num_hidden_layers") or config.get("n_layers"),
-            "vocab_size": config.get("vocab_size"),
-            "sentence_transformers": st,
-            "labels": (
-                [str(labels[k]) for k in sorted(labels, key=lambda k: int(k))]
-                if task == "classification" and isinstance(labels, dict)
-                else None
-            ),
-        },
+        extra=_hf_extra(config, task, is_st),
     )
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from worker.engine.archive import contained
 from worker.engine.errors import TeacherInvalid
+from worker.engine.onnx_graph import topological_order
 from worker.engine.registry import Registry
 
 
@@ -301,21 +302,16 @@ def _align(args: list[Tensor | None], static: frozenset[int]) -> list[Tensor | N
 
 
 def _topological(graph: onnx.GraphProto, available: set[str]) -> list[onnx.NodeProto]:
-    """The nodes in an order where every input is computed before use."""
-    done = set(available) | {""}
-    pending = list(graph.node)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        ready = [n for n in pending if all(i in done for i in n.input)]
-        if not ready:
-            names = sorted({i for n in pending for i in n.input if i not in done})[:5]
-            raise ConversionError(f"the graph reads values nothing produces: {names}")
-        ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ids]
-        for n in ready:
-            ordered.append(n)
-            done.update(n.output)
-    return ordered
+    """The nodes in an order where every input is computed before use.
+
+    :class:`ConversionError` if a node reads a value nothing produces, and
+    :class:`TeacherInvalid` naming the nodes of a cycle.
+    """
+    produced = set(available) | {""} | {o for n in graph.node for o in n.output}
+    missing = sorted({i for n in graph.node for i in n.input if i not in produced})[:5]
+    if missing:
+        raise ConversionError(f"the graph reads values nothing produces: {missing}")
+    return topological_order(graph)
 
 
 def convert(model: onnx.ModelProto, base_dir: str | Path | None = None) -> OnnxGraphModule:

@@ -17,7 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from worker.engine.errors import SpecInvalid
 
 Task = Literal["classification", "regression", "embedding"]
-Architecture = Literal["mlp", "cnn", "rnn", "transformer", "auto"]
+#: Student architectures built from a spec's size knobs; a safetensors teacher's config names
+#: one of them too. Each is a builder of the same name in ``students.STUDENTS``, and
+#: tests/worker/engine/test_registries.py holds this list and the registries equal.
+BuiltinArchitecture = Literal["mlp", "cnn", "rnn", "transformer"]
+Architecture = Literal[BuiltinArchitecture, "auto"]
+#: Each is a loss of the same name in ``losses.LOSSES``.
 MethodName = Literal["kd", "mse", "mae", "cosine", "hint"]
 ExportFormat = Literal["onnx", "safetensors"]
 
@@ -30,7 +35,8 @@ DEFAULT_METHOD: dict[str, MethodName] = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Infinity and NaN pass range checks such as gt=0 and would be stored as JSON null.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StudentSpec(_Strict):

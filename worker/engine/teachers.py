@@ -34,6 +34,7 @@ from worker.engine.errors import (
 from worker.engine.inspection import (
     ML_DOMAIN,
     external_locations,
+    extract_onnx_bundle,
     inspect,
     load_onnx,
     onnx_signature,
@@ -514,7 +515,11 @@ def onnx_hint_layers(model: onnx.ModelProto, output: str) -> list[str]:
 def load_onnx_teacher(path: Path, *, device: torch.device, work_dir: Path) -> OnnxTeacher:
     """An ONNX graph, or a zip of a graph and its external data (extracted into ``work_dir``)."""
     path = Path(path)
-    if path.is_dir() or is_zip(path):
+    if path.is_file() and is_zip(path):
+        # The graph and the external data it references; nothing else reaches the disk.
+        extracted = extract_onnx_bundle(path, _fresh(work_dir / "onnx"))
+        root, graph_path = extracted.root, extracted.graph
+    elif path.is_dir():
         root = _bundle_files(path, work_dir, "onnx")
         graphs = sorted(root.rglob("*.onnx"))
         if len(graphs) != 1:

@@ -1,4 +1,4 @@
-"""Safe zip handling: contained paths, no links, caps on count and expanded size."""
+"""Safe zip handling: contained paths, no links, caps on count, expanded size and ratio."""
 
 from __future__ import annotations
 
@@ -8,7 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from worker.engine.archive import ArchiveLimits, contained, extract, is_zip, list_members
+from tests.worker.engine.hostile_files import Member, crafted_zip, measured
+from worker.engine.archive import (
+    TEACHER_LIMITS,
+    ArchiveLimits,
+    ExpansionBudget,
+    contained,
+    extract,
+    extract_members,
+    is_zip,
+    list_members,
+    open_member,
+)
 from worker.engine.errors import ArchiveUnsafe
 
 
@@ -88,3 +99,73 @@ def test_contained(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to("/etc")
     with pytest.raises(ArchiveUnsafe):
         contained(tmp_path, "link/passwd")
+
+
+def test_teacher_archives_allow_a_hundredfold_ratio_above_the_floor(tmp_path: Path) -> None:
+    # 8 MiB of zeros deflates about a thousandfold: harmless as the 1 MiB of a config, not more.
+    small = crafted_zip(tmp_path / "small.zip", {"zeros": Member(bytes(256 << 10), 4)})
+    assert [i.filename for i in list_members(small, TEACHER_LIMITS)] == ["zeros"]
+    big = crafted_zip(tmp_path / "big.zip", {"zeros": Member(bytes(256 << 10), 32)})
+    list_members(big)
+    with pytest.raises(ArchiveUnsafe, match="compression ratio"):
+        list_members(big, TEACHER_LIMITS)
+
+
+@pytest.mark.timeout(120)
+def test_a_header_claiming_a_large_compressed_size_is_not_trusted(tmp_path: Path) -> None:
+    bomb = crafted_zip(tmp_path / "liar.zip", {"zeros": Member(bytes(256 << 10), 4096)})
+    data = bytearray(bomb.read_bytes())
+    cd = data.rfind(b"PK\x01\x02")
+    # "1 GiB from 2 GiB compressed": a fine ratio, in an archive of 1.1 MiB.
+    data[cd + 20 : cd + 24] = (2**31).to_bytes(4, "little")
+    bomb.write_bytes(bytes(data))
+    with measured() as usage:
+        with pytest.raises(ArchiveUnsafe, match="compression ratio"):
+            list_members(bomb, TEACHER_LIMITS)
+        with pytest.raises(ArchiveUnsafe):
+            extract(bomb, tmp_path / "out", TEACHER_LIMITS)
+    assert not (tmp_path / "out").exists()
+    assert usage.peak_bytes < 16 * 2**20 and usage.seconds < 10
+
+
+def test_reads_count_against_one_budget_per_archive(tmp_path: Path) -> None:
+    z = _zip(tmp_path / "a.zip", {"a": b"x" * 3000})
+    limits = ArchiveLimits(max_total_bytes=5000, ratio_floor_bytes=0, max_ratio=1e9)
+    (info,) = list_members(z, limits)
+    budget = ExpansionBudget(z, limits)
+    with open_member(z, info, budget) as f:
+        assert f.read() == b"x" * 3000
+    # The header is the same; the second read is what passes the budget.
+    with open_member(z, info, budget) as f, pytest.raises(ArchiveUnsafe, match="budget"):
+        f.read()
+
+
+def test_a_member_is_stopped_at_its_ratio_while_it_is_read(tmp_path: Path) -> None:
+    z = _zip(tmp_path / "a.zip", {"a": b"x" * 100_000})
+    (info,) = list_members(z)
+    strict = ExpansionBudget(z, ArchiveLimits(max_ratio=2.0, ratio_floor_bytes=0))
+    with open_member(z, info, strict) as f, pytest.raises(ArchiveUnsafe, match="expands past"):
+        f.read()
+
+
+def test_corrupt_member_data_is_archive_unsafe(tmp_path: Path) -> None:
+    z = _zip(tmp_path / "a.zip", {"a": bytes(range(256)) * 64})
+    data = bytearray(z.read_bytes())
+    start = data.find(b"PK\x03\x04") + 30 + 1
+    data[start + 10 : start + 40] = bytes(30)
+    z.write_bytes(bytes(data))
+    with pytest.raises(ArchiveUnsafe, match="corrupt"):
+        extract(z, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_extract_members_writes_only_the_names_given(tmp_path: Path) -> None:
+    z = _zip(tmp_path / "b.zip", {"m/graph.onnx": b"g", "m/w.bin": b"w", "m/junk": b"j" * 9})
+    dest = extract_members(z, tmp_path / "out", ["m/graph.onnx", "m/w.bin"])
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
+        "m/graph.onnx",
+        "m/w.bin",
+    ]
+    with pytest.raises(ArchiveUnsafe, match="no file member 'm/absent'"):
+        extract_members(z, tmp_path / "again", ["m/graph.onnx", "m/absent"])
+    assert not (tmp_path / "again").exists()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,10 @@ from tests.worker.engine.factories import (
     teacher_zoo,
     zip_files,
 )
+from tests.worker.engine.hostile_files import Member, crafted_zip, measured
+from worker.engine import onnx_graph
 from worker.engine.errors import ArchiveUnsafe, TeacherInvalid, UnsupportedFormat
-from worker.engine.inspection import inspect, sniff_teacher
+from worker.engine.inspection import extract_onnx_bundle, inspect, screen_teacher, sniff_teacher
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -377,3 +381,283 @@ def test_plain_graph_with_missing_external_data_is_invalid(zoo: TeacherZoo, tmp_
     assert os.path.exists(lonely) and sniff_teacher(lonely) == "onnx"
     with pytest.raises(TeacherInvalid):
         inspect(lonely)
+
+
+# --------------------------------------------------------------------------- hostile graphs
+
+FLOAT = onnx.TensorProto.FLOAT
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _two_identities_feeding_each_other(path: Path) -> Path:
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Identity", ["b"], ["a"], name="A"),
+            onnx.helper.make_node("Identity", ["a"], ["b"], name="B"),
+        ],
+        "g",
+        [],
+        [onnx.helper.make_tensor_value_info("a", FLOAT, ["n", 3])],
+    )
+    return _save(graph, path)
+
+
+@pytest.mark.timeout(60)
+def test_a_cyclic_graph_is_refused_in_bounded_time(tmp_path: Path) -> None:
+    path = _two_identities_feeding_each_other(tmp_path / "cycle.onnx")
+    assert path.stat().st_size < 120
+    with measured() as usage, pytest.raises(TeacherInvalid) as err:
+        inspect(path)
+    assert "cycle through nodes 'A', 'B'" in err.value.message
+    assert err.value.field == "teacher"
+    assert usage.seconds < 5
+    with pytest.raises(TeacherInvalid, match="cycle"):
+        sniff_teacher(path)
+
+
+def _if_node(
+    then_nodes: list[onnx.NodeProto],
+    output: str,
+    initializer: Sequence[onnx.TensorProto] = (),
+) -> onnx.NodeProto:
+    t = onnx.helper.make_tensor_value_info("t", FLOAT, ["n", 3])
+    branch = onnx.helper.make_graph(then_nodes, "branch", [], [t], initializer)
+    return onnx.helper.make_node(
+        "If", ["cond"], [output], name="if", then_branch=branch, else_branch=branch
+    )
+
+
+def _with_if(nodes: list[onnx.NodeProto], path: Path) -> Path:
+    cond = onnx.helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])
+    x = onnx.helper.make_tensor_value_info("x", FLOAT, ["n", 3])
+    y = onnx.helper.make_tensor_value_info("y", FLOAT, ["n", 3])
+    return _save(onnx.helper.make_graph(nodes, "g", [cond, x], [y]), path)
+
+
+@pytest.mark.timeout(60)
+def test_a_cycle_inside_a_subgraph_is_refused(tmp_path: Path) -> None:
+    branch_cycle = [
+        onnx.helper.make_node("Identity", ["u"], ["t"], name="inner_t"),
+        onnx.helper.make_node("Identity", ["t"], ["u"], name="inner_u"),
+    ]
+    path = _with_if([_if_node(branch_cycle, "y")], tmp_path / "sub.onnx")
+    with pytest.raises(TeacherInvalid, match="cycle through nodes 'inner_t', 'inner_u'"):
+        inspect(path)
+
+
+@pytest.mark.timeout(60)
+def test_a_cycle_through_what_a_subgraph_reads_from_outside_is_refused(tmp_path: Path) -> None:
+    # The If reads "back" inside its branch; "back" is computed from the If's own output.
+    reads_outer = [onnx.helper.make_node("Add", ["x", "back"], ["t"], name="branch_add")]
+    nodes = [
+        _if_node(reads_outer, "y"),
+        onnx.helper.make_node("Relu", ["y"], ["back"], name="relu"),
+    ]
+    with pytest.raises(TeacherInvalid, match="cycle through nodes 'if', 'relu'"):
+        inspect(_with_if(nodes, tmp_path / "outer.onnx"))
+
+
+def test_a_cyclic_function_body_is_refused(tmp_path: Path) -> None:
+    body = [
+        onnx.helper.make_node("Identity", ["q"], ["p"], name="fn_p"),
+        onnx.helper.make_node("Add", ["i", "p"], ["q"], name="fn_q"),
+    ]
+    function = onnx.helper.make_function(
+        "local", "Loopy", ["i"], ["q"], body, [onnx.helper.make_opsetid("", 17)]
+    )
+    x = onnx.helper.make_tensor_value_info("x", FLOAT, ["n", 3])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Loopy", ["x"], ["y"], domain="local")],
+        "g",
+        [x],
+        [onnx.helper.make_tensor_value_info("y", FLOAT, ["n", 3])],
+    )
+    model = onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("local", 1)],
+        functions=[function],
+    )
+    onnx.save(model, tmp_path / "fn.onnx")
+    with pytest.raises(TeacherInvalid, match="cycle through nodes 'fn_p', 'fn_q'"):
+        inspect(tmp_path / "fn.onnx")
+
+
+def test_a_value_produced_twice_is_refused(tmp_path: Path) -> None:
+    x = onnx.helper.make_tensor_value_info("x", FLOAT, ["n", 3])
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Relu", ["x"], ["y"], name="first"),
+            onnx.helper.make_node("Neg", ["x"], ["y"], name="second"),
+        ],
+        "g",
+        [x],
+        [onnx.helper.make_tensor_value_info("y", FLOAT, ["n", 3])],
+    )
+    with pytest.raises(TeacherInvalid, match="'y' is produced by two nodes"):
+        inspect(_save(graph, tmp_path / "twice.onnx"))
+
+
+def test_graph_size_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    x = onnx.helper.make_tensor_value_info("x", FLOAT, ["n", 3])
+    chain = [onnx.helper.make_node("Relu", [f"v{i}"], [f"v{i + 1}"]) for i in range(4)]
+    weights = [onnx.numpy_helper.from_array(np.zeros(3, np.float32), f"w{i}") for i in range(4)]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["v0"]), *chain],
+        "g",
+        [x],
+        [onnx.helper.make_tensor_value_info("v4", FLOAT, ["n", 3])],
+        weights,
+    )
+    path = _save(graph, tmp_path / "chain.onnx")
+    assert inspect(path).parameters == 12
+    monkeypatch.setattr(onnx_graph, "MAX_GRAPH_NODES", 4)
+    with pytest.raises(TeacherInvalid, match="more than 4 nodes"):
+        inspect(path)
+    monkeypatch.setattr(onnx_graph, "MAX_GRAPH_NODES", 5)
+    monkeypatch.setattr(onnx_graph, "MAX_INITIALIZERS", 3)
+    with pytest.raises(TeacherInvalid, match="more than 3 initializers"):
+        inspect(path)
+
+
+def _external(name: str, location: str) -> onnx.TensorProto:
+    tensor = onnx.TensorProto(name=name, data_type=FLOAT, dims=[1, 3])
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    return tensor
+
+
+def _branch_data_at(location: str, path: Path) -> Path:
+    """A graph whose If branches read a [1, 3] weight stored in ``location``."""
+    read = [onnx.helper.make_node("Identity", ["w"], ["t"], name="read_w")]
+    return _with_if([_if_node(read, "y", initializer=[_external("w", location)])], path)
+
+
+def test_external_data_of_a_subgraph_must_stay_beside_the_graph(tmp_path: Path) -> None:
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 12)
+    with pytest.raises(ArchiveUnsafe):
+        inspect(_branch_data_at("../secret.bin", inner / "model.onnx"))
+    (inner / "w.bin").write_bytes(b"\0" * 12)
+    ok = _branch_data_at("w.bin", inner / "ok.onnx")
+    assert inspect(ok).bytes == ok.stat().st_size + 12
+
+
+def test_external_data_of_a_subgraph_must_stay_in_the_bundle(tmp_path: Path) -> None:
+    escaping = _branch_data_at("../../etc/passwd", tmp_path / "model.onnx")
+    bundle = zip_files(tmp_path / "escape.zip", {"m/model.onnx": escaping, "m/w.bin": b"\0" * 12})
+    with pytest.raises(ArchiveUnsafe):
+        inspect(bundle)
+    absent = _branch_data_at("absent.bin", tmp_path / "absent.onnx")
+    bundle = zip_files(tmp_path / "absent.zip", {"m/model.onnx": absent, "m/w.bin": b"\0" * 12})
+    with pytest.raises(TeacherInvalid, match=r"absent\.bin"):
+        inspect(bundle)
+
+
+def _absurd_initializer(path: Path, dims: list[int]) -> Path:
+    weight = onnx.TensorProto(name="w", data_type=FLOAT, dims=dims)
+    x = onnx.helper.make_tensor_value_info("x", FLOAT, ["n", 3])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [x],
+        [onnx.helper.make_tensor_value_info("y", FLOAT, ["n", 3])],
+        [weight],
+    )
+    return _save(graph, path)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dims", [[2**62, 2**62], [2**62] * 20_000, [2**44 + 1], [-1, 3]])
+def test_absurd_initializer_dimensions_are_refused(tmp_path: Path, dims: list[int]) -> None:
+    path = _absurd_initializer(tmp_path / "huge.onnx", dims)
+    with measured() as usage, pytest.raises(TeacherInvalid) as err:
+        # What the API stores: a parameter count past 4300 digits cannot even become JSON.
+        json.dumps(inspect(path).to_dict())
+    assert "initializer 'w'" in err.value.message
+    assert usage.seconds < 5
+
+
+def test_absurd_input_dimensions_are_refused(tmp_path: Path) -> None:
+    x = onnx.helper.make_tensor_value_info("x", FLOAT, ["n", 2**40, 2**40])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [x],
+        [onnx.helper.make_tensor_value_info("y", FLOAT, ["n", 3])],
+    )
+    with pytest.raises(TeacherInvalid, match="tensor 'x' has more than"):
+        inspect(_save(graph, tmp_path / "wide.onnx"))
+
+
+def test_absurd_safetensors_shapes_are_refused(tmp_path: Path) -> None:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 0]}})
+    raw = len(header).to_bytes(8, "little") + header.encode()
+    config = {"architecture": "mlp", "input_names": ["inputs"], "output_dim": 2}
+    bundle = zip_files(
+        tmp_path / "huge.zip",
+        {"model.safetensors": raw, "config.json": json.dumps(config).encode()},
+    )
+    with pytest.raises(TeacherInvalid, match="tensor 'w' has a dimension"):
+        inspect(bundle)
+
+
+@pytest.mark.timeout(120)
+def test_a_decompression_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    # 1.1 MiB on disk; model.onnx expands to 1 GiB (953 times, under the old cap of 1000).
+    bomb = crafted_zip(tmp_path / "bomb.zip", {"model.onnx": Member(bytes(256 << 10), 4096)})
+    assert bomb.stat().st_size < 1.2 * 2**20
+    for check in (inspect, sniff_teacher, screen_teacher):
+        with measured() as usage, pytest.raises(ArchiveUnsafe, match="compression ratio"):
+            check(bomb)
+        assert usage.peak_bytes < 16 * 2**20, check.__name__
+        assert usage.seconds < 10, check.__name__
+
+
+def _files_under(folder: Path) -> dict[str, int]:
+    return {
+        p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.timeout(300)
+def test_an_onnx_bundle_extracts_only_its_graph_and_referenced_data(
+    zoo: TeacherZoo, tmp_path: Path
+) -> None:
+    from worker.engine.teachers import load_teacher
+
+    data = external_data(zoo.mlp_dynamo)
+    # 2 GiB that no tensor references, compressing 60 times (within the teacher ratio cap).
+    noise = random.Random(0).randbytes(16 << 10)
+    junk = Member(noise + bytes((1 << 20) - len(noise)), 2048)
+    bundle = crafted_zip(
+        tmp_path / "mlp.zip",
+        {
+            "mlp/model.onnx": zoo.mlp_dynamo.read_bytes(),
+            f"mlp/{data.name}": data.read_bytes(),
+            "mlp/junk.bin": junk,
+        },
+    )
+    assert bundle.stat().st_size < 40 * 2**20
+    needed = {
+        "mlp/model.onnx": zoo.mlp_dynamo.stat().st_size,
+        f"mlp/{data.name}": data.stat().st_size,
+    }
+
+    extracted = extract_onnx_bundle(bundle, tmp_path / "out")
+    assert _files_under(tmp_path / "out") == needed
+    assert extracted.graph == (tmp_path / "out" / "mlp" / "model.onnx")
+
+    work = tmp_path / "work"
+    with measured() as usage:
+        teacher = load_teacher(bundle, device="cpu", work_dir=work)
+    written = _files_under(work)
+    assert not any(name.endswith("junk.bin") for name in written)
+    # The graph and its data, and the runtime's copies of the graph beside them.
+    assert sum(written.values()) < 2 * sum(needed.values())
+    assert teacher.signature.output == "logits" and usage.seconds < 120

@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from tests.worker.engine.factories import TeacherZoo, export_onnx, export_onnx_legacy, teacher_zoo
-from worker.engine.errors import ArchiveUnsafe
+from worker.engine.errors import ArchiveUnsafe, TeacherInvalid
 from worker.engine.onnx_torch import ONNX_OPS, ConversionError, convert
 
 RNG = np.random.default_rng(0)
@@ -39,7 +39,9 @@ def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
     return session.run(None, feeds)
 
 
-def _torch(model: onnx.ModelProto, feeds: dict[str, np.ndarray], base_dir: Any = None) -> list:
+def _torch(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], base_dir: Any = None
+) -> list[np.ndarray]:
     module = convert(model, base_dir)
     with torch.no_grad():
         out = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
@@ -95,7 +97,7 @@ def _case(
     return pytest.param(op, inputs, set(const), attrs, opset, outputs, id=op)
 
 
-_POOL = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+_POOL: dict[str, Any] = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
 
 CASES = [
     _case("Gemm", [_f(3, 4), _f(5, 4), _f(5)], {1, 2}, transB=1),
@@ -321,6 +323,33 @@ def test_unsupported_ops_are_all_listed() -> None:
         convert(model)
     assert err.value.unsupported == ["Hardmax", "com.microsoft::FastGelu"]
     assert "Hardmax" in str(err.value)
+
+
+def test_a_cyclic_graph_is_refused_naming_its_nodes() -> None:
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["a"], name="entry"),
+            helper.make_node("Add", ["a", "c"], ["b"], name="add"),
+            helper.make_node("Relu", ["b"], ["c"], name="back"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [2, 3])],
+    )
+    with pytest.raises(TeacherInvalid, match="cycle through nodes 'add', 'back'"):
+        convert(helper.make_model(graph))
+
+
+def test_nodes_listed_out_of_order_still_run_in_order() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["a"], ["y"]), helper.make_node("Relu", ["x"], ["a"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+    )
+    x = _f(2, 3)
+    (got,) = _torch(helper.make_model(graph), {"x": x})
+    np.testing.assert_allclose(got, -np.maximum(x, 0))
 
 
 def test_external_data_must_stay_in_the_folder(zoo: TeacherZoo, tmp_path: Path) -> None:

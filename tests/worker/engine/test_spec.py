@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from worker.engine.spec import (
     DistillationSpec,
     JobSpec,
     LocalJobSpec,
+    MethodSpec,
     load_local_spec,
     parse_spec,
 )
@@ -46,12 +48,37 @@ def test_defaults_fill_everything_but_teacher_and_dataset() -> None:
         ({"tasks": "classification"}, "tasks"),
     ],
 )
-def test_errors_name_the_field(patch: dict, field: str) -> None:
+def test_errors_name_the_field(patch: dict[str, object], field: str) -> None:
     with pytest.raises(SpecInvalid) as info:
         parse_spec({**MINIMAL, **patch})
     assert info.value.field == field
     assert info.value.code == "spec_invalid"
     assert field in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"training": {"grad_clip_norm": Infinity}}', "training.grad_clip_norm"),
+        ('{"training": {"grad_clip_norm": NaN}}', "training.grad_clip_norm"),
+        (
+            '{"training": {"checkpoint_every_minutes": Infinity}}',
+            "training.checkpoint_every_minutes",
+        ),
+        ('{"student": {"dropout": NaN}}', "student.dropout"),
+        (
+            '{"method": {"extra_terms": [{"name": "hint", "weight": NaN}]}}',
+            "method.extra_terms.0.weight",
+        ),
+    ],
+)
+def test_non_finite_numbers_are_refused(body: str, field: str) -> None:
+    # Python's json (as the API reads bodies) accepts these literals; JSON would store null.
+    patch = json.loads(body)
+    with pytest.raises(SpecInvalid) as info:
+        parse_spec({**MINIMAL, **patch})
+    assert info.value.field == field
+    assert "finite" in info.value.message
 
 
 def test_method_must_fit_task() -> None:
@@ -64,7 +91,7 @@ def test_method_defaults_follow_the_task() -> None:
     assert spec.method_for("classification") == "kd"
     assert spec.method_for("regression") == "mse"
     assert spec.method_for("embedding") == "cosine"
-    assert DistillationSpec(method={"name": "mae"}).method_for("regression") == "mae"
+    assert DistillationSpec(method=MethodSpec(name="mae")).method_for("regression") == "mae"
 
 
 def test_job_spec_needs_ids_and_checks_webhook() -> None:
@@ -78,7 +105,7 @@ def test_job_spec_needs_ids_and_checks_webhook() -> None:
     assert ok.teacher_model_id == "m"
 
 
-def test_local_spec_paths_are_relative_to_the_spec(tmp_path) -> None:
+def test_local_spec_paths_are_relative_to_the_spec(tmp_path: Path) -> None:
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(MINIMAL))
     spec = load_local_spec(path)
