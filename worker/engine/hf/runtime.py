@@ -1,0 +1,175 @@
+"""The ``huggingface`` teacher runtime: a frozen transformers encoder, run in torch."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from worker.engine.archive import bundle_root, extract, is_zip
+from worker.engine.errors import TeacherIncompatible, TeacherInvalid
+from worker.engine.hf.loading import Task, load_folder
+from worker.engine.hf.pooling import masked_mean
+from worker.engine.hf.wrapper import HFEncoder
+from worker.engine.signature import TeacherSignature, TensorSpec
+from worker.engine.teachers import TEACHER_RUNTIMES, TeacherRuntime, file_digest
+
+
+class HuggingFaceTeacher(TeacherRuntime):
+    """A frozen transformers encoder, run in torch."""
+
+    def __init__(
+        self,
+        module: HFEncoder,
+        tokenizer: Any,
+        signature: TeacherSignature,
+        digest: str,
+        device: torch.device,
+    ) -> None:
+        self.module = module.to(device)
+        self.tokenizer = tokenizer
+        self.signature = signature
+        self.digest = digest
+        self.device = device
+        self.backend = "torch"
+
+    def _inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if "input_ids" not in batch:
+            raise TeacherIncompatible("a transformers teacher needs input_ids", field="dataset_id")
+        names = self._encoder.input_names
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in names}
+
+    @property
+    def _encoder(self) -> HFEncoder:
+        assert isinstance(self.module, HFEncoder)
+        return self.module
+
+    def predict(self, batch: dict[str, Tensor]) -> Tensor:
+        """Logits or embeddings (N, D), float32, on the runtime's device."""
+        with torch.no_grad():
+            return self._encoder(**self._inputs(batch))
+
+    def hint_layers(self) -> list[str]:
+        """The encoder layers, last first (the last layer's states are the richest)."""
+        return list(reversed(self._encoder.layer_names()))
+
+    def resolve_layer(self, layer: str) -> str:
+        """The module name ``layer`` means: exact, or the one module whose name ends with it."""
+        names = [n for n, _ in self._encoder.named_modules() if n]
+        if layer in names:
+            return layer
+        matches = [n for n in names if n.endswith("." + layer)]
+        if len(matches) == 1:
+            return matches[0]
+        raise TeacherIncompatible(
+            f"teacher has no layer {layer!r}; candidates: {', '.join(self.hint_layers())}",
+            field="method.hint_layer",
+        )
+
+    def predict_with_features(self, batch: dict[str, Tensor], layer: str) -> tuple[Tensor, Tensor]:
+        """Outputs and ``layer``'s token states averaged over the attention mask: (N, hidden)."""
+        inputs = self._inputs(batch)
+        target = self._encoder.get_submodule(self.resolve_layer(layer))
+        captured: list[Tensor] = []
+
+        def keep(_module: nn.Module, _args: Any, out: Any) -> None:
+            # ALBERT's shared layer group fires once per layer: the last call wins.
+            captured.append(_first_tensor(out))
+
+        handle = target.register_forward_hook(keep)
+        try:
+            with torch.no_grad():
+                out = self._encoder(**inputs)
+        finally:
+            handle.remove()
+        states = captured[-1]
+        mask = inputs.get("attention_mask")
+        if states.dim() == 3:
+            if mask is None:
+                mask = torch.ones(states.shape[:2], device=states.device)
+            return out, masked_mean(states, mask).float()
+        return out, states.flatten(1).float()
+
+
+def _first_tensor(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return _first_tensor(out[0])
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    raise TeacherIncompatible(f"cannot read features from a {type(out).__name__}")
+
+
+def _signature(
+    module: HFEncoder, task: Task, extra: dict[str, Any], architecture: str, size: int
+) -> TeacherSignature:
+    dim = module.output_dim
+    output = "logits" if module.head == "classification" else "embedding"
+    kind: Any = {"classification": "logits", "regression": "values", "embedding": "embedding"}[task]
+    return TeacherSignature(
+        format="huggingface",
+        inputs=[TensorSpec(n, ["batch", "sequence"], "int64") for n in module.input_names],
+        outputs=[TensorSpec(output, ["batch", dim], "float32")],
+        parameters=sum(p.numel() for p in module.parameters()),
+        bytes=size,
+        task=task,
+        output=output,
+        output_kind=kind,
+        num_classes=dim if task == "classification" else None,
+        output_dim=dim,
+        architecture=architecture,
+        modality="text",
+        extra=extra,
+    )
+
+
+@TEACHER_RUNTIMES.register("huggingface")
+def load_huggingface(
+    path: str | Path, *, device: torch.device, work_dir: Path
+) -> HuggingFaceTeacher:
+    """Load a zipped (or unpacked) transformers / sentence-transformers folder as a teacher.
+
+    The zip is extracted into ``work_dir``; nothing from it is executed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        root = path
+    elif is_zip(path):
+        dest = Path(work_dir) / "huggingface"
+        if dest.exists():
+            shutil.rmtree(dest)
+        root = bundle_root(extract(path, dest))
+    else:
+        raise TeacherInvalid("a transformers teacher must be a zip of its folder", field="teacher")
+    module, tokenizer, task, extra = load_folder(root)
+    architectures = list(getattr(module.hf_config, "architectures", None) or [])
+    if extra["sentence_transformers"]:
+        architecture = f"SentenceTransformer({module.model_type})"
+    else:
+        architecture = architectures[0] if architectures else module.model_type
+    signature = _signature(module, task, extra, architecture, _size(path))
+    return HuggingFaceTeacher(module, tokenizer, signature, _digest(path), torch.device(device))
+
+
+def _digest(path: Path) -> str:
+    """sha256 of the uploaded file, or of a folder's files (names and contents, sorted)."""
+    if path.is_file():
+        return file_digest([path])
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(path)).encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
