@@ -16,6 +16,9 @@ reads in this order:
 - :mod:`~worker.engine.hf.sizing` and :mod:`~worker.engine.hf.student`: the
   ``hf_encoder`` student, sized to a budget and seeded from the teacher's layers.
 
+The runtime and the student add to registries defined in
+:mod:`worker.engine.teachers` and :mod:`worker.engine.students`, which never
+import this package: :mod:`worker.engine.components` does.
 """
 
 from worker.engine.hf.families import ALLOWED_MODEL_TYPES, LAYER_STACKS
