@@ -30,10 +30,12 @@ LAYER_STACKS: dict[str, str] = {
 }
 ALLOWED_MODEL_TYPES = frozenset(LAYER_STACKS)
 
+#: What the model ends in: a sequence classifier's logits, or the bare encoder's token states.
 Head = Literal["classification", "base"]
 
 
 def config_class(model_type: str) -> Any:
+    """The built-in config class of an allowlisted ``model_type``; refuses any other family."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if model_type not in ALLOWED_MODEL_TYPES:
@@ -64,19 +66,18 @@ def make_config(raw: dict[str, Any]) -> Any:
     model_type = raw.get("model_type")
     if not isinstance(model_type, str):
         raise TeacherInvalid("config.json has no model_type", field="teacher")
-    cls = config_class(model_type)
-    clean = {k: v for k, v in raw.items() if k != "auto_map"}
+    clean = {key: value for key, value in raw.items() if key != "auto_map"}
     try:
-        return cls.from_dict(clean)
+        return config_class(model_type).from_dict(clean)
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
         raise TeacherInvalid(f"config.json does not describe a {model_type} model: {exc}") from None
 
 
 def make_model(config: Any, head: Head, *, pooler: bool = True) -> nn.Module:
     """A freshly initialised built-in model; ``pooler=False`` leaves out an unused pooler."""
-    cls = model_class(config, head)
+    built_in = model_class(config, head)
     kwargs = {}
-    if not pooler and "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
+    if not pooler and "add_pooling_layer" in inspect.signature(built_in.__init__).parameters:
         kwargs["add_pooling_layer"] = False
-    model: nn.Module = cls(config, **kwargs)
+    model: nn.Module = built_in(config, **kwargs)
     return model

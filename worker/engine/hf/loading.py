@@ -26,7 +26,9 @@ from worker.engine.hf.tokenizer import load_tokenizer
 from worker.engine.hf.wrapper import HFEncoder
 from worker.engine.inspection import refuse_per_token_heads
 
+#: Families whose position ids start after the padding index (RoBERTa-style).
 _OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "mpnet"})
+#: Pooling flags of older sentence-transformers configs, and the mode each turns on.
 _LEGACY_POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_max_tokens": "max",
@@ -35,12 +37,15 @@ _LEGACY_POOLING_KEYS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-_ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+#: sentence-transformers modules rebuilt here from their configs (never imported).
+_MODULE_KINDS = ("Transformer", "Pooling", "Dense", "Normalize")
 
+#: What the teacher's output is, as the engine's job spec names it.
 Task = Literal["classification", "regression", "embedding"]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; anything else makes the teacher invalid."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -51,14 +56,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _require_safetensors(folder: Path, what: str) -> None:
+    """Refuse ``folder`` unless its weights are in safetensors, saying how to convert pickles."""
     if (folder / "model.safetensors").is_file() or (
         folder / "model.safetensors.index.json"
     ).is_file():
         return
     pickled = [
-        p.name
-        for p in folder.iterdir()
-        if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+        file.name
+        for file in folder.iterdir()
+        if file.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
     ]
     if pickled:
         raise UnsupportedFormat(
@@ -73,8 +79,9 @@ def _require_safetensors(folder: Path, what: str) -> None:
 
 
 def _head_and_task(config: Any) -> tuple[Head, Task]:
+    """The head to load and the task it serves, read from ``config.architectures``."""
     architectures = list(getattr(config, "architectures", None) or [])
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
+    if any(name.endswith("ForSequenceClassification") for name in architectures):
         # Multi-label logits are independent sigmoids: matched as values, not as a softmax.
         if config.num_labels == 1 or config.problem_type in (
             "regression",
@@ -90,7 +97,7 @@ def _head_and_task(config: Any) -> tuple[Head, Task]:
 def _load_pretrained(config: Any, folder: Path, head: Head) -> nn.Module:
     """The built-in model with its safetensors weights; refuses a checkpoint that leaves gaps."""
     try:
-        loaded, info = model_class(config, head).from_pretrained(
+        loaded, loading_info = model_class(config, head).from_pretrained(
             str(folder),
             config=config,
             local_files_only=True,
@@ -103,13 +110,13 @@ def _load_pretrained(config: Any, folder: Path, head: Head) -> nn.Module:
         raise TeacherInvalid(
             f"cannot load the transformers weights: {type(exc).__name__}: {exc}", field="teacher"
         ) from None
-    missing = sorted(info.get("missing_keys") or [])
+    missing = sorted(loading_info.get("missing_keys") or [])
     if head == "base":
         # Bare encoders are pooled here, not through the pooler an MLM checkpoint may lack.
-        missing = [k for k in missing if not k.startswith("pooler.")]
-    mismatched = sorted(info.get("mismatched_keys") or [])
+        missing = [key for key in missing if not key.startswith("pooler.")]
+    mismatched = sorted(loading_info.get("mismatched_keys") or [])
     if missing or mismatched:
-        shown = ", ".join(str(k) for k in (missing + mismatched)[:5])
+        shown = ", ".join(str(key) for key in (missing + mismatched)[:5])
         raise TeacherInvalid(
             f"the weights do not match config.json (missing or mis-shaped: {shown})",
             field="teacher",
@@ -131,34 +138,38 @@ def _sentence_transformers_modules(root: Path) -> list[dict[str, Any]]:
         raw: Any = json.loads((root / "modules.json").read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TeacherInvalid(f"cannot read modules.json: {exc}", field="teacher") from None
-    if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
+    if not isinstance(raw, list) or not all(isinstance(entry, dict) for entry in raw):
         raise TeacherInvalid("modules.json is not a list of modules", field="teacher")
     modules = []
-    for entry in sorted(raw, key=lambda e: int(e.get("idx", 0))):
-        path = str(entry.get("type", ""))
-        kind = path.rsplit(".", 1)[-1]
-        if not path.startswith("sentence_transformers.") or kind not in _ST_MODULES:
+    for entry in sorted(raw, key=lambda entry: int(entry.get("idx", 0))):
+        class_path = str(entry.get("type", ""))
+        kind = class_path.rsplit(".", 1)[-1]
+        if not class_path.startswith("sentence_transformers.") or kind not in _MODULE_KINDS:
             raise TeacherIncompatible(
-                f"sentence-transformers module {path!r} is not supported; supported: "
-                f"{', '.join(_ST_MODULES)}",
+                f"sentence-transformers module {class_path!r} is not supported; supported: "
+                f"{', '.join(_MODULE_KINDS)}",
                 field="teacher",
             )
         modules.append({**entry, "kind": kind})
-    kinds = "".join(m["kind"][0] for m in modules)
+    kinds = "".join(module["kind"][0] for module in modules)
     if not re.fullmatch(r"TPD*N?", kinds):
         raise TeacherIncompatible(
             "sentence-transformers modules must be Transformer, Pooling, any Dense layers and "
-            f"an optional Normalize, in that order; found {[m['kind'] for m in modules]}",
+            f"an optional Normalize, in that order; found {[module['kind'] for module in modules]}",
             field="teacher",
         )
     return modules
 
 
-def _sentence_transformers_head(root: Path, modules: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pooling modes, Dense layers (configs and folders), normalisation and text options."""
-    model_dir = _within(root, modules[0].get("path") or "")
-    head: dict[str, Any] = {
-        "model_dir": model_dir,
+def _folder_options(root: Path, modules: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the model lies and how its token states become the output.
+
+    A plain transformers folder (no ``modules``) is mean-pooled. A
+    sentence-transformers folder names its pooling modes, Dense layers (configs
+    and folders), normalisation and text options.
+    """
+    options: dict[str, Any] = {
+        "model_dir": root,
         "pooling": ["mean"],
         "dense": [],
         "dense_dirs": [],
@@ -166,59 +177,75 @@ def _sentence_transformers_head(root: Path, modules: list[dict[str, Any]]) -> di
         "max_length": None,
         "lowercase": False,
     }
-    if (model_dir / "sentence_bert_config.json").is_file():
-        st = _read_json(model_dir / "sentence_bert_config.json")
-        task = st.get("transformer_task", "feature-extraction")
-        text = (st.get("modality_config") or {}).get("text") or {}
-        if task != "feature-extraction" or text.get("method", "forward") != "forward":
+    if not modules:
+        return options
+    options["model_dir"] = contained(root, modules[0].get("path") or "")
+    options.update(_text_options(options["model_dir"]))
+    for module in modules[1:]:
+        folder = contained(root, module.get("path") or "")
+        config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+        if config.get("module_input_name", "sentence_embedding") != "sentence_embedding":
             raise TeacherIncompatible(
-                f"sentence-transformers transformer task {task!r} is not supported",
+                f"sentence-transformers {module['kind']} on {config['module_input_name']!r} "
+                "is not supported (only on the sentence embedding)",
                 field="teacher",
             )
-        head["max_length"] = st.get("max_seq_length")
-        head["lowercase"] = bool(st.get("do_lower_case", False))
-    for m in modules[1:]:
-        folder = _within(root, m.get("path") or "")
-        cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
-        if cfg.get("module_input_name", "sentence_embedding") != "sentence_embedding":
-            raise TeacherIncompatible(
-                f"sentence-transformers {m['kind']} on {cfg['module_input_name']!r} is not "
-                "supported (only on the sentence embedding)",
-                field="teacher",
-            )
-        if m["kind"] == "Pooling":
-            head["pooling"] = _pooling_modes(cfg)
-        elif m["kind"] == "Dense":
-            head["dense"].append(
-                {
-                    "in_features": int(cfg["in_features"]),
-                    "out_features": int(cfg["out_features"]),
-                    "bias": bool(cfg.get("bias", True)),
-                    "activation_function": cfg.get(
-                        "activation_function", "torch.nn.modules.activation.Tanh"
-                    ),
-                }
-            )
-            head["dense_dirs"].append(folder)
-        elif m["kind"] == "Normalize":
-            head["normalize"] = True
-    return head
+        if module["kind"] == "Pooling":
+            options["pooling"] = _pooling_modes(config)
+        elif module["kind"] == "Dense":
+            options["dense"].append(_dense_layer(config))
+            options["dense_dirs"].append(folder)
+        elif module["kind"] == "Normalize":
+            options["normalize"] = True
+    return options
+
+
+def _text_options(model_dir: Path) -> dict[str, Any]:
+    """``max_length`` and ``lowercase`` from sentence_bert_config.json, where there is one."""
+    if not (model_dir / "sentence_bert_config.json").is_file():
+        return {}
+    sentence_config = _read_json(model_dir / "sentence_bert_config.json")
+    task = sentence_config.get("transformer_task", "feature-extraction")
+    text = (sentence_config.get("modality_config") or {}).get("text") or {}
+    if task != "feature-extraction" or text.get("method", "forward") != "forward":
+        raise TeacherIncompatible(
+            f"sentence-transformers transformer task {task!r} is not supported",
+            field="teacher",
+        )
+    return {
+        "max_length": sentence_config.get("max_seq_length"),
+        "lowercase": bool(sentence_config.get("do_lower_case", False)),
+    }
+
+
+def _dense_layer(config: dict[str, Any]) -> dict[str, Any]:
+    """A Dense module's sizes, bias and activation (sentence-transformers' Tanh by default)."""
+    return {
+        "in_features": int(config["in_features"]),
+        "out_features": int(config["out_features"]),
+        "bias": bool(config.get("bias", True)),
+        "activation_function": config.get(
+            "activation_function", "torch.nn.modules.activation.Tanh"
+        ),
+    }
 
 
 def _pooling_modes(config: dict[str, Any]) -> list[str]:
-    mode = config.get("pooling_mode")
-    if mode is None:
-        modes = [m for key, m in _LEGACY_POOLING_KEYS.items() if config.get(key)] or ["mean"]
+    """The modes a Pooling config turns on, in the order sentence-transformers concatenates."""
+    named = config.get("pooling_mode")
+    if named is None:
+        flagged = [mode for key, mode in _LEGACY_POOLING_KEYS.items() if config.get(key)]
+        modes = flagged or ["mean"]
     else:
-        modes = [mode] if isinstance(mode, str) else list(mode)
-    unknown = [m for m in modes if m not in POOLING_MODES]
+        modes = [named] if isinstance(named, str) else list(named)
+    unknown = [mode for mode in modes if mode not in POOLING_MODES]
     if unknown:
         raise TeacherIncompatible(f"unknown pooling mode {unknown[0]!r}", field="teacher")
-    # sentence-transformers concatenates in its own fixed order.
-    return [m for m in POOLING_MODES if m in modes]
+    return [mode for mode in POOLING_MODES if mode in modes]
 
 
 def _load_dense(folder: Path, module: nn.Sequential) -> None:
+    """A sentence-transformers Dense layer's safetensors weights, into ``module``'s Linear."""
     from safetensors.torch import load_file
 
     _require_safetensors(folder, f"sentence-transformers module {folder.name}")
@@ -226,17 +253,13 @@ def _load_dense(folder: Path, module: nn.Sequential) -> None:
         state = load_file(str(folder / "model.safetensors"))
         module[0].load_state_dict(
             {
-                k.removeprefix("linear."): v.float()
-                for k, v in state.items()
-                if k.startswith("linear.")
+                key.removeprefix("linear."): tensor.float()
+                for key, tensor in state.items()
+                if key.startswith("linear.")
             }
         )
     except Exception as exc:
         raise TeacherInvalid(f"{folder.name} weights do not match its config: {exc}") from None
-
-
-def _within(root: Path, relative: str) -> Path:
-    return contained(root, relative)
 
 
 def load_folder(root: Path) -> tuple[HFEncoder, Any, Task, dict[str, Any]]:
@@ -246,38 +269,32 @@ def load_folder(root: Path) -> tuple[HFEncoder, Any, Task, dict[str, Any]]:
     normalisation and sizes for the signature.
     """
     modules = _sentence_transformers_modules(root)
-    st = _sentence_transformers_head(root, modules) if modules else None
-    model_dir = st["model_dir"] if st else root
+    options = _folder_options(root, modules)
+    model_dir = options["model_dir"]
     if not (model_dir / "config.json").is_file():
         raise TeacherInvalid("the bundle has no config.json", field="teacher")
     config = make_config(_read_json(model_dir / "config.json"))
     _require_safetensors(model_dir, "the transformers model")
     head: Head
     task: Task
-    if st:
+    if modules:
         head, task = "base", "embedding"
     else:
         head, task = _head_and_task(config)
-    tokenizer = load_tokenizer(model_dir, root, lowercase=bool(st and st["lowercase"]))
-    max_length = _max_length(config, tokenizer, st["max_length"] if st else None)
+    tokenizer = load_tokenizer(model_dir, root, lowercase=options["lowercase"])
+    max_length = _max_length(config, tokenizer, options["max_length"])
     tokenizer.model_max_length = max_length
-    # Segment ids only where the tokenizer produces them (RoBERTa's does not).
-    input_names = ["input_ids", "attention_mask"]
-    if "token_type_ids" in tokenizer.model_input_names:
-        input_names.append("token_type_ids")
-
     model = _load_pretrained(config, model_dir, head)
-    pooling = st["pooling"] if st else ["mean"]
     module = HFEncoder(
         model,
         model_type=config.model_type,
         head=head,
-        pooling=pooling,
-        normalize=bool(st and st["normalize"]),
-        dense=st["dense"] if st else [],
-        input_names=_used_inputs(model, input_names),
+        pooling=options["pooling"],
+        normalize=options["normalize"],
+        dense=options["dense"],
+        input_names=_used_inputs(model, _tokenizer_inputs(tokenizer)),
     )
-    for folder, layer in zip(st["dense_dirs"] if st else [], module.dense, strict=True):
+    for folder, layer in zip(options["dense_dirs"], module.dense, strict=True):
         _load_dense(folder, layer)  # type: ignore[arg-type]
     module.eval().requires_grad_(False)
     module.emit_features = False
@@ -287,12 +304,12 @@ def load_folder(root: Path) -> tuple[HFEncoder, Any, Task, dict[str, Any]]:
         "num_layers": int(config.num_hidden_layers),
         "vocab_size": int(config.vocab_size),
         "max_length": max_length,
-        "sentence_transformers": bool(st),
-        "pooling": pooling if head == "base" else None,
+        "sentence_transformers": bool(modules),
+        "pooling": options["pooling"] if head == "base" else None,
         "normalize": module.normalize,
     }
     if task == "classification":
-        extra["labels"] = [str(config.id2label[i]) for i in range(config.num_labels)]
+        extra["labels"] = [str(config.id2label[index]) for index in range(config.num_labels)]
     return module, tokenizer, task, extra
 
 
@@ -313,4 +330,12 @@ def _max_length(config: Any, tokenizer: Any, declared: int | None) -> int:
 def _used_inputs(model: nn.Module, names: list[str]) -> list[str]:
     """Drop ``token_type_ids`` where the family has no segment embeddings (DistilBERT)."""
     accepted = inspect.signature(model.forward).parameters
-    return [n for n in names if n in accepted]
+    return [name for name in names if name in accepted]
+
+
+def _tokenizer_inputs(tokenizer: Any) -> list[str]:
+    """The batch keys the tokenizer makes: segment ids only where it gives them (not RoBERTa's)."""
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in tokenizer.model_input_names:
+        names.append("token_type_ids")
+    return names

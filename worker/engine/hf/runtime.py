@@ -38,13 +38,19 @@ class HuggingFaceTeacher(TeacherRuntime):
         self.backend = "torch"
 
     def _inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch keys the encoder takes, on the runtime's device."""
         if "input_ids" not in batch:
             raise TeacherIncompatible("a transformers teacher needs input_ids", field="dataset_id")
         names = self._encoder.input_names
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in names}
+        return {
+            name: tensor.to(self.device, non_blocking=True)
+            for name, tensor in batch.items()
+            if name in names
+        }
 
     @property
     def _encoder(self) -> HFEncoder:
+        """``module``, typed as the encoder it always is here."""
         assert isinstance(self.module, HFEncoder)
         return self.module
 
@@ -59,10 +65,10 @@ class HuggingFaceTeacher(TeacherRuntime):
 
     def resolve_layer(self, layer: str) -> str:
         """The module name ``layer`` means: exact, or the one module whose name ends with it."""
-        names = [n for n, _ in self._encoder.named_modules() if n]
+        names = [name for name, _ in self._encoder.named_modules() if name]
         if layer in names:
             return layer
-        matches = [n for n in names if n.endswith("." + layer)]
+        matches = [name for name in names if name.endswith("." + layer)]
         if len(matches) == 1:
             return matches[0]
         raise TeacherIncompatible(
@@ -76,14 +82,14 @@ class HuggingFaceTeacher(TeacherRuntime):
         target = self._encoder.get_submodule(self.resolve_layer(layer))
         captured: list[Tensor] = []
 
-        def keep(_module: nn.Module, _args: Any, out: Any) -> None:
+        def keep(_module: nn.Module, _args: Any, layer_output: Any) -> None:
             # ALBERT's shared layer group fires once per layer: the last call wins.
-            captured.append(_first_tensor(out))
+            captured.append(_first_tensor(layer_output))
 
         handle = target.register_forward_hook(keep)
         try:
             with torch.no_grad():
-                out = self._encoder(**inputs)
+                outputs = self._encoder(**inputs)
         finally:
             handle.remove()
         states = captured[-1]
@@ -91,37 +97,39 @@ class HuggingFaceTeacher(TeacherRuntime):
         if states.dim() == 3:
             if mask is None:
                 mask = torch.ones(states.shape[:2], device=states.device)
-            return out, masked_mean(states, mask).float()
-        return out, states.flatten(1).float()
+            return outputs, masked_mean(states, mask).float()
+        return outputs, states.flatten(1).float()
 
 
-def _first_tensor(out: Any) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out:
-        return _first_tensor(out[0])
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    raise TeacherIncompatible(f"cannot read features from a {type(out).__name__}")
+def _first_tensor(layer_output: Any) -> Tensor:
+    """The tensor a layer's output leads with (layers return tuples or model outputs)."""
+    if isinstance(layer_output, Tensor):
+        return layer_output
+    if isinstance(layer_output, (tuple, list)) and layer_output:
+        return _first_tensor(layer_output[0])
+    if hasattr(layer_output, "last_hidden_state"):
+        return layer_output.last_hidden_state
+    raise TeacherIncompatible(f"cannot read features from a {type(layer_output).__name__}")
 
 
 def _signature(
-    module: HFEncoder, task: Task, extra: dict[str, Any], architecture: str, size: int
+    module: HFEncoder, task: Task, extra: dict[str, Any], architecture: str, upload_bytes: int
 ) -> TeacherSignature:
-    dim = module.output_dim
+    """What the teacher takes and gives, as inspection reports it for an upload."""
+    width = module.output_dim
     output = "logits" if module.head == "classification" else "embedding"
     kind: Any = {"classification": "logits", "regression": "values", "embedding": "embedding"}[task]
     return TeacherSignature(
         format="huggingface",
-        inputs=[TensorSpec(n, ["batch", "sequence"], "int64") for n in module.input_names],
-        outputs=[TensorSpec(output, ["batch", dim], "float32")],
-        parameters=sum(p.numel() for p in module.parameters()),
-        bytes=size,
+        inputs=[TensorSpec(name, ["batch", "sequence"], "int64") for name in module.input_names],
+        outputs=[TensorSpec(output, ["batch", width], "float32")],
+        parameters=sum(parameter.numel() for parameter in module.parameters()),
+        bytes=upload_bytes,
         task=task,
         output=output,
         output_kind=kind,
-        num_classes=dim if task == "classification" else None,
-        output_dim=dim,
+        num_classes=width if task == "classification" else None,
+        output_dim=width,
         architecture=architecture,
         modality="text",
         extra=extra,
@@ -140,10 +148,10 @@ def load_huggingface(
     if path.is_dir():
         root = path
     elif is_zip(path):
-        dest = Path(work_dir) / "huggingface"
-        if dest.exists():
-            shutil.rmtree(dest)
-        root = bundle_root(extract(path, dest))
+        destination = Path(work_dir) / "huggingface"
+        if destination.exists():
+            shutil.rmtree(destination)
+        root = bundle_root(extract(path, destination))
     else:
         raise TeacherInvalid("a transformers teacher must be a zip of its folder", field="teacher")
     module, tokenizer, task, extra = load_folder(root)
@@ -152,24 +160,26 @@ def load_huggingface(
         architecture = f"SentenceTransformer({module.model_type})"
     else:
         architecture = architectures[0] if architectures else module.model_type
-    signature = _signature(module, task, extra, architecture, _size(path))
-    return HuggingFaceTeacher(module, tokenizer, signature, _digest(path), torch.device(device))
+    signature = _signature(module, task, extra, architecture, _upload_bytes(path))
+    digest = _upload_digest(path)
+    return HuggingFaceTeacher(module, tokenizer, signature, digest, torch.device(device))
 
 
-def _digest(path: Path) -> str:
+def _upload_digest(path: Path) -> str:
     """sha256 of the uploaded file, or of a folder's files (names and contents, sorted)."""
     if path.is_file():
         return file_digest([path])
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(str(p.relative_to(path)).encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(entry for entry in path.rglob("*") if entry.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
-def _size(path: Path) -> int:
+def _upload_bytes(path: Path) -> int:
+    """Size of the uploaded file, or of a folder's files together."""
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())

@@ -20,9 +20,9 @@ def student_config(
     # Students train and export in fp32 whatever the teacher checkpoint's dtype.
     config.dtype = torch.float32
     if hidden is not None and hidden != teacher_config.hidden_size:
-        ratio = _intermediate(teacher_config) / teacher_config.hidden_size
+        ratio = _intermediate_size(teacher_config) / teacher_config.hidden_size
         config.hidden_size = hidden
-        _set_intermediate(config, max(1, round(ratio * hidden)))
+        _set_intermediate_size(config, max(1, round(ratio * hidden)))
         if getattr(config, "pooler_hidden_size", None) is not None:
             config.pooler_hidden_size = hidden
         if getattr(config, "embedding_size", None) is not None:
@@ -34,35 +34,32 @@ def student_config(
     return config
 
 
-def _intermediate(config: Any) -> int:
+def _intermediate_size(config: Any) -> int:
+    """Width of the feed-forward layers (DistilBERT calls it ``hidden_dim``)."""
     return int(config.hidden_dim if config.model_type == "distilbert" else config.intermediate_size)
 
 
-def _set_intermediate(config: Any, value: int) -> None:
+def _set_intermediate_size(config: Any, value: int) -> None:
+    """Set the feed-forward width under the family's own name for it."""
     if config.model_type == "distilbert":
         config.hidden_dim = value
     else:
         config.intermediate_size = value
 
 
-def _count(config: Any, head: Head) -> int:
+def _parameter_count(config: Any, head: Head) -> int:
     """Parameters of a model built from ``config``, counted without allocating weights."""
     with torch.device("meta"):
         model = make_model(config, head, pooler=head != "base")
-    return sum(p.numel() for p in model.parameters())
-
-
-def _heads_for(hidden: int, teacher_config: Any) -> int:
-    """Heads of the teacher's head size where possible, else the most that divide ``hidden``."""
-    head_dim = teacher_config.hidden_size // teacher_config.num_attention_heads
-    heads = max(1, min(hidden // head_dim, teacher_config.num_attention_heads))
-    while hidden % heads:
-        heads -= 1
-    return heads
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
 def choose_size(
-    spec: StudentSpec, teacher_config: Any, head: Head, teacher_parameters: int, extra: int
+    spec: StudentSpec,
+    teacher_config: Any,
+    head: Head,
+    teacher_parameters: int,
+    dense_parameters: int,
 ) -> tuple[int, int, int]:
     """(layers, hidden, heads) for the student.
 
@@ -72,57 +69,35 @@ def choose_size(
     model (which then cannot start from the teacher's weights) only when the
     budget requires it. With ``num_layers`` given, ``compression`` is not
     applied: the teacher's width is kept unless ``hidden_size`` or
-    ``max_parameters`` says otherwise.
+    ``max_parameters`` says otherwise. ``dense_parameters`` (the teacher's
+    Dense layers) count in proportion to the student's width.
     """
-    n = int(teacher_config.num_hidden_layers)
     width = int(teacher_config.hidden_size)
-    budget: float | None = None
-    if spec.max_parameters is not None:
-        budget = float(spec.max_parameters)
-    elif spec.num_layers is None and spec.compression is not None:
-        budget = teacher_parameters / spec.compression
-
-    def heads_of(h: int) -> int:
-        if spec.num_heads is not None:
-            if h % spec.num_heads:
-                raise SpecInvalid(
-                    f"hidden size {h} is not divisible by {spec.num_heads} heads",
-                    field="student.num_heads",
-                )
-            return spec.num_heads
-        if h == width:
-            return int(teacher_config.num_attention_heads)
-        return _heads_for(h, teacher_config)
-
-    if spec.num_layers is not None:
-        depths = [spec.num_layers]
-    elif budget is None:
-        depths = [max(1, n // 2)]
-    else:
-        depths = list(range(max(1, n - 1), 0, -1))
-    if spec.hidden_size is not None:
-        widths = [spec.hidden_size]
-    elif budget is None:
-        widths = [width]
-    else:
-        head_dim = width // int(teacher_config.num_attention_heads)
-        widths = [width, *range(width - head_dim, 0, -head_dim)]
-
+    budget = _budget(spec, teacher_parameters)
+    depths = _depths(spec, int(teacher_config.num_hidden_layers), budget)
+    widths = _widths(spec, teacher_config, budget)
     if budget is None:
-        return depths[0], widths[0], heads_of(widths[0])
-
+        return depths[0], widths[0], _student_heads(spec, widths[0], teacher_config)
     fallback: tuple[int, int, int] | None = None
-    for h in widths:
-        heads = heads_of(h)
-        one = _count(student_config(teacher_config, layers=1, hidden=h, heads=heads), head)
-        two = _count(student_config(teacher_config, layers=2, hidden=h, heads=heads), head)
-        per_layer = two - one
-        fits = [k for k in depths if one + (k - 1) * per_layer + extra * h / width <= budget]
+    for hidden in widths:
+        heads = _student_heads(spec, hidden, teacher_config)
+        one_layer = _parameter_count(
+            student_config(teacher_config, layers=1, hidden=hidden, heads=heads), head
+        )
+        two_layers = _parameter_count(
+            student_config(teacher_config, layers=2, hidden=hidden, heads=heads), head
+        )
+        per_layer = two_layers - one_layer
+        dense_share = dense_parameters * hidden / width
+        fits = [
+            depth for depth in depths if one_layer + (depth - 1) * per_layer + dense_share <= budget
+        ]
         if not fits:
             continue
         if fits[0] >= min(2, depths[0]):
-            return fits[0], h, heads
-        fallback = fallback or (fits[0], h, heads)
+            return fits[0], hidden, heads
+        # A one-layer student at this width fits, but a narrower one may keep two layers.
+        fallback = fallback or (fits[0], hidden, heads)
     if fallback is not None:
         return fallback
     field = "student.max_parameters" if spec.max_parameters is not None else "student.compression"
@@ -132,3 +107,55 @@ def choose_size(
         "num_layers and hidden_size",
         field=field,
     )
+
+
+def _budget(spec: StudentSpec, teacher_parameters: int) -> float | None:
+    """``max_parameters``, else teacher parameters / ``compression`` when no depth is given."""
+    if spec.max_parameters is not None:
+        return float(spec.max_parameters)
+    if spec.num_layers is None and spec.compression is not None:
+        return teacher_parameters / spec.compression
+    return None
+
+
+def _depths(spec: StudentSpec, teacher_layers: int, budget: float | None) -> list[int]:
+    """Depths to try, deepest first: the spec's, else half the teacher's without a budget."""
+    if spec.num_layers is not None:
+        return [spec.num_layers]
+    if budget is None:
+        return [max(1, teacher_layers // 2)]
+    return list(range(max(1, teacher_layers - 1), 0, -1))
+
+
+def _widths(spec: StudentSpec, teacher_config: Any, budget: float | None) -> list[int]:
+    """Widths to try, widest first: the spec's, else the teacher's and then one head less each."""
+    width = int(teacher_config.hidden_size)
+    if spec.hidden_size is not None:
+        return [spec.hidden_size]
+    if budget is None:
+        return [width]
+    head_dim = width // int(teacher_config.num_attention_heads)
+    return [width, *range(width - head_dim, 0, -head_dim)]
+
+
+def _student_heads(spec: StudentSpec, hidden: int, teacher_config: Any) -> int:
+    """The spec's heads (they must divide ``hidden``), else the teacher's at its own width."""
+    if spec.num_heads is not None:
+        if hidden % spec.num_heads:
+            raise SpecInvalid(
+                f"hidden size {hidden} is not divisible by {spec.num_heads} heads",
+                field="student.num_heads",
+            )
+        return spec.num_heads
+    if hidden == int(teacher_config.hidden_size):
+        return int(teacher_config.num_attention_heads)
+    return _heads_of_teacher_size(hidden, teacher_config)
+
+
+def _heads_of_teacher_size(hidden: int, teacher_config: Any) -> int:
+    """Heads of the teacher's head size where possible, else the most that divide ``hidden``."""
+    head_dim = teacher_config.hidden_size // teacher_config.num_attention_heads
+    heads = max(1, min(hidden // head_dim, teacher_config.num_attention_heads))
+    while hidden % heads:
+        heads -= 1
+    return heads

@@ -23,7 +23,7 @@ def choose_layers(teacher_layers: int, student_layers: int) -> list[int]:
     if student_layers == 1:
         return [0]
     step = (teacher_layers - 1) / (student_layers - 1)
-    return [round(i * step) for i in range(student_layers)]
+    return [round(index * step) for index in range(student_layers)]
 
 
 def _init_from_teacher(student: HFEncoder, teacher: HFEncoder, chosen: list[int]) -> None:
@@ -42,8 +42,9 @@ def _init_from_teacher(student: HFEncoder, teacher: HFEncoder, chosen: list[int]
     student.load_state_dict(mapped, strict=True)
 
 
-def _teacher_encoder(ctx: StudentContext) -> HFEncoder:
-    module = getattr(ctx.teacher, "module", None)
+def _teacher_encoder(context: StudentContext) -> HFEncoder:
+    """The teacher's :class:`HFEncoder`; any other teacher cannot seed this student."""
+    module = getattr(context.teacher, "module", None)
     if not isinstance(module, HFEncoder):
         raise SpecInvalid(
             "the hf_encoder student needs a Hugging Face transformers teacher",
@@ -53,59 +54,63 @@ def _teacher_encoder(ctx: StudentContext) -> HFEncoder:
 
 
 @STUDENTS.register("hf_encoder")
-def build_hf_encoder(spec: StudentSpec, ctx: StudentContext) -> HFEncoder:
+def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
     """A smaller encoder of the teacher's family, initialised from its layers.
 
     Depth (and width, if the budget needs it) follow :func:`choose_size`. With
     ``spec.init_from_teacher`` and the teacher's width, the student starts from
     the teacher's embeddings, evenly spaced layers (:func:`choose_layers`),
     pooler and head; a narrower student starts from scratch. Given
-    ``ctx.saved_config`` (from ``rebuild_student``), rebuilds that student instead.
+    ``context.saved_config`` (from ``rebuild_student``), rebuilds that student instead.
     """
-    saved = getattr(ctx, "saved_config", None)
+    saved = getattr(context, "saved_config", None)
     if saved is not None:
         return rebuild_hf_encoder(saved)
-    teacher = _teacher_encoder(ctx)
-    tconfig = teacher.hf_config
-    dense_params = sum(p.numel() for p in teacher.dense.parameters())
+    teacher = _teacher_encoder(context)
+    teacher_config = teacher.hf_config
+    teacher_layers = teacher_config.num_hidden_layers
     layers, hidden, heads = choose_size(
-        spec, tconfig, teacher.head, ctx.teacher_parameters or _params(teacher), dense_params
+        spec,
+        teacher_config,
+        teacher.head,
+        context.teacher_parameters or _parameter_count(teacher),
+        _parameter_count(teacher.dense),
     )
-    same_shape = hidden == tconfig.hidden_size and heads == tconfig.num_attention_heads
-    init = spec.init_from_teacher and same_shape
-    if init and layers > tconfig.num_hidden_layers and teacher.model_type != "albert":
+    same_width = hidden == teacher_config.hidden_size
+    same_shape = same_width and heads == teacher_config.num_attention_heads
+    from_teacher = spec.init_from_teacher and same_shape
+    if from_teacher and layers > teacher_layers and teacher.model_type != "albert":
         raise SpecInvalid(
-            f"a student initialised from the teacher has at most its {tconfig.num_hidden_layers} "
+            f"a student initialised from the teacher has at most its {teacher_layers} "
             "layers; set init_from_teacher to false for a deeper student",
             field="student.num_layers",
         )
-    config = student_config(tconfig, layers=layers, hidden=hidden, heads=heads)
-    dense = _student_dense(teacher, hidden)
+    input_names = [name for name in teacher.input_names if name in context.input_names]
     student = _assemble(
-        config=config,
+        config=student_config(teacher_config, layers=layers, hidden=hidden, heads=heads),
         head=teacher.head,
         pooling=teacher.pooling,
         normalize=teacher.normalize,
-        dense=dense,
-        input_names=[n for n in teacher.input_names if n in ctx.input_names] or ["input_ids"],
-        task=ctx.task,
-        output_dim=ctx.output_dim,
+        dense=_student_dense(teacher, hidden),
+        input_names=input_names or ["input_ids"],
+        task=context.task,
+        output_dim=context.output_dim,
     )
-    if init:
-        _init_from_teacher(student, teacher, choose_layers(tconfig.num_hidden_layers, layers))
-    student.config["initialised_from_teacher_layers"] = (
-        choose_layers(tconfig.num_hidden_layers, layers) if init else None
-    )
+    chosen = choose_layers(teacher_layers, layers) if from_teacher else None
+    if chosen is not None:
+        _init_from_teacher(student, teacher, chosen)
+    student.config["initialised_from_teacher_layers"] = chosen
     return student
 
 
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def _parameter_count(module: nn.Module) -> int:
+    """Parameters of ``module``, all of them."""
+    return sum(parameter.numel() for parameter in module.parameters())
 
 
 def _student_dense(teacher: HFEncoder, hidden: int) -> list[dict[str, Any]]:
     """The teacher's Dense stack, its first input resized to a narrower student's pooled width."""
-    dense = [dict(d) for d in teacher.dense_config]
+    dense = [dict(layer) for layer in teacher.dense_config]
     if dense:
         dense[0]["in_features"] = hidden * len(teacher.pooling)
     elif teacher.head == "base" and hidden != teacher.hidden_size:
@@ -132,6 +137,7 @@ def _assemble(
     task: str,
     output_dim: int,
 ) -> HFEncoder:
+    """A fresh student of this shape, with the ``config`` that rebuilds it."""
     # Embedding students pool token states here, so a bare model's pooler would never train.
     model = make_model(config, head, pooler=head != "base")
     encoder = HFEncoder(
@@ -156,7 +162,7 @@ def _assemble(
         "head": head,
         "pooling": list(pooling),
         "normalize": normalize,
-        "dense": [dict(d) for d in dense],
+        "dense": [dict(layer) for layer in dense],
         "task": task,
         "modality": "text",
         "input_names": encoder.input_names,
@@ -168,9 +174,9 @@ def _assemble(
 def _jsonable(value: Any) -> Any:
     """``value`` with anything JSON cannot hold (dtypes, tuples) turned into plain values."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(key): _jsonable(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(item) for item in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
@@ -187,9 +193,8 @@ def rebuild_hf_encoder(config: dict[str, Any]) -> HFEncoder:
         head: Head = config["head"]
         if head not in ("classification", "base"):
             raise SpecInvalid(f"unknown hf_encoder head {head!r}", field="student_config.head")
-        hf_config = make_config(raw)
         encoder = _assemble(
-            config=hf_config,
+            config=make_config(raw),
             head=head,
             pooling=list(config.get("pooling") or ["mean"]),
             normalize=bool(config.get("normalize", False)),

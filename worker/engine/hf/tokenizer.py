@@ -9,6 +9,10 @@ from worker.engine.errors import TeacherIncompatible, TeacherInvalid
 
 
 def load_tokenizer(model_dir: Path, root: Path, *, lowercase: bool) -> Any:
+    """The tokenizer saved in ``model_dir``, else in the bundle's ``root``; never remote code.
+
+    ``lowercase`` wraps it in a :class:`LowercasingTokenizer`.
+    """
     from transformers import AutoTokenizer
 
     for folder in (model_dir, root):
@@ -40,7 +44,7 @@ class LowercasingTokenizer:
         if isinstance(text, str):
             text = text.lower()
         elif isinstance(text, (list, tuple)):
-            text = [t.lower() if isinstance(t, str) else t for t in text]
+            text = [item.lower() if isinstance(item, str) else item for item in text]
         return self.tokenizer(text, *args, **kwargs)
 
     def __len__(self) -> int:

@@ -56,18 +56,20 @@ class HFEncoder(nn.Module):
         self.head = head
         self.pooling = list(pooling)
         self.normalize = normalize
-        self.dense_config = [dict(d) for d in dense]
+        self.dense_config = [dict(layer) for layer in dense]
         self.dense = nn.ModuleList(
             nn.Sequential(
-                nn.Linear(d["in_features"], d["out_features"], bias=d.get("bias", True)),
-                _activation(d.get("activation_function")),
+                nn.Linear(
+                    layer["in_features"], layer["out_features"], bias=layer.get("bias", True)
+                ),
+                _activation(layer.get("activation_function")),
             )
-            for d in dense
+            for layer in dense
         )
         self.feature = nn.Identity()
         # A frozen teacher skips the feature (and, for classifiers, all hidden states).
         self.emit_features = True
-        self.input_names = [n for n in TEXT_INPUTS if n in input_names]
+        self.input_names = [name for name in TEXT_INPUTS if name in input_names]
         # The student contract: rebuildable config, hint layer and its width.
         self.config: dict[str, Any] = {}
         self.hint_layer = "feature"
@@ -98,18 +100,19 @@ class HFEncoder(nn.Module):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
     ) -> Tensor:
+        """Logits or the pooled embedding (N, output_dim), float32."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        kwargs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        inputs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and "token_type_ids" in self.input_names:
-            kwargs["token_type_ids"] = token_type_ids
+            inputs["token_type_ids"] = token_type_ids
         if self.head == "classification":
-            out = self.model(**kwargs, output_hidden_states=self.emit_features)
+            outputs = self.model(**inputs, output_hidden_states=self.emit_features)
             if self.emit_features:
-                self.feature(masked_mean(out.hidden_states[-1], attention_mask))
-            return out.logits.float()
+                self.feature(masked_mean(outputs.hidden_states[-1], attention_mask))
+            return outputs.logits.float()
         # Pool in fp32: bf16 sums over long sequences lose the precision cosine losses need.
-        hidden = self.model(**kwargs).last_hidden_state.float()
+        hidden = self.model(**inputs).last_hidden_state.float()
         if self.emit_features:
             self.feature(masked_mean(hidden, attention_mask))
         pooled = pool(hidden, attention_mask, self.pooling)
@@ -130,10 +133,11 @@ class HFEncoder(nn.Module):
     def layer_names(self) -> list[str]:
         """Dotted names of the encoder layers, first to last."""
         stack = self.get_submodule(self.layer_stack())
-        return [f"{self.layer_stack()}.{i}" for i in range(len(stack))]  # type: ignore[arg-type]
+        return [f"{self.layer_stack()}.{index}" for index in range(len(stack))]  # type: ignore[arg-type]
 
 
 def _activation(name: str | None) -> nn.Module:
+    """The activation a Dense config names by class path, from the allowlist only."""
     if name is None:
         # sentence-transformers' Dense default.
         return nn.Tanh()
