@@ -22,6 +22,9 @@ from worker.engine.teachers import TEACHER_RUNTIMES, TeacherRuntime, file_digest
 class HuggingFaceTeacher(TeacherRuntime):
     """A frozen transformers encoder, run in torch."""
 
+    module: HFEncoder
+    tokenizer: Any
+
     def __init__(
         self,
         module: HFEncoder,
@@ -41,31 +44,25 @@ class HuggingFaceTeacher(TeacherRuntime):
         """The batch keys the encoder takes, on the runtime's device."""
         if "input_ids" not in batch:
             raise TeacherIncompatible("a transformers teacher needs input_ids", field="dataset_id")
-        names = self._encoder.input_names
+        names = self.module.input_names
         return {
             name: tensor.to(self.device, non_blocking=True)
             for name, tensor in batch.items()
             if name in names
         }
 
-    @property
-    def _encoder(self) -> HFEncoder:
-        """``module``, typed as the encoder it always is here."""
-        assert isinstance(self.module, HFEncoder)
-        return self.module
-
     def predict(self, batch: dict[str, Tensor]) -> Tensor:
         """Logits or embeddings (N, D), float32, on the runtime's device."""
         with torch.no_grad():
-            return self._encoder(**self._inputs(batch))
+            return self.module(**self._inputs(batch))
 
     def hint_layers(self) -> list[str]:
         """The encoder layers, last first (the last layer's states are the richest)."""
-        return list(reversed(self._encoder.layer_names()))
+        return list(reversed(self.module.layer_names()))
 
     def resolve_layer(self, layer: str) -> str:
         """The module name ``layer`` means: exact, or the one module whose name ends with it."""
-        names = [name for name, _ in self._encoder.named_modules() if name]
+        names = [name for name, _ in self.module.named_modules() if name]
         if layer in names:
             return layer
         matches = [name for name in names if name.endswith("." + layer)]
@@ -79,7 +76,7 @@ class HuggingFaceTeacher(TeacherRuntime):
     def predict_with_features(self, batch: dict[str, Tensor], layer: str) -> tuple[Tensor, Tensor]:
         """Outputs and ``layer``'s token states averaged over the attention mask: (N, hidden)."""
         inputs = self._inputs(batch)
-        target = self._encoder.get_submodule(self.resolve_layer(layer))
+        target = self.module.get_submodule(self.resolve_layer(layer))
         captured: list[Tensor] = []
 
         def keep(_module: nn.Module, _args: Any, layer_output: Any) -> None:
@@ -89,7 +86,7 @@ class HuggingFaceTeacher(TeacherRuntime):
         handle = target.register_forward_hook(keep)
         try:
             with torch.no_grad():
-                outputs = self._encoder(**inputs)
+                outputs = self.module(**inputs)
         finally:
             handle.remove()
         states = captured[-1]
