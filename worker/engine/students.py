@@ -16,7 +16,6 @@ bytes / ``compression`` at 4 bytes per fp32 parameter).
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -608,8 +607,6 @@ def _hf_builder(ctx: StudentContext) -> StudentBuilder | None:
     signature = getattr(ctx.teacher, "signature", None)
     if getattr(signature, "format", None) != "huggingface":
         return None
-    if "hf_encoder" not in STUDENTS:
-        importlib.import_module("worker.engine.hf")
     return STUDENTS.get("hf_encoder") if "hf_encoder" in STUDENTS else None
 
 
@@ -652,8 +649,8 @@ _SPEC_KNOBS = (
 def rebuild_student(config: dict[str, Any]) -> nn.Module:
     """Rebuild a student from its saved ``config`` (student_config.json), without the teacher.
 
-    Dispatches on ``config["architecture"]`` through :data:`STUDENTS`; ``hf_*``
-    architectures import :mod:`worker.engine.hf` on first use. The builder gets a
+    Dispatches on ``config["architecture"]`` through :data:`STUDENTS` (``hf_encoder``
+    is there once :mod:`worker.engine.components` is imported). The builder gets a
     context with ``saved_config=config`` and must rebuild exactly that student.
     Weights are not restored: load them with ``load_state_dict``.
     """
@@ -672,8 +669,6 @@ def rebuild_student(config: dict[str, Any]) -> nn.Module:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise SpecInvalid(f"student config is incomplete: {exc}", field="architecture") from None
-    if architecture.startswith("hf_") and architecture not in STUDENTS:
-        importlib.import_module("worker.engine.hf")
     builder = STUDENTS.get(architecture, field="architecture")
     knobs = {k: config[k] for k in _SPEC_KNOBS if config.get(k) is not None}
     try:

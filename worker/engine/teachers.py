@@ -4,14 +4,14 @@
 :data:`TEACHER_RUNTIMES`: ``onnx`` (onnxruntime, or our torch conversion once
 it has been checked against onnxruntime), ``safetensors`` (a built-in student
 architecture rebuilt from its config) and ``huggingface`` (registered by
-:mod:`worker.engine.hf`). Every runtime is frozen and returns float32 ``(N, D)``
-on its device; nothing is ever unpickled.
+:mod:`worker.engine.hf.runtime`, which :mod:`worker.engine.components` imports).
+Every runtime is frozen and returns float32 ``(N, D)`` on its device; nothing is
+ever unpickled.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import shutil
@@ -125,9 +125,6 @@ def load_teacher(path: str | Path, *, device: torch.device | str, work_dir: Path
     for pickle-based or unknown files and :class:`TeacherInvalid` for malformed ones.
     """
     fmt = sniff_teacher(path)
-    if fmt == "huggingface":
-        # hf.py registers its runtime on import (it imports this module).
-        importlib.import_module("worker.engine.hf")
     loader = TEACHER_RUNTIMES.get(fmt, field="teacher")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)

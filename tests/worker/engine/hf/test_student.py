@@ -1,0 +1,154 @@
+"""The hf_encoder student: seeded from teacher layers, sized to a budget, rebuilt, exported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tests.worker.engine.hf.factories import (
+    SENTENCES,
+    build_student,
+    load_on_cpu,
+    sentence_transformer,
+    student_context,
+    text_batch,
+)
+from worker.engine.errors import SpecInvalid
+from worker.engine.hf.runtime import HuggingFaceTeacher
+from worker.engine.hf.wrapper import HFEncoder
+from worker.engine.spec import StudentSpec
+from worker.engine.students import rebuild_student
+
+TWO_LAYERS = StudentSpec(num_layers=2, compression=None)
+
+
+def _parameter_count(module: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def test_student_takes_evenly_spaced_teacher_layers(teacher: HuggingFaceTeacher) -> None:
+    student = build_student(TWO_LAYERS, student_context(teacher))
+    assert student.config["initialised_from_teacher_layers"] == [0, 3]
+    assert _parameter_count(student) < teacher.signature.parameters
+    teacher_state = teacher.module.state_dict()
+    student_state = student.state_dict()
+    for student_index, teacher_index in enumerate([0, 3]):
+        prefix = f"model.bert.encoder.layer.{student_index}."
+        keys = [key for key in student_state if key.startswith(prefix)]
+        assert keys
+        for key in keys:
+            teacher_key = key.replace(prefix, f"model.bert.encoder.layer.{teacher_index}.")
+            assert torch.equal(student_state[key], teacher_state[teacher_key]), key
+    for key in ("model.bert.embeddings.word_embeddings.weight", "model.classifier.weight"):
+        assert torch.equal(student_state[key], teacher_state[key])
+    assert student.hint_layer == "feature" and student.feature_dim == 32
+
+    batch = text_batch(teacher.tokenizer)
+    captured: list[torch.Tensor] = []
+    handle = student.get_submodule(student.hint_layer).register_forward_hook(
+        lambda _module, _args, feature: captured.append(feature)
+    )
+    outputs = student(**batch)
+    handle.remove()
+    assert outputs.shape == (len(SENTENCES), 3)
+    assert captured[0].shape == (len(SENTENCES), 32)
+
+
+def test_student_config_rebuilds_without_teacher(teacher: HuggingFaceTeacher) -> None:
+    student = build_student(TWO_LAYERS, student_context(teacher))
+    config = json.loads(json.dumps(student.config))
+    assert config["architecture"] == "hf_encoder"
+    rebuilt = rebuild_student(config)
+    assert isinstance(rebuilt, HFEncoder)
+    assert {key: value.shape for key, value in rebuilt.state_dict().items()} == {
+        key: value.shape for key, value in student.state_dict().items()
+    }
+    rebuilt.load_state_dict(student.state_dict())
+    batch = text_batch(teacher.tokenizer)
+    student.eval(), rebuilt.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**batch), student(**batch))
+
+
+def test_student_size_follows_the_budget(teacher: HuggingFaceTeacher) -> None:
+    context = student_context(teacher)
+    # Fewer layers at the teacher's width meet a mild compression.
+    mild = build_student(StudentSpec(compression=1.3), context)
+    assert mild.config["hf_config"]["hidden_size"] == 32
+    assert mild.config["initialised_from_teacher_layers"] is not None
+    # A stronger one needs a narrower model, which starts from scratch.
+    strong = build_student(StudentSpec(compression=2.5), context)
+    assert strong.config["hf_config"]["hidden_size"] < 32
+    assert strong.config["initialised_from_teacher_layers"] is None
+    assert _parameter_count(strong) <= teacher.signature.parameters / 2.5
+    with pytest.raises(SpecInvalid) as error:
+        build_student(StudentSpec(compression=1000), context)
+    assert error.value.field == "student.compression"
+
+
+def _export_and_compare(student: HFEncoder, tokenizer: Any, path: Path) -> None:
+    """The TorchScript exporter, the engine exporter's fallback, on an unpadded example."""
+    import onnxruntime as ort
+
+    student.eval()
+    names = student.config["input_names"]
+    # Unpadded: the exported graph must still honour padding masks.
+    example = text_batch(tokenizer, ["the cat sat on the mat", "the dog sat on a mat"])
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    torch.onnx.export(
+        student,
+        tuple(example[name] for name in names),
+        str(path),
+        input_names=names,
+        output_names=["output"],
+        dynamic_axes={**axes, "output": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [graph_input.name for graph_input in session.get_inputs()] == names
+    for texts in (SENTENCES, ["bad"]):
+        batch = text_batch(tokenizer, texts)
+        exported = session.run(None, {name: batch[name].numpy() for name in names})[0]
+        with torch.no_grad():
+            expected = student(**batch).numpy()
+        np.testing.assert_allclose(exported, expected, atol=1e-4, rtol=0)
+
+
+def test_classifier_student_exports_through_the_engine_exporter(
+    teacher: HuggingFaceTeacher, tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+
+    from worker.engine import export
+
+    student = build_student(TWO_LAYERS, student_context(teacher))
+    example = text_batch(teacher.tokenizer, ["the cat sat on the mat", "the dog sat on a mat"])
+    path = export.export_onnx(student, example, tmp_path / "student.onnx")
+    assert export.onnx_export_info(path)["distillery.exporter"] == "dynamo"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [graph_input.name for graph_input in session.get_inputs()]
+    batch = text_batch(teacher.tokenizer)
+    exported = session.run(None, {name: batch[name].numpy() for name in names})[0]
+    with torch.no_grad():
+        expected = student.eval()(**batch).numpy()
+    np.testing.assert_allclose(exported, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore")  # the TorchScript exporter's deprecation and tracer notes
+def test_embedding_student_exports_to_onnx(models: dict[str, Any], tmp_path: Path) -> None:
+    _, folder = sentence_transformer(models, "st-export", "mean", True, True)
+    runtime = load_on_cpu(folder, tmp_path)
+    student = build_student(
+        StudentSpec(num_layers=1, compression=None), student_context(runtime, task="embedding")
+    )
+    assert student.config["normalize"] and student.config["output_dim"] == 16
+    with torch.no_grad():
+        norms = student(**text_batch(runtime.tokenizer)).norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    _export_and_compare(student, runtime.tokenizer, tmp_path / "student.onnx")

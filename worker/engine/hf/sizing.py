@@ -1,0 +1,161 @@
+"""How big an hf_encoder student is: depth, width and heads chosen against a budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from worker.engine.errors import SpecInvalid
+from worker.engine.hf.families import Head, make_model
+from worker.engine.spec import StudentSpec
+
+
+def student_config(
+    teacher_config: Any, *, layers: int, hidden: int | None, heads: int | None
+) -> Any:
+    """A copy of the teacher's config with fewer layers and, optionally, another width."""
+    config = type(teacher_config).from_dict(teacher_config.to_dict())
+    config.num_hidden_layers = layers
+    # Students train and export in fp32 whatever the teacher checkpoint's dtype.
+    config.dtype = torch.float32
+    if hidden is not None and hidden != teacher_config.hidden_size:
+        ratio = _intermediate_size(teacher_config) / teacher_config.hidden_size
+        config.hidden_size = hidden
+        _set_intermediate_size(config, max(1, round(ratio * hidden)))
+        if getattr(config, "pooler_hidden_size", None) is not None:
+            config.pooler_hidden_size = hidden
+        if getattr(config, "embedding_size", None) is not None:
+            # ALBERT/ELECTRA factorise embeddings: narrow them in proportion.
+            scale = hidden / teacher_config.hidden_size
+            config.embedding_size = max(8, round(config.embedding_size * scale))
+    if heads is not None:
+        config.num_attention_heads = heads
+    return config
+
+
+def _intermediate_size(config: Any) -> int:
+    """Width of the feed-forward layers (DistilBERT calls it ``hidden_dim``)."""
+    return int(config.hidden_dim if config.model_type == "distilbert" else config.intermediate_size)
+
+
+def _set_intermediate_size(config: Any, value: int) -> None:
+    """Set the feed-forward width under the family's own name for it."""
+    if config.model_type == "distilbert":
+        config.hidden_dim = value
+    else:
+        config.intermediate_size = value
+
+
+def _parameter_count(config: Any, head: Head) -> int:
+    """Parameters of a model built from ``config``, counted without allocating weights."""
+    with torch.device("meta"):
+        model = make_model(config, head, pooler=head != "base")
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def choose_size(
+    spec: StudentSpec,
+    teacher_config: Any,
+    head: Head,
+    teacher_parameters: int,
+    dense_parameters: int,
+) -> tuple[int, int, int]:
+    """(layers, hidden, heads) for the student.
+
+    Knobs given in the spec are kept. ``max_parameters`` (else
+    ``teacher_parameters / compression``) is the budget, used to choose the
+    knobs left out: fewer layers at the teacher's width first, and a narrower
+    model (which then cannot start from the teacher's weights) only when the
+    budget requires it. With ``num_layers`` given, ``compression`` is not
+    applied: the teacher's width is kept unless ``hidden_size`` or
+    ``max_parameters`` says otherwise. ``dense_parameters`` (the teacher's
+    Dense layers) count in proportion to the student's width.
+    """
+    width = int(teacher_config.hidden_size)
+    budget = _budget(spec, teacher_parameters)
+    depths = _depths(spec, int(teacher_config.num_hidden_layers), budget)
+    widths = _widths(spec, teacher_config, budget)
+    if budget is None:
+        return depths[0], widths[0], _student_heads(spec, widths[0], teacher_config)
+    fallback: tuple[int, int, int] | None = None
+    for hidden in widths:
+        heads = _student_heads(spec, hidden, teacher_config)
+        one_layer = _parameter_count(
+            student_config(teacher_config, layers=1, hidden=hidden, heads=heads), head
+        )
+        two_layers = _parameter_count(
+            student_config(teacher_config, layers=2, hidden=hidden, heads=heads), head
+        )
+        per_layer = two_layers - one_layer
+        dense_share = dense_parameters * hidden / width
+        fits = [
+            depth for depth in depths if one_layer + (depth - 1) * per_layer + dense_share <= budget
+        ]
+        if not fits:
+            continue
+        if fits[0] >= min(2, depths[0]):
+            return fits[0], hidden, heads
+        # A one-layer student at this width fits, but a narrower one may keep two layers.
+        fallback = fallback or (fits[0], hidden, heads)
+    if fallback is not None:
+        return fallback
+    field = "student.max_parameters" if spec.max_parameters is not None else "student.compression"
+    raise SpecInvalid(
+        f"no {teacher_config.model_type} student fits a budget of {int(budget)} parameters "
+        "(the vocabulary embeddings alone take more); ask for less compression or give "
+        "num_layers and hidden_size",
+        field=field,
+    )
+
+
+def _budget(spec: StudentSpec, teacher_parameters: int) -> float | None:
+    """``max_parameters``, else teacher parameters / ``compression`` when no depth is given."""
+    if spec.max_parameters is not None:
+        return float(spec.max_parameters)
+    if spec.num_layers is None and spec.compression is not None:
+        return teacher_parameters / spec.compression
+    return None
+
+
+def _depths(spec: StudentSpec, teacher_layers: int, budget: float | None) -> list[int]:
+    """Depths to try, deepest first: the spec's, else half the teacher's without a budget."""
+    if spec.num_layers is not None:
+        return [spec.num_layers]
+    if budget is None:
+        return [max(1, teacher_layers // 2)]
+    return list(range(max(1, teacher_layers - 1), 0, -1))
+
+
+def _widths(spec: StudentSpec, teacher_config: Any, budget: float | None) -> list[int]:
+    """Widths to try, widest first: the spec's, else the teacher's and then one head less each."""
+    width = int(teacher_config.hidden_size)
+    if spec.hidden_size is not None:
+        return [spec.hidden_size]
+    if budget is None:
+        return [width]
+    head_dim = width // int(teacher_config.num_attention_heads)
+    return [width, *range(width - head_dim, 0, -head_dim)]
+
+
+def _student_heads(spec: StudentSpec, hidden: int, teacher_config: Any) -> int:
+    """The spec's heads (they must divide ``hidden``), else the teacher's at its own width."""
+    if spec.num_heads is not None:
+        if hidden % spec.num_heads:
+            raise SpecInvalid(
+                f"hidden size {hidden} is not divisible by {spec.num_heads} heads",
+                field="student.num_heads",
+            )
+        return spec.num_heads
+    if hidden == int(teacher_config.hidden_size):
+        return int(teacher_config.num_attention_heads)
+    return _heads_of_teacher_size(hidden, teacher_config)
+
+
+def _heads_of_teacher_size(hidden: int, teacher_config: Any) -> int:
+    """Heads of the teacher's head size where possible, else the most that divide ``hidden``."""
+    head_dim = teacher_config.hidden_size // teacher_config.num_attention_heads
+    heads = max(1, min(hidden // head_dim, teacher_config.num_attention_heads))
+    while hidden % heads:
+        heads -= 1
+    return heads

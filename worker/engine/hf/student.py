@@ -1,0 +1,211 @@
+"""The ``hf_encoder`` student: a smaller encoder of the teacher's family, seeded from its layers."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+
+from worker.engine.errors import SpecInvalid, TeacherIncompatible
+from worker.engine.hf.families import Head, make_config, make_model
+from worker.engine.hf.sizing import choose_size, student_config
+from worker.engine.hf.wrapper import HFEncoder
+from worker.engine.spec import StudentSpec
+from worker.engine.students import STUDENTS, StudentContext
+
+
+def choose_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """Teacher layers that initialise the student: evenly spaced, first and last kept.
+
+    6 of 12 gives DistilBERT's [0, 2, 4, 7, 9, 11]; 2 of 4 gives [0, 3].
+    """
+    if student_layers == 1:
+        return [0]
+    step = (teacher_layers - 1) / (student_layers - 1)
+    return [round(index * step) for index in range(student_layers)]
+
+
+def _init_from_teacher(student: HFEncoder, teacher: HFEncoder, chosen: list[int]) -> None:
+    """Copy embeddings, the chosen layers, pooler, head and Dense layers from the teacher."""
+    stack = re.escape(student.layer_stack()) + r"\.(\d+)\."
+    source = teacher.state_dict()
+    mapped = {}
+    for key in student.state_dict():
+        match = re.match(stack, key)
+        if match and student.model_type != "albert":
+            index = chosen[int(match.group(1))]
+            key_in_teacher = key[: match.start(1)] + str(index) + key[match.end(1) :]
+        else:
+            key_in_teacher = key
+        mapped[key] = source[key_in_teacher]
+    student.load_state_dict(mapped, strict=True)
+
+
+def _teacher_encoder(context: StudentContext) -> HFEncoder:
+    """The teacher's :class:`HFEncoder`; any other teacher cannot seed this student."""
+    module = getattr(context.teacher, "module", None)
+    if not isinstance(module, HFEncoder):
+        raise SpecInvalid(
+            "the hf_encoder student needs a Hugging Face transformers teacher",
+            field="student.architecture",
+        )
+    return module
+
+
+@STUDENTS.register("hf_encoder")
+def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
+    """A smaller encoder of the teacher's family, initialised from its layers.
+
+    Depth (and width, if the budget needs it) follow :func:`choose_size`. With
+    ``spec.init_from_teacher`` and the teacher's width, the student starts from
+    the teacher's embeddings, evenly spaced layers (:func:`choose_layers`),
+    pooler and head; a narrower student starts from scratch. Given
+    ``context.saved_config`` (from ``rebuild_student``), rebuilds that student instead.
+    """
+    saved = getattr(context, "saved_config", None)
+    if saved is not None:
+        return rebuild_hf_encoder(saved)
+    teacher = _teacher_encoder(context)
+    teacher_config = teacher.hf_config
+    teacher_layers = teacher_config.num_hidden_layers
+    layers, hidden, heads = choose_size(
+        spec,
+        teacher_config,
+        teacher.head,
+        context.teacher_parameters or _parameter_count(teacher),
+        _parameter_count(teacher.dense),
+    )
+    same_width = hidden == teacher_config.hidden_size
+    same_shape = same_width and heads == teacher_config.num_attention_heads
+    from_teacher = spec.init_from_teacher and same_shape
+    if from_teacher and layers > teacher_layers and teacher.model_type != "albert":
+        raise SpecInvalid(
+            f"a student initialised from the teacher has at most its {teacher_layers} "
+            "layers; set init_from_teacher to false for a deeper student",
+            field="student.num_layers",
+        )
+    input_names = [name for name in teacher.input_names if name in context.input_names]
+    student = _assemble(
+        config=student_config(teacher_config, layers=layers, hidden=hidden, heads=heads),
+        head=teacher.head,
+        pooling=teacher.pooling,
+        normalize=teacher.normalize,
+        dense=_student_dense(teacher, hidden),
+        input_names=input_names or ["input_ids"],
+        task=context.task,
+        output_dim=context.output_dim,
+    )
+    chosen = choose_layers(teacher_layers, layers) if from_teacher else None
+    if chosen is not None:
+        _init_from_teacher(student, teacher, chosen)
+    student.config["initialised_from_teacher_layers"] = chosen
+    return student
+
+
+def _parameter_count(module: nn.Module) -> int:
+    """Parameters of ``module``, all of them."""
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def _student_dense(teacher: HFEncoder, hidden: int) -> list[dict[str, Any]]:
+    """The teacher's Dense stack, its first input resized to a narrower student's pooled width."""
+    dense = [dict(layer) for layer in teacher.dense_config]
+    if dense:
+        dense[0]["in_features"] = hidden * len(teacher.pooling)
+    elif teacher.head == "base" and hidden != teacher.hidden_size:
+        # A narrower student still outputs the teacher's embedding width.
+        dense = [
+            {
+                "in_features": hidden * len(teacher.pooling),
+                "out_features": teacher.output_dim,
+                "bias": True,
+                "activation_function": "torch.nn.modules.linear.Identity",
+            }
+        ]
+    return dense
+
+
+def _assemble(
+    *,
+    config: Any,
+    head: Head,
+    pooling: list[str],
+    normalize: bool,
+    dense: list[dict[str, Any]],
+    input_names: list[str],
+    task: str,
+    output_dim: int,
+) -> HFEncoder:
+    """A fresh student of this shape, with the ``config`` that rebuilds it."""
+    # Embedding students pool token states here, so a bare model's pooler would never train.
+    model = make_model(config, head, pooler=head != "base")
+    encoder = HFEncoder(
+        model,
+        model_type=config.model_type,
+        head=head,
+        pooling=pooling,
+        normalize=normalize,
+        dense=dense,
+        input_names=input_names,
+    )
+    if encoder.output_dim != output_dim:
+        raise TeacherIncompatible(
+            f"the hf_encoder student outputs {encoder.output_dim} values but the teacher "
+            f"outputs {output_dim}",
+            field="student.architecture",
+        )
+    encoder.config = {
+        "architecture": "hf_encoder",
+        "hf_config": _jsonable(config.to_dict()),
+        "model_type": config.model_type,
+        "head": head,
+        "pooling": list(pooling),
+        "normalize": normalize,
+        "dense": [dict(layer) for layer in dense],
+        "task": task,
+        "modality": "text",
+        "input_names": encoder.input_names,
+        "output_dim": output_dim,
+    }
+    return encoder
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with anything JSON cannot hold (dtypes, tuples) turned into plain values."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def rebuild_hf_encoder(config: dict[str, Any]) -> HFEncoder:
+    """The student architecture from its ``config`` (student_config.json), weights fresh.
+
+    Built from the config alone (no download, no teacher); ``model_type`` must
+    be on the allowlist and the class comes from transformers' own mapping.
+    """
+    try:
+        raw = dict(config["hf_config"])
+        head: Head = config["head"]
+        if head not in ("classification", "base"):
+            raise SpecInvalid(f"unknown hf_encoder head {head!r}", field="student_config.head")
+        encoder = _assemble(
+            config=make_config(raw),
+            head=head,
+            pooling=list(config.get("pooling") or ["mean"]),
+            normalize=bool(config.get("normalize", False)),
+            dense=list(config.get("dense") or []),
+            input_names=list(config["input_names"]),
+            task=str(config["task"]),
+            output_dim=int(config["output_dim"]),
+        )
+    except KeyError as exc:
+        raise SpecInvalid(f"student_config lacks {exc}", field="student_config") from None
+    encoder.config["initialised_from_teacher_layers"] = config.get(
+        "initialised_from_teacher_layers"
+    )
+    return encoder

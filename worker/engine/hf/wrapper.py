@@ -1,0 +1,150 @@
+"""HFEncoder: a transformers encoder behind the engine's batch interface.
+
+The same wrapper serves as the teacher's frozen module and as the student, so
+both compute their output (logits or pooled embedding) the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from worker.engine.errors import TeacherIncompatible
+from worker.engine.hf.families import LAYER_STACKS, Head
+from worker.engine.hf.pooling import masked_mean, pool
+
+#: Batch keys a text encoder can take, in the order of :meth:`HFEncoder.forward`.
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+#: Activations a sentence-transformers Dense module may name; anything else is refused.
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "torch.nn.modules.activation.Tanh": nn.Tanh,
+    "torch.nn.modules.activation.ReLU": nn.ReLU,
+    "torch.nn.modules.activation.GELU": nn.GELU,
+    "torch.nn.modules.activation.Sigmoid": nn.Sigmoid,
+    "torch.nn.modules.linear.Identity": nn.Identity,
+}
+
+
+class HFEncoder(nn.Module):
+    """A transformers encoder behind the engine's batch interface.
+
+    ``forward(input_ids, attention_mask, token_type_ids)`` returns the
+    classifier's logits (``head == "classification"``) or the pooled token
+    states, passed through the Dense layers and L2-normalised when configured.
+    ``feature`` sees the mask-averaged last hidden state (N, hidden) on every
+    call: that is the student's hint layer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        model_type: str,
+        head: Head,
+        pooling: list[str],
+        normalize: bool,
+        dense: list[dict[str, Any]],
+        input_names: list[str],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.model_type = model_type
+        self.head = head
+        self.pooling = list(pooling)
+        self.normalize = normalize
+        self.dense_config = [dict(layer) for layer in dense]
+        self.dense = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(
+                    layer["in_features"], layer["out_features"], bias=layer.get("bias", True)
+                ),
+                _activation(layer.get("activation_function")),
+            )
+            for layer in dense
+        )
+        self.feature = nn.Identity()
+        # A frozen teacher skips the feature (and, for classifiers, all hidden states).
+        self.emit_features = True
+        self.input_names = [name for name in TEXT_INPUTS if name in input_names]
+        # The student contract: rebuildable config, hint layer and its width.
+        self.config: dict[str, Any] = {}
+        self.hint_layer = "feature"
+        self.feature_dim = self.hidden_size
+
+    @property
+    def hf_config(self) -> Any:
+        """The wrapped model's transformers config."""
+        return self.model.config
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the token states (and of ``feature``)."""
+        return int(self.hf_config.hidden_size)
+
+    @property
+    def output_dim(self) -> int:
+        """Width of ``forward``'s output: labels, or the pooled (and projected) embedding."""
+        if self.head == "classification":
+            return int(self.hf_config.num_labels)
+        if self.dense_config:
+            return int(self.dense_config[-1]["out_features"])
+        return self.hidden_size * len(self.pooling)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Logits or the pooled embedding (N, output_dim), float32."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        inputs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and "token_type_ids" in self.input_names:
+            inputs["token_type_ids"] = token_type_ids
+        if self.head == "classification":
+            outputs = self.model(**inputs, output_hidden_states=self.emit_features)
+            if self.emit_features:
+                self.feature(masked_mean(outputs.hidden_states[-1], attention_mask))
+            return outputs.logits.float()
+        # Pool in fp32: bf16 sums over long sequences lose the precision cosine losses need.
+        hidden = self.model(**inputs).last_hidden_state.float()
+        if self.emit_features:
+            self.feature(masked_mean(hidden, attention_mask))
+        pooled = pool(hidden, attention_mask, self.pooling)
+        for layer in self.dense:
+            pooled = layer(pooled)
+        if self.normalize:
+            pooled = F.normalize(pooled, p=2.0, dim=-1)
+        return pooled.float()
+
+    def layer_stack(self) -> str:
+        """Dotted name (within this module) of the transformer's list of layers."""
+        prefix = "model."
+        base = self.model.base_model
+        if base is not self.model:
+            prefix += f"{self.model.base_model_prefix}."
+        return prefix + LAYER_STACKS[self.model_type]
+
+    def layer_names(self) -> list[str]:
+        """Dotted names of the encoder layers, first to last."""
+        stack = self.get_submodule(self.layer_stack())
+        return [f"{self.layer_stack()}.{index}" for index in range(len(stack))]  # type: ignore[arg-type]
+
+
+def _activation(name: str | None) -> nn.Module:
+    """The activation a Dense config names by class path, from the allowlist only."""
+    if name is None:
+        # sentence-transformers' Dense default.
+        return nn.Tanh()
+    try:
+        return _ACTIVATIONS[name]()
+    except KeyError:
+        known = ", ".join(sorted(_ACTIVATIONS))
+        raise TeacherIncompatible(
+            f"Dense activation {name!r} is not supported; known: {known}"
+        ) from None
