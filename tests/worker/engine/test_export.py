@@ -23,6 +23,7 @@ from worker.engine.export import (
     plot_training_curves,
     write_model_card,
 )
+from worker.engine.export import onnx as onnx_export
 
 # Tiny students written here so these tests do not depend on students.py's designs.
 
@@ -135,12 +136,12 @@ def test_gru_onnx_has_dynamic_batch_and_sequence(tmp_path: Path) -> None:
 def test_export_guard_raises_when_onnx_differs(tmp_path: Path, monkeypatch) -> None:
     # This tests the guard itself: onnxruntime's outputs are perturbed on purpose, so
     # both exporters' files "disagree" with torch and the export must fail loudly.
-    real_run = export._run_onnx
+    real_run = onnx_export._run_onnx
 
     def perturbed(session: Any, feed: dict[str, np.ndarray]) -> np.ndarray:
         return real_run(session, feed) + 1e-2
 
-    monkeypatch.setattr(export, "_run_onnx", perturbed)
+    monkeypatch.setattr(onnx_export, "_run_onnx", perturbed)
     path = tmp_path / "student.onnx"
     with pytest.raises(ExportFailed) as info:
         export_onnx(MLP(), {"inputs": torch.randn(2, 8)}, path)
@@ -156,7 +157,7 @@ def test_falls_back_to_torchscript_exporter(tmp_path: Path, monkeypatch) -> None
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("dynamo cannot trace this")
 
-    monkeypatch.setattr(export, "_export_dynamo", broken)
+    monkeypatch.setattr(onnx_export, "_export_dynamo", broken)
     model = MLP().eval()
     path = export_onnx(model, {"inputs": torch.randn(1, 8)}, tmp_path / "student.onnx")
     info = onnx_export_info(path)
