@@ -1,0 +1,25 @@
+"""The training curves: a PNG with loss and validation panels, and one with no data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from worker.engine.report import plot_training_curves
+
+
+def test_training_curves_png(tmp_path: Path) -> None:
+    history: list[dict[str, Any]] = []
+    for step in range(10, 210, 10):
+        row: dict[str, Any] = {"step": step, "epoch": step // 50, "lr": 1e-3}
+        row |= {"loss": 2.0 / step**0.5, "loss/soft": 1.5 / step**0.5, "loss/hard": 0.5 / step}
+        if step % 50 == 0:
+            row["val/agreement"] = 1 - 1 / step
+        history.append(row)
+    path = plot_training_curves(tmp_path / "training_curves.png", history)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 1024
+
+    empty = plot_training_curves(tmp_path / "empty.png", [])
+    assert empty.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
