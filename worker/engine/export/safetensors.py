@@ -101,6 +101,9 @@ def load_student(weights: str | Path, config: str | Path | Mapping[str, Any]) ->
     """
     from safetensors.torch import load_file
 
+    # Any built-in architecture may be named by the config, the transformers one included.
+    from worker.engine import components  # noqa: F401
+
     saved: Mapping[str, Any] = (
         config if isinstance(config, Mapping) else json.loads(Path(config).read_text())
     )
