@@ -37,7 +37,11 @@ def test_inspect_dataset(tmp_path, digit_arrays):
 
 
 def test_data_and_inspect_do_not_import_torch(tmp_path, digit_arrays):
+    from safetensors.numpy import save_file
+
     x, y = digit_arrays
+    safetensors_path = tmp_path / "f.safetensors"
+    save_file({"inputs": x[:20], "labels": y[:20]}, str(safetensors_path))
     paths = [
         write_npz(tmp_path / "a.npz", x[:20], y[:20]),
         write_csv(tmp_path / "b.csv", x[:20], y[:20]),
@@ -46,6 +50,7 @@ def test_data_and_inspect_do_not_import_torch(tmp_path, digit_arrays):
         write_image_folders_zip(
             tmp_path / "e.zip", x[:4].reshape(-1, 8, 8), np.array([0, 0, 1, 1])
         ),
+        safetensors_path,
     ]
     code = (
         "import sys\n"
