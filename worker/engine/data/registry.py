@@ -1,0 +1,46 @@
+"""Dataset readers by format name, and the caps every reader enforces.
+
+Adding a format is one reader function in one module of this package,
+decorated with ``@DATASET_READERS.register(name)``, plus the rule in
+:mod:`worker.engine.data.sniffing` that recognises its content. The package's
+``__init__`` imports every reader module, so each registers on import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from worker.engine.data.transfer_set import TransferSet
+from worker.engine.registry import Registry
+from worker.engine.spec import DataSpec
+
+
+@dataclass(frozen=True)
+class DataLimits:
+    """Caps on what a reader accepts, so a hostile file fails early and clearly."""
+
+    max_rows: int = 50_000_000
+    max_features: int = 16_000_000  # values per row: the product of the per-sample shape
+    max_line_bytes: int = 1 << 20  # one JSONL line
+    max_image_pixels: int = 4096 * 4096  # one image as stored, before resizing
+    max_image_bytes: int = 256 << 20  # one encoded image member
+    max_array_bytes: int = 64 << 30  # the decoded image array, checked before allocating
+
+
+DEFAULT_DATA_LIMITS = DataLimits()
+
+
+class DatasetReader(Protocol):
+    """Reads the file at ``path`` into a validated transfer set.
+
+    Raises :class:`DatasetInvalid` naming the array, column, line or member at fault.
+    """
+
+    def __call__(
+        self, path: Path, options: DataSpec, limits: DataLimits = DEFAULT_DATA_LIMITS
+    ) -> TransferSet: ...
+
+
+DATASET_READERS = Registry[DatasetReader]("dataset format")
