@@ -89,7 +89,11 @@ def train(
 
 
 class Trainer:
-    """One training run. Constructing it seeds torch, moves the modules and builds the optimizer."""
+    """One training run over ``data``; :meth:`run` trains and returns the best student.
+
+    Constructing it seeds torch, moves the student and the loss to the device and
+    builds the optimizer, in that order, so a seeded run starts the same way every time.
+    """
 
     def __init__(
         self,
@@ -152,6 +156,7 @@ class Trainer:
     # ------------------------------------------------------------------ epochs and steps
 
     def _train_epochs(self) -> None:
+        """Epochs until the plan is done; each ends with validation, which may stop early."""
         while self.state.step < self.plan.total_steps:
             epoch = self.state.step // self.plan.steps_per_epoch
             self._train_epoch(epoch)
