@@ -30,8 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.engine.losses import build_loss
-from worker.engine.pipeline import LabelsOnlyLoss
+from worker.engine.losses import LabelsOnlyLoss, build_loss
 from worker.engine.spec import DistillationSpec, TrainingSpec
 from worker.engine.teachers import load_teacher
 from worker.engine.training import (

@@ -39,15 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m worker.engine", description=__doc__.split("\n")[0]
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one job spec and write its artifacts")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run one job spec and write its artifacts")
     run.add_argument("spec", help="job spec JSON with teacher.path and dataset.path")
     run.add_argument("--out", required=True, help="folder that receives the artifacts")
     run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     run.add_argument("--cache-dir", help="reuse teacher outputs across runs from this folder")
     run.add_argument("--checkpoint-dir", help="write checkpoints here and resume from the latest")
     run.add_argument("--quiet", action="store_true", help="print only the final summary")
-    inspect = sub.add_parser("inspect", help="print a teacher's signature as JSON")
+    inspect = commands.add_parser("inspect", help="print a teacher's signature as JSON")
     inspect.add_argument("teacher")
     return parser
 
@@ -72,6 +72,7 @@ def _print_event(kind: str, data: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command in ``argv``; returns the exit code (see the module docstring)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "inspect":

@@ -127,15 +127,17 @@ def regression_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float 
     """Mean absolute error, mean squared error and R² (uniform over output columns)."""
     pred = np.asarray(pred)
     n = len(pred)
-    p, t = _columns(pred, n), _columns(target, n)
-    if p.shape != t.shape:
-        raise ValueError(f"predictions {list(p.shape)} and targets {list(t.shape)} differ")
+    predicted, targets = _columns(pred, n), _columns(target, n)
+    if predicted.shape != targets.shape:
+        raise ValueError(
+            f"predictions {list(predicted.shape)} and targets {list(targets.shape)} differ"
+        )
     if n == 0:
         return {"mae": None, "mse": None, "r2": None}
     return {
-        "mae": _num(np.abs(p - t).mean()),
-        "mse": _num(((p - t) ** 2).mean()),
-        "r2": _num(_r2(p, t)),
+        "mae": _num(np.abs(predicted - targets).mean()),
+        "mse": _num(((predicted - targets) ** 2).mean()),
+        "r2": _num(_r2(predicted, targets)),
     }
 
 
@@ -149,12 +151,23 @@ def embedding_metrics(student: np.ndarray, teacher: np.ndarray) -> dict[str, flo
     """Mean cosine similarity between rows of ``student`` and ``teacher`` embeddings."""
     student = np.asarray(student)
     n = len(student)
-    s, t = _columns(student, n), _columns(teacher, n)
-    if s.shape != t.shape:
-        raise ValueError(f"embeddings {list(s.shape)} and {list(t.shape)} differ")
+    student_rows, teacher_rows = _columns(student, n), _columns(teacher, n)
+    if student_rows.shape != teacher_rows.shape:
+        raise ValueError(
+            f"embeddings {list(student_rows.shape)} and {list(teacher_rows.shape)} differ"
+        )
     if n == 0:
         return {"cosine": None}
-    return {"cosine": _num(_mean_cosine(s, t))}
+    return {"cosine": _num(_mean_cosine(student_rows, teacher_rows))}
+
+
+def task_metrics(task: str, outputs: np.ndarray, reference: np.ndarray) -> dict[str, float | None]:
+    """The task's metrics of ``outputs`` against ``reference``: labels or the teacher's outputs."""
+    if task == "classification":
+        return classification_metrics(outputs, reference)
+    if task == "regression":
+        return regression_metrics(outputs.reshape(len(outputs), -1), reference)
+    return embedding_metrics(outputs, reference)
 
 
 # --------------------------------------------------------------------------- fidelity
@@ -202,23 +215,26 @@ def fidelity(
     if n == 0:
         return out
     if task == "classification":
-        s_log = _log_softmax(_as_scores(student_out))
-        t_log = _teacher_log_probs(teacher_out, teacher_output_kind or "logits")
-        if s_log.shape != t_log.shape:
-            raise ValueError(f"student {list(s_log.shape)} and teacher {list(t_log.shape)} differ")
-        t_prob = np.exp(t_log)
-        out["agreement"] = _num(np.mean(s_log.argmax(1) == t_log.argmax(1)))
-        out["kl_divergence"] = _num((t_prob * (t_log - s_log)).sum(axis=1).mean())
-        out["output_mse"] = _num(((np.exp(s_log) - t_prob) ** 2).mean())
+        student_log = _log_softmax(_as_scores(student_out))
+        teacher_log = _teacher_log_probs(teacher_out, teacher_output_kind or "logits")
+        if student_log.shape != teacher_log.shape:
+            raise ValueError(
+                f"student {list(student_log.shape)} and teacher {list(teacher_log.shape)} differ"
+            )
+        teacher_probs = np.exp(teacher_log)
+        out["agreement"] = _num(np.mean(student_log.argmax(1) == teacher_log.argmax(1)))
+        kl_per_row = (teacher_probs * (teacher_log - student_log)).sum(axis=1)
+        out["kl_divergence"] = _num(kl_per_row.mean())
+        out["output_mse"] = _num(((np.exp(student_log) - teacher_probs) ** 2).mean())
         return out
-    s, t = _columns(student_out, n), _columns(teacher_out, n)
-    if s.shape != t.shape:
-        raise ValueError(f"student {list(s.shape)} and teacher {list(t.shape)} differ")
-    out["output_mse"] = _num(((s - t) ** 2).mean())
+    student, teacher = _columns(student_out, n), _columns(teacher_out, n)
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {list(student.shape)} and teacher {list(teacher.shape)} differ")
+    out["output_mse"] = _num(((student - teacher) ** 2).mean())
     if task == "regression":
-        out["r2_to_teacher"] = _num(_r2(s, t))
+        out["r2_to_teacher"] = _num(_r2(student, teacher))
     else:
-        out["cosine"] = _num(_mean_cosine(s, t))
+        out["cosine"] = _num(_mean_cosine(student, teacher))
     return out
 
 
@@ -306,6 +322,23 @@ def measure_throughput(
         if elapsed >= min_seconds:
             break
     return n * calls / max(elapsed, 1e-9)
+
+
+def measure_speed(
+    fn: Callable[[Any], Any], tensors: Mapping[str, torch.Tensor], device: torch.device
+) -> dict[str, float]:
+    """``latency_ms`` on the first row and ``throughput`` on up to 256 rows of ``tensors``."""
+    one = {name: value[:1].to(device) for name, value in tensors.items()}
+    many = {name: value[:256].to(device) for name, value in tensors.items()}
+    return {
+        "latency_ms": measure_latency(fn, one, device),
+        "throughput": measure_throughput(fn, many, device),
+    }
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """The bytes of ``module``'s state dict: its weights and buffers."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 # --------------------------------------------------------------------------- metrics.json
@@ -398,8 +431,8 @@ def build_metrics(
     clash = extra.keys() & set(_COMPUTED_KEYS)
     if clash:
         raise ValueError(f"extra may not set computed keys: {sorted(clash)}")
-    fid = {k: fidelity.get(k) for k in FIDELITY_KEYS}
-    fid.update({k: v for k, v in fidelity.items() if k not in fid})
+    fidelity_keys = {k: fidelity.get(k) for k in FIDELITY_KEYS}
+    fidelity_keys.update({k: v for k, v in fidelity.items() if k not in fidelity_keys})
 
     compression = _ratio(teacher.get("parameters"), student.get("parameters"))
     basis: str | None = "parameters" if compression is not None else None
@@ -416,7 +449,7 @@ def build_metrics(
         "task": task,
         "teacher": dict(teacher),
         "student": dict(student),
-        "fidelity": fid,
+        "fidelity": fidelity_keys,
         "compression": compression,
         "compression_basis": basis,
         "speedup": _ratio(teacher.get("latency_ms"), student.get("latency_ms")),

@@ -51,15 +51,15 @@ def teacher_log_probs(teacher_out: Tensor, output_kind: str, temperature: float)
     teacher and the logits teacher it came from give the same targets;
     probabilities are never softmaxed again as if they were logits.
     """
-    t = teacher_out.float()
+    logits = teacher_out.float()
     if output_kind == "probabilities":
-        t = torch.log(t.clamp(min=PROBABILITY_FLOOR))
+        logits = torch.log(logits.clamp(min=PROBABILITY_FLOOR))
     elif output_kind != "logits":
         raise TeacherIncompatible(
             f"teacher outputs {output_kind!r}, not class logits or probabilities",
             field="method.name",
         )
-    return F.log_softmax(t / temperature, dim=-1)
+    return F.log_softmax(logits / temperature, dim=-1)
 
 
 class DistillationLoss(nn.Module):
@@ -103,7 +103,7 @@ class DistillationLoss(nn.Module):
 
 LossFactory = Callable[[MethodSpec, LossContext], DistillationLoss]
 
-#: Method name -> ``factory(spec: MethodSpec, ctx: LossContext) -> DistillationLoss``.
+#: Method name -> ``factory(spec: MethodSpec, context: LossContext) -> DistillationLoss``.
 LOSSES: Registry[LossFactory] = Registry("distillation loss")
 
 
@@ -182,11 +182,11 @@ class KDLoss(_TeacherAndLabelLoss):
     def teacher_terms(
         self, student_out: Tensor, teacher_out: Tensor, weight: float
     ) -> dict[str, Tensor]:
-        t = self.temperature
-        log_s = F.log_softmax(student_out / t, dim=-1)
-        log_t = teacher_log_probs(teacher_out, self.output_kind, t)
-        kl = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
-        return {"soft": weight * t * t * kl}
+        temperature = self.temperature
+        student_log = F.log_softmax(student_out / temperature, dim=-1)
+        teacher_log = teacher_log_probs(teacher_out, self.output_kind, temperature)
+        kl = F.kl_div(student_log, teacher_log, reduction="batchmean", log_target=True)
+        return {"soft": weight * temperature * temperature * kl}
 
     def label_targets(self, student_out: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         return labels.long(), _class_label_rows(labels)
@@ -270,50 +270,50 @@ class HintLoss(DistillationLoss):
 
 
 @LOSSES.register("kd")
-def build_kd(spec: MethodSpec, ctx: LossContext) -> DistillationLoss:
+def build_kd(spec: MethodSpec, context: LossContext) -> DistillationLoss:
     """Knowledge distillation on class logits or probabilities."""
-    if ctx.teacher_output_kind not in CLASS_OUTPUT_KINDS:
+    if context.teacher_output_kind not in CLASS_OUTPUT_KINDS:
         raise TeacherIncompatible(
             f"kd needs a teacher that outputs class logits or probabilities; this teacher "
-            f"outputs {ctx.teacher_output_kind!r} (use mse or cosine)",
-            field=ctx.field,
+            f"outputs {context.teacher_output_kind!r} (use mse or cosine)",
+            field=context.field,
         )
-    return KDLoss(spec.temperature, spec.alpha, ctx.teacher_output_kind, ctx.has_labels)
+    return KDLoss(spec.temperature, spec.alpha, context.teacher_output_kind, context.has_labels)
 
 
-def _regression_labels(ctx: LossContext) -> bool:
+def _regression_labels(context: LossContext) -> bool:
     # Only regression labels are targets for the outputs; class ids are not.
-    return ctx.has_labels and ctx.task == "regression"
+    return context.has_labels and context.task == "regression"
 
 
 @LOSSES.register("mse")
-def build_mse(spec: MethodSpec, ctx: LossContext) -> DistillationLoss:
+def build_mse(spec: MethodSpec, context: LossContext) -> DistillationLoss:
     """Mean squared error to the teacher's outputs."""
-    return RegressionLoss("mse", spec.alpha, _regression_labels(ctx))
+    return RegressionLoss("mse", spec.alpha, _regression_labels(context))
 
 
 @LOSSES.register("mae")
-def build_mae(spec: MethodSpec, ctx: LossContext) -> DistillationLoss:
+def build_mae(spec: MethodSpec, context: LossContext) -> DistillationLoss:
     """Mean absolute error to the teacher's outputs."""
-    return RegressionLoss("mae", spec.alpha, _regression_labels(ctx))
+    return RegressionLoss("mae", spec.alpha, _regression_labels(context))
 
 
 @LOSSES.register("cosine")
-def build_cosine(spec: MethodSpec, ctx: LossContext) -> DistillationLoss:
+def build_cosine(spec: MethodSpec, context: LossContext) -> DistillationLoss:
     """Cosine distance to the teacher's embeddings."""
     return CosineLoss()
 
 
 @LOSSES.register("hint")
-def build_hint(spec: MethodSpec, ctx: LossContext) -> DistillationLoss:
+def build_hint(spec: MethodSpec, context: LossContext) -> DistillationLoss:
     """Hint (FitNets) loss on intermediate features."""
-    if not ctx.teacher_feature_dim or not ctx.student_feature_dim:
+    if not context.teacher_feature_dim or not context.student_feature_dim:
         raise SpecInvalid(
             "the hint loss needs teacher features: set method.hint_layer to a teacher layer "
             "(or use a teacher whose layers can be read)",
             field="method.hint_layer",
         )
-    return HintLoss(ctx.student_feature_dim, ctx.teacher_feature_dim)
+    return HintLoss(context.student_feature_dim, context.teacher_feature_dim)
 
 
 class CombinedLoss(DistillationLoss):
@@ -321,10 +321,10 @@ class CombinedLoss(DistillationLoss):
 
     def __init__(self, parts: list[tuple[DistillationLoss, float, bool]]):
         super().__init__()
-        self.parts = nn.ModuleList(p for p, _, _ in parts)
+        self.parts = nn.ModuleList(part for part, _, _ in parts)
         self.weights = [w for _, w, _ in parts]
         self.gets_labels = [g for _, _, g in parts]
-        self.needs_features = any(p.needs_features for p, _, _ in parts)
+        self.needs_features = any(part.needs_features for part, _, _ in parts)
 
     def terms(
         self,
@@ -399,7 +399,7 @@ def build_loss(
         )
     parts: list[tuple[DistillationLoss, float, bool]] = []
     for name, weight, gets_labels, field in plan:
-        ctx = LossContext(
+        context = LossContext(
             task=task,
             teacher_output_kind=teacher_output_kind,
             has_labels=has_labels and gets_labels,
@@ -407,5 +407,29 @@ def build_loss(
             teacher_feature_dim=teacher_feature_dim,
             field=field,
         )
-        parts.append((LOSSES.get(name, field=field)(method, ctx), weight, gets_labels))
+        parts.append((LOSSES.get(name, field=field)(method, context), weight, gets_labels))
     return CombinedLoss(parts)
+
+
+class LabelsOnlyLoss(nn.Module):
+    """The baseline's loss: the student learns from labels alone, no teacher.
+
+    Cross-entropy for class ids (``-1`` rows ignored), else MSE to the targets.
+    """
+
+    def __init__(self, task: str) -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(
+        self,
+        student_out: Tensor,
+        teacher_out: Tensor | None = None,
+        labels: Tensor | None = None,
+        **_: object,
+    ) -> dict[str, Tensor]:
+        assert labels is not None
+        out = student_out.float()
+        if self.task == "classification":
+            return {"hard": F.cross_entropy(out, labels, ignore_index=-1)}
+        return {"hard": F.mse_loss(out, labels.float().reshape(out.shape))}

@@ -1,9 +1,18 @@
 """One distillation job from files to artifacts: the engine's public entry point.
 
-``run(spec, teacher_path=..., dataset_path=..., out_dir=...)`` loads the
-teacher and the transfer set, checks that they fit each other and the spec,
-computes the teacher's outputs once, builds and trains the student, evaluates
-teacher and student on the same held-out split, and writes the artifacts.
+``run(spec, teacher_path=..., dataset_path=..., out_dir=...)`` goes through
+the stages below, each a function of its own, in this order:
+
+1. read the transfer set and load the teacher;
+2. :func:`_fit_transfer_set`: tokenise text for the teacher, settle the task,
+   check that data and teacher fit each other and the spec, split off validation;
+3. :func:`_teacher_targets`: the teacher's outputs, computed once (and cached)
+   or left to the loop (``online``), plus hint features;
+4. :func:`_design_student`: the student and the loss it trains with;
+5. :func:`_train_student`, and :func:`_train_baseline` when the spec asks;
+6. :func:`_evaluate`: teacher and student (and baseline) on the same held-out rows;
+7. :func:`_export`: the artifacts;
+8. :func:`_report`: what the caller gets back.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from worker.engine.compatibility import DataFacts, check_fits, check_labels, res
 from worker.engine.data import TransferSet, load_transfer_set, split, tokenize
 from worker.engine.errors import TeacherIncompatible
 from worker.engine.export import sha256_file
-from worker.engine.losses import build_loss
+from worker.engine.losses import LabelsOnlyLoss, build_loss
 from worker.engine.signature import TeacherSignature
 from worker.engine.spec import DistillationSpec
 from worker.engine.students import StudentContext, build_student, count_parameters, rebuild_student
@@ -35,11 +44,21 @@ from worker.engine.training import (
     TrainResult,
     cache_key,
     cached_teacher_outputs,
+    keep_on_device_if_small,
     predict,
     resolve_device,
     to_tensors,
     train,
 )
+
+__all__ = [
+    "ARTIFACT_MEDIA_TYPES",
+    "Artifact",
+    "LabelsOnlyLoss",
+    "RunResult",
+    "looks_like_probabilities",
+    "run",
+]
 
 #: Media types of the artifacts every job ends with.
 ARTIFACT_MEDIA_TYPES: dict[str, str] = {
@@ -54,13 +73,21 @@ ARTIFACT_MEDIA_TYPES: dict[str, str] = {
 
 @dataclass
 class Artifact:
+    """One file a job produced, with what a store needs to serve it."""
+
     name: str
     path: Path
     bytes: int
     sha256: str
     media_type: str
 
+    @classmethod
+    def of(cls, path: Path, media_type: str) -> Artifact:
+        """The artifact for the file at ``path``."""
+        return cls(path.name, path, path.stat().st_size, sha256_file(path), media_type)
+
     def to_dict(self) -> dict[str, Any]:
+        """Name, bytes, sha256 and media type, as JSON."""
         return {
             "name": self.name,
             "bytes": self.bytes,
@@ -71,6 +98,8 @@ class Artifact:
 
 @dataclass
 class RunResult:
+    """What a job returns: its metrics and artifacts, and how training ended."""
+
     task: str
     metrics: dict[str, Any]
     artifacts: list[Artifact]
@@ -80,72 +109,68 @@ class RunResult:
     resumed_from: int | None
 
 
-# --------------------------------------------------------------------------- checks
+# ------------------------------------------------------------------ what travels between stages
 
 
-def looks_like_probabilities(outputs: np.ndarray, atol: float = 1e-3) -> bool:
-    """Rows that are non-negative and sum to 1: a classifier's probabilities, not logits."""
-    if outputs.ndim != 2 or outputs.shape[1] < 2 or not len(outputs):
-        return False
-    return bool((outputs >= 0).all() and np.allclose(outputs.sum(1), 1.0, atol=atol))
+@dataclass
+class JobPaths:
+    """Where a job reads and writes."""
+
+    teacher: Path
+    dataset: Path
+    out: Path
+    work: Path
+    cache: Path | None
+    checkpoints: Path | None
 
 
-def _labeled(labels: np.ndarray) -> np.ndarray:
-    """Rows that carry a label: class id -1 (or NaN for targets) marks an unlabeled row."""
-    if np.issubdtype(labels.dtype, np.integer):
-        return labels >= 0
-    return ~np.isnan(labels).reshape(len(labels), -1).any(axis=1)
+@dataclass
+class FittedData:
+    """The transfer set as the teacher reads it, the task it serves, and its two splits."""
+
+    task: str
+    transfer_set: TransferSet
+    train: TransferSet
+    validation: TransferSet
 
 
-# --------------------------------------------------------------------------- baseline
+@dataclass
+class TeacherTargets:
+    """What the student learns from: the teacher's outputs on both splits."""
+
+    #: (validation rows, output_dim), float32.
+    validation: np.ndarray
+    #: None when the teacher runs on every batch instead (``online``).
+    train: np.ndarray | None
+    train_features: np.ndarray | None
+    #: ``logits``, ``probabilities`` or ``values``.
+    output_kind: str
+    hint_layer: str | None
+    feature_dim: int | None
+    online: bool
+
+    @property
+    def output_dim(self) -> int:
+        """The width of one teacher output row."""
+        return int(self.validation.shape[1])
 
 
-class LabelsOnlyLoss(nn.Module):
-    """The baseline's loss: the student learns from labels alone, no teacher."""
+@dataclass
+class StudentDesign:
+    """The student before training, the config that rebuilds it, and its loss."""
 
-    def __init__(self, task: str) -> None:
-        super().__init__()
-        self.task = task
-
-    def forward(
-        self,
-        student_out: torch.Tensor,
-        teacher_out: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **_: Any,
-    ) -> dict[str, torch.Tensor]:
-        assert labels is not None
-        out = student_out.float()
-        if self.task == "classification":
-            return {"hard": nn.functional.cross_entropy(out, labels, ignore_index=-1)}
-        return {"hard": nn.functional.mse_loss(out, labels.float().reshape(out.shape))}
+    student: nn.Module
+    config: dict[str, Any]
+    loss_fn: nn.Module
+    has_labels: bool
 
 
-def _reference_targets(task: str, labels: np.ndarray, output_dim: int) -> torch.Tensor:
-    """Labels shaped like teacher outputs, so validation can score a labels-only student."""
-    if task == "classification":
-        return nn.functional.one_hot(torch.from_numpy(labels), output_dim).float()
-    return torch.from_numpy(labels.astype(np.float32).reshape(len(labels), -1))
+@dataclass
+class TrainedStudent:
+    """The training result and the tensors it trained and validated on."""
 
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def _task_metrics(task: str, outputs: np.ndarray, reference: np.ndarray) -> dict[str, float | None]:
-    if task == "classification":
-        return evaluation.classification_metrics(outputs, reference)
-    if task == "regression":
-        return evaluation.regression_metrics(outputs.reshape(len(outputs), -1), reference)
-    return evaluation.embedding_metrics(outputs, reference)
-
-
-def _speed(fn: Any, tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
-    one = {k: v[:1].to(device) for k, v in tensors.items()}
-    many = {k: v[:256].to(device) for k, v in tensors.items()}
-    return {
-        "latency_ms": evaluation.measure_latency(fn, one, device),
-        "throughput": evaluation.measure_throughput(fn, many, device),
-    }
+    result: TrainResult
+    data: TrainingData
 
 
 # --------------------------------------------------------------------------- the run
@@ -169,255 +194,107 @@ def run(
     cache reusable across runs; ``checkpoint_dir`` enables checkpoints and
     resumes from the latest one found there.
     """
-    cb = callbacks or Callbacks()
-    dev = resolve_device(device)
+    resolved_device = resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     own_work = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="distill-")) if work_dir is None else Path(work_dir)
+    paths = JobPaths(
+        teacher=Path(teacher_path),
+        dataset=Path(dataset_path),
+        out=out,
+        work=work,
+        cache=Path(cache_dir) if cache_dir else None,
+        checkpoints=Path(checkpoint_dir) if checkpoint_dir else None,
+    )
     try:
-        return _run(
-            spec,
-            teacher_path=Path(teacher_path),
-            dataset_path=Path(dataset_path),
-            out=out,
-            dev=dev,
-            cache_dir=Path(cache_dir) if cache_dir else None,
-            checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-            work=work,
-            cb=cb,
-        )
+        return _distil(spec, paths, resolved_device, callbacks or Callbacks())
     finally:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(
-    spec: DistillationSpec,
-    *,
-    teacher_path: Path,
-    dataset_path: Path,
-    out: Path,
-    dev: torch.device,
-    cache_dir: Path | None,
-    checkpoint_dir: Path | None,
-    work: Path,
-    cb: Callbacks,
+def _distil(
+    spec: DistillationSpec, paths: JobPaths, device: torch.device, callbacks: Callbacks
 ) -> RunResult:
+    """The stages of one job, in order."""
     torch.manual_seed(spec.training.seed)
-    cb.event("stage", {"stage": "loading"})
-    ts = load_transfer_set(dataset_path, spec.data)
-    teacher: TeacherRuntime = load_teacher(teacher_path, device=dev, work_dir=work / "teacher")
-    sig = teacher.signature
-    if ts.modality == "text":
-        if teacher.tokenizer is None:
-            raise TeacherIncompatible(
-                "a text transfer set needs a teacher that ships its tokenizer", field="dataset_id"
-            )
-        max_length = spec.data.max_length
-        limit = sig.extra.get("max_length")
-        if isinstance(limit, int) and 0 < limit < max_length:
-            # Past its position table the teacher cannot run at all.
-            cb.event(
-                "warning",
-                {
-                    "code": "max_length_clamped",
-                    "message": f"data.max_length {max_length} is beyond the teacher's limit; "
-                    f"using {limit}",
-                },
-            )
-            max_length = limit
-        ts = tokenize(ts, teacher.tokenizer, max_length)
-    task = resolve_task(spec, sig)
-    facts = DataFacts(
-        modality=ts.modality,
-        feature_shape=ts.feature_shape,
-        labelled_rows=ts.labelled_rows,
-        label_kind=ts.label_kind,
-        num_classes=ts.num_classes,
+    callbacks.event("stage", {"stage": "loading"})
+    transfer_set = load_transfer_set(paths.dataset, spec.data)
+    teacher = load_teacher(paths.teacher, device=device, work_dir=paths.work / "teacher")
+    data = _fit_transfer_set(spec, teacher, transfer_set, callbacks)
+    targets = _teacher_targets(spec, teacher, data, device, paths.cache, callbacks)
+    design = _design_student(spec, teacher, data, targets)
+    trained = _train_student(
+        spec, teacher, design, data, targets, device, paths.checkpoints, callbacks
     )
-    check_fits(sig, facts)
-    check_labels(task, spec, facts, sig.num_classes)
-    train_ts, val_ts = split(ts, spec.evaluation.validation_split, spec.training.seed)
-    output_kind = sig.output_kind or ("logits" if task == "classification" else "values")
-
-    prepare = getattr(teacher, "prepare", None)
-    if prepare is not None:
-        prepare(to_tensors({k: v[:64] for k, v in train_ts.arrays.items()}, dev))
-
-    method = spec.method_for(task)
-    wants_hint = method == "hint" or any(t.name == "hint" for t in spec.method.extra_terms)
-    hint_layer = None
-    if wants_hint:
-        candidates = teacher.hint_layers()
-        hint_layer = spec.method.hint_layer or (candidates[0] if candidates else None)
-        if hint_layer is None:
-            raise TeacherIncompatible(
-                "hint needs an intermediate teacher layer and none was found; name one",
-                field="method.hint_layer",
-            )
-
-    # The teacher runs once over the transfer set; the cache key covers what it saw.
-    cb.event("stage", {"stage": "teacher_outputs"})
-    batch_size = max(spec.training.batch_size, 256)
-    pre = {
-        "data": spec.data.model_dump(),
-        "split": [spec.evaluation.validation_split, spec.training.seed],
-    }
-
-    def teacher_outputs(
-        part: str, arrays: dict[str, np.ndarray], hint: str | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        return cached_teacher_outputs(
-            teacher,
-            arrays,
-            key=cache_key(teacher.digest, ts.digest, {**pre, "part": part}),
-            cache_dir=cache_dir,
-            batch_size=batch_size,
-            hint_layer=hint,
-            callbacks=cb,
-        )
-
-    val_teacher, _ = teacher_outputs("val", val_ts.arrays)
-    online = spec.method.teacher_outputs == "online"
-    train_teacher: np.ndarray | None = None
-    train_feat: np.ndarray | None = None
-    if not online:
-        train_teacher, train_feat = teacher_outputs("train", train_ts.arrays, hint_layer)
-    val_teacher = val_teacher.reshape(len(val_teacher), -1)
-    output_dim = val_teacher.shape[1]
-    if (
-        task == "classification"
-        and output_kind == "logits"
-        and looks_like_probabilities(val_teacher)
-    ):
-        # The graph hides its softmax (e.g. written out as exp / sum): softmaxing
-        # these again would flatten every soft target towards uniform.
-        output_kind = "probabilities"
-        cb.event(
-            "warning",
-            {
-                "code": "teacher_outputs_probabilities",
-                "message": "the teacher's outputs are probabilities (non-negative, rows sum "
-                "to 1); they are taken in log space",
-            },
-        )
-    teacher_feat_dim = None
-    if hint_layer is not None:
-        probe = to_tensors({k: v[:2] for k, v in train_ts.arrays.items()}, dev)
-        teacher_feat_dim = int(teacher.predict_with_features(probe, hint_layer)[1].shape[1])
-
-    ctx = StudentContext(
-        task=task,
-        modality=ts.modality,
-        input_shape=tuple(next(iter(ts.arrays.values())).shape[1:]),
-        input_names=list(ts.arrays),
-        output_dim=output_dim,
-        teacher_parameters=sig.parameters,
-        teacher_bytes=sig.bytes,
-        vocab_size=_vocab_size(teacher),
-        teacher=teacher,
-    )
-    student = build_student(spec.student, ctx)
-    student_config = dict(student.config)  # type: ignore[arg-type]
-    has_labels = train_ts.labels is not None and bool(_labeled(train_ts.labels).any())
-    loss_fn = build_loss(
-        spec,
-        task,
-        output_kind,
-        has_labels,
-        int(student.feature_dim),  # type: ignore[arg-type]
-        teacher_feat_dim,
-    )
-    cb.event(
-        "stage",
-        {
-            "stage": "training",
-            "student": student_config.get("architecture"),
-            "student_parameters": count_parameters(student),
-            "teacher_backend": teacher.backend,
-        },
-    )
-
-    labels_t = (
-        torch.from_numpy(_train_labels(task, train_ts.labels))
-        if has_labels and train_ts.labels is not None
+    baseline = (
+        _train_baseline(spec, design, data, targets, device, callbacks)
+        if spec.evaluation.baseline
         else None
     )
-    data = TrainingData(
-        train=to_tensors(train_ts.arrays, torch.device("cpu")),
-        train_teacher=(
-            torch.from_numpy(train_teacher.reshape(len(train_teacher), -1))
-            if train_teacher is not None
-            else None
-        ),
-        train_labels=labels_t,
-        val=to_tensors(val_ts.arrays, torch.device("cpu")),
-        val_teacher=torch.from_numpy(val_teacher),
-        train_features=torch.from_numpy(train_feat) if train_feat is not None else None,
-        online_teacher=teacher if online else None,
-        hint_layer=hint_layer if online else None,
-    )
-    _move_if_small(data, dev)
-    result = train(
-        student=student,
-        loss_fn=loss_fn,
-        data=data,
-        spec=spec.training,
-        task=task,
-        teacher_output_kind=output_kind,
-        device=dev,
-        callbacks=cb,
-        checkpoint_dir=checkpoint_dir,
-    )
+    metrics = _evaluate(spec, teacher, data, targets, trained, baseline, device, callbacks)
+    artifacts = _export(spec, teacher.signature, trained, metrics, paths.out, callbacks)
+    return _report(data.task, metrics, artifacts, trained.result)
 
-    baseline_result: TrainResult | None = None
-    if spec.evaluation.baseline:
-        cb.event("stage", {"stage": "baseline"})
-        baseline_result = _train_baseline(
-            spec, task, student_config, train_ts, val_ts, output_dim, dev, cb
+
+# --------------------------------------------------------------------------- the transfer set
+
+
+def _fit_transfer_set(
+    spec: DistillationSpec,
+    teacher: TeacherRuntime,
+    transfer_set: TransferSet,
+    callbacks: Callbacks,
+) -> FittedData:
+    """Tokenise text for the teacher, settle the task, check the fit, split off validation."""
+    signature = teacher.signature
+    if transfer_set.modality == "text":
+        transfer_set = _tokenize_for(teacher, transfer_set, spec.data.max_length, callbacks)
+    task = resolve_task(spec, signature)
+    facts = DataFacts(
+        modality=transfer_set.modality,
+        feature_shape=transfer_set.feature_shape,
+        labelled_rows=transfer_set.labelled_rows,
+        label_kind=transfer_set.label_kind,
+        num_classes=transfer_set.num_classes,
+    )
+    check_fits(signature, facts)
+    check_labels(task, spec, facts, signature.num_classes)
+    train_set, validation_set = split(
+        transfer_set, spec.evaluation.validation_split, spec.training.seed
+    )
+    return FittedData(task, transfer_set, train_set, validation_set)
+
+
+def _tokenize_for(
+    teacher: TeacherRuntime, transfer_set: TransferSet, max_length: int, callbacks: Callbacks
+) -> TransferSet:
+    """The text set tokenised with the teacher's own tokenizer, within its position limit."""
+    if teacher.tokenizer is None:
+        raise TeacherIncompatible(
+            "a text transfer set needs a teacher that ships its tokenizer", field="dataset_id"
         )
-
-    cb.event("stage", {"stage": "evaluation"})
-    metrics = _evaluate(
-        spec=spec,
-        task=task,
-        output_kind=output_kind,
-        teacher=teacher,
-        student=result.student,
-        baseline=baseline_result.student if baseline_result else None,
-        val_ts=val_ts,
-        val_teacher=val_teacher,
-        data=data,
-        dev=dev,
-        result=result,
-    )
-    cb.event("evaluation", {"final": True, "metrics": metrics})
-
-    cb.event("stage", {"stage": "export"})
-    artifacts = _write_artifacts(
-        out=out,
-        spec=spec,
-        student=result.student,
-        metrics=metrics,
-        signature=sig,
-        history=result.history,
-        example={k: v[:2] for k, v in data.val.items()},
-    )
-    return RunResult(
-        task=task,
-        metrics=metrics,
-        artifacts=artifacts,
-        stop_reason=result.stop_reason,
-        partial=result.stop_reason == "time_budget",
-        steps=result.steps,
-        resumed_from=result.resumed_from,
-    )
+    limit = teacher.signature.extra.get("max_length")
+    if isinstance(limit, int) and 0 < limit < max_length:
+        # Past its position table the teacher cannot run at all.
+        callbacks.event(
+            "warning",
+            {
+                "code": "max_length_clamped",
+                "message": f"data.max_length {max_length} is beyond the teacher's limit; "
+                f"using {limit}",
+            },
+        )
+        max_length = limit
+    return tokenize(transfer_set, teacher.tokenizer, max_length)
 
 
-def _vocab_size(teacher: TeacherRuntime) -> int | None:
-    tok = teacher.tokenizer
-    return len(tok) if tok is not None else None
+def _labeled(labels: np.ndarray) -> np.ndarray:
+    """Rows that carry a label: class id -1 (or NaN for targets) marks an unlabeled row."""
+    if np.issubdtype(labels.dtype, np.integer):
+        return labels >= 0
+    return ~np.isnan(labels).reshape(len(labels), -1).any(axis=1)
 
 
 def _train_labels(task: str, labels: np.ndarray) -> np.ndarray:
@@ -426,167 +303,406 @@ def _train_labels(task: str, labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.float32)
 
 
-def _move_if_small(data: TrainingData, dev: torch.device, limit: int = 2 * 2**30) -> None:
-    """Keep the whole training set on the device when it fits comfortably; no loader needed."""
-    if dev.type == "cpu":
-        return
-    tensors = [*data.train.values(), *data.val.values()]
-    size = sum(t.numel() * t.element_size() for t in tensors)
-    if size > limit:
-        return
-    data.train = {k: v.to(dev) for k, v in data.train.items()}
-    data.val = {k: v.to(dev) for k, v in data.val.items()}
-    for name in ("train_teacher", "train_labels", "train_features", "val_teacher"):
-        value = getattr(data, name)
-        if value is not None:
-            setattr(data, name, value.to(dev))
+# --------------------------------------------------------------------------- teacher targets
+
+
+def looks_like_probabilities(outputs: np.ndarray, atol: float = 1e-3) -> bool:
+    """Rows that are non-negative and sum to 1: a classifier's probabilities, not logits."""
+    if outputs.ndim != 2 or outputs.shape[1] < 2 or not len(outputs):
+        return False
+    return bool((outputs >= 0).all() and np.allclose(outputs.sum(1), 1.0, atol=atol))
+
+
+def _teacher_targets(
+    spec: DistillationSpec,
+    teacher: TeacherRuntime,
+    data: FittedData,
+    device: torch.device,
+    cache_dir: Path | None,
+    callbacks: Callbacks,
+) -> TeacherTargets:
+    """The teacher's outputs on both splits (train only when cached) and its hint layer."""
+    declared_kind = teacher.signature.output_kind
+    declared_kind = declared_kind or ("logits" if data.task == "classification" else "values")
+    prepare = getattr(teacher, "prepare", None)
+    if prepare is not None:
+        prepare(to_tensors({k: v[:64] for k, v in data.train.arrays.items()}, device))
+    hint_layer = _hint_layer(spec, data.task, teacher)
+    callbacks.event("stage", {"stage": "teacher_outputs"})
+    online = spec.method.teacher_outputs == "online"
+    validation, train_outputs, train_features = _teacher_outputs(
+        spec, teacher, data, hint_layer, online, cache_dir, callbacks
+    )
+    output_kind = _read_output_kind(data.task, declared_kind, validation, callbacks)
+    feature_dim = None
+    if hint_layer is not None:
+        probe = to_tensors({k: v[:2] for k, v in data.train.arrays.items()}, device)
+        feature_dim = int(teacher.predict_with_features(probe, hint_layer)[1].shape[1])
+    return TeacherTargets(
+        validation=validation,
+        train=train_outputs,
+        train_features=train_features,
+        output_kind=output_kind,
+        hint_layer=hint_layer,
+        feature_dim=feature_dim,
+        online=online,
+    )
+
+
+def _hint_layer(spec: DistillationSpec, task: str, teacher: TeacherRuntime) -> str | None:
+    """The teacher layer a hint loss matches: the spec's, else the teacher's first candidate."""
+    method = spec.method_for(task)
+    if method != "hint" and not any(t.name == "hint" for t in spec.method.extra_terms):
+        return None
+    candidates = teacher.hint_layers()
+    hint_layer = spec.method.hint_layer or (candidates[0] if candidates else None)
+    if hint_layer is None:
+        raise TeacherIncompatible(
+            "hint needs an intermediate teacher layer and none was found; name one",
+            field="method.hint_layer",
+        )
+    return hint_layer
+
+
+def _teacher_outputs(
+    spec: DistillationSpec,
+    teacher: TeacherRuntime,
+    data: FittedData,
+    hint_layer: str | None,
+    online: bool,
+    cache_dir: Path | None,
+    callbacks: Callbacks,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(validation outputs, train outputs, train features); train ones only when not online."""
+    # The teacher runs once over the transfer set; the cache key covers what it saw.
+    preparation = {
+        "data": spec.data.model_dump(),
+        "split": [spec.evaluation.validation_split, spec.training.seed],
+    }
+
+    def outputs_of(
+        part: str, subset: TransferSet, hint: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        return cached_teacher_outputs(
+            teacher,
+            subset.arrays,
+            key=cache_key(teacher.digest, data.transfer_set.digest, {**preparation, "part": part}),
+            cache_dir=cache_dir,
+            batch_size=max(spec.training.batch_size, 256),
+            hint_layer=hint,
+            callbacks=callbacks,
+        )
+
+    validation, _ = outputs_of("val", data.validation)
+    train_outputs: np.ndarray | None = None
+    train_features: np.ndarray | None = None
+    if not online:
+        train_outputs, train_features = outputs_of("train", data.train, hint_layer)
+    return validation.reshape(len(validation), -1), train_outputs, train_features
+
+
+def _read_output_kind(
+    task: str, output_kind: str, validation: np.ndarray, callbacks: Callbacks
+) -> str:
+    """``probabilities`` for a classifier whose logits are in fact probabilities, with a warning."""
+    if not (task == "classification" and output_kind == "logits"):
+        return output_kind
+    if not looks_like_probabilities(validation):
+        return output_kind
+    # The graph hides its softmax (e.g. written out as exp / sum): softmaxing
+    # these again would flatten every soft target towards uniform.
+    callbacks.event(
+        "warning",
+        {
+            "code": "teacher_outputs_probabilities",
+            "message": "the teacher's outputs are probabilities (non-negative, rows sum "
+            "to 1); they are taken in log space",
+        },
+    )
+    return "probabilities"
+
+
+# --------------------------------------------------------------------------- the student
+
+
+def _design_student(
+    spec: DistillationSpec, teacher: TeacherRuntime, data: FittedData, targets: TeacherTargets
+) -> StudentDesign:
+    """The student the spec asks for, sized against the teacher, and the loss it trains with."""
+    signature = teacher.signature
+    first_input = next(iter(data.transfer_set.arrays.values()))
+    context = StudentContext(
+        task=data.task,
+        modality=data.transfer_set.modality,
+        input_shape=tuple(first_input.shape[1:]),
+        input_names=list(data.transfer_set.arrays),
+        output_dim=targets.output_dim,
+        teacher_parameters=signature.parameters,
+        teacher_bytes=signature.bytes,
+        vocab_size=len(teacher.tokenizer) if teacher.tokenizer is not None else None,
+        teacher=teacher,
+    )
+    student = build_student(spec.student, context)
+    labels = data.train.labels
+    has_labels = labels is not None and bool(_labeled(labels).any())
+    loss_fn = build_loss(
+        spec,
+        data.task,
+        targets.output_kind,
+        has_labels,
+        int(student.feature_dim),  # type: ignore[arg-type]
+        targets.feature_dim,
+    )
+    config = dict(student.config)  # type: ignore[arg-type]
+    return StudentDesign(student, config, loss_fn, has_labels)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _train_student(
+    spec: DistillationSpec,
+    teacher: TeacherRuntime,
+    design: StudentDesign,
+    data: FittedData,
+    targets: TeacherTargets,
+    device: torch.device,
+    checkpoint_dir: Path | None,
+    callbacks: Callbacks,
+) -> TrainedStudent:
+    """Train the student on the teacher's targets (and the labels, where the loss uses them)."""
+    callbacks.event(
+        "stage",
+        {
+            "stage": "training",
+            "student": design.config.get("architecture"),
+            "student_parameters": count_parameters(design.student),
+            "teacher_backend": teacher.backend,
+        },
+    )
+    training_data = _training_data(design, data, targets, teacher)
+    keep_on_device_if_small(training_data, device)
+    result = train(
+        student=design.student,
+        loss_fn=design.loss_fn,
+        data=training_data,
+        spec=spec.training,
+        task=data.task,
+        teacher_output_kind=targets.output_kind,
+        device=device,
+        callbacks=callbacks,
+        checkpoint_dir=checkpoint_dir,
+    )
+    return TrainedStudent(result, training_data)
+
+
+def _training_data(
+    design: StudentDesign, data: FittedData, targets: TeacherTargets, teacher: TeacherRuntime
+) -> TrainingData:
+    """The splits as CPU tensors, with the teacher's targets, or the teacher itself online."""
+    cpu = torch.device("cpu")
+    labels = data.train.labels
+    train_labels = (
+        torch.from_numpy(_train_labels(data.task, labels))
+        if design.has_labels and labels is not None
+        else None
+    )
+    train_outputs = targets.train
+    return TrainingData(
+        train=to_tensors(data.train.arrays, cpu),
+        train_teacher=(
+            torch.from_numpy(train_outputs.reshape(len(train_outputs), -1))
+            if train_outputs is not None
+            else None
+        ),
+        train_labels=train_labels,
+        val=to_tensors(data.validation.arrays, cpu),
+        val_teacher=torch.from_numpy(targets.validation),
+        train_features=(
+            torch.from_numpy(targets.train_features) if targets.train_features is not None else None
+        ),
+        online_teacher=teacher if targets.online else None,
+        hint_layer=targets.hint_layer if targets.online else None,
+    )
 
 
 def _train_baseline(
     spec: DistillationSpec,
-    task: str,
-    student_config: dict[str, Any],
-    train_ts: TransferSet,
-    val_ts: TransferSet,
-    output_dim: int,
-    dev: torch.device,
-    cb: Callbacks,
+    design: StudentDesign,
+    data: FittedData,
+    targets: TeacherTargets,
+    device: torch.device,
+    callbacks: Callbacks,
 ) -> TrainResult:
     """The same student, freshly initialised, trained on the labeled rows alone."""
-    assert train_ts.labels is not None
-    rows = np.flatnonzero(_labeled(train_ts.labels))
-    labeled = train_ts.subset(rows)
+    callbacks.event("stage", {"stage": "baseline"})
+    task = data.task
+    assert data.train.labels is not None
+    labeled = data.train.subset(np.flatnonzero(_labeled(data.train.labels)))
     assert labeled.labels is not None
-    val_rows = (
-        np.flatnonzero(_labeled(val_ts.labels)) if val_ts.labels is not None else np.array([], int)
+    validation = data.validation
+    validation_rows = (
+        np.flatnonzero(_labeled(validation.labels))
+        if validation.labels is not None
+        else np.array([], int)
     )
     torch.manual_seed(spec.training.seed)
-    student = rebuild_student(student_config)
-    if len(val_rows):
-        val = val_ts.subset(val_rows)
-        assert val.labels is not None
-        val_tensors = to_tensors(val.arrays, torch.device("cpu"))
-        reference = _reference_targets(task, val.labels, output_dim)
-    else:
-        # No labeled validation rows: select on the training labels instead.
-        val_tensors = to_tensors(labeled.arrays, torch.device("cpu"))
-        reference = _reference_targets(task, labeled.labels, output_dim)
-    data = TrainingData(
-        train=to_tensors(labeled.arrays, torch.device("cpu")),
+    student = rebuild_student(design.config)
+    # Without labeled validation rows, select on the training labels instead.
+    selection = validation.subset(validation_rows) if len(validation_rows) else labeled
+    assert selection.labels is not None
+    cpu = torch.device("cpu")
+    training_data = TrainingData(
+        train=to_tensors(labeled.arrays, cpu),
         train_teacher=None,
         train_labels=torch.from_numpy(_train_labels(task, labeled.labels)),
-        val=val_tensors,
-        val_teacher=reference,
+        val=to_tensors(selection.arrays, cpu),
+        val_teacher=_reference_targets(task, selection.labels, targets.output_dim),
     )
-    _move_if_small(data, dev)
+    keep_on_device_if_small(training_data, device)
     return train(
         student=student,
         loss_fn=LabelsOnlyLoss(task),
-        data=data,
+        data=training_data,
         spec=spec.training,
         task="classification" if task == "classification" else "regression",
         teacher_output_kind="values",
-        device=dev,
-        callbacks=Callbacks(on_event=lambda kind, d: cb.event(f"baseline_{kind}", d)),
+        device=device,
+        callbacks=Callbacks(on_event=lambda kind, d: callbacks.event(f"baseline_{kind}", d)),
         use_teacher=False,
     )
 
 
+def _reference_targets(task: str, labels: np.ndarray, output_dim: int) -> torch.Tensor:
+    """Labels shaped like teacher outputs, so validation can score a labels-only student."""
+    if task == "classification":
+        return nn.functional.one_hot(torch.from_numpy(labels), output_dim).float()
+    return torch.from_numpy(labels.astype(np.float32).reshape(len(labels), -1))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Reference:
+    """What the task metrics compare against on the validation split."""
+
+    #: Validation rows that are scored.
+    rows: np.ndarray
+    values: np.ndarray
+    #: ``labels`` or ``teacher``.
+    name: str
+
+
 def _evaluate(
-    *,
     spec: DistillationSpec,
-    task: str,
-    output_kind: str,
     teacher: TeacherRuntime,
-    student: nn.Module,
-    baseline: nn.Module | None,
-    val_ts: TransferSet,
-    val_teacher: np.ndarray,
-    data: TrainingData,
-    dev: torch.device,
-    result: TrainResult,
+    data: FittedData,
+    targets: TeacherTargets,
+    trained: TrainedStudent,
+    baseline: TrainResult | None,
+    device: torch.device,
+    callbacks: Callbacks,
 ) -> dict[str, Any]:
     """Teacher, student (and baseline) on the same held-out rows, against the same reference."""
-    amp = None
-    student_out = predict(student, data.val, 512, amp).cpu().numpy()
-    labels = val_ts.labels
+    callbacks.event("stage", {"stage": "evaluation"})
+    task, inputs, result = data.task, trained.data.val, trained.result
+    student_outputs = predict(result.student, inputs, 512, None).cpu().numpy()
+    reference = _reference(task, data.validation.labels, targets.validation)
+    teacher_side: dict[str, Any] = {
+        **evaluation.task_metrics(task, targets.validation[reference.rows], reference.values),
+        "parameters": teacher.signature.parameters,
+        "bytes": teacher.signature.bytes,
+        **evaluation.measure_speed(teacher.predict, inputs, device),
+    }
+    student_side = _student_side(task, result.student, student_outputs, reference, inputs, device)
+    baseline_side = None
+    if baseline is not None:
+        baseline_outputs = predict(baseline.student, inputs, 512, None).cpu().numpy()
+        baseline_side = _student_side(
+            task, baseline.student, baseline_outputs, reference, inputs, device
+        )
+    fidelity = evaluation.fidelity(student_outputs, targets.validation, task, targets.output_kind)
+    metrics = evaluation.build_metrics(
+        task=task,
+        teacher=teacher_side,
+        student=student_side,
+        fidelity=fidelity,
+        baseline=baseline_side,
+        extra={
+            "split": {"validation_rows": len(targets.validation), "reference": reference.name},
+            "device": str(device),
+            "partial": result.stop_reason == "time_budget",
+            "training": _training_summary(spec, task, teacher, result),
+        },
+    )
+    callbacks.event("evaluation", {"final": True, "metrics": metrics})
+    return metrics
+
+
+def _reference(task: str, labels: np.ndarray | None, teacher_outputs: np.ndarray) -> Reference:
+    """The labeled validation rows and their labels; the teacher's outputs where there are none."""
     rows = np.flatnonzero(_labeled(labels)) if labels is not None else np.array([], dtype=int)
     if task == "embedding" or not len(rows):
         # Without labels the teacher is the reference (embeddings always are).
-        rows = np.arange(len(val_teacher))
-        reference = val_teacher if task != "classification" else val_teacher.argmax(1)
-        reference_name = "teacher"
-    else:
-        assert labels is not None
-        reference = labels[rows]
-        reference_name = "labels"
-        if task == "regression":
-            reference = reference.reshape(len(rows), -1).astype(np.float32)
-
-    teacher_params = teacher.signature.parameters
-    teacher_metrics: dict[str, Any] = {
-        **_task_metrics(task, val_teacher[rows], reference),
-        "parameters": teacher_params,
-        "bytes": teacher.signature.bytes,
-        **_speed(teacher.predict, data.val, dev),
-    }
-    student_metrics: dict[str, Any] = {
-        **_task_metrics(task, student_out[rows], reference),
-        "parameters": count_parameters(student),
-        "bytes": _module_bytes(student),
-        **_speed(lambda b: student(**b), data.val, dev),
-    }
-    baseline_metrics = None
-    if baseline is not None:
-        baseline_out = predict(baseline, data.val, 512, amp).cpu().numpy()
-        baseline_metrics = {
-            **_task_metrics(task, baseline_out[rows], reference),
-            "parameters": count_parameters(baseline),
-            "bytes": _module_bytes(baseline),
-            **_speed(lambda b: baseline(**b), data.val, dev),
-        }
-    fidelity = evaluation.fidelity(student_out, val_teacher, task, output_kind)
-    return evaluation.build_metrics(
-        task=task,
-        teacher=teacher_metrics,
-        student=student_metrics,
-        fidelity=fidelity,
-        baseline=baseline_metrics,
-        extra={
-            "split": {"validation_rows": len(val_teacher), "reference": reference_name},
-            "device": str(dev),
-            "partial": result.stop_reason == "time_budget",
-            "training": {
-                "steps": result.steps,
-                "stop_reason": result.stop_reason,
-                "best_step": result.best_step,
-                "seconds": round(result.seconds, 3),
-                "samples_per_s": round(result.samples_per_s, 1),
-                "teacher_backend": teacher.backend,
-                "method": spec.method_for(task),
-            },
-        },
-    )
+        values = teacher_outputs if task != "classification" else teacher_outputs.argmax(1)
+        return Reference(np.arange(len(teacher_outputs)), values, "teacher")
+    assert labels is not None
+    values = labels[rows]
+    if task == "regression":
+        values = values.reshape(len(rows), -1).astype(np.float32)
+    return Reference(rows, values, "labels")
 
 
-def _module_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-
-
-def _write_artifacts(
-    *,
-    out: Path,
-    spec: DistillationSpec,
+def _student_side(
+    task: str,
     student: nn.Module,
-    metrics: dict[str, Any],
+    outputs: np.ndarray,
+    reference: Reference,
+    inputs: dict[str, torch.Tensor],
+    device: torch.device,
+) -> dict[str, Any]:
+    """A trained student's task metrics, size and speed."""
+    return {
+        **evaluation.task_metrics(task, outputs[reference.rows], reference.values),
+        "parameters": count_parameters(student),
+        "bytes": evaluation.module_bytes(student),
+        **evaluation.measure_speed(lambda batch: student(**batch), inputs, device),
+    }
+
+
+def _training_summary(
+    spec: DistillationSpec, task: str, teacher: TeacherRuntime, result: TrainResult
+) -> dict[str, Any]:
+    """How training went, for ``metrics.json``."""
+    return {
+        "steps": result.steps,
+        "stop_reason": result.stop_reason,
+        "best_step": result.best_step,
+        "seconds": round(result.seconds, 3),
+        "samples_per_s": round(result.samples_per_s, 1),
+        "teacher_backend": teacher.backend,
+        "method": spec.method_for(task),
+    }
+
+
+# --------------------------------------------------------------------------- export and report
+
+
+def _export(
+    spec: DistillationSpec,
     signature: TeacherSignature,
-    history: list[dict[str, Any]],
-    example: dict[str, torch.Tensor],
+    trained: TrainedStudent,
+    metrics: dict[str, Any],
+    out: Path,
+    callbacks: Callbacks,
 ) -> list[Artifact]:
-    student = student.cpu().eval()
-    example = {k: v.cpu() for k, v in example.items()}
+    """Write the student, its config, the metrics, the model card and the training curves."""
+    callbacks.event("stage", {"stage": "export"})
+    student = trained.result.student.cpu().eval()
     formats = spec.export.formats
     if "onnx" in formats:
+        example = {name: value[:2].cpu() for name, value in trained.data.val.items()}
         export.export_onnx(student, example, out / "student.onnx")
     if "safetensors" in formats:
         export.export_safetensors(student, out / "student.safetensors", out / "student_config.json")
@@ -600,23 +716,34 @@ def _write_artifacts(
         signature.to_dict(),
         dict(student.config),  # type: ignore[arg-type]
     )
-    export.plot_training_curves(out / "training_curves.png", history)
-    artifacts = []
-    for name, media_type in ARTIFACT_MEDIA_TYPES.items():
-        path = out / name
-        if path.exists():
-            artifacts.append(
-                Artifact(name, path, path.stat().st_size, sha256_file(path), media_type)
-            )
-    extra = out / "student.onnx.data"
-    if extra.exists():
-        artifacts.append(
-            Artifact(
-                extra.name,
-                extra,
-                extra.stat().st_size,
-                sha256_file(extra),
-                "application/octet-stream",
-            )
-        )
+    export.plot_training_curves(out / "training_curves.png", trained.result.history)
+    return _artifacts_in(out)
+
+
+def _artifacts_in(out: Path) -> list[Artifact]:
+    """The artifacts written to ``out``, in the order of :data:`ARTIFACT_MEDIA_TYPES`."""
+    artifacts = [
+        Artifact.of(out / name, media_type)
+        for name, media_type in ARTIFACT_MEDIA_TYPES.items()
+        if (out / name).exists()
+    ]
+    # A large ONNX student keeps its weights beside it, in a file of their own.
+    external_data = out / "student.onnx.data"
+    if external_data.exists():
+        artifacts.append(Artifact.of(external_data, "application/octet-stream"))
     return artifacts
+
+
+def _report(
+    task: str, metrics: dict[str, Any], artifacts: list[Artifact], result: TrainResult
+) -> RunResult:
+    """What the caller gets back: metrics, artifacts and how training ended."""
+    return RunResult(
+        task=task,
+        metrics=metrics,
+        artifacts=artifacts,
+        stop_reason=result.stop_reason,
+        partial=result.stop_reason == "time_budget",
+        steps=result.steps,
+        resumed_from=result.resumed_from,
+    )

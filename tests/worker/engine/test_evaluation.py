@@ -16,8 +16,11 @@ from worker.engine.evaluation import (
     embedding_metrics,
     fidelity,
     measure_latency,
+    measure_speed,
     measure_throughput,
+    module_bytes,
     regression_metrics,
+    task_metrics,
     validate_metrics,
 )
 
@@ -330,3 +333,21 @@ def test_build_metrics_refuses_missing_split_and_makes_numpy_plain() -> None:
         build_metrics("classification", side, side, fid, None, {"device": "cpu"})
     with pytest.raises(ValueError, match="computed keys"):
         build_metrics("classification", side, side, fid, None, {**EXTRA, "speedup": 2.0})
+
+
+def test_task_metrics_pick_the_task_s_metrics(rng: np.random.Generator) -> None:
+    scores = rng.normal(size=(20, 3))
+    labels = scores.argmax(1)
+    assert task_metrics("classification", scores, labels)["accuracy"] == 1.0
+    values = rng.normal(size=(20, 2)).astype(np.float32)
+    assert task_metrics("regression", values, values)["mse"] == 0.0
+    assert task_metrics("embedding", values, values)["cosine"] == pytest.approx(1.0)
+
+
+def test_measure_speed_and_module_bytes() -> None:
+    module = torch.nn.Linear(4, 2)
+    inputs = {"inputs": torch.randn(300, 4)}
+    speed = measure_speed(lambda batch: module(batch["inputs"]), inputs, torch.device("cpu"))
+    assert set(speed) == {"latency_ms", "throughput"}
+    assert speed["latency_ms"] > 0 and speed["throughput"] > 0
+    assert module_bytes(module) == (4 * 2 + 2) * 4

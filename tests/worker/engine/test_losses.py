@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from worker.engine.errors import DatasetInvalid, SpecInvalid, TeacherIncompatible
-from worker.engine.losses import LOSSES, build_loss, teacher_log_probs
+from worker.engine.losses import LOSSES, LabelsOnlyLoss, build_loss, teacher_log_probs
 from worker.engine.spec import DistillationSpec
 
 N, K = 6, 5
@@ -317,3 +317,14 @@ def test_losses_are_fp32_under_bf16_autocast(method: dict, task: str, kind: str)
     )
     for name, value in terms.items():
         assert value.item() == pytest.approx(ref[name].item(), rel=1e-5), name
+
+
+def test_labels_only_loss_ignores_unlabeled_rows_and_fits_regression_targets() -> None:
+    out = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 1, -1])
+    hard = LabelsOnlyLoss("classification")(out, None, labels=labels)["hard"]
+    expected = torch.nn.functional.cross_entropy(out[:2], labels[:2])
+    torch.testing.assert_close(hard, expected)
+    targets = torch.tensor([[1.0], [2.0], [3.0]])
+    regression = LabelsOnlyLoss("regression")(targets + 1, None, labels=targets.reshape(-1))
+    torch.testing.assert_close(regression["hard"], torch.tensor(1.0))

@@ -1,0 +1,62 @@
+"""Checkpoints: complete, pruned, and a resumed run ends exactly where an uninterrupted one ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.worker.engine.training.factories import make_data, run, spec, weights
+from worker.engine.errors import Cancelled
+from worker.engine.training import Callbacks, latest_checkpoint
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path) -> None:
+    full = run(make_data(), spec(checkpoint_every_steps=4), checkpoint_dir=tmp_path / "a")
+    steps = {"n": 0}
+
+    def cancel_at_13() -> bool:
+        steps["n"] += 1
+        return steps["n"] > 13
+
+    with pytest.raises(Cancelled, match="step 13"):
+        run(
+            make_data(),
+            spec(checkpoint_every_steps=4),
+            checkpoint_dir=tmp_path / "b",
+            callbacks=Callbacks(should_cancel=cancel_at_13),
+        )
+    ckpt = latest_checkpoint(tmp_path / "b")
+    assert ckpt is not None and ckpt.name == "step-000000013"
+    events: list[tuple[str, dict]] = []
+    resumed = run(
+        make_data(),
+        spec(checkpoint_every_steps=4),
+        checkpoint_dir=tmp_path / "b",
+        callbacks=Callbacks(on_event=lambda k, d: events.append((k, d))),
+    )
+    assert resumed.resumed_from == 13
+    assert ("resumed", {"step": 13, "checkpoint": "step-000000013"}) in events
+    assert resumed.steps == full.steps
+    for k, v in weights(full.student).items():
+        assert torch.equal(v, resumed.student.state_dict()[k]), k
+    assert resumed.best_score == full.best_score
+
+
+def test_resume_off_starts_afresh(tmp_path: Path) -> None:
+    run(make_data(), spec(epochs=1, checkpoint_every_steps=2), checkpoint_dir=tmp_path)
+    again = run(make_data(), spec(epochs=1), checkpoint_dir=tmp_path, resume=False)
+    assert again.resumed_from is None and again.steps == 5
+
+
+def test_checkpoints_are_complete_and_pruned(tmp_path: Path) -> None:
+    run(make_data(), spec(checkpoint_every_steps=3), checkpoint_dir=tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "latest" in names
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert len([n for n in names if n.startswith("step-")]) == 2
+    latest = latest_checkpoint(tmp_path)
+    assert latest is not None
+    for part in ("student.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+        assert (latest / part).exists()

@@ -1,0 +1,106 @@
+"""The loop: determinism, learning, stops (cancellation, time budget, early stopping), precision."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from tests.worker.engine.training.factories import SoftLoss, Student, make_data, run, spec, weights
+from worker.engine.errors import Cancelled
+from worker.engine.training import Callbacks, train
+
+
+def test_same_seed_same_student() -> None:
+    a = run(make_data(), spec())
+    b = run(make_data(), spec())
+    for k, v in weights(a.student).items():
+        assert torch.equal(v, b.student.state_dict()[k])
+    c = run(make_data(), spec(seed=1))
+    assert any(not torch.equal(v, c.student.state_dict()[k]) for k, v in weights(a.student).items())
+
+
+def test_training_reduces_the_loss() -> None:
+    result = run(make_data(), spec(epochs=20))
+    losses = [row["loss"] for row in result.history]
+    assert losses[-1] < 0.25 * losses[0]
+    assert result.stop_reason == "completed"
+    assert result.steps == 20 * 5
+
+
+def test_max_steps_ends_the_run_mid_epoch() -> None:
+    result = run(make_data(), spec(max_steps=7))
+    assert result.stop_reason == "max_steps"
+    assert result.steps == 7
+    assert result.best_step == 7
+
+
+def test_cancellation_is_checked_every_step() -> None:
+    calls = {"n": 0}
+
+    def cancel() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    with pytest.raises(Cancelled, match="step 2"):
+        run(make_data(), spec(), callbacks=Callbacks(should_cancel=cancel))
+
+
+def test_time_budget_stops_and_keeps_a_student() -> None:
+    result = run(make_data(), spec(epochs=10_000, max_minutes=0.002))
+    assert result.stop_reason == "time_budget"
+    assert result.steps < 10_000 * 5
+
+
+def test_early_stopping_on_validation_fidelity() -> None:
+    data = make_data()
+    # A teacher of pure noise on validation: fidelity cannot keep improving.
+    data.val_teacher = torch.randn_like(data.val_teacher) * 100
+    result = run(data, spec(epochs=50, early_stopping_patience=2))
+    assert result.stop_reason == "early_stopping"
+    assert result.steps < 50 * 5
+
+
+def test_sgd_with_warmup_linear_schedule_and_clipping_trains() -> None:
+    rows: list[dict] = []
+    result = run(
+        make_data(),
+        spec(
+            optimizer="sgd",
+            scheduler="linear",
+            warmup_steps=5,
+            grad_clip_norm=0.5,
+            learning_rate=5e-2,
+            epochs=20,
+        ),
+        callbacks=Callbacks(on_progress=rows.append),
+    )
+    losses = [row["loss"] for row in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    # Warmup: the first logged rate is below the peak; the linear schedule ends near zero.
+    assert rows[0]["lr"] <= 5e-2
+    assert rows[-1]["lr"] < 5e-2 * 0.05
+
+
+def test_bf16_autocast_keeps_loss_terms_in_fp32() -> None:
+    seen: list[torch.dtype] = []
+
+    class Recording(SoftLoss):
+        def forward(self, student_out, teacher_out, labels=None, **kw: Any):
+            terms = super().forward(student_out, teacher_out, labels, **kw)
+            seen.extend(t.dtype for t in terms.values())
+            return terms
+
+    torch.manual_seed(0)
+    result = train(
+        student=Student(),
+        loss_fn=Recording(),
+        data=make_data(),
+        spec=spec(precision="bf16", epochs=10),
+        task="regression",
+        teacher_output_kind="values",
+        device=torch.device("cpu"),
+    )
+    assert seen and set(seen) == {torch.float32}
+    assert result.history[-1]["loss"] < result.history[0]["loss"]

@@ -1,0 +1,321 @@
+"""The loop: epochs of steps over one training set, with validation, checkpoints and stops.
+
+:class:`Trainer` keeps a run's state explicit (the step counters in
+:class:`LoopState`, the best weights, the progress window, why it stopped) and
+gives each concern one method: the step, progress reporting, validation at the
+end of an epoch, checkpointing, and the cancellation and time-budget checks
+that come before every step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from worker.engine.errors import Cancelled, OutOfMemory
+from worker.engine.spec import TrainingSpec
+from worker.engine.training.batches import TrainingData, draw_batch
+from worker.engine.training.callbacks import Callbacks
+from worker.engine.training.checkpoints import (
+    LoopState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    snapshot_weights,
+)
+from worker.engine.training.devices import autocast_dtype
+from worker.engine.training.progress import ProgressWindow
+from worker.engine.training.schedules import StepPlan, lr_factor, make_optimizer
+from worker.engine.training.step import take_step
+from worker.engine.training.validation import predict, validation_score
+
+
+@dataclass
+class TrainResult:
+    """What a run returns: the best student (in eval mode) and how the run went."""
+
+    student: nn.Module
+    history: list[dict[str, Any]]
+    steps: int
+    best_step: int | None
+    best_score: float | None
+    stop_reason: str  # completed | early_stopping | time_budget | max_steps
+    resumed_from: int | None
+    seconds: float
+    samples_per_s: float
+
+
+def train(
+    *,
+    student: nn.Module,
+    loss_fn: nn.Module,
+    data: TrainingData,
+    spec: TrainingSpec,
+    task: str,
+    teacher_output_kind: str,
+    device: torch.device,
+    callbacks: Callbacks | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = True,
+    log_every_steps: int | None = None,
+    use_teacher: bool = True,
+) -> TrainResult:
+    """Train ``student`` against the teacher targets in ``data``; returns the best student.
+
+    The best student (by validation fidelity, or validation loss on labels when
+    ``use_teacher`` is off) is restored at the end. Non-finite losses are
+    checked at every log point and before every checkpoint, so a NaN never
+    reaches a checkpoint, and the error names the first bad step. Validation
+    compares outputs by task alone, so ``teacher_output_kind`` does not change it.
+    """
+    trainer = Trainer(
+        student=student,
+        loss_fn=loss_fn,
+        data=data,
+        spec=spec,
+        task=task,
+        device=device,
+        callbacks=callbacks or Callbacks(),
+        checkpoint_dir=checkpoint_dir,
+        log_every_steps=log_every_steps,
+        use_teacher=use_teacher,
+    )
+    return trainer.run(resume=resume)
+
+
+class Trainer:
+    """One training run over ``data``; :meth:`run` trains and returns the best student.
+
+    Constructing it seeds torch, moves the student and the loss to the device and
+    builds the optimizer, in that order, so a seeded run starts the same way every time.
+    """
+
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        loss_fn: nn.Module,
+        data: TrainingData,
+        spec: TrainingSpec,
+        task: str,
+        device: torch.device,
+        callbacks: Callbacks,
+        checkpoint_dir: Path | None,
+        log_every_steps: int | None,
+        use_teacher: bool,
+    ) -> None:
+        self.started = time.monotonic()
+        self.student = student
+        self.loss_fn = loss_fn
+        self.data = data
+        self.spec = spec
+        self.task = task
+        self.device = device
+        self.callbacks = callbacks
+        self.checkpoint_dir = checkpoint_dir
+        self.use_teacher = use_teacher
+        self.plan = StepPlan.for_run(spec, data.size, log_every_steps)
+        self.amp_dtype = autocast_dtype(spec.precision, device)
+
+        torch.manual_seed(spec.seed)
+        student.to(device).train()
+        loss_fn.to(device).train()
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        self.params += [p for p in loss_fn.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, spec)
+
+        self.state = LoopState()
+        self.best: dict[str, torch.Tensor] | None = None
+        self.resumed_from: int | None = None
+        self.elapsed_before = 0.0  # seconds spent by the runs this one resumes
+        self.stop_reason = "max_steps" if self.plan.capped else "completed"
+        self.progress = ProgressWindow()
+        self.last_checkpoint_time = time.monotonic()
+
+    def run(self, *, resume: bool = True) -> TrainResult:
+        """Resume from the latest checkpoint (when ``resume``), train, restore the best student."""
+        if resume:
+            self._resume()
+        try:
+            self._train_epochs()
+        except torch.cuda.OutOfMemoryError as exc:
+            raise OutOfMemory(
+                f"the device ran out of memory at step {self.state.step}; lower "
+                "training.batch_size",
+                field="training.batch_size",
+            ) from exc
+        if self.progress.pending:
+            self._report_progress(self.state.step // self.plan.steps_per_epoch)
+        return self._result()
+
+    # ------------------------------------------------------------------ epochs and steps
+
+    def _train_epochs(self) -> None:
+        """Epochs until the plan is done; each ends with validation, which may stop early."""
+        while self.state.step < self.plan.total_steps:
+            epoch = self.state.step // self.plan.steps_per_epoch
+            self._train_epoch(epoch)
+            if self.stop_reason == "time_budget":
+                return
+            if self.progress.pending:
+                self._report_progress(epoch)
+            self._validate(epoch)
+            if self._patience_ran_out():
+                self.stop_reason = "early_stopping"
+                return
+
+    def _train_epoch(self, epoch: int) -> None:
+        """The epoch's remaining steps; a resumed run starts where its checkpoint was taken."""
+        # Seeded by epoch, so a resumed run draws the same batches as an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.data.size, generator=generator)
+        first = self.state.step % self.plan.steps_per_epoch
+        for position in range(first, self.plan.steps_per_epoch):
+            if self.state.step >= self.plan.total_steps:
+                return
+            self._stop_if_cancelled()
+            if self._out_of_time():
+                self.stop_reason = "time_budget"
+                # The run can be taken up again from here with a larger budget.
+                self._checkpoint()
+                return
+            self._step(self.plan.batch_rows(order, position))
+            if self.state.step % self.plan.log_every == 0:
+                self._report_progress(epoch)
+            if self._checkpoint_due() and self.state.step < self.plan.total_steps:
+                self._checkpoint()
+
+    def _step(self, rows: torch.Tensor) -> None:
+        factor = lr_factor(
+            self.state.step, self.plan.total_steps, self.spec.warmup_steps, self.spec.scheduler
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.spec.learning_rate * factor
+        terms = take_step(
+            self.student,
+            self.loss_fn,
+            self.optimizer,
+            draw_batch(self.data, rows, self.device, self.use_teacher),
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            params=self.params,
+            clip_norm=self.spec.grad_clip_norm,
+        )
+        self.state.step += 1
+        self.progress.add(terms, len(rows))
+
+    # ------------------------------------------------------------------ stops
+
+    def _stop_if_cancelled(self) -> None:
+        if self.callbacks.cancelled():
+            self._checkpoint()
+            raise Cancelled(f"stopped at step {self.state.step}, after a checkpoint")
+
+    def _elapsed_s(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def _out_of_time(self) -> bool:
+        return self._elapsed_s() > self.spec.max_minutes * 60.0
+
+    def _patience_ran_out(self) -> bool:
+        patience = self.spec.early_stopping_patience
+        return patience is not None and self.state.epochs_without_improvement >= patience
+
+    # ------------------------------------------------------------------ progress and validation
+
+    def _report_progress(self, epoch: int) -> None:
+        self.progress.check_finite(self.state.step)
+        row = self.progress.close(
+            step=self.state.step,
+            total_steps=self.plan.total_steps,
+            epoch=epoch,
+            lr=self.optimizer.param_groups[0]["lr"],
+            batch_size=self.plan.batch_size,
+        )
+        self.state.history.append(
+            {key: value for key, value in row.items() if key not in ("total_steps", "eta_s")}
+        )
+        self.callbacks.progress(row)
+
+    def _validate(self, epoch: int) -> None:
+        """Score the student on the validation split and keep it if it is the best so far."""
+        batch_size = max(self.plan.batch_size, 256)
+        outputs = predict(self.student, self.data.val, batch_size, self.amp_dtype)
+        result = validation_score(outputs, self.data.val_teacher.to(outputs.device), self.task)
+        score = result.pop("score")
+        state = self.state
+        if state.best_score is None or score > state.best_score + 1e-9:
+            state.best_score, state.best_step = score, state.step
+            state.epochs_without_improvement = 0
+            self.best = snapshot_weights(self.student)
+        else:
+            state.epochs_without_improvement += 1
+        if state.history:
+            state.history[-1].update(result)
+        self.callbacks.event("evaluation", {"step": state.step, "epoch": epoch, **result})
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _resume(self) -> None:
+        checkpoint = latest_checkpoint(self.checkpoint_dir)
+        if checkpoint is not None:
+            self.state, self.best = load_checkpoint(
+                checkpoint, student=self.student, loss=self.loss_fn, optimizer=self.optimizer
+            )
+            self.resumed_from = self.state.step
+            resumed = {"step": self.state.step, "checkpoint": checkpoint.name}
+            self.callbacks.event("resumed", resumed)
+        self.elapsed_before = self.state.elapsed_s
+
+    def _checkpoint_due(self) -> bool:
+        every_steps = self.spec.checkpoint_every_steps
+        every_minutes = self.spec.checkpoint_every_minutes
+        due_by_steps = every_steps is not None and self.state.step % every_steps == 0
+        due_by_time = (
+            every_minutes is not None
+            and time.monotonic() - self.last_checkpoint_time > every_minutes * 60
+        )
+        return due_by_steps or due_by_time
+
+    def _checkpoint(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        self.progress.check_finite(self.state.step)
+        self.state.elapsed_s = self._elapsed_s()
+        path = save_checkpoint(
+            self.checkpoint_dir,
+            student=self.student,
+            loss=self.loss_fn,
+            optimizer=self.optimizer,
+            state=self.state,
+            best=self.best,
+        )
+        self.last_checkpoint_time = time.monotonic()
+        self.callbacks.event("checkpoint", {"step": self.state.step, "path": path.name})
+
+    # ------------------------------------------------------------------ the result
+
+    def _result(self) -> TrainResult:
+        # Stopped by the time budget before any validation, ``best`` is None and
+        # the student stays as it is.
+        if self.best is not None:
+            self.student.load_state_dict({k: v.to(self.device) for k, v in self.best.items()})
+        self.student.eval()
+        seconds = time.monotonic() - self.started
+        trained_steps = self.state.step - (self.resumed_from or 0)
+        return TrainResult(
+            student=self.student,
+            history=self.state.history,
+            steps=self.state.step,
+            best_step=self.state.best_step,
+            best_score=self.state.best_score,
+            stop_reason=self.stop_reason,
+            resumed_from=self.resumed_from,
+            seconds=seconds,
+            samples_per_s=trained_steps * self.plan.batch_size / seconds if seconds > 0 else 0.0,
+        )

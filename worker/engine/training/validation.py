@@ -1,0 +1,41 @@
+"""How the loop judges the student between epochs: its fidelity on the validation split."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from worker.engine.training.devices import Batch, autocast, iter_batches
+
+
+@torch.no_grad()
+def predict(
+    module: nn.Module, tensors: Batch, batch_size: int, amp_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Run ``module`` over ``tensors`` in batches, in eval mode; float32 outputs."""
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    outputs = []
+    for _, batch in iter_batches(tensors, batch_size):
+        batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+        with autocast(device, amp_dtype):
+            outputs.append(module(**batch).float())
+    module.train(was_training)
+    return torch.cat(outputs)
+
+
+def validation_score(
+    student_outputs: torch.Tensor, teacher_outputs: torch.Tensor, task: str
+) -> dict[str, float]:
+    """Validation fidelity by task, plus ``score``: the same number, higher is better."""
+    student = student_outputs.float()
+    teacher = teacher_outputs.float()
+    if task == "classification":
+        agreement = (student.argmax(-1) == teacher.argmax(-1)).float().mean().item()
+        return {"val/agreement": agreement, "score": agreement}
+    if task == "embedding":
+        cosine = nn.functional.cosine_similarity(student, teacher, dim=-1).mean().item()
+        return {"val/cosine": cosine, "score": cosine}
+    mse = ((student - teacher) ** 2).mean().item()
+    return {"val/output_mse": mse, "score": -mse}
