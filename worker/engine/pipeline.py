@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker.engine import evaluation, export
+import worker.engine.components  # noqa: F401 - registers every built-in teacher runtime and student
+from worker.engine import evaluation, export, report
 from worker.engine.compatibility import DataFacts, check_fits, check_labels, resolve_task
 from worker.engine.data import TransferSet, load_transfer_set, split, tokenize
 from worker.engine.errors import TeacherIncompatible
@@ -709,14 +710,14 @@ def _export(
     else:
         (out / "student_config.json").write_text(json.dumps(student.config, indent=2))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    export.write_model_card(
+    report.write_model_card(
         out / "model_card.md",
         metrics,
         spec.model_dump(mode="json"),
         signature.to_dict(),
         dict(student.config),  # type: ignore[arg-type]
     )
-    export.plot_training_curves(out / "training_curves.png", trained.result.history)
+    report.plot_training_curves(out / "training_curves.png", trained.result.history)
     return _artifacts_in(out)
 
 

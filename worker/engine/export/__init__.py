@@ -15,10 +15,6 @@ from worker.engine.export.onnx import (
 )
 from worker.engine.export.safetensors import export_safetensors, load_student
 
-# The model card and the curves moved to worker.engine.report; kept here until every
-# importer uses that package.
-from worker.engine.report import plot_training_curves, write_model_card
-
 __all__ = [
     "OnnxCheck",
     "check_onnx",
@@ -26,8 +22,6 @@ __all__ = [
     "export_safetensors",
     "load_student",
     "onnx_export_info",
-    "plot_training_curves",
     "sequence_keys",
     "sha256_file",
-    "write_model_card",
 ]
