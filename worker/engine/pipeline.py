@@ -234,8 +234,9 @@ def _distil(
         if spec.evaluation.baseline
         else None
     )
+    _export(spec, trained, paths.out, callbacks)
     metrics = _evaluate(spec, teacher, data, targets, trained, baseline, device, callbacks)
-    artifacts = _export(spec, teacher.signature, trained, metrics, paths.out, callbacks)
+    artifacts = _write_reports(spec, teacher.signature, trained, metrics, paths.out)
     return _report(data.task, metrics, artifacts, trained.result)
 
 
@@ -608,6 +609,7 @@ def _evaluate(
     """Teacher, student (and baseline) on the same held-out rows, against the same reference."""
     callbacks.event("stage", {"stage": "evaluation"})
     task, inputs, result = data.task, trained.data.val, trained.result
+    result.student.to(device)  # the export stage moved it to the CPU
     student_outputs = predict(result.student, inputs, 512, None).cpu().numpy()
     reference = _reference(task, data.validation.labels, targets.validation)
     teacher_side: dict[str, Any] = {
@@ -691,14 +693,9 @@ def _training_summary(
 
 
 def _export(
-    spec: DistillationSpec,
-    signature: TeacherSignature,
-    trained: TrainedStudent,
-    metrics: dict[str, Any],
-    out: Path,
-    callbacks: Callbacks,
-) -> list[Artifact]:
-    """Write the student, its config, the metrics, the model card and the training curves."""
+    spec: DistillationSpec, trained: TrainedStudent, out: Path, callbacks: Callbacks
+) -> None:
+    """Write the student in the spec's formats, and ``student_config.json`` that rebuilds it."""
     callbacks.event("stage", {"stage": "export"})
     student = trained.result.student.cpu().eval()
     formats = spec.export.formats
@@ -709,13 +706,23 @@ def _export(
         export.export_safetensors(student, out / "student.safetensors", out / "student_config.json")
     else:
         (out / "student_config.json").write_text(json.dumps(student.config, indent=2))
+
+
+def _write_reports(
+    spec: DistillationSpec,
+    signature: TeacherSignature,
+    trained: TrainedStudent,
+    metrics: dict[str, Any],
+    out: Path,
+) -> list[Artifact]:
+    """Write the metrics, the model card and the training curves; list every artifact."""
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     report.write_model_card(
         out / "model_card.md",
         metrics,
         spec.model_dump(mode="json"),
         signature.to_dict(),
-        dict(student.config),  # type: ignore[arg-type]
+        dict(trained.result.student.config),  # type: ignore[arg-type]
     )
     report.plot_training_curves(out / "training_curves.png", trained.result.history)
     return _artifacts_in(out)
