@@ -26,16 +26,24 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
 from app.db import after_rollback, build_engine, utcnow
-from app.jobs import repository, service
-from app.jobs.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
+from app.jobs import service
+from app.jobs.models import (
+    CANCELLED,
+    CANCELLING,
+    FAILED,
+    LEASED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Job,
+)
+from app.jobs.repository import JobRepository
 from app.storage import LocalStorage
 from worker.engine.errors import Cancelled, EngineError
 from worker.engine.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
-#: A running job's own statuses: the worker may write while the job is in one of them.
-OWN = (RUNNING, CANCELLING)
 #: Seconds between progress writes (the first and the last step are always written).
 PROGRESS_INTERVAL_S = 1.0
 #: Seconds between checks for a cancellation request.
@@ -192,8 +200,8 @@ class JobRun:
 
     def _fenced_update(self, session: Session, **values: Any) -> bool:
         """Set ``values`` on the job if this attempt still owns it; whether it did."""
-        return repository.transition(
-            session, self.claim.job_id, from_statuses=OWN, fence=self.claim.attempt, **values
+        return JobRepository(session).transition(
+            self.claim.job_id, from_statuses=LEASED, fence=self.claim.attempt, **values
         )
 
     def _write(self, type: str, data: dict[str, Any], **values: Any) -> None:
@@ -201,7 +209,9 @@ class JobRun:
         with self.factory() as session, session.begin():
             if not self._fenced_update(session, **values):
                 raise JobLost(f"job {self.claim.job_id} attempt {self.claim.attempt} was fenced")
-            repository.add_event(session, self.claim.job_id, type, data, attempt=self.claim.attempt)
+            JobRepository(session).add_event(
+                self.claim.job_id, type, data, attempt=self.claim.attempt
+            )
 
     def on_progress(self, data: dict[str, Any]) -> None:
         """Engine progress: written at most every second, and always at the last step."""
@@ -232,7 +242,7 @@ class JobRun:
         self._last_cancel_check = now
         with self.factory() as session:
             job = session.get(Job, self.claim.job_id)
-            if job is None or job.attempt != self.claim.attempt or job.status not in OWN:
+            if job is None or job.attempt != self.claim.attempt or job.status not in LEASED:
                 raise JobLost(f"job {self.claim.job_id} is no longer this attempt's")
             self._cancel_requested = job.status == CANCELLING
         return self._cancel_requested
@@ -345,7 +355,7 @@ class JobRun:
                     session,
                     job,
                     CANCELLED,
-                    from_statuses=OWN,
+                    from_statuses=LEASED,
                     fence=self.claim.attempt,
                     event={"message": reason},
                 )
@@ -354,7 +364,7 @@ class JobRun:
                 session,
                 job,
                 QUEUED,
-                from_statuses=OWN,
+                from_statuses=LEASED,
                 fence=self.claim.attempt,
                 event={"reason": "worker_shutdown", "message": reason},
                 lease_owner=None,
@@ -373,7 +383,7 @@ class JobRun:
                 session,
                 job,
                 status,
-                from_statuses=OWN,
+                from_statuses=LEASED,
                 fence=self.claim.attempt,
                 event=event,
                 **values,
@@ -417,7 +427,7 @@ class JobRun:
                 session,
                 job,
                 status,
-                from_statuses=OWN,
+                from_statuses=LEASED,
                 fence=self.claim.attempt,
                 event={**event, "artifacts": [a.name for a in result.artifacts]},
                 **outcome,

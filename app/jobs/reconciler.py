@@ -20,18 +20,19 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
+from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
-from app.datasets.models import Dataset
+from app.datasets.repository import DatasetRepository
 from app.db import after_commit, utcnow
 from app.jobs import service
-from app.jobs.execution import OWN, worker_sessions
-from app.jobs.models import CANCELLED, CANCELLING, FAILED, QUEUED, Job
+from app.jobs.execution import worker_sessions
+from app.jobs.models import CANCELLED, CANCELLING, FAILED, LEASED, QUEUED, Job
 from app.jobs.queue import JobQueue
-from app.models.models import TeacherModel
+from app.jobs.repository import JobRepository
+from app.models.repository import ModelRepository
 from worker.broker import INSPECT_UPLOAD, RUN_JOB
 
 log = logging.getLogger(__name__)
@@ -73,19 +74,13 @@ def reconcile(settings: Settings | None = None, *, now: datetime | None = None) 
 def _expired_leases(
     session: Session, queue: JobQueue, settings: Settings, now: datetime, done: Reconciled
 ) -> None:
-    expired = session.scalars(
-        select(Job)
-        .where(Job.status.in_(OWN), Job.lease_expires_at < now)
-        .order_by(Job.lease_expires_at)
-        .with_for_update(skip_locked=True)
-    ).all()
-    for job in expired:
+    for job in JobRepository(session).expired_leases(now):
         attempt = job.attempt
         lost = {"reason": "lease_expired", "lease_owner": job.lease_owner}
         cleared = {"lease_owner": None, "lease_expires_at": None}
         if job.status == CANCELLING:
             if service.change_status(
-                session, job, CANCELLED, from_statuses=OWN, fence=attempt, event=lost, **cleared
+                session, job, CANCELLED, from_statuses=LEASED, fence=attempt, event=lost, **cleared
             ):
                 done.cancelled.append(job.id)
         elif attempt >= settings.max_attempts:
@@ -99,7 +94,7 @@ def _expired_leases(
                 session,
                 job,
                 FAILED,
-                from_statuses=OWN,
+                from_statuses=LEASED,
                 fence=attempt,
                 event={**lost, "error": error},
                 error=error,
@@ -107,7 +102,7 @@ def _expired_leases(
             ):
                 done.failed.append(job.id)
         elif service.change_status(
-            session, job, QUEUED, from_statuses=OWN, fence=attempt, event=lost, **cleared
+            session, job, QUEUED, from_statuses=LEASED, fence=attempt, event=lost, **cleared
         ):
             done.requeued.append(job.id)
             after_commit(session, partial(queue.send, job.id))
@@ -116,7 +111,7 @@ def _expired_leases(
 def _unsent(
     session: Session,
     queue: JobQueue,
-    pending: list[tuple[str, list]],
+    pending: list[tuple[str, list[Any]]],
     settled: datetime,
     done: Reconciled,
 ) -> None:
@@ -124,18 +119,14 @@ def _unsent(
     # (it is sent just after the commit).
     sent_jobs = {args[0] for task, args in pending if task == RUN_JOB and args}
     sent_inspections = {args[1] for task, args in pending if task == INSPECT_UPLOAD and args[1:]}
-    for job in session.scalars(
-        select(Job).where(Job.status == QUEUED, Job.updated_at < settled)
-    ).all():
+    for job in JobRepository(session).queued_unchanged_since(settled):
         if str(job.id) in sent_jobs or not _inputs_ready(session, job):
             continue
         done.resent.append(job.id)
         after_commit(session, partial(queue.send, job.id))
-    for kind, row_type in (("models", TeacherModel), ("datasets", Dataset)):
-        waiting = session.scalars(
-            select(row_type).where(row_type.status == "processing", row_type.updated_at < settled)
-        ).all()
-        for row in waiting:
+    uploads = (("models", ModelRepository(session)), ("datasets", DatasetRepository(session)))
+    for kind, repository in uploads:
+        for row in repository.processing_unchanged_since(settled):
             if str(row.id) not in sent_inspections:
                 done.reinspected.append(row.id)
                 after_commit(session, partial(queue.inspect, kind, row.id))

@@ -29,17 +29,18 @@ from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 import httpx
-from sqlalchemy import exists, select, update
-from sqlalchemy.orm import Session, aliased, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth.models import Tenant, new_webhook_secret
+from app.auth.repository import AuthRepository
 from app.config import Settings
 from app.db import utcnow
 from app.errors import FieldError, Unprocessable
 from app.jobs.models import Job, JobEvent
-from app.jobs.repository import add_event, lock_job
+from app.jobs.repository import JobRepository
 from app.jobs.schemas import JobEventOut
 from app.webhooks.models import DELIVERED, FAILED, PENDING, WebhookDelivery
+from app.webhooks.repository import WebhookRepository
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def schedule_deliveries(session: Session, job: Job, event: JobEvent) -> None:
     url = job.spec.get("webhook_url")
     if not url or event.type not in DELIVERED_EVENT_TYPES:
         return
-    session.add(
+    WebhookRepository(session).add(
         WebhookDelivery(
             id=uuid.uuid4(),
             job_id=job.id,
@@ -237,52 +238,15 @@ def _lease_s(settings: Settings) -> float:
 
 
 def _claim(factory: sessionmaker[Session], settings: Settings, now: datetime) -> _Claimed | None:
-    """Take the next due delivery for one attempt (in a short transaction of its own).
-
-    A due delivery waits while an older pending one of the same job and URL
-    exists, so a job's events reach a receiver in order. Taking it moves its
-    ``next_attempt_at`` past the attempt, which hides it from other workers.
-    """
-    candidate = aliased(WebhookDelivery)
-    older = aliased(WebhookDelivery)
-    due = (
-        select(candidate.id)
-        .where(
-            candidate.status == PENDING,
-            candidate.next_attempt_at <= now,
-            ~exists().where(
-                older.job_id == candidate.job_id,
-                older.url == candidate.url,
-                older.status == PENDING,
-                older.event_id < candidate.event_id,
-            ),
-        )
-        .order_by(candidate.next_attempt_at, candidate.event_id)
-        .limit(1)
-    )
+    """Take the next due delivery for one attempt (in a short transaction of its own)."""
     with factory() as session, session.begin():
-        if session.get_bind().dialect.name == "postgresql":
-            # Concurrent workers take different rows instead of waiting on each other.
-            due = due.with_for_update(skip_locked=True, of=candidate)
-        # One statement picks and takes the row: SQLite has no row locks, but runs it whole.
-        taken = session.execute(
-            update(WebhookDelivery)
-            .where(
-                WebhookDelivery.id == due.scalar_subquery(),
-                WebhookDelivery.status == PENDING,
-                WebhookDelivery.next_attempt_at <= now,
-            )
-            .values(next_attempt_at=now + timedelta(seconds=_lease_s(settings)))
-            .returning(WebhookDelivery.id)
-        ).scalar_one_or_none()
-        if taken is None:
+        hold_until = now + timedelta(seconds=_lease_s(settings))
+        delivery = WebhookRepository(session).claim_due(now, hold_until=hold_until)
+        if delivery is None:
             return None
-        delivery = session.get_one(WebhookDelivery, taken)
         event = session.get_one(JobEvent, delivery.event_id)
         job = session.get_one(Job, delivery.job_id)
-        secret = session.scalars(
-            select(Tenant.webhook_secret).where(Tenant.id == job.tenant_id)
-        ).one()
+        secret = AuthRepository(session).webhook_secret(job.tenant_id)
         body = json.dumps(payload(event, job), separators=(",", ":")).encode()
         return _Claimed(delivery.id, job.id, event.id, delivery.url, body, secret)
 
@@ -378,43 +342,49 @@ def _record(
 ) -> None:
     """Settle the delivery after an attempt and log the attempt as a ``webhook`` event."""
     with factory() as session, session.begin():
-        lock_job(session, claimed.job_id)
-        job_attempt = session.scalars(select(Job.attempt).where(Job.id == claimed.job_id)).first()
-        delivery = session.get(WebhookDelivery, claimed.delivery_id)
+        jobs = JobRepository(session)
+        jobs.lock(claimed.job_id)
+        job_attempt = jobs.attempt_of(claimed.job_id)
+        delivery = WebhookRepository(session).get(claimed.delivery_id)
         if job_attempt is None or delivery is None:
             # The job was deleted during the attempt, and its deliveries with it.
             return
-        delivery.attempts += 1
-        delivery.last_status_code = outcome.status_code
-        delivery.last_error = None if outcome.error is None else outcome.error[:_MAX_ERROR_CHARS]
-        next_attempt_at = None
+        attempts = delivery.attempts + 1
+        error = None if outcome.error is None else outcome.error[:_MAX_ERROR_CHARS]
+        status, retry_at = PENDING, None
         if outcome.delivered:
-            delivery.status = DELIVERED
-            delivery.delivered_at = now
-        elif outcome.refused or delivery.attempts >= settings.webhook_max_attempts:
-            delivery.status = FAILED
+            status = DELIVERED
+        elif outcome.refused or attempts >= settings.webhook_max_attempts:
+            status = FAILED
             log.warning(
                 "webhook delivery %s of job %s failed for good after %d attempts: %s",
                 delivery.id,
                 claimed.job_id,
-                delivery.attempts,
+                attempts,
                 outcome.error or f"HTTP {outcome.status_code}",
             )
         else:
-            next_attempt_at = now + timedelta(seconds=backoff_s(delivery.attempts, settings))
-            delivery.next_attempt_at = next_attempt_at
+            retry_at = now + timedelta(seconds=backoff_s(attempts, settings))
+        WebhookRepository(session).record_attempt(
+            delivery,
+            status=status,
+            status_code=outcome.status_code,
+            error=error,
+            at=now,
+            retry_at=retry_at,
+        )
         data: dict[str, Any] = {
             "event_id": claimed.event_id,
             "url": _origin(claimed.url),
-            "attempt": delivery.attempts,
+            "attempt": attempts,
             "delivered": outcome.delivered,
-            "next_attempt_at": None if next_attempt_at is None else next_attempt_at.isoformat(),
+            "next_attempt_at": None if retry_at is None else retry_at.isoformat(),
         }
         if outcome.status_code is not None:
             data["status_code"] = outcome.status_code
         else:
-            data["error"] = delivery.last_error
-        add_event(session, claimed.job_id, "webhook", data, attempt=job_attempt)
+            data["error"] = error
+        jobs.add_event(claimed.job_id, "webhook", data, attempt=job_attempt)
 
 
 def deliver_due(
