@@ -15,6 +15,8 @@ a worker) racing on one job cannot both act on it.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -24,16 +26,16 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from app.broker import INSPECT_UPLOAD, JOBS_QUEUE, RUN_JOB
 from app.config import Settings, get_settings
 from app.datasets.repository import DatasetRepository
 from app.db import after_commit, utcnow
 from app.jobs import service
-from app.jobs.execution import worker_sessions
 from app.jobs.models import CANCELLED, CANCELLING, FAILED, LEASED, QUEUED, Job
 from app.jobs.queue import JobQueue
 from app.jobs.repository import JobRepository
 from app.models.repository import ModelRepository
-from worker.broker import INSPECT_UPLOAD, RUN_JOB
+from worker.sessions import worker_sessions
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ def reconcile(settings: Settings | None = None, *, now: datetime | None = None) 
     try:
         with worker_sessions(settings)() as session, session.begin():
             _expired_leases(session, queue, settings, now, done)
-        pending = queue.pending()
+        pending = pending_messages(queue)
         if pending is None:
             return done
         with worker_sessions(settings)() as session, session.begin():
@@ -140,3 +142,30 @@ def _inputs_ready(session: Session, job: Job) -> bool:
         (teacher is not None and teacher.status == "processing")
         or (dataset is not None and dataset.status == "processing")
     )
+
+
+def pending_messages(queue: JobQueue) -> list[tuple[str, list[Any]]] | None:
+    """(task name, args) of every message the broker still holds for the workers.
+
+    Waiting messages, and on Redis also those delivered but not yet
+    acknowledged. ``None`` for a broker whose queue cannot be read.
+    """
+    folder = queue.settings.broker_folder()
+    if folder is not None:
+        return [_task_of(p.read_bytes()) for p in sorted((folder / "queue").glob("*.msg"))]
+    if not queue.settings.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    with queue.celery.connection_for_read() as connection:
+        client = connection.default_channel.client
+        waiting = [
+            raw for key in client.scan_iter(f"{JOBS_QUEUE}*") for raw in client.lrange(key, 0, -1)
+        ]
+        unacked = [json.dumps(json.loads(raw)[0]) for raw in client.hvals("unacked")]
+    return [_task_of(raw) for raw in [*waiting, *unacked]]
+
+
+def _task_of(envelope: bytes | str) -> tuple[str, list[Any]]:
+    """The task name and args of one of kombu's JSON message envelopes."""
+    message = json.loads(envelope)
+    args = json.loads(base64.b64decode(message["body"]))[0]
+    return message["headers"]["task"], args
