@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -86,6 +86,15 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _begin_before_savepoint(connection: Connection, name: str) -> None:
+    # pysqlite opens a transaction only before a write: a SAVEPOINT that comes first
+    # would open it itself, and releasing that savepoint would COMMIT the writes made
+    # in it ahead of the session's commit. BEGIN first, so it nests as it does elsewhere.
+    dbapi_connection = connection.connection.dbapi_connection
+    if dbapi_connection is not None and not dbapi_connection.in_transaction:
+        dbapi_connection.execute("BEGIN")
+
+
 def normalize_database_url(url: str) -> str:
     """``url`` with a driver SQLAlchemy can load: plain PostgreSQL URLs mean psycopg 3."""
     for plain in ("postgresql://", "postgres://"):
@@ -95,7 +104,8 @@ def normalize_database_url(url: str) -> str:
 
 
 def build_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets foreign keys on and its folder created."""
+    """An engine for ``url``; SQLite gets foreign keys on, savepoints that nest, and its folder
+    created."""
     url = normalize_database_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -103,6 +113,7 @@ def build_engine(url: str) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "savepoint", _begin_before_savepoint)
         return engine
     return create_engine(url, pool_pre_ping=True)
 
@@ -192,15 +203,18 @@ def _on_transaction_end(session: Session, transaction: SessionTransaction) -> No
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """The request's session: commits when the endpoint returns, rolls back when it raises."""
+    """The request's session: commits when the endpoint returns, rolls back when it raises
+    or when the commit itself fails."""
     factory: sessionmaker[Session] = request.app.state.session_factory
     with factory() as session:
         try:
             yield session
+            session.commit()
         except BaseException:
+            # After a failed COMMIT, SQLite keeps the transaction (and its write lock) open
+            # on the pooled connection until it is rolled back.
             session.rollback()
             raise
-        session.commit()
 
 
 #: The request's session; ``scope="function"`` commits before the response is sent,

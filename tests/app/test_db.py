@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.auth.models import Tenant
 from app.db import after_commit, after_rollback
-from tests.app.databases import commits_refused
+from tests.app.databases import commits_refused, count_rows
 
 
 def add_tenant(session: Session) -> None:
@@ -111,3 +111,15 @@ def test_a_rolled_back_savepoint_drops_its_own_after_commit(engine: sa.Engine):
         assert ran == ["inside rolled back"]
         session.commit()
     assert ran == ["inside rolled back", "outer"]
+
+
+def test_a_savepoint_opened_before_any_write_commits_nothing_on_release(engine: sa.Engine):
+    # SQLite's driver opens a transaction only before a write: a savepoint opened
+    # first must still nest in the session's transaction, not commit on release.
+    with Session(engine) as session:
+        session.execute(sa.select(1))
+        with session.begin_nested():
+            add_tenant(session)
+        assert count_rows(engine, "tenants") == 0
+        session.rollback()
+    assert count_rows(engine, "tenants") == 0
