@@ -1,5 +1,7 @@
-"""Distillery's HTTP service: FastAPI routers over services, repositories and storage.
+"""Distillery's HTTP service and the domain it serves: routers over services, repositories,
+tables, storage and settings.
 
-Nothing in this package imports torch at module level; the engine's torch-free
-modules (spec, inspection, data, errors) are all the API needs.
+Nothing here imports torch, nor anything of ``worker/`` beyond the engine's
+torch-free modules the API validates with (spec, errors, signature,
+inspection, compatibility, archive, data); ``tests/test_layout.py`` checks both.
 """

@@ -1,4 +1,4 @@
-"""Settings shared by the API, the CLI and (later) the worker: one class, prefix ``DISTILL_``."""
+"""Settings shared by the API, the CLI and the workers: one class, prefix ``DISTILL_``."""
 
 from __future__ import annotations
 

@@ -10,14 +10,22 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    SessionTransaction,
+    mapped_column,
+    sessionmaker,
+)
 from sqlalchemy.types import TypeDecorator
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,15 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _begin_before_savepoint(connection: Connection, name: str) -> None:
+    # pysqlite opens a transaction only before a write: a SAVEPOINT that comes first
+    # would open it itself, and releasing that savepoint would COMMIT the writes made
+    # in it ahead of the session's commit. BEGIN first, so it nests as it does elsewhere.
+    dbapi_connection = connection.connection.dbapi_connection
+    if dbapi_connection is not None and not dbapi_connection.in_transaction:
+        dbapi_connection.execute("BEGIN")
+
+
 def normalize_database_url(url: str) -> str:
     """``url`` with a driver SQLAlchemy can load: plain PostgreSQL URLs mean psycopg 3."""
     for plain in ("postgresql://", "postgres://"):
@@ -87,7 +104,8 @@ def normalize_database_url(url: str) -> str:
 
 
 def build_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets foreign keys on and its folder created."""
+    """An engine for ``url``; SQLite gets foreign keys on, savepoints that nest, and its folder
+    created."""
     url = normalize_database_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -95,62 +113,108 @@ def build_engine(url: str) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "savepoint", _begin_before_savepoint)
         return engine
     return create_engine(url, pool_pre_ping=True)
 
 
-_AFTER_COMMIT = "distillery.after_commit"
-_AFTER_ROLLBACK = "distillery.after_rollback"
+_PENDING = "distillery.after_transaction"
+
+
+@dataclass
+class _PendingAction:
+    """A side effect waiting for the outcome of the transaction it was registered in."""
+
+    action: Callable[[], None]
+    on_commit: bool
+    #: Savepoints open when it was registered: it belongs to the innermost of them.
+    depth: int
+
+
+def _savepoint_depth(session: Session) -> int:
+    depth, transaction = 0, session.get_nested_transaction()
+    while transaction is not None:
+        depth += transaction.nested
+        transaction = transaction.parent
+    return depth
+
+
+def _register(session: Session, action: Callable[[], None], *, on_commit: bool) -> None:
+    pending = _PendingAction(action, on_commit, _savepoint_depth(session))
+    session.info.setdefault(_PENDING, []).append(pending)
 
 
 def after_commit(session: Session, action: Callable[[], None]) -> None:
     """Run ``action`` once the session's transaction commits (dropped if it rolls back).
 
-    For side effects that must not outlive a failed transaction: deleting a
-    file, and later sending a task.
+    For side effects that must not outlive a failed transaction: sending a
+    task, deleting a file. Registered inside a savepoint, it is dropped if that
+    savepoint rolls back; releasing a savepoint runs nothing.
     """
-    session.info.setdefault(_AFTER_COMMIT, []).append(action)
+    _register(session, action, on_commit=True)
 
 
 def after_rollback(session: Session, action: Callable[[], None]) -> None:
     """Run ``action`` if the session's transaction rolls back (dropped if it commits).
 
-    Undoes side effects taken ahead of the commit, such as a file kept for a new row.
+    Undoes side effects taken ahead of the commit, such as a file kept for a new
+    row. Registered inside a savepoint, it also runs if that savepoint rolls back.
     """
-    session.info.setdefault(_AFTER_ROLLBACK, []).append(action)
+    _register(session, action, on_commit=False)
 
 
-def _run_actions(session: Session, run: str, drop: str) -> None:
-    actions = session.info.pop(run, [])
-    session.info.pop(drop, None)
-    for action in actions:
+def _run(actions: list[_PendingAction]) -> None:
+    for pending in actions:
         try:
-            action()
+            pending.action()
         except Exception:
-            # The transaction's outcome stands; a failed cleanup is logged, not raised.
+            # The transaction's outcome stands; a failed side effect is logged, not raised.
             log.exception("post-transaction action failed")
 
 
 @event.listens_for(Session, "after_commit")
 def _on_commit(session: Session) -> None:
-    _run_actions(session, _AFTER_COMMIT, _AFTER_ROLLBACK)
+    depth = _savepoint_depth(session)
+    pending: list[_PendingAction] = session.info.get(_PENDING, [])
+    if depth > 0:
+        # A released savepoint: its actions now wait for the enclosing transaction.
+        for waiting in pending:
+            waiting.depth = min(waiting.depth, depth - 1)
+        return
+    session.info.pop(_PENDING, None)
+    _run([waiting for waiting in pending if waiting.on_commit])
 
 
 @event.listens_for(Session, "after_rollback")
 def _on_rollback(session: Session) -> None:
-    _run_actions(session, _AFTER_ROLLBACK, _AFTER_COMMIT)
+    depth = _savepoint_depth(session)
+    pending: list[_PendingAction] = session.info.get(_PENDING, [])
+    ended = [waiting for waiting in pending if waiting.depth >= depth]
+    session.info[_PENDING] = [waiting for waiting in pending if waiting.depth < depth]
+    _run([waiting for waiting in ended if not waiting.on_commit])
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _on_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    # An outermost transaction that ended without a commit or a database rollback
+    # (a failed COMMIT, a close) leaves nothing behind for the session's next one.
+    if transaction.parent is None:
+        session.info.pop(_PENDING, None)
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """The request's session: commits when the endpoint returns, rolls back when it raises."""
+    """The request's session: commits when the endpoint returns, rolls back when it raises
+    or when the commit itself fails."""
     factory: sessionmaker[Session] = request.app.state.session_factory
     with factory() as session:
         try:
             yield session
+            session.commit()
         except BaseException:
+            # After a failed COMMIT, SQLite keeps the transaction (and its write lock) open
+            # on the pooled connection until it is rolled back.
             session.rollback()
             raise
-        session.commit()
 
 
 #: The request's session; ``scope="function"`` commits before the response is sent,

@@ -26,6 +26,7 @@ from alembic.config import Config
 from sqlalchemy.orm import Session
 
 from app.auth.service import authenticate, create_api_key
+from app.broker import CONTROL_QUEUE
 from app.config import get_settings
 from app.db import build_engine
 from app.errors import Unauthorized
@@ -56,7 +57,7 @@ WORKER_COMMAND = [
 #: deliveries, never queued behind a job (production runs beat and it apart).
 CONTROL_COMMAND = [
     *(sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"),
-    *("--queues", "distillery.control", "--pool", "threads", "--concurrency", "2"),
+    *("--queues", CONTROL_QUEUE, "--pool", "threads", "--concurrency", "2"),
     *("--beat", "--schedule", "var/celerybeat-schedule", "--loglevel", "INFO"),
     *("--hostname", "control@%h"),
 ]

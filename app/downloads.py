@@ -1,6 +1,6 @@
 """Stored files as HTTP responses: ETag (the sha256), conditional GET, single ranges.
 
-One function serves models, datasets and (later) job artifacts the same way.
+One function serves models, datasets and job artifacts the same way.
 """
 
 from __future__ import annotations

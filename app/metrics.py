@@ -23,11 +23,11 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.jobs.models import STATUSES, Job
+from app.jobs.models import STATUSES
+from app.jobs.repository import JobRepository
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,7 @@ class _JobsCollector:
         try:
             factory: sessionmaker[Session] = self.app.state.session_factory
             with factory() as session:
-                rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
-                counts = {status: int(count) for status, count in rows}
+                counts = JobRepository(session).count_by_status()
         except Exception as exc:
             # A scrape must still answer (with the request metrics) while the database is down.
             log.warning("metrics: could not count jobs: %s", exc)

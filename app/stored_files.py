@@ -10,29 +10,28 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from fastapi import Request, Response
-from sqlalchemy import JSON, BigInteger, ColumnElement, String
+from sqlalchemy import JSON, BigInteger, String
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from app.auth.models import Tenant
 from app.config import Settings
 from app.db import UTCDateTime, after_commit, after_rollback, utcnow
 from app.downloads import content_response
-from app.errors import FieldError, NotFound, Unprocessable, UnsupportedMediaType
-from app.pagination import Cursor
+from app.errors import FieldError, Unprocessable, UnsupportedMediaType
 from app.storage import LocalStorage
 from app.tenancy import TenantOwned
 from app.uploads import Upload, receive_upload
 from worker.engine.errors import EngineError, UnsupportedFormat
 
 if TYPE_CHECKING:
-    from app.repository import TenantRepository
+    from app.repository import StoredFileRepository
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,6 @@ FILE_FIELD = "file"
 
 T = TypeVar("T")
 RowT = TypeVar("RowT", bound="StoredFile")
-OwnedT = TypeVar("OwnedT", bound=TenantOwned)
 
 
 class StoredFile(TenantOwned):
@@ -145,7 +143,7 @@ class Inspector(Generic[T]):
 def store_upload(
     session: Session,
     storage: LocalStorage,
-    repository: TenantRepository[RowT],
+    repository: StoredFileRepository[RowT],
     inspector: Inspector[Any],
     upload: Upload,
     *,
@@ -202,7 +200,7 @@ def complete_inspection(storage: LocalStorage, row: StoredFile, inspector: Inspe
 def keep_upload(
     session: Session,
     storage: LocalStorage,
-    repository: TenantRepository[RowT],
+    repository: StoredFileRepository[RowT],
     row: RowT,
     upload: Upload,
 ) -> RowT:
@@ -213,38 +211,8 @@ def keep_upload(
     return row
 
 
-def get_owned(
-    repository: TenantRepository[OwnedT], tenant: Tenant, row_id: str, *, what: str
-) -> OwnedT:
-    """The tenant's row ``row_id``; :class:`NotFound` (code ``{what}_not_found``) otherwise.
-
-    Malformed ids are not found either, so ids reveal nothing about other tenants.
-    """
-    row = repository.lookup(tenant.id, row_id)
-    if row is None:
-        raise NotFound(f"no {what} {row_id!r}", code=f"{what}_not_found")
-    return row
-
-
-def list_page(
-    repository: TenantRepository[OwnedT],
-    tenant: Tenant,
-    *,
-    limit: int,
-    after: Cursor | None,
-    where: Sequence[ColumnElement[bool]] = (),
-) -> tuple[Sequence[OwnedT], Cursor | None]:
-    """A page of the tenant's rows (matching ``where``), newest first, and the cursor of the
-    next page."""
-    rows = repository.page(tenant.id, limit=limit + 1, after=after, where=where)
-    if len(rows) <= limit:
-        return rows, None
-    rows = rows[:limit]
-    return rows, Cursor(rows[-1].created_at, rows[-1].id)
-
-
 def delete_owned(
-    session: Session, storage: LocalStorage, repository: TenantRepository[RowT], row: RowT
+    session: Session, storage: LocalStorage, repository: StoredFileRepository[RowT], row: RowT
 ) -> None:
     """Delete ``row``; its file goes once the delete commits (a rollback keeps it)."""
     repository.delete(row)

@@ -3,7 +3,7 @@
 Celery's warm shutdown (SIGTERM or SIGINT to the worker) waits for the running
 task to finish, which for a training job can take hours. When it starts, the
 worker's main process signals its pool processes; the one running a job sets
-:data:`app.jobs.execution.handback_requested`, and the job stops at its next
+:data:`worker.runner.handback_requested`, and the job stops at its next
 step, writes a checkpoint, is put back in the queue for another worker (which
 resumes from that checkpoint), and the task returns.
 """
@@ -41,7 +41,7 @@ def listen_for_handback() -> None:
     replaces the handlers of its pool processes after Celery's start-up hooks
     (with the threaded pool the filesystem broker uses, ``SIGUSR2`` included).
     """
-    from app.jobs.execution import handback_requested
+    from worker.runner import handback_requested
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(HANDBACK_SIGNAL, lambda *_: handback_requested.set())

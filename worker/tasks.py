@@ -1,9 +1,9 @@
-"""Thin Celery tasks: each takes an id, opens its own session and calls a service."""
+"""Thin Celery tasks: each takes an id, and the module it calls opens its own session."""
 
 from __future__ import annotations
 
+from app.broker import DELIVER_WEBHOOKS, INSPECT_UPLOAD, RECONCILE, RUN_JOB
 from app.config import get_settings
-from worker.broker import DELIVER_WEBHOOKS, INSPECT_UPLOAD, RECONCILE, RUN_JOB
 from worker.celery_app import app
 from worker.lifecycle import listen_for_handback
 
@@ -11,8 +11,8 @@ from worker.lifecycle import listen_for_handback
 @app.task(name=RUN_JOB, ignore_result=True)
 def run_job(job_id: str) -> None:
     """Run job ``job_id`` if it is still queued; safe to deliver twice."""
-    # Imported here: the engine (torch) loads in the child that runs the job only.
-    from app.jobs.execution import execute_job
+    # Imported here: the runner loads in the child that runs the job only.
+    from worker.runner import execute_job
 
     listen_for_handback()
     execute_job(job_id)
@@ -21,7 +21,7 @@ def run_job(job_id: str) -> None:
 @app.task(name=INSPECT_UPLOAD, ignore_result=True)
 def inspect_upload(kind: str, row_id: str) -> None:
     """Inspect an upload the API kept as ``processing``; safe to deliver twice."""
-    from app.jobs.inputs import inspect_input
+    from worker.upload_inspection import inspect_input
 
     inspect_input(kind, row_id)
 
@@ -29,7 +29,7 @@ def inspect_upload(kind: str, row_id: str) -> None:
 @app.task(name=RECONCILE, ignore_result=True)
 def reconcile() -> None:
     """Requeue or fail jobs whose worker was lost; resend lost messages (periodic)."""
-    from app.jobs.reconciler import reconcile as run_reconciler
+    from worker.reconciler import reconcile as run_reconciler
 
     run_reconciler()
 
@@ -37,8 +37,8 @@ def reconcile() -> None:
 @app.task(name=DELIVER_WEBHOOKS, ignore_result=True)
 def deliver_webhooks() -> None:
     """POST the due webhook deliveries (periodic)."""
-    from app.jobs.execution import worker_sessions
-    from app.webhooks.service import deliver_due
+    from worker.sessions import worker_sessions
+    from worker.webhook_delivery import deliver_due
 
     settings = get_settings()
     deliver_due(worker_sessions(settings), settings)

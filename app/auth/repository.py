@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -17,6 +19,12 @@ class AuthRepository:
     def tenant_by_name(self, name: str) -> Tenant | None:
         """The tenant called ``name``, if any."""
         return self.session.scalars(select(Tenant).where(Tenant.name == name)).one_or_none()
+
+    def webhook_secret(self, tenant_id: uuid.UUID) -> str:
+        """The secret that signs the webhook deliveries of tenant ``tenant_id``."""
+        return self.session.scalars(
+            select(Tenant.webhook_secret).where(Tenant.id == tenant_id)
+        ).one()
 
     def active_key(self, key_id: str) -> tuple[ApiKey, Tenant] | None:
         """The unrevoked key ``key_id`` and its tenant, if any."""

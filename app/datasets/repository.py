@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from app.datasets.models import Dataset
-from app.repository import TenantRepository
+from app.repository import StoredFileRepository
 
 
-class DatasetRepository(TenantRepository[Dataset]):
+class DatasetRepository(StoredFileRepository[Dataset]):
     """Datasets of one session."""
 
     row_type = Dataset
+    what = "dataset"

@@ -18,7 +18,6 @@ from app import stored_files
 from app.auth.models import Tenant
 from app.datasets.models import Dataset
 from app.datasets.repository import DatasetRepository
-from app.jobs.models import Job
 from app.jobs.service import refuse_if_in_use
 from app.pagination import Cursor
 from app.storage import LocalStorage
@@ -72,14 +71,14 @@ def create_dataset(
 
 def get_dataset(session: Session, *, tenant: Tenant, dataset_id: str) -> Dataset:
     """The tenant's dataset ``dataset_id``; :class:`NotFound` for unknown and malformed ids."""
-    return stored_files.get_owned(DatasetRepository(session), tenant, dataset_id, what="dataset")
+    return DatasetRepository(session).get_owned(tenant.id, dataset_id)
 
 
 def list_datasets(
     session: Session, *, tenant: Tenant, limit: int, after: Cursor | None
 ) -> tuple[Sequence[Dataset], Cursor | None]:
     """A page of the tenant's datasets, newest first, and the cursor of the next page."""
-    return stored_files.list_page(DatasetRepository(session), tenant, limit=limit, after=after)
+    return DatasetRepository(session).list_page(tenant.id, limit=limit, after=after)
 
 
 def delete_dataset(
@@ -88,5 +87,5 @@ def delete_dataset(
     """Delete the tenant's dataset ``dataset_id`` and its file; :class:`Conflict` while
     a queued or running job uses it."""
     dataset = get_dataset(session, tenant=tenant, dataset_id=dataset_id)
-    refuse_if_in_use(session, Job.dataset_id, dataset.id, what="dataset")
+    refuse_if_in_use(session, dataset)
     stored_files.delete_owned(session, storage, DatasetRepository(session), dataset)

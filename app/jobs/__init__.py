@@ -1,1 +1,1 @@
-"""Distillation jobs: submission, state, events, artifacts, and their execution in the worker."""
+"""Distillation jobs: submission, state, events and artifacts (``worker.runner`` runs them)."""

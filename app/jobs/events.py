@@ -18,8 +18,8 @@ from fastapi import Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.jobs import repository
 from app.jobs.models import TERMINAL, Job, JobEvent
+from app.jobs.repository import JobRepository
 from app.jobs.schemas import JobEventOut
 
 EVENT_STREAM = "text/event-stream"
@@ -43,7 +43,7 @@ def _poll(
 ) -> tuple[Sequence[JobEvent], bool]:
     """Events after ``after``, and whether the job has finished (checked only when none came)."""
     with factory() as session:
-        events = repository.events_after(session, job_id, after, _BATCH)
+        events = JobRepository(session).events_after(job_id, after, _BATCH)
         if events:
             return events, False
         status = session.get(Job, job_id)

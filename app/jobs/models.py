@@ -34,6 +34,9 @@ STATUSES = (QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 #: A job in one of these holds its teacher and dataset.
 ACTIVE = frozenset({QUEUED, RUNNING, CANCELLING})
+#: A job in one of these is held by the worker that claimed it, under a lease: only that
+#: attempt may write to it.
+LEASED = (RUNNING, CANCELLING)
 
 
 class Job(TenantOwned, Base):

@@ -1,17 +1,15 @@
-"""Sending jobs to the workers: a Celery message that carries only the job's id."""
+"""Sending work to the workers: Celery messages that carry only ids (see :mod:`app.broker`)."""
 
 from __future__ import annotations
 
-import base64
-import json
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
 
+from app.broker import INSPECT_UPLOAD, JOBS_QUEUE, RUN_JOB, create_producer
 from app.config import Settings
-from worker.broker import INSPECT_UPLOAD, JOBS_QUEUE, RUN_JOB, create_celery
 
 
 class JobQueue:
@@ -19,7 +17,7 @@ class JobQueue:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.celery: Celery = create_celery(settings)
+        self.celery: Celery = create_producer(settings)
 
     def send(self, job_id: uuid.UUID) -> None:
         """Queue job ``job_id`` for a worker (call it only after the job's row committed)."""
@@ -29,27 +27,6 @@ class JobQueue:
         """Have a worker inspect an upload kept as ``processing`` (``models`` or ``datasets``)."""
         self.celery.send_task(INSPECT_UPLOAD, args=[kind, str(row_id)], queue=JOBS_QUEUE)
 
-    def pending(self) -> list[tuple[str, list[Any]]] | None:
-        """(task name, args) of every message the broker still holds for the workers.
-
-        Waiting messages, and on Redis also those delivered but not yet
-        acknowledged. ``None`` for a broker whose queue cannot be read.
-        """
-        folder = self.settings.broker_folder()
-        if folder is not None:
-            return [_task_of(p.read_bytes()) for p in sorted((folder / "queue").glob("*.msg"))]
-        if not self.settings.broker_url.startswith(("redis://", "rediss://")):
-            return None
-        with self.celery.connection_for_read() as connection:
-            client = connection.default_channel.client
-            waiting = [
-                raw
-                for key in client.scan_iter(f"{JOBS_QUEUE}*")
-                for raw in client.lrange(key, 0, -1)
-            ]
-            unacked = [json.dumps(json.loads(raw)[0]) for raw in client.hvals("unacked")]
-        return [_task_of(raw) for raw in [*waiting, *unacked]]
-
     def check(self) -> None:
         """Raise unless the broker accepts a connection now (readiness)."""
         with self.celery.connection_for_write() as connection:
@@ -58,13 +35,6 @@ class JobQueue:
     def close(self) -> None:
         """Release the broker connections."""
         self.celery.close()
-
-
-def _task_of(envelope: bytes | str) -> tuple[str, list[Any]]:
-    """The task name and args of one of kombu's JSON message envelopes."""
-    message = json.loads(envelope)
-    args = json.loads(base64.b64decode(message["body"]))[0]
-    return message["headers"]["task"], args
 
 
 def get_job_queue(request: Request) -> JobQueue:

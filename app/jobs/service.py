@@ -19,13 +19,11 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import stored_files
 from app.auth.models import Tenant
 from app.datasets.models import Dataset
 from app.datasets.repository import DatasetRepository
 from app.db import after_commit, utcnow
 from app.errors import Conflict, FieldError, NotFound, Unprocessable
-from app.jobs import repository
 from app.jobs.models import (
     ACTIVE,
     CANCELLED,
@@ -103,7 +101,8 @@ def submit_job(
 
     With an ``idempotency_key`` already used for the same spec, returns that job
     (``created`` false); used for another spec, raises :class:`Conflict`.
-    Engine checks that fail become 422 problems naming the spec field.
+    Engine checks that fail become 422 problems naming the spec field. The job's
+    id is sent to the workers only once the caller's transaction commits.
     """
     digest = spec_digest(spec)
     jobs = JobRepository(session)
@@ -112,24 +111,7 @@ def submit_job(
         existing = jobs.by_idempotency_key(tenant.id, idempotency_key)
         if existing is not None:
             return _replay(existing, digest), False
-
-    teacher = _input(
-        ModelRepository(session).lookup(tenant.id, spec.teacher_model_id),
-        field="teacher_model_id",
-        what="model",
-        given=spec.teacher_model_id,
-    )
-    dataset = _input(
-        DatasetRepository(session).lookup(tenant.id, spec.dataset_id),
-        field="dataset_id",
-        what="dataset",
-        given=spec.dataset_id,
-    )
-    task = None
-    if teacher.status == "ready" and dataset.status == "ready":
-        assert isinstance(teacher, TeacherModel) and isinstance(dataset, Dataset)
-        task = _check(spec, teacher, dataset)
-
+    teacher, dataset, task = _submitted_inputs(session, tenant, spec)
     job = Job(
         id=uuid.uuid4(),
         tenant_id=tenant.id,
@@ -150,15 +132,38 @@ def submit_job(
         # Another request with the same key committed first.
         if idempotency_key is None:
             raise
-        existing = jobs.by_idempotency_key(tenant.id, idempotency_key)
-        if existing is None:
+        raced = jobs.by_idempotency_key(tenant.id, idempotency_key)
+        if raced is None:
             raise
-        return _replay(existing, digest), False
-    logged = repository.add_event(session, job.id, "status", {"status": QUEUED}, attempt=0)
+        return _replay(raced, digest), False
+    logged = jobs.add_event(job.id, "status", {"status": QUEUED}, attempt=0)
     webhooks.schedule_deliveries(session, job, logged)
     job_id = job.id
     after_commit(session, lambda: send(job_id))
     return job, True
+
+
+def _submitted_inputs(
+    session: Session, tenant: Tenant, spec: JobSpec
+) -> tuple[TeacherModel | Dataset, TeacherModel | Dataset, str | None]:
+    """The spec's teacher and dataset (422 if missing or invalid), and the job's task once both
+    are inspected (``None`` while either is ``processing``)."""
+    teacher = _input(
+        ModelRepository(session).lookup(tenant.id, spec.teacher_model_id),
+        field="teacher_model_id",
+        what="model",
+        given=spec.teacher_model_id,
+    )
+    dataset = _input(
+        DatasetRepository(session).lookup(tenant.id, spec.dataset_id),
+        field="dataset_id",
+        what="dataset",
+        given=spec.dataset_id,
+    )
+    if teacher.status != "ready" or dataset.status != "ready":
+        return teacher, dataset, None
+    assert isinstance(teacher, TeacherModel) and isinstance(dataset, Dataset)
+    return teacher, dataset, _check(spec, teacher, dataset)
 
 
 def _check(spec: JobSpec, teacher: TeacherModel, dataset: Dataset) -> str:
@@ -185,7 +190,7 @@ def _replay(existing: Job, digest: str) -> Job:
 
 def get_job(session: Session, *, tenant: Tenant, job_id: str) -> Job:
     """The tenant's job ``job_id``; :class:`NotFound` otherwise."""
-    return stored_files.get_owned(JobRepository(session), tenant, job_id, what="job")
+    return JobRepository(session).get_owned(tenant.id, job_id)
 
 
 def list_jobs(
@@ -197,9 +202,8 @@ def list_jobs(
     after: Cursor | None,
 ) -> tuple[Sequence[Job], Cursor | None]:
     """A page of the tenant's jobs (in ``statuses`` if any given), newest first."""
-    where = [Job.status.in_(statuses)] if statuses else []
-    return stored_files.list_page(
-        JobRepository(session), tenant, limit=limit, after=after, where=where
+    return JobRepository(session).page_by_status(
+        tenant.id, statuses=statuses, limit=limit, after=after
     )
 
 
@@ -222,14 +226,15 @@ def change_status(
     """
     if status in TERMINAL:
         values.setdefault("finished_at", utcnow())
-    changed = repository.transition(
-        session, job.id, from_statuses=from_statuses, fence=fence, status=status, **values
+    jobs = JobRepository(session)
+    changed = jobs.transition(
+        job.id, from_statuses=from_statuses, fence=fence, status=status, **values
     )
     session.refresh(job)
     if changed:
         kind = "terminal" if status in TERMINAL else "status"
         data = {"status": status, **(event or {})}
-        logged = repository.add_event(session, job.id, kind, data, attempt=job.attempt)
+        logged = jobs.add_event(job.id, kind, data, attempt=job.attempt)
         webhooks.schedule_deliveries(session, job, logged)
     return changed
 
@@ -251,10 +256,8 @@ def release_waiting_jobs(session: Session, send: SendJob, row: TeacherModel | Da
     other input is ready too is checked as a submission would have been (a
     failed check fails the job with the engine's code) and sent after commit.
     """
-    is_model = isinstance(row, TeacherModel)
-    what = "model" if is_model else "dataset"
-    column = Job.teacher_model_id if is_model else Job.dataset_id
-    for job in JobRepository(session).queued_using(column, row.id):
+    what = "model" if isinstance(row, TeacherModel) else "dataset"
+    for job in JobRepository(session).queued_using(row):
         if row.status == "invalid":
             reason = invalid_reason(row)
             fail_queued(
@@ -296,27 +299,28 @@ def list_events(
 ) -> tuple[Job, Sequence[JobEvent]]:
     """The tenant's job and up to ``limit`` of its events after id ``after``."""
     job = get_job(session, tenant=tenant, job_id=job_id)
-    return job, repository.events_after(session, job.id, after, limit)
+    return job, JobRepository(session).events_after(job.id, after, limit)
 
 
 def list_artifacts(session: Session, *, tenant: Tenant, job_id: str) -> Sequence[JobArtifact]:
     """The artifacts of the tenant's job ``job_id``."""
     job = get_job(session, tenant=tenant, job_id=job_id)
-    return repository.artifacts(session, job.id)
+    return JobRepository(session).artifacts(job.id)
 
 
 def get_artifact(session: Session, *, tenant: Tenant, job_id: str, name: str) -> JobArtifact:
     """The artifact ``name`` of the tenant's job ``job_id``; :class:`NotFound` otherwise."""
     job = get_job(session, tenant=tenant, job_id=job_id)
-    found = repository.artifact(session, job.id, name)
+    found = JobRepository(session).artifact(job.id, name)
     if found is None:
         raise NotFound(f"job {job_id} has no artifact {name!r}", code="artifact_not_found")
     return found
 
 
-def refuse_if_in_use(session: Session, column: Any, row_id: uuid.UUID, *, what: str) -> None:
-    """:class:`Conflict` if a queued or running job still needs the model or dataset ``row_id``."""
-    if JobRepository(session).active_using(column, row_id, ACTIVE):
+def refuse_if_in_use(session: Session, used: TeacherModel | Dataset) -> None:
+    """:class:`Conflict` if a queued or running job still needs the model or dataset ``used``."""
+    what = "model" if isinstance(used, TeacherModel) else "dataset"
+    if JobRepository(session).any_using(used, ACTIVE):
         raise Conflict(
             f"a queued or running job uses this {what}; cancel it or wait for it to finish",
             code=f"{what}_in_use",
@@ -333,7 +337,7 @@ def add_artifact(
     session: Session, job: Job, stored: StoredObject, *, name: str, media: str
 ) -> None:
     """Record a stored artifact of ``job``."""
-    session.add(
+    JobRepository(session).add_artifact(
         JobArtifact(
             job_id=job.id,
             name=name,

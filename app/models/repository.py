@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from app.models.models import TeacherModel
-from app.repository import TenantRepository
+from app.repository import StoredFileRepository
 
 
-class ModelRepository(TenantRepository[TeacherModel]):
+class ModelRepository(StoredFileRepository[TeacherModel]):
     """Teacher models of one session."""
 
     row_type = TeacherModel
+    what = "model"

@@ -16,7 +16,6 @@ from sqlalchemy.orm import Session
 
 from app import stored_files
 from app.auth.models import Tenant
-from app.jobs.models import Job
 from app.jobs.service import refuse_if_in_use
 from app.models.models import TeacherModel
 from app.models.repository import ModelRepository
@@ -73,19 +72,19 @@ def create_model(
 
 def get_model(session: Session, *, tenant: Tenant, model_id: str) -> TeacherModel:
     """The tenant's model ``model_id``; :class:`NotFound` for unknown and malformed ids."""
-    return stored_files.get_owned(ModelRepository(session), tenant, model_id, what="model")
+    return ModelRepository(session).get_owned(tenant.id, model_id)
 
 
 def list_models(
     session: Session, *, tenant: Tenant, limit: int, after: Cursor | None
 ) -> tuple[Sequence[TeacherModel], Cursor | None]:
     """A page of the tenant's models, newest first, and the cursor of the next page."""
-    return stored_files.list_page(ModelRepository(session), tenant, limit=limit, after=after)
+    return ModelRepository(session).list_page(tenant.id, limit=limit, after=after)
 
 
 def delete_model(session: Session, storage: LocalStorage, *, tenant: Tenant, model_id: str) -> None:
     """Delete the tenant's model ``model_id`` and its file; :class:`Conflict` while
     a queued or running job uses it."""
     model = get_model(session, tenant=tenant, model_id=model_id)
-    refuse_if_in_use(session, Job.teacher_model_id, model.id, what="model")
+    refuse_if_in_use(session, model)
     stored_files.delete_owned(session, storage, ModelRepository(session), model)

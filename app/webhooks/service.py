@@ -1,57 +1,39 @@
-"""Webhooks: a signed POST to a job's ``webhook_url`` on every status change.
+"""Webhooks: a signed POST to a job's ``webhook_url`` on every status change (the API's half).
 
 Deliveries are an outbox. :func:`schedule_deliveries` writes a pending row in
 the transaction that logs the status change, so a delivery exists exactly when
-the change committed; :func:`deliver_due`, run periodically by a worker, sends
-the due ones outside any transaction and logs each attempt as a ``webhook``
-event of the job. Delivery is at least once: receivers dedupe on the
-``Distillery-Event-Id`` header and verify ``Distillery-Signature``, an
-HMAC-SHA256 with the tenant's secret over ``f"{timestamp}."`` and the body.
+the change committed; a worker sends the due ones (:mod:`worker.webhook_delivery`).
+Receivers verify ``Distillery-Signature`` with the tenant's secret, read and
+rotated here.
 
-A URL is checked when the job is submitted and again before every attempt,
-and the attempt connects to an address that passed the check, so a name that
-later resolves elsewhere (DNS rebinding) cannot reach the service's own network.
+A URL is checked when the job is submitted and again before every attempt
+(:func:`resolve_webhook_url`), and the attempt connects to an address that
+passed the check, so a name that later resolves elsewhere (DNS rebinding)
+cannot reach the service's own network.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
-import json
-import logging
 import socket
-import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
-import httpx
-from sqlalchemy import exists, select, update
-from sqlalchemy.orm import Session, aliased, sessionmaker
+from sqlalchemy.orm import Session
 
 from app.auth.models import Tenant, new_webhook_secret
-from app.config import Settings
 from app.db import utcnow
 from app.errors import FieldError, Unprocessable
 from app.jobs.models import Job, JobEvent
-from app.jobs.repository import add_event, lock_job
-from app.jobs.schemas import JobEventOut
-from app.webhooks.models import DELIVERED, FAILED, PENDING, WebhookDelivery
+from app.webhooks.models import PENDING, WebhookDelivery
+from app.webhooks.repository import WebhookRepository
 
-log = logging.getLogger(__name__)
-
-USER_AGENT = "Distillery-Webhooks/1"
 #: The job events that are delivered: every status change, the last one included.
 DELIVERED_EVENT_TYPES = frozenset({"status", "terminal"})
-#: The longest wait between two attempts of one delivery.
-MAX_BACKOFF_S = 300.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # IPv6 prefixes that carry an IPv4 address a gateway connects to.
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-_MAX_ERROR_CHARS = 1000
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -87,7 +69,7 @@ def _internal(address: IPAddress) -> bool:
 
 
 @dataclass(frozen=True)
-class _Target:
+class WebhookTarget:
     """A webhook URL taken apart, with the addresses its host resolved to."""
 
     parts: SplitResult
@@ -95,8 +77,12 @@ class _Target:
     addresses: list[IPAddress]
 
 
-def _resolve(url: str, *, allow_private: bool) -> _Target:
-    """``url``'s host and the addresses an attempt may connect to; 422 if there are none."""
+def resolve_webhook_url(url: str, *, allow_private: bool) -> WebhookTarget:
+    """``url``'s host and the addresses an attempt may connect to.
+
+    :class:`Unprocessable` (``webhook_url_invalid``, ``webhook_url_unresolvable``
+    or ``webhook_url_forbidden``) when there are none; see :func:`check_webhook_url`.
+    """
     parts = urlsplit(url)
     if parts.scheme.lower() not in _DEFAULT_PORTS:
         raise _url_error(
@@ -129,7 +115,7 @@ def _resolve(url: str, *, allow_private: bool) -> _Target:
             "or reserved address, which webhooks may not reach",
             code="webhook_url_forbidden",
         )
-    return _Target(parts, host, addresses)
+    return WebhookTarget(parts, host, addresses)
 
 
 def check_webhook_url(url: str | None, *, allow_private: bool) -> None:
@@ -142,7 +128,7 @@ def check_webhook_url(url: str | None, *, allow_private: bool) -> None:
     ``webhook_url_forbidden`` unless ``allow_private``.
     """
     if url is not None:
-        _resolve(url, allow_private=allow_private)
+        resolve_webhook_url(url, allow_private=allow_private)
 
 
 def schedule_deliveries(session: Session, job: Job, event: JobEvent) -> None:
@@ -154,7 +140,7 @@ def schedule_deliveries(session: Session, job: Job, event: JobEvent) -> None:
     url = job.spec.get("webhook_url")
     if not url or event.type not in DELIVERED_EVENT_TYPES:
         return
-    session.add(
+    WebhookRepository(session).add(
         WebhookDelivery(
             id=uuid.uuid4(),
             job_id=job.id,
@@ -167,11 +153,6 @@ def schedule_deliveries(session: Session, job: Job, event: JobEvent) -> None:
     )
 
 
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    """The hex HMAC-SHA256 of ``f"{timestamp}."`` followed by ``body``, keyed by ``secret``."""
-    return hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-
-
 def webhook_secret(tenant: Tenant) -> str:
     """The secret that signs ``tenant``'s webhook deliveries."""
     return tenant.webhook_secret
@@ -182,278 +163,3 @@ def rotate_webhook_secret(session: Session, *, tenant: Tenant) -> str:
     tenant.webhook_secret = new_webhook_secret()
     session.flush()
     return tenant.webhook_secret
-
-
-def payload(event: JobEvent, job: Job) -> dict[str, Any]:
-    """The JSON body delivered for ``event`` of ``job``; a terminal one carries the outcome."""
-    logged = JobEventOut.model_validate(event).model_dump(mode="json")
-    body: dict[str, Any] = {
-        "id": event.id,
-        "type": "job.status",
-        "job_id": str(job.id),
-        "status": event.data.get("status"),
-        "attempt": event.attempt,
-        "event": logged,
-        "created_at": logged["created_at"],
-    }
-    if event.type == "terminal":
-        if job.error is not None:
-            body["error"] = job.error
-        if job.metrics is not None:
-            body["metrics"] = job.metrics
-    return body
-
-
-@dataclass(frozen=True)
-class _Claimed:
-    """A delivery taken for one attempt, with everything the attempt needs."""
-
-    delivery_id: uuid.UUID
-    job_id: uuid.UUID
-    event_id: int
-    url: str
-    body: bytes
-    secret: str
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    """What one attempt got: the receiver's status code, or why there was none."""
-
-    status_code: int | None = None
-    error: str | None = None
-    #: The URL no longer passes the check: retrying cannot help.
-    refused: bool = False
-
-    @property
-    def delivered(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
-
-
-def _lease_s(settings: Settings) -> float:
-    # Long enough for resolving and posting to a few addresses, each with its own
-    # timeouts; a worker that dies mid-attempt leaves the delivery due again after it.
-    return 10 * settings.webhook_timeout_s + 60
-
-
-def _claim(factory: sessionmaker[Session], settings: Settings, now: datetime) -> _Claimed | None:
-    """Take the next due delivery for one attempt (in a short transaction of its own).
-
-    A due delivery waits while an older pending one of the same job and URL
-    exists, so a job's events reach a receiver in order. Taking it moves its
-    ``next_attempt_at`` past the attempt, which hides it from other workers.
-    """
-    candidate = aliased(WebhookDelivery)
-    older = aliased(WebhookDelivery)
-    due = (
-        select(candidate.id)
-        .where(
-            candidate.status == PENDING,
-            candidate.next_attempt_at <= now,
-            ~exists().where(
-                older.job_id == candidate.job_id,
-                older.url == candidate.url,
-                older.status == PENDING,
-                older.event_id < candidate.event_id,
-            ),
-        )
-        .order_by(candidate.next_attempt_at, candidate.event_id)
-        .limit(1)
-    )
-    with factory() as session, session.begin():
-        if session.get_bind().dialect.name == "postgresql":
-            # Concurrent workers take different rows instead of waiting on each other.
-            due = due.with_for_update(skip_locked=True, of=candidate)
-        # One statement picks and takes the row: SQLite has no row locks, but runs it whole.
-        taken = session.execute(
-            update(WebhookDelivery)
-            .where(
-                WebhookDelivery.id == due.scalar_subquery(),
-                WebhookDelivery.status == PENDING,
-                WebhookDelivery.next_attempt_at <= now,
-            )
-            .values(next_attempt_at=now + timedelta(seconds=_lease_s(settings)))
-            .returning(WebhookDelivery.id)
-        ).scalar_one_or_none()
-        if taken is None:
-            return None
-        delivery = session.get_one(WebhookDelivery, taken)
-        event = session.get_one(JobEvent, delivery.event_id)
-        job = session.get_one(Job, delivery.job_id)
-        secret = session.scalars(
-            select(Tenant.webhook_secret).where(Tenant.id == job.tenant_id)
-        ).one()
-        body = json.dumps(payload(event, job), separators=(",", ":")).encode()
-        return _Claimed(delivery.id, job.id, event.id, delivery.url, body, secret)
-
-
-def _pinned(target: _Target, address: IPAddress) -> tuple[str, dict[str, str], dict[str, Any]]:
-    """The URL, extra headers and request extensions that reach ``target`` at ``address``.
-
-    The connection goes to the checked address while ``Host`` and TLS (SNI and
-    the certificate check) still name the URL's host.
-    """
-    url = httpx.URL(target.parts.geturl())
-    try:
-        ipaddress.ip_address(target.host)
-    except ValueError:
-        pass
-    else:
-        return str(url), {}, {}
-    host = target.host if target.parts.port is None else f"{target.host}:{target.parts.port}"
-    extensions = {"sni_hostname": target.host} if url.scheme == "https" else {}
-    return str(url.copy_with(host=str(address))), {"Host": host}, extensions
-
-
-def _describe(exc: Exception) -> str:
-    reason = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {reason}"[:_MAX_ERROR_CHARS]
-
-
-def _attempt(client: httpx.Client, claimed: _Claimed, settings: Settings) -> _Outcome:
-    """POST ``claimed`` once; no transaction is open meanwhile."""
-    try:
-        target = _resolve(claimed.url, allow_private=settings.webhook_allow_private)
-    except Unprocessable as exc:
-        # A name that stopped resolving may come back; one that now points inside never may.
-        return _Outcome(error=exc.detail, refused=exc.code != "webhook_url_unresolvable")
-    timestamp = int(time.time())
-    headers = {
-        "Content-Type": "application/json",
-        "Distillery-Event-Id": str(claimed.event_id),
-        "Distillery-Timestamp": str(timestamp),
-        "Distillery-Signature": f"v1={sign(claimed.secret, timestamp, claimed.body)}",
-        "User-Agent": USER_AGENT,
-        # Connections are per address, not per host: never reuse one for another URL.
-        "Connection": "close",
-    }
-    error = "the host has no address"
-    for address in target.addresses:
-        url, host, extensions = _pinned(target, address)
-        try:
-            # Streamed and closed unread: only the status matters, whatever the body's size.
-            with client.stream(
-                "POST",
-                url,
-                content=claimed.body,
-                headers={**headers, **host},
-                extensions=extensions,
-                timeout=settings.webhook_timeout_s,
-                follow_redirects=False,
-            ) as response:
-                return _Outcome(status_code=response.status_code)
-        except httpx.ConnectError as exc:
-            # Refused or unreachable: the host's next address may answer.
-            error = _describe(exc)
-        except httpx.HTTPError as exc:
-            return _Outcome(error=_describe(exc))
-    return _Outcome(error=error)
-
-
-def _origin(url: str) -> str:
-    """``url`` reduced to scheme, host and port: paths and queries may hold tokens."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
-
-
-def backoff_s(attempts: int, settings: Settings) -> float:
-    """Seconds to wait after the ``attempts``-th failed attempt: doubling, at most 300."""
-    exponent = min(attempts - 1, 32)
-    return float(min(settings.webhook_retry_base_s * 2**exponent, MAX_BACKOFF_S))
-
-
-def _record(
-    factory: sessionmaker[Session],
-    claimed: _Claimed,
-    outcome: _Outcome,
-    settings: Settings,
-    now: datetime,
-) -> None:
-    """Settle the delivery after an attempt and log the attempt as a ``webhook`` event."""
-    with factory() as session, session.begin():
-        lock_job(session, claimed.job_id)
-        job_attempt = session.scalars(select(Job.attempt).where(Job.id == claimed.job_id)).first()
-        delivery = session.get(WebhookDelivery, claimed.delivery_id)
-        if job_attempt is None or delivery is None:
-            # The job was deleted during the attempt, and its deliveries with it.
-            return
-        delivery.attempts += 1
-        delivery.last_status_code = outcome.status_code
-        delivery.last_error = None if outcome.error is None else outcome.error[:_MAX_ERROR_CHARS]
-        next_attempt_at = None
-        if outcome.delivered:
-            delivery.status = DELIVERED
-            delivery.delivered_at = now
-        elif outcome.refused or delivery.attempts >= settings.webhook_max_attempts:
-            delivery.status = FAILED
-            log.warning(
-                "webhook delivery %s of job %s failed for good after %d attempts: %s",
-                delivery.id,
-                claimed.job_id,
-                delivery.attempts,
-                outcome.error or f"HTTP {outcome.status_code}",
-            )
-        else:
-            next_attempt_at = now + timedelta(seconds=backoff_s(delivery.attempts, settings))
-            delivery.next_attempt_at = next_attempt_at
-        data: dict[str, Any] = {
-            "event_id": claimed.event_id,
-            "url": _origin(claimed.url),
-            "attempt": delivery.attempts,
-            "delivered": outcome.delivered,
-            "next_attempt_at": None if next_attempt_at is None else next_attempt_at.isoformat(),
-        }
-        if outcome.status_code is not None:
-            data["status_code"] = outcome.status_code
-        else:
-            data["error"] = delivery.last_error
-        add_event(session, claimed.job_id, "webhook", data, attempt=job_attempt)
-
-
-def deliver_due(
-    factory: sessionmaker[Session],
-    settings: Settings,
-    *,
-    now: datetime | None = None,
-    limit: int = 50,
-    client: httpx.Client | None = None,
-) -> int:
-    """Attempt up to ``limit`` due webhook deliveries; returns how many were attempted.
-
-    For the periodic worker task; safe to run in several processes at once.
-    Each delivery is taken in a short transaction, posted with no transaction
-    open (``settings.webhook_timeout_s``, redirects not followed), then settled
-    in another: a 2xx delivers it; anything else is retried with exponential
-    backoff (``webhook_retry_base_s`` doubling, at most 300 s) until
-    ``webhook_max_attempts``, then it is failed. A URL that now resolves to an
-    internal address fails at once. ``now`` (default: the clock) decides what
-    is due. ``client`` should not use a proxy: attempts connect to the checked
-    address itself.
-    """
-
-    def clock() -> datetime:
-        return now if now is not None else utcnow()
-
-    own_client = client is None
-    # No proxy from the environment: the checked address must be the one connected to.
-    http = client or httpx.Client(trust_env=False, follow_redirects=False)
-    attempted = 0
-    try:
-        while attempted < limit:
-            claimed = _claim(factory, settings, clock())
-            if claimed is None:
-                break
-            outcome = _attempt(http, claimed, settings)
-            _record(factory, claimed, outcome, settings, clock())
-            attempted += 1
-    finally:
-        if own_client:
-            http.close()
-    return attempted

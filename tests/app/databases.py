@@ -76,3 +76,46 @@ def count_rows(engine: sa.Engine, table: str) -> int:
     """How many rows ``table`` holds."""
     with engine.connect() as conn:
         return int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+@contextmanager
+def commits_refused(engine: sa.Engine, table: str) -> Iterator[None]:
+    """Until exit, the database refuses to COMMIT any transaction that inserted into ``table``.
+
+    A deferred constraint is checked only at COMMIT, so every statement and
+    flush before it succeeds and the commit itself fails, as it does for real
+    when a constraint, a serialization conflict or a lost connection stops it.
+    PostgreSQL gets a deferred constraint trigger that raises; SQLite, which has
+    no deferred triggers, a trigger that writes a row breaking a deferred
+    foreign key.
+    """
+    if engine.dialect.name == "postgresql":
+        install = [
+            "CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'commit refused by the test'; END $$",
+            f"CREATE CONSTRAINT TRIGGER refuse_commit AFTER INSERT ON {table} "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_commit()",
+        ]
+        remove = [f"DROP TRIGGER refuse_commit ON {table}", "DROP FUNCTION refuse_commit()"]
+    else:
+        install = [
+            "CREATE TABLE refuse_commit_parent (id INTEGER PRIMARY KEY)",
+            "CREATE TABLE refuse_commit_child (parent_id INTEGER "
+            "REFERENCES refuse_commit_parent (id) DEFERRABLE INITIALLY DEFERRED)",
+            f"CREATE TRIGGER refuse_commit AFTER INSERT ON {table} "
+            "BEGIN INSERT INTO refuse_commit_child VALUES (1); END",
+        ]
+        remove = [
+            "DROP TRIGGER refuse_commit",
+            "DROP TABLE refuse_commit_child",
+            "DROP TABLE refuse_commit_parent",
+        ]
+    with engine.begin() as conn:
+        for statement in install:
+            conn.execute(sa.text(statement))
+    try:
+        yield
+    finally:
+        with engine.begin() as conn:
+            for statement in remove:
+                conn.execute(sa.text(statement))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from app.errors import PROBLEM_JSON
+from tests.app.factories import npz_dataset, tiny_onnx_classifier
 
 
 def assert_problem(response, status: int, code: str) -> dict:
@@ -46,3 +47,13 @@ def all_pages(client, path: str, headers: dict[str, str], limit: int = 2) -> tup
         after = page["next_cursor"]
         if after is None:
             return seen, pages
+
+
+def job_inputs(client, headers: dict[str, str]) -> dict[str, str]:
+    """A teacher and a matching transfer set uploaded for the tenant, as a job spec's two ids."""
+    model = client.post(
+        "/v1/models", headers=headers, files={"file": ("t.onnx", tiny_onnx_classifier())}
+    )
+    dataset = client.post("/v1/datasets", headers=headers, files={"file": ("d.npz", npz_dataset())})
+    assert model.status_code == dataset.status_code == 201, (model.text, dataset.text)
+    return {"teacher_model_id": model.json()["id"], "dataset_id": dataset.json()["id"]}

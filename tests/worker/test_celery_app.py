@@ -5,9 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from app.broker import CONTROL_QUEUE, DELIVER_WEBHOOKS, JOBS_QUEUE, RECONCILE
 from app.config import Settings
 from tests.app.databases import REPO
-from worker.broker import CONTROL_QUEUE, DELIVER_WEBHOOKS, JOBS_QUEUE, RECONCILE, create_celery
+from worker.celery_app import create_worker_app
 
 
 def test_the_worker_parent_never_imports_torch():
@@ -24,7 +25,7 @@ def test_the_worker_parent_never_imports_torch():
 
 
 def test_jobs_are_json_acknowledged_late_and_taken_one_at_a_time(tmp_path):
-    conf = create_celery(Settings(broker_url=f"filesystem://{tmp_path}")).conf
+    conf = create_worker_app(Settings(broker_url=f"filesystem://{tmp_path}")).conf
     assert conf.task_serializer == "json" and conf.accept_content == ["json"]
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1 and conf.worker_concurrency == 1
@@ -33,6 +34,6 @@ def test_jobs_are_json_acknowledged_late_and_taken_one_at_a_time(tmp_path):
 
 
 def test_redis_keeps_a_job_invisible_for_longer_than_the_longest_job():
-    conf = create_celery(Settings(broker_url="redis://127.0.0.1:6379/11")).conf
+    conf = create_worker_app(Settings(broker_url="redis://127.0.0.1:6379/11")).conf
     hours = conf.broker_transport_options["visibility_timeout"] / 3600
     assert hours >= 24

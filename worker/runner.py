@@ -1,9 +1,10 @@
-"""A job's run in a worker: claim it, run the engine, store its artifacts, finish it.
+"""The job runner: claim a job, hold its lease, run the engine, store its artifacts, finish it.
 
 Called by the Celery task with the job id only. The claim is a conditional
 update (``queued`` to ``running``, ``attempt`` + 1), so a message delivered
 twice runs the job once. Every later write is fenced by that attempt. The
-engine (torch) is imported here, inside the function, never by the API.
+engine's torch side is imported inside :meth:`JobRun.run`, in the forked child
+that runs the job.
 """
 
 from __future__ import annotations
@@ -17,25 +18,33 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
-from app.db import after_rollback, build_engine, utcnow
-from app.jobs import repository, service
-from app.jobs.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
+from app.db import after_rollback, utcnow
+from app.jobs import service
+from app.jobs.models import (
+    CANCELLED,
+    CANCELLING,
+    FAILED,
+    LEASED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Job,
+)
+from app.jobs.repository import JobRepository
 from app.storage import LocalStorage
 from worker.engine.errors import Cancelled, EngineError
 from worker.engine.spec import JobSpec
+from worker.sessions import worker_sessions
 
 log = logging.getLogger(__name__)
 
-#: A running job's own statuses: the worker may write while the job is in one of them.
-OWN = (RUNNING, CANCELLING)
 #: Seconds between progress writes (the first and the last step are always written).
 PROGRESS_INTERVAL_S = 1.0
 #: Seconds between checks for a cancellation request.
@@ -44,17 +53,6 @@ CANCEL_CHECK_S = 1.0
 
 class JobLost(Exception):
     """Another attempt owns the job now: this run must stop without writing."""
-
-
-@lru_cache(maxsize=4)
-def _engine(url: str) -> Engine:
-    # One engine per worker child; children are forked before any database use.
-    return build_engine(url)
-
-
-def worker_sessions(settings: Settings) -> sessionmaker[Session]:
-    """Sessions on ``settings``' database for a task in a worker process."""
-    return sessionmaker(_engine(settings.database_url), expire_on_commit=False)
 
 
 @dataclass(frozen=True)
@@ -192,8 +190,8 @@ class JobRun:
 
     def _fenced_update(self, session: Session, **values: Any) -> bool:
         """Set ``values`` on the job if this attempt still owns it; whether it did."""
-        return repository.transition(
-            session, self.claim.job_id, from_statuses=OWN, fence=self.claim.attempt, **values
+        return JobRepository(session).transition(
+            self.claim.job_id, from_statuses=LEASED, fence=self.claim.attempt, **values
         )
 
     def _write(self, type: str, data: dict[str, Any], **values: Any) -> None:
@@ -201,7 +199,9 @@ class JobRun:
         with self.factory() as session, session.begin():
             if not self._fenced_update(session, **values):
                 raise JobLost(f"job {self.claim.job_id} attempt {self.claim.attempt} was fenced")
-            repository.add_event(session, self.claim.job_id, type, data, attempt=self.claim.attempt)
+            JobRepository(session).add_event(
+                self.claim.job_id, type, data, attempt=self.claim.attempt
+            )
 
     def on_progress(self, data: dict[str, Any]) -> None:
         """Engine progress: written at most every second, and always at the last step."""
@@ -232,7 +232,7 @@ class JobRun:
         self._last_cancel_check = now
         with self.factory() as session:
             job = session.get(Job, self.claim.job_id)
-            if job is None or job.attempt != self.claim.attempt or job.status not in OWN:
+            if job is None or job.attempt != self.claim.attempt or job.status not in LEASED:
                 raise JobLost(f"job {self.claim.job_id} is no longer this attempt's")
             self._cancel_requested = job.status == CANCELLING
         return self._cancel_requested
@@ -255,24 +255,7 @@ class JobRun:
         heartbeat.start()
         try:
             try:
-                from worker.engine import pipeline
-                from worker.engine.training import Callbacks
-
-                checkpoints = self._checkpoints()
-                result = pipeline.run(
-                    self._spec(),
-                    teacher_path=self.claim.teacher_path,
-                    dataset_path=self.claim.dataset_path,
-                    out_dir=out,
-                    device=self.settings.device,
-                    cache_dir=self.settings.work_dir / "cache",
-                    checkpoint_dir=checkpoints,
-                    callbacks=Callbacks(
-                        on_progress=self.on_progress,
-                        on_event=self.on_event,
-                        should_cancel=self.should_cancel,
-                    ),
-                )
+                result = self._run_engine(out)
             except Cancelled as exc:
                 if handback_requested.is_set():
                     self._hand_back(str(exc))
@@ -300,6 +283,27 @@ class JobRun:
             shutil.rmtree(out, ignore_errors=True)
             if spent:
                 shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _run_engine(self, out: Path) -> Any:
+        """The engine's pipeline on the claimed inputs, from the latest checkpoint; its result."""
+        # Imported here: torch loads in the child that runs the job, never in the parent.
+        from worker.engine import pipeline
+        from worker.engine.training import Callbacks
+
+        return pipeline.run(
+            self._spec(),
+            teacher_path=self.claim.teacher_path,
+            dataset_path=self.claim.dataset_path,
+            out_dir=out,
+            device=self.settings.device,
+            cache_dir=self.settings.work_dir / "cache",
+            checkpoint_dir=self._checkpoints(),
+            callbacks=Callbacks(
+                on_progress=self.on_progress,
+                on_event=self.on_event,
+                should_cancel=self.should_cancel,
+            ),
+        )
 
     def _spec(self) -> JobSpec:
         """The claimed spec, its time budget capped by the server's ceiling."""
@@ -345,7 +349,7 @@ class JobRun:
                     session,
                     job,
                     CANCELLED,
-                    from_statuses=OWN,
+                    from_statuses=LEASED,
                     fence=self.claim.attempt,
                     event={"message": reason},
                 )
@@ -354,7 +358,7 @@ class JobRun:
                 session,
                 job,
                 QUEUED,
-                from_statuses=OWN,
+                from_statuses=LEASED,
                 fence=self.claim.attempt,
                 event={"reason": "worker_shutdown", "message": reason},
                 lease_owner=None,
@@ -373,7 +377,7 @@ class JobRun:
                 session,
                 job,
                 status,
-                from_statuses=OWN,
+                from_statuses=LEASED,
                 fence=self.claim.attempt,
                 event=event,
                 **values,
@@ -417,7 +421,7 @@ class JobRun:
                 session,
                 job,
                 status,
-                from_statuses=OWN,
+                from_statuses=LEASED,
                 fence=self.claim.attempt,
                 event={**event, "artifacts": [a.name for a in result.artifacts]},
                 **outcome,

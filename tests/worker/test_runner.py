@@ -23,14 +23,14 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import utcnow
-from app.jobs.execution import execute_job, handback_requested
 from app.jobs.models import Job
-from app.jobs.reconciler import reconcile
 from app.storage import LocalStorage
 from tests.app.conftest import Tenants
 from tests.app.factories import broker_folder, npz_dataset, queued_job_ids, tiny_onnx_classifier
 from tests.app.servers import wait_until
 from worker.engine.evaluation import validate_metrics
+from worker.reconciler import reconcile
+from worker.runner import execute_job, handback_requested
 
 DEADLINE_S = 120
 

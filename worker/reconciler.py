@@ -15,24 +15,27 @@ a worker) racing on one job cannot both act on it.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
+from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.broker import INSPECT_UPLOAD, JOBS_QUEUE, RUN_JOB
 from app.config import Settings, get_settings
-from app.datasets.models import Dataset
+from app.datasets.repository import DatasetRepository
 from app.db import after_commit, utcnow
 from app.jobs import service
-from app.jobs.execution import OWN, worker_sessions
-from app.jobs.models import CANCELLED, CANCELLING, FAILED, QUEUED, Job
+from app.jobs.models import CANCELLED, CANCELLING, FAILED, LEASED, QUEUED, Job
 from app.jobs.queue import JobQueue
-from app.models.models import TeacherModel
-from worker.broker import INSPECT_UPLOAD, RUN_JOB
+from app.jobs.repository import JobRepository
+from app.models.repository import ModelRepository
+from worker.sessions import worker_sessions
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ def reconcile(settings: Settings | None = None, *, now: datetime | None = None) 
     try:
         with worker_sessions(settings)() as session, session.begin():
             _expired_leases(session, queue, settings, now, done)
-        pending = queue.pending()
+        pending = pending_messages(queue)
         if pending is None:
             return done
         with worker_sessions(settings)() as session, session.begin():
@@ -73,19 +76,13 @@ def reconcile(settings: Settings | None = None, *, now: datetime | None = None) 
 def _expired_leases(
     session: Session, queue: JobQueue, settings: Settings, now: datetime, done: Reconciled
 ) -> None:
-    expired = session.scalars(
-        select(Job)
-        .where(Job.status.in_(OWN), Job.lease_expires_at < now)
-        .order_by(Job.lease_expires_at)
-        .with_for_update(skip_locked=True)
-    ).all()
-    for job in expired:
+    for job in JobRepository(session).expired_leases(now):
         attempt = job.attempt
         lost = {"reason": "lease_expired", "lease_owner": job.lease_owner}
         cleared = {"lease_owner": None, "lease_expires_at": None}
         if job.status == CANCELLING:
             if service.change_status(
-                session, job, CANCELLED, from_statuses=OWN, fence=attempt, event=lost, **cleared
+                session, job, CANCELLED, from_statuses=LEASED, fence=attempt, event=lost, **cleared
             ):
                 done.cancelled.append(job.id)
         elif attempt >= settings.max_attempts:
@@ -99,7 +96,7 @@ def _expired_leases(
                 session,
                 job,
                 FAILED,
-                from_statuses=OWN,
+                from_statuses=LEASED,
                 fence=attempt,
                 event={**lost, "error": error},
                 error=error,
@@ -107,7 +104,7 @@ def _expired_leases(
             ):
                 done.failed.append(job.id)
         elif service.change_status(
-            session, job, QUEUED, from_statuses=OWN, fence=attempt, event=lost, **cleared
+            session, job, QUEUED, from_statuses=LEASED, fence=attempt, event=lost, **cleared
         ):
             done.requeued.append(job.id)
             after_commit(session, partial(queue.send, job.id))
@@ -116,7 +113,7 @@ def _expired_leases(
 def _unsent(
     session: Session,
     queue: JobQueue,
-    pending: list[tuple[str, list]],
+    pending: list[tuple[str, list[Any]]],
     settled: datetime,
     done: Reconciled,
 ) -> None:
@@ -124,18 +121,14 @@ def _unsent(
     # (it is sent just after the commit).
     sent_jobs = {args[0] for task, args in pending if task == RUN_JOB and args}
     sent_inspections = {args[1] for task, args in pending if task == INSPECT_UPLOAD and args[1:]}
-    for job in session.scalars(
-        select(Job).where(Job.status == QUEUED, Job.updated_at < settled)
-    ).all():
+    for job in JobRepository(session).queued_unchanged_since(settled):
         if str(job.id) in sent_jobs or not _inputs_ready(session, job):
             continue
         done.resent.append(job.id)
         after_commit(session, partial(queue.send, job.id))
-    for kind, row_type in (("models", TeacherModel), ("datasets", Dataset)):
-        waiting = session.scalars(
-            select(row_type).where(row_type.status == "processing", row_type.updated_at < settled)
-        ).all()
-        for row in waiting:
+    uploads = (("models", ModelRepository(session)), ("datasets", DatasetRepository(session)))
+    for kind, repository in uploads:
+        for row in repository.processing_unchanged_since(settled):
             if str(row.id) not in sent_inspections:
                 done.reinspected.append(row.id)
                 after_commit(session, partial(queue.inspect, kind, row.id))
@@ -149,3 +142,30 @@ def _inputs_ready(session: Session, job: Job) -> bool:
         (teacher is not None and teacher.status == "processing")
         or (dataset is not None and dataset.status == "processing")
     )
+
+
+def pending_messages(queue: JobQueue) -> list[tuple[str, list[Any]]] | None:
+    """(task name, args) of every message the broker still holds for the workers.
+
+    Waiting messages, and on Redis also those delivered but not yet
+    acknowledged. ``None`` for a broker whose queue cannot be read.
+    """
+    folder = queue.settings.broker_folder()
+    if folder is not None:
+        return [_task_of(p.read_bytes()) for p in sorted((folder / "queue").glob("*.msg"))]
+    if not queue.settings.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    with queue.celery.connection_for_read() as connection:
+        client = connection.default_channel.client
+        waiting = [
+            raw for key in client.scan_iter(f"{JOBS_QUEUE}*") for raw in client.lrange(key, 0, -1)
+        ]
+        unacked = [json.dumps(json.loads(raw)[0]) for raw in client.hvals("unacked")]
+    return [_task_of(raw) for raw in [*waiting, *unacked]]
+
+
+def _task_of(envelope: bytes | str) -> tuple[str, list[Any]]:
+    """The task name and args of one of kombu's JSON message envelopes."""
+    message = json.loads(envelope)
+    args = json.loads(base64.b64decode(message["body"]))[0]
+    return message["headers"]["task"], args

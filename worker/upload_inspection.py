@@ -1,4 +1,9 @@
-"""Uploads too large for the API to inspect: a worker inspects them, then settles waiting jobs."""
+"""Upload inspection in a worker: the files too large for the API to inspect.
+
+The API keeps such an upload as ``processing`` and sends its id; the task
+reads the stored file with the engine's inspector and settles the jobs that
+waited for it.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,11 @@ from app.config import Settings, get_settings
 from app.datasets import service as datasets
 from app.datasets.models import Dataset
 from app.jobs import service
-from app.jobs.execution import worker_sessions
 from app.jobs.queue import JobQueue
 from app.models import service as models
 from app.models.models import TeacherModel
 from app.storage import LocalStorage
+from worker.sessions import worker_sessions
 
 log = logging.getLogger(__name__)
 

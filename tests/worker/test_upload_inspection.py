@@ -13,8 +13,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.jobs.execution import execute_job
-from app.jobs.inputs import inspect_input
 from app.main import create_app
 from tests.app.conftest import Tenants
 from tests.app.factories import (
@@ -26,6 +24,8 @@ from tests.app.factories import (
     tiny_onnx_classifier,
 )
 from tests.app.http import assert_problem
+from worker.runner import execute_job
+from worker.upload_inspection import inspect_input
 
 INSPECT = "distillery.inspect_upload"
 

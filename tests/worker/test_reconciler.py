@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import utcnow
 from app.jobs.models import Job
-from app.jobs.reconciler import reconcile
 from app.main import create_app
 from tests.app.conftest import Tenants
 from tests.app.factories import (
@@ -24,6 +23,7 @@ from tests.app.factories import (
     queued_tasks,
     tiny_onnx_classifier,
 )
+from worker.reconciler import reconcile
 
 #: Past the reconciler's grace period for messages on their way.
 LATER = timedelta(seconds=Settings().resend_grace_s + 1)
