@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.engine.losses import LabelsOnlyLoss, build_loss
 from worker.engine.spec import DistillationSpec, TrainingSpec
-from worker.engine.teachers import load_teacher
+from worker.engine.teachers import TeacherRuntime, load_teacher
 from worker.engine.training import (
     TrainingData,
     compute_teacher_outputs,
@@ -90,7 +90,9 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """CIFAR-style ResNet: 3x3 stem, four stages, global pool, linear head."""
 
-    def __init__(self, block: type, layers: list[int], base: int, classes: int = 10) -> None:
+    def __init__(
+        self, block: type[BasicBlock | Bottleneck], layers: list[int], base: int, classes: int = 10
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(3, base, 3, 1, 1, bias=False), nn.BatchNorm2d(base), nn.ReLU()
@@ -115,7 +117,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def naive_loop(teacher, student, x, y, *, epochs, batch_size, lr, device, temperature=4.0) -> float:
+def naive_loop(
+    teacher: nn.Module,
+    student: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    device: torch.device,
+    temperature: float = 4.0,
+) -> float:
     """The loop most tutorials write: fp32, DataLoader, teacher every step."""
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y),
@@ -149,7 +162,16 @@ def naive_loop(teacher, student, x, y, *, epochs, batch_size, lr, device, temper
     return epochs * len(x) / (time.perf_counter() - start)
 
 
-def engine_loop(teacher, student, x, y, *, spec: TrainingSpec, device, distil: bool) -> float:
+def engine_loop(
+    teacher: TeacherRuntime,
+    student: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    spec: TrainingSpec,
+    device: torch.device,
+    distil: bool,
+) -> float:
     """The engine's loop; with ``distil`` the timed span includes the one teacher pass.
 
     ``teacher`` is the engine's own runtime for the teacher's ONNX export, as a
@@ -158,6 +180,7 @@ def engine_loop(teacher, student, x, y, *, spec: TrainingSpec, device, distil: b
     val_x = x[:256]
     sync(device)
     start = time.perf_counter()
+    loss: nn.Module
     if distil:
         outputs, _ = compute_teacher_outputs(teacher, {"inputs": x.numpy()}, batch_size=1024)
         targets = torch.from_numpy(outputs)
@@ -190,7 +213,9 @@ def engine_loop(teacher, student, x, y, *, spec: TrainingSpec, device, distil: b
     return result.steps * spec.batch_size / (time.perf_counter() - start)
 
 
-def engine_teacher(teacher: nn.Module, x: torch.Tensor, device: torch.device, work: Path):
+def engine_teacher(
+    teacher: nn.Module, x: torch.Tensor, device: torch.device, work: Path
+) -> TeacherRuntime:
     """Export ``teacher`` to ONNX and load it the way a job does."""
     path = work / "teacher.onnx"
     batch = torch.export.Dim("batch", min=1)

@@ -406,7 +406,8 @@ def test_distill_variables_are_settings_fields(
     fields = set(Settings.model_fields)
     seen: set[str] = set()
     for name, service in services(compose).items():
-        settings = {
+        # Values are strings, as in the environment; Settings validates and converts them.
+        settings: dict[str, Any] = {
             key.removeprefix("DISTILL_").lower(): value
             for key, value in environment_of(service).items()
             if key.startswith("DISTILL_")
@@ -514,7 +515,9 @@ def test_dockerfile_copies_paths_that_exist(dockerfile: list[tuple[str, str]]) -
     assert copied.index("pyproject.toml") < copied.index("app")
 
 
-def test_the_control_worker_takes_what_beat_schedules(compose: dict[str, Any], tmp_path) -> None:
+def test_the_control_worker_takes_what_beat_schedules(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
     control = services(compose)["control"]
     assert is_control_worker(control)
     assert "deploy" not in control, "the control worker needs no GPU"

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -56,7 +57,7 @@ class Service:
 
     base_url: str
     key: str
-    worker: subprocess.Popen
+    worker: subprocess.Popen[bytes]
     worker_log: Path
     #: Uploads are inspected by the worker (``processing`` first), not by the API.
     deferred: bool
@@ -136,9 +137,9 @@ def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]
             yield Service(api.base_url, key, worker, worker_log, deferred)
 
 
-def follow(client: httpx.Client, job_id: str) -> list[dict]:
+def follow(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
     """The job's events over SSE, from the first to the terminal one (the server then closes)."""
-    events: list[dict] = []
+    events: list[dict[str, Any]] = []
     headers = {"Accept": "text/event-stream"}
     with client.stream(
         "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=JOB_DEADLINE_S
@@ -179,7 +180,7 @@ def ranged(client: httpx.Client, url: str, size: int, parts: int = 5) -> bytes:
     return b"".join(chunks)
 
 
-def test_upload_submit_follow_and_download(service: Service, digits_case: Digits):
+def test_upload_submit_follow_and_download(service: Service, digits_case: Digits) -> None:
     with service.client() as client:
         assert client.get("/readyz").json()["status"] == "ready"
         model = client.post(
@@ -245,7 +246,7 @@ def test_upload_submit_follow_and_download(service: Service, digits_case: Digits
 @pytest.mark.parametrize("service", ["embedded"], indirect=True)
 def test_sigterm_hands_a_running_job_back_on_the_embedded_broker(
     service: Service, digits_case: Digits, tmp_path: Path
-):
+) -> None:
     # The filesystem broker runs Celery's threaded pool, whose processes get their signal
     # handlers replaced by billiard: the hand-back must survive that (the fault tests
     # cover Redis).
@@ -259,7 +260,7 @@ def test_sigterm_hands_a_running_job_back_on_the_embedded_broker(
         }
         job_id = client.post("/v1/jobs", json=spec).json()["id"]
 
-        def logged(kind: str) -> list[dict]:
+        def logged(kind: str) -> list[dict[str, Any]]:
             page = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()
             return [e for e in page["data"] if e["type"] == kind]
 

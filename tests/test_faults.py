@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ class RedisServer:
     def __init__(self, folder: Path) -> None:
         self.port = free_port()
         self.folder = folder
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
@@ -106,7 +107,7 @@ class Worker:
     """A Celery job worker in a process group of its own (so its pool dies with it)."""
 
     name: str
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     log: Path
 
     def pids(self) -> list[int]:
@@ -250,12 +251,12 @@ def submit(cluster: Cluster, inputs: dict[str, str], **extra: Any) -> str:
         return response.json()["id"]
 
 
-def job(cluster: Cluster, job_id: str) -> dict:
+def job(cluster: Cluster, job_id: str) -> dict[str, Any]:
     with cluster.client() as client:
         return client.get(f"/v1/jobs/{job_id}").json()
 
 
-def events(cluster: Cluster, job_id: str) -> list[dict]:
+def events(cluster: Cluster, job_id: str) -> list[dict[str, Any]]:
     with cluster.client() as client:
         return client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
 
@@ -266,7 +267,7 @@ def checkpointed(cluster: Cluster, job_id: str, attempt: int) -> bool:
     )
 
 
-def finished(cluster: Cluster, job_id: str) -> dict | None:
+def finished(cluster: Cluster, job_id: str) -> dict[str, Any] | None:
     found = job(cluster, job_id)
     return found if found["status"] in ("succeeded", "failed", "cancelled") else None
 
@@ -283,7 +284,7 @@ def lease_owner(cluster: Cluster, job_id: str) -> str | None:
         engine.dispose()
 
 
-def assert_ran_once(cluster: Cluster, job_id: str, *, attempts: int) -> dict:
+def assert_ran_once(cluster: Cluster, job_id: str, *, attempts: int) -> dict[str, Any]:
     """The job succeeded after ``attempts`` claims, with one terminal event and one artifact set."""
     done = job(cluster, job_id)
     assert done["status"] == "succeeded", done["error"]
@@ -303,7 +304,7 @@ def assert_ran_once(cluster: Cluster, job_id: str, *, attempts: int) -> dict:
 
 def test_a_job_resumes_after_its_worker_child_and_then_its_worker_are_killed(
     cluster: Cluster, inputs: dict[str, str]
-):
+) -> None:
     first = cluster.start_worker()
     job_id = submit(cluster, inputs)
     wait_until(lambda: checkpointed(cluster, job_id, 1), "a checkpoint of attempt 1")
@@ -336,7 +337,9 @@ def test_a_job_resumes_after_its_worker_child_and_then_its_worker_are_killed(
         )
 
 
-def test_a_message_delivered_twice_runs_the_job_once(cluster: Cluster, inputs: dict[str, str]):
+def test_a_message_delivered_twice_runs_the_job_once(
+    cluster: Cluster, inputs: dict[str, str]
+) -> None:
     # Redis hands an unacknowledged message to another consumer after the visibility
     # timeout: here 1 s, far shorter than the job.
     short = {"DISTILL_VISIBILITY_TIMEOUT_S": "1"}
@@ -355,7 +358,7 @@ def test_a_message_delivered_twice_runs_the_job_once(cluster: Cluster, inputs: d
 
 def test_a_paused_worker_past_its_lease_writes_nothing_when_it_wakes(
     cluster: Cluster, inputs: dict[str, str]
-):
+) -> None:
     paused = cluster.start_worker()
     job_id = submit(cluster, inputs, training={**SPEC["training"], "epochs": 80})
     wait_until(lambda: checkpointed(cluster, job_id, 1), "a checkpoint of attempt 1")
@@ -372,7 +375,7 @@ def test_a_paused_worker_past_its_lease_writes_nothing_when_it_wakes(
     assert late == [], late
 
 
-def test_a_redis_restart_loses_nothing(cluster: Cluster, inputs: dict[str, str]):
+def test_a_redis_restart_loses_nothing(cluster: Cluster, inputs: dict[str, str]) -> None:
     cluster.start_worker()
     running = submit(cluster, inputs)
     wait_until(lambda: checkpointed(cluster, running, 1), "the first job to run")
@@ -381,24 +384,25 @@ def test_a_redis_restart_loses_nothing(cluster: Cluster, inputs: dict[str, str])
     cluster.redis.kill()
     cluster.redis.start()  # empty: both messages are gone
     for job_id in (running, waiting):
-        wait_until(lambda job_id=job_id: finished(cluster, job_id), f"job {job_id} to finish")
+        wait_until(partial(finished, cluster, job_id), f"job {job_id} to finish")
     assert_ran_once(cluster, running, attempts=1)
     assert_ran_once(cluster, waiting, attempts=1)
 
 
 def test_a_job_whose_workers_keep_dying_fails_after_its_attempts(
     cluster: Cluster, inputs: dict[str, str]
-):
+) -> None:
     job_id = submit(cluster, inputs, training={**SPEC["training"], "epochs": 400})
     for attempt in (1, 2, 3):
         worker = cluster.start_worker()
-        wait_until(
-            lambda attempt=attempt: (
+
+        def started(attempt: int = attempt) -> bool:
+            return (
                 job(cluster, job_id)["attempt"] == attempt
                 and job(cluster, job_id)["status"] == "running"
-            ),
-            f"attempt {attempt} to start",
-        )
+            )
+
+        wait_until(started, f"attempt {attempt} to start")
         worker.kill()
     failed = wait_until(lambda: finished(cluster, job_id), "the job to fail")
     assert failed["status"] == "failed"
@@ -417,7 +421,7 @@ def test_a_job_whose_workers_keep_dying_fails_after_its_attempts(
 
 def test_sigterm_hands_the_job_back_and_another_worker_resumes_it(
     cluster: Cluster, inputs: dict[str, str]
-):
+) -> None:
     leaving = cluster.start_worker()
     job_id = submit(cluster, inputs)
     wait_until(lambda: checkpointed(cluster, job_id, 1), "a checkpoint of attempt 1")
@@ -437,7 +441,9 @@ def test_sigterm_hands_the_job_back_and_another_worker_resumes_it(
     assert len(resumed) == 1 and resumed[0]["data"]["step"] > 0
 
 
-def test_cancel_before_start_mid_run_and_after_the_end(cluster: Cluster, inputs: dict[str, str]):
+def test_cancel_before_start_mid_run_and_after_the_end(
+    cluster: Cluster, inputs: dict[str, str]
+) -> None:
     early = submit(cluster, inputs)
     with cluster.client() as client:
         assert client.post(f"/v1/jobs/{early}/cancel").json()["status"] == "cancelled"
@@ -495,7 +501,7 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
 
 def test_a_webhook_receiver_sees_every_transition_once_after_a_500(
     cluster: Cluster, inputs: dict[str, str]
-):
+) -> None:
     receiver = Receiver()
     serving = threading.Thread(target=receiver.serve_forever, daemon=True)
     serving.start()
@@ -504,7 +510,7 @@ def test_a_webhook_receiver_sees_every_transition_once_after_a_500(
         job_id = submit(cluster, inputs, webhook_url=receiver.url)
         wait_until(lambda: finished(cluster, job_id), "the job to finish")
 
-        def acknowledged() -> dict[str, dict]:
+        def acknowledged() -> dict[str, dict[str, Any]]:
             with receiver.lock:
                 return {
                     h["Distillery-Event-Id"]: json.loads(body)

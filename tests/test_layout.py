@@ -202,31 +202,31 @@ def torch_leaks(graph: Mapping[str, list[Edge]], roots: Iterable[str]) -> list[s
 # ---------------------------------------------------------------------- the repository
 
 
-def test_every_module_the_api_may_import_from_the_engine_exists():
+def test_every_module_the_api_may_import_from_the_engine_exists() -> None:
     files = module_files()
     assert [name for name in API_ENGINE_MODULES if name not in files] == []
 
 
-def test_app_imports_only_the_engines_torch_free_modules_from_worker():
+def test_app_imports_only_the_engines_torch_free_modules_from_worker() -> None:
     graph = import_graph()
     arrows = [e for module, edges in graph.items() if within(module, "app") for e in edges]
     assert [str(e) for e in direction_violations(arrows)] == []
 
 
-def test_the_engine_imports_nothing_of_app_or_of_the_rest_of_worker():
+def test_the_engine_imports_nothing_of_app_or_of_the_rest_of_worker() -> None:
     graph = import_graph()
     arrows = [e for module, edges in graph.items() if within(module, ENGINE) for e in edges]
     assert [str(e) for e in direction_violations(arrows)] == []
 
 
-def test_the_engine_modules_the_api_imports_never_import_torch():
+def test_the_engine_modules_the_api_imports_never_import_torch() -> None:
     assert torch_leaks(import_graph(), API_ENGINE_MODULES) == []
 
 
 # ---------------------------------------------------------------------- the checker itself
 
 
-def test_the_checker_reports_a_new_bad_arrow():
+def test_the_checker_reports_a_new_bad_arrow() -> None:
     edges = [
         Edge("app.jobs.service", "worker.runner", 1),
         Edge("app", "worker.engine.training", 2),
@@ -243,7 +243,7 @@ def test_the_checker_reports_a_new_bad_arrow():
     assert [e.line for e in direction_violations(edges)] == [1, 2, 3, 4, 5]
 
 
-def test_the_checker_follows_an_allowed_module_to_torch():
+def test_the_checker_follows_an_allowed_module_to_torch() -> None:
     graph = {
         "worker": [],
         "worker.engine": [],
@@ -258,7 +258,7 @@ def test_the_checker_follows_an_allowed_module_to_torch():
     ]
 
 
-def test_the_checker_sees_imports_in_functions_relative_imports_and_literals():
+def test_the_checker_sees_imports_in_functions_relative_imports_and_literals() -> None:
     source = """
 import importlib
 from typing import TYPE_CHECKING

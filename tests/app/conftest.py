@@ -29,7 +29,9 @@ TEST_MAX_UPLOAD = 256 * 1024
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A migrated database of each kind, for the whole session."""
     with fresh_database(request.param, tmp_path_factory.mktemp("db")) as url:
         command.upgrade(alembic_config(url), "head")

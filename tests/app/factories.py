@@ -7,6 +7,7 @@ import io
 import json
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -50,7 +51,8 @@ def npz_dataset(rows: int = 60, features: int = 4, classes: int | None = 3, seed
     if classes is not None:
         arrays["labels"] = (np.arange(rows) % classes).astype(np.int64)
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    # numpy's stub lets **arrays reach savez's allow_pickle: bool; every key here is an array name.
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()
 
 
@@ -61,13 +63,13 @@ def broker_folder(settings: Settings) -> Path:
     return folder
 
 
-def queued_tasks(broker_folder: Path) -> list[tuple[str, list]]:
+def queued_tasks(broker_folder: Path) -> list[tuple[str, list[Any]]]:
     """(task name, args) of each message waiting in a ``filesystem://`` broker folder.
 
     Each message file is kombu's JSON envelope: the task name in its headers, and
     a base64 body holding the task's ``[args, kwargs, embed]``.
     """
-    tasks = []
+    tasks: list[tuple[str, list[Any]]] = []
     paths = sorted((broker_folder / "queue").glob("*.msg"), key=lambda p: p.stat().st_mtime_ns)
     for path in paths:
         envelope = json.loads(path.read_text())

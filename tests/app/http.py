@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import httpx
+from fastapi.testclient import TestClient
 
 from app.errors import PROBLEM_JSON
 from tests.app.factories import npz_dataset, tiny_onnx_classifier
 
+if TYPE_CHECKING:
+    import httpx2
 
-def assert_problem(response, status: int, code: str) -> dict:
+#: A response of the TestClient (httpx2 under current Starlette) or of a real server (httpx).
+Response: TypeAlias = "httpx.Response | httpx2.Response"
+
+
+def assert_problem(response: Response, status: int, code: str) -> dict[str, Any]:
     """``response`` is a problem+json document with ``status`` and ``code``."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith(PROBLEM_JSON)
@@ -35,7 +45,9 @@ def chunked_multipart(
     yield b"\r\n--b0undary--\r\n"
 
 
-def all_pages(client, path: str, headers: dict[str, str], limit: int = 2) -> tuple[list[str], int]:
+def all_pages(
+    client: TestClient, path: str, headers: dict[str, str], limit: int = 2
+) -> tuple[list[str], int]:
     """The ids of every item of the list at ``path``, page by page, and the page count."""
     seen: list[str] = []
     after, pages = None, 0
@@ -49,7 +61,7 @@ def all_pages(client, path: str, headers: dict[str, str], limit: int = 2) -> tup
             return seen, pages
 
 
-def job_inputs(client, headers: dict[str, str]) -> dict[str, str]:
+def job_inputs(client: TestClient, headers: dict[str, str]) -> dict[str, str]:
     """A teacher and a matching transfer set uploaded for the tenant, as a job spec's two ids."""
     model = client.post(
         "/v1/models", headers=headers, files={"file": ("t.onnx", tiny_onnx_classifier())}

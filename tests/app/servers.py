@@ -29,7 +29,7 @@ class Server:
     """A running uvicorn: where to reach it and its process (for its pid, RSS, exit code)."""
 
     base_url: str
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
 
 
 @contextmanager
@@ -97,7 +97,9 @@ WORKER_SHUTDOWN_SECONDS = 60
 
 
 @contextmanager
-def celery_worker(env_overrides: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+def celery_worker(
+    env_overrides: dict[str, str], log_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     """``celery -A worker.celery_app worker``, as production runs it, with ``env_overrides``.
 
     Yields once the worker logs that it is ready; SIGTERM (a warm shutdown) on exit.
@@ -123,7 +125,9 @@ def celery_worker(env_overrides: dict[str, str], log_path: Path) -> Iterator[sub
                 process.wait()
 
 
-def wait_for_log(process: subprocess.Popen, log_path: Path, text: str, deadline_s: float) -> None:
+def wait_for_log(
+    process: subprocess.Popen[bytes], log_path: Path, text: str, deadline_s: float
+) -> None:
     """Wait until ``text`` appears in the process's log; fail with the log if it exits first."""
     end = time.monotonic() + deadline_s
     while text not in log_path.read_text(errors="replace"):

@@ -9,6 +9,7 @@ a rollback, a failed COMMIT or the release of a savepoint.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -25,11 +26,11 @@ def add_tenant(session: Session) -> None:
     session.flush()
 
 
-def record(ran: list[str], name: str):
+def record(ran: list[str], name: str) -> Callable[[], None]:
     return lambda: ran.append(name)
 
 
-def test_after_commit_runs_once_the_transaction_commits(engine: sa.Engine):
+def test_after_commit_runs_once_the_transaction_commits(engine: sa.Engine) -> None:
     ran: list[str] = []
     with Session(engine) as session:
         add_tenant(session)
@@ -47,7 +48,7 @@ def test_after_commit_runs_once_the_transaction_commits(engine: sa.Engine):
 
 def test_after_rollback_runs_and_after_commit_never_when_the_transaction_rolls_back(
     engine: sa.Engine,
-):
+) -> None:
     ran: list[str] = []
     with Session(engine) as session:
         add_tenant(session)
@@ -60,7 +61,7 @@ def test_after_rollback_runs_and_after_commit_never_when_the_transaction_rolls_b
     assert ran == ["rolled back"]
 
 
-def test_a_transaction_that_raises_runs_only_its_rollback_side(engine: sa.Engine):
+def test_a_transaction_that_raises_runs_only_its_rollback_side(engine: sa.Engine) -> None:
     ran: list[str] = []
     with pytest.raises(LookupError), Session(engine) as session, session.begin():
         add_tenant(session)
@@ -70,7 +71,7 @@ def test_a_transaction_that_raises_runs_only_its_rollback_side(engine: sa.Engine
     assert ran == ["rolled back"]
 
 
-def test_a_failed_commit_never_runs_after_commit(engine: sa.Engine):
+def test_a_failed_commit_never_runs_after_commit(engine: sa.Engine) -> None:
     ran: list[str] = []
     with commits_refused(engine, "tenants"), Session(engine) as session:
         add_tenant(session)
@@ -84,7 +85,7 @@ def test_a_failed_commit_never_runs_after_commit(engine: sa.Engine):
     assert ran == []
 
 
-def test_a_released_savepoint_runs_nothing_until_the_transaction_commits(engine: sa.Engine):
+def test_a_released_savepoint_runs_nothing_until_the_transaction_commits(engine: sa.Engine) -> None:
     ran: list[str] = []
     with Session(engine) as session:
         add_tenant(session)
@@ -97,7 +98,7 @@ def test_a_released_savepoint_runs_nothing_until_the_transaction_commits(engine:
     assert ran == ["outer", "inside"]
 
 
-def test_a_rolled_back_savepoint_drops_its_own_after_commit(engine: sa.Engine):
+def test_a_rolled_back_savepoint_drops_its_own_after_commit(engine: sa.Engine) -> None:
     ran: list[str] = []
     with Session(engine) as session:
         add_tenant(session)
@@ -113,7 +114,7 @@ def test_a_rolled_back_savepoint_drops_its_own_after_commit(engine: sa.Engine):
     assert ran == ["inside rolled back", "outer"]
 
 
-def test_a_savepoint_opened_before_any_write_commits_nothing_on_release(engine: sa.Engine):
+def test_a_savepoint_opened_before_any_write_commits_nothing_on_release(engine: sa.Engine) -> None:
     # SQLite's driver opens a transaction only before a write: a savepoint opened
     # first must still nest in the session's transaction, not commit on release.
     with Session(engine) as session:

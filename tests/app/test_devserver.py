@@ -140,7 +140,7 @@ def stop_cleanly(server: DevServer, tree: list[psutil.Process]) -> None:
     assert not alive, f"left running: {[p.cmdline() for p in alive]}\n{server.output()}"
 
 
-def test_serves_from_an_empty_folder_and_reuses_its_key(tmp_path: Path):
+def test_serves_from_an_empty_folder_and_reuses_its_key(tmp_path: Path) -> None:
     first = start_devserver(tmp_path)
     try:
         url, key = first.wait_for_banner()

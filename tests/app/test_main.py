@@ -14,7 +14,7 @@ from app.main import create_app
 from tests.app.databases import REPO
 
 
-def test_importing_the_app_does_not_import_torch():
+def test_importing_the_app_does_not_import_torch() -> None:
     code = "import sys, app.main; print('torch' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
@@ -22,7 +22,7 @@ def test_importing_the_app_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_health_and_readiness(client: TestClient):
+def test_health_and_readiness(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
@@ -32,7 +32,7 @@ def test_health_and_readiness(client: TestClient):
     }
 
 
-def test_readiness_fails_when_the_database_is_gone(client: TestClient):
+def test_readiness_fails_when_the_database_is_gone(client: TestClient) -> None:
     # Point the app's sessions at a database that cannot be opened.
     state = client.app.state  # type: ignore[attr-defined]
     state.session_factory.configure(bind=sa.create_engine("sqlite:////nonexistent/dir/x.db"))
@@ -41,21 +41,21 @@ def test_readiness_fails_when_the_database_is_gone(client: TestClient):
     assert ready.json()["checks"]["database"].startswith("unavailable")
 
 
-def test_unknown_routes_are_problems(client: TestClient):
+def test_unknown_routes_are_problems(client: TestClient) -> None:
     response = client.get("/v1/nothing-here")
     assert response.status_code == 404
     assert response.headers["content-type"].startswith(PROBLEM_JSON)
     assert response.json()["code"] == "not_found"
 
 
-def test_openapi_documents_the_problem_responses(client: TestClient):
+def test_openapi_documents_the_problem_responses(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     upload = spec["paths"]["/v1/models"]["post"]
     assert {"201", "401", "413", "415", "422"} <= upload["responses"].keys()
     assert "multipart/form-data" in upload["requestBody"]["content"]
 
 
-def test_readiness_fails_when_the_broker_is_unreachable(settings: Settings):
+def test_readiness_fails_when_the_broker_is_unreachable(settings: Settings) -> None:
     # Nothing listens on port 1 of loopback.
     app = create_app(settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"}))
     with TestClient(app) as client:
@@ -65,7 +65,7 @@ def test_readiness_fails_when_the_broker_is_unreachable(settings: Settings):
     assert checks["broker"].startswith("unavailable") and checks["database"] == "ok"
 
 
-def test_openapi_documents_every_error_as_a_problem(client: TestClient):
+def test_openapi_documents_every_error_as_a_problem(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert "HTTPValidationError" not in str(spec)
     for path, operations in spec["paths"].items():

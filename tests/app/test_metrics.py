@@ -54,7 +54,9 @@ def jobs_by_status(samples: Samples) -> dict[str, float]:
     }
 
 
-def test_requests_are_counted_by_route_template_and_status(client: TestClient, tenants: Tenants):
+def test_requests_are_counted_by_route_template_and_status(
+    client: TestClient, tenants: Tenants
+) -> None:
     for _ in range(2):
         assert client.get("/v1/models", headers=tenants.acme).status_code == 200
     assert client.get("/v1/models").status_code == 401
@@ -82,7 +84,7 @@ def test_requests_are_counted_by_route_template_and_status(client: TestClient, t
     assert requests_total(scrape(client), "GET", "/metrics", 200) == 1
 
 
-def test_jobs_are_reported_for_every_status(client: TestClient, engine: sa.Engine):
+def test_jobs_are_reported_for_every_status(client: TestClient, engine: sa.Engine) -> None:
     assert jobs_by_status(scrape(client)) == dict.fromkeys(STATUSES, 0)
 
     wanted = {QUEUED: 3, RUNNING: 1, SUCCEEDED: 2, FAILED: 1}
@@ -101,7 +103,7 @@ def test_jobs_are_reported_for_every_status(client: TestClient, engine: sa.Engin
 
 def test_a_scrape_answers_while_the_database_is_down(
     client: TestClient, tenants: Tenants, caplog: pytest.LogCaptureFixture
-):
+) -> None:
     assert client.get("/v1/models", headers=tenants.acme).status_code == 200
     state = client.app.state  # type: ignore[attr-defined]
     state.session_factory.configure(bind=sa.create_engine("sqlite:////nonexistent/dir/x.db"))
@@ -112,7 +114,7 @@ def test_a_scrape_answers_while_the_database_is_down(
     assert "could not count jobs" in caplog.text
 
 
-def test_every_app_has_its_own_registry(settings: Settings):
+def test_every_app_has_its_own_registry(settings: Settings) -> None:
     first, second = create_app(settings), create_app(settings)
     assert first.state.metrics_registry is not second.state.metrics_registry
     try:
@@ -125,13 +127,13 @@ def test_every_app_has_its_own_registry(settings: Settings):
         second.state.engine.dispose()
 
 
-def test_metrics_is_documented_under_health(client: TestClient):
+def test_metrics_is_documented_under_health(client: TestClient) -> None:
     operation = client.get("/openapi.json").json()["paths"]["/metrics"]["get"]
     assert operation["tags"] == ["health"]
     assert "security" not in operation
 
 
-def test_unhandled_errors_are_counted_as_500():
+def test_unhandled_errors_are_counted_as_500() -> None:
     app = FastAPI()
     install_error_handlers(app)
     install_metrics(app)
@@ -145,7 +147,7 @@ def test_unhandled_errors_are_counted_as_500():
         assert requests_total(scrape(client), "GET", "/boom/{part}", 500) == 1
 
 
-def test_streamed_responses_pass_through_unbuffered():
+def test_streamed_responses_pass_through_unbuffered() -> None:
     app = FastAPI()
     install_metrics(app)
     first_chunk_sent = anyio.Event()

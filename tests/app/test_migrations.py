@@ -31,7 +31,7 @@ def _tables(url: str) -> set[str]:
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-def test_upgrade_downgrade_upgrade_and_check(kind: str, tmp_path: Path):
+def test_upgrade_downgrade_upgrade_and_check(kind: str, tmp_path: Path) -> None:
     with fresh_database(kind, tmp_path) as url:
         config = alembic_config(url)
         command.upgrade(config, "head")

@@ -48,7 +48,7 @@ def forest_onnx(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 def test_upload_and_ranged_download_over_real_http(
     server: tuple[str, LocalStorage], tenants: Tenants, forest_onnx: bytes
-):
+) -> None:
     base, _ = server
     with httpx.Client(base_url=base, headers=tenants.acme, timeout=30) as client:
         assert client.get("/readyz").json()["status"] == "ready"
@@ -78,7 +78,7 @@ def test_upload_and_ranged_download_over_real_http(
 
 def test_dataset_upload_and_download_over_real_http(
     server: tuple[str, LocalStorage], tenants: Tenants, tmp_path: Path
-):
+) -> None:
     base, storage = server
     x, y = digits()
     data = write_npz(tmp_path / "digits.npz", x[:100], y[:100]).read_bytes()
@@ -96,7 +96,7 @@ def test_dataset_upload_and_download_over_real_http(
 
 def test_chunked_over_cap_upload_gets_413_from_a_real_server(
     server: tuple[str, LocalStorage], tenants: Tenants, engine: sa.Engine
-):
+) -> None:
     base, storage = server
 
     def body() -> Iterator[bytes]:
@@ -119,7 +119,7 @@ def test_chunked_over_cap_upload_gets_413_from_a_real_server(
 
 def test_an_idle_event_stream_sends_keep_alives_until_the_job_ends(
     server: tuple[str, LocalStorage], tenants: Tenants, tmp_path: Path
-):
+) -> None:
     base, _ = server
     x, y = digits()
     with httpx.Client(base_url=base, headers=tenants.acme, timeout=30) as client:

@@ -132,7 +132,7 @@ class PeakRss:
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_2gib_chunked_upload_to_a_1gib_cap_gets_413_in_constant_memory(
     database_url: str, engine: sa.Engine, tenants: Tenants, tmp_path: Path
-):
+) -> None:
     storage_root = tmp_path / "artifacts"
     env = {
         "DISTILL_DATABASE_URL": database_url,

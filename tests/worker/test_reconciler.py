@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -30,7 +32,7 @@ LATER = timedelta(seconds=Settings().resend_grace_s + 1)
 
 
 @pytest.fixture
-def job_of(client: TestClient, tenants: Tenants):
+def job_of(client: TestClient, tenants: Tenants) -> Callable[[], str]:
     """Submit a job on a fresh teacher and dataset of acme's; returns its id."""
     model = client.post(
         "/v1/models", headers=tenants.acme, files={"file": ("t.onnx", tiny_onnx_classifier())}
@@ -52,22 +54,26 @@ def empty_broker(settings: Settings) -> None:
         message.unlink()
 
 
-def set_job(engine: sa.Engine, job_id: str, **values) -> None:
+def set_job(engine: sa.Engine, job_id: str, **values: Any) -> None:
     with Session(engine) as session, session.begin():
         session.execute(update(Job).where(Job.id == uuid.UUID(job_id)).values(**values))
 
 
-def job(client: TestClient, tenants: Tenants, job_id: str) -> dict:
+def job(client: TestClient, tenants: Tenants, job_id: str) -> dict[str, Any]:
     return client.get(f"/v1/jobs/{job_id}", headers=tenants.acme).json()
 
 
-def last_event(client: TestClient, tenants: Tenants, job_id: str) -> dict:
+def last_event(client: TestClient, tenants: Tenants, job_id: str) -> dict[str, Any]:
     return client.get(f"/v1/jobs/{job_id}/events", headers=tenants.acme).json()["data"][-1]
 
 
 def test_an_expired_lease_requeues_the_job_until_its_attempts_run_out(
-    client: TestClient, tenants: Tenants, job_of, engine: sa.Engine, settings: Settings
-):
+    client: TestClient,
+    tenants: Tenants,
+    job_of: Callable[[], str],
+    engine: sa.Engine,
+    settings: Settings,
+) -> None:
     lost, held = job_of(), job_of()
     empty_broker(settings)
     now = utcnow()
@@ -103,8 +109,12 @@ def test_an_expired_lease_requeues_the_job_until_its_attempts_run_out(
 
 
 def test_a_cancelling_job_whose_worker_died_ends_cancelled(
-    client: TestClient, tenants: Tenants, job_of, engine: sa.Engine, settings: Settings
-):
+    client: TestClient,
+    tenants: Tenants,
+    job_of: Callable[[], str],
+    engine: sa.Engine,
+    settings: Settings,
+) -> None:
     job_id = job_of()
     past = utcnow() - timedelta(seconds=1)
     set_job(engine, job_id, status="cancelling", attempt=1, lease_expires_at=past)
@@ -113,8 +123,8 @@ def test_a_cancelling_job_whose_worker_died_ends_cancelled(
 
 
 def test_queued_jobs_without_a_message_are_sent_again(
-    client: TestClient, tenants: Tenants, job_of, settings: Settings
-):
+    client: TestClient, tenants: Tenants, job_of: Callable[[], str], settings: Settings
+) -> None:
     with_message, lost = job_of(), job_of()
     messages = sorted(
         (broker_folder(settings) / "queue").glob("*.msg"), key=lambda p: p.stat().st_mtime_ns
@@ -132,7 +142,7 @@ def test_queued_jobs_without_a_message_are_sent_again(
 
 def test_uploads_left_processing_are_inspected_again_and_their_jobs_wait(
     tenants: Tenants, settings: Settings
-):
+) -> None:
     deferring = settings.model_copy(update={"inline_inspection_max_bytes": 16})
     with TestClient(create_app(deferring)) as api:
         model = api.post(

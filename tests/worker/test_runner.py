@@ -15,8 +15,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -36,7 +38,7 @@ DEADLINE_S = 120
 
 
 @pytest.fixture
-def submit(client: TestClient, tenants: Tenants) -> Callable[..., dict]:
+def submit(client: TestClient, tenants: Tenants) -> Callable[..., dict[str, Any]]:
     """Submit a job of acme's on a fresh tiny teacher and transfer set; returns the job."""
     model = client.post(
         "/v1/models", headers=tenants.acme, files={"file": ("t.onnx", tiny_onnx_classifier())}
@@ -45,7 +47,7 @@ def submit(client: TestClient, tenants: Tenants) -> Callable[..., dict]:
         "/v1/datasets", headers=tenants.acme, files={"file": ("d.npz", npz_dataset(rows=120))}
     ).json()
 
-    def submit(**spec) -> dict:
+    def submit(**spec: Any) -> dict[str, Any]:
         body = {"teacher_model_id": model["id"], "dataset_id": dataset["id"], **spec}
         response = client.post("/v1/jobs", headers=tenants.acme, json=body)
         assert response.status_code == 202, response.text
@@ -54,7 +56,7 @@ def submit(client: TestClient, tenants: Tenants) -> Callable[..., dict]:
     return submit
 
 
-def events(client: TestClient, tenants: Tenants, job_id: str) -> list[dict]:
+def events(client: TestClient, tenants: Tenants, job_id: str) -> list[dict[str, Any]]:
     return client.get(
         f"/v1/jobs/{job_id}/events", headers=tenants.acme, params={"limit": 1000}
     ).json()["data"]
@@ -84,8 +86,12 @@ def running(
 
 
 def test_a_job_runs_to_success_with_checksummed_artifacts(
-    client: TestClient, tenants: Tenants, submit, settings: Settings, storage: LocalStorage
-):
+    client: TestClient,
+    tenants: Tenants,
+    submit: Callable[..., dict[str, Any]],
+    settings: Settings,
+    storage: LocalStorage,
+) -> None:
     job = submit(training={"epochs": 3, "batch_size": 32})
     execute_job(job["id"], settings)
 
@@ -140,8 +146,12 @@ def test_a_job_runs_to_success_with_checksummed_artifacts(
 
 
 def test_engine_errors_become_typed_job_errors(
-    client: TestClient, tenants: Tenants, submit, settings: Settings, storage: LocalStorage
-):
+    client: TestClient,
+    tenants: Tenants,
+    submit: Callable[..., dict[str, Any]],
+    settings: Settings,
+    storage: LocalStorage,
+) -> None:
     job = submit(training={"epochs": 1})
     teacher_key = next(k for k in storage.files() if "/models/" in k)
     # The stored teacher is damaged after it was accepted.
@@ -157,8 +167,8 @@ def test_engine_errors_become_typed_job_errors(
 
 
 def test_cancelling_a_running_job_stops_it_at_a_step_and_keeps_its_checkpoint(
-    client: TestClient, tenants: Tenants, submit, settings: Settings
-):
+    client: TestClient, tenants: Tenants, submit: Callable[..., dict[str, Any]], settings: Settings
+) -> None:
     job = submit(training={"epochs": 5000, "batch_size": 8, "checkpoint_every_steps": 50})
     with running(client, tenants, job["id"], settings, until="checkpoint"):
         asked = client.post(f"/v1/jobs/{job['id']}/cancel", headers=tenants.acme)
@@ -178,8 +188,8 @@ def test_cancelling_a_running_job_stops_it_at_a_step_and_keeps_its_checkpoint(
 
 
 def test_a_worker_shutting_down_hands_the_job_back_and_the_next_attempt_resumes(
-    client: TestClient, tenants: Tenants, submit, settings: Settings
-):
+    client: TestClient, tenants: Tenants, submit: Callable[..., dict[str, Any]], settings: Settings
+) -> None:
     job = submit(training={"epochs": 60, "batch_size": 8, "checkpoint_every_steps": 20})
     try:
         with running(client, tenants, job["id"], settings, until="checkpoint"):
@@ -210,8 +220,12 @@ def test_a_worker_shutting_down_hands_the_job_back_and_the_next_attempt_resumes(
 
 
 def test_a_run_that_lost_its_job_stops_without_writing(
-    client: TestClient, tenants: Tenants, submit, settings: Settings, engine
-):
+    client: TestClient,
+    tenants: Tenants,
+    submit: Callable[..., dict[str, Any]],
+    settings: Settings,
+    engine: sa.Engine,
+) -> None:
     quick = settings.model_copy(update={"lease_seconds": 0.3})
     job = submit(training={"epochs": 3000, "batch_size": 8, "checkpoint_every_steps": 20})
     with running(client, tenants, job["id"], quick, until="checkpoint"):
@@ -231,8 +245,8 @@ def test_a_run_that_lost_its_job_stops_without_writing(
 
 
 def test_the_servers_time_ceiling_ends_a_job_with_its_best_student_so_far(
-    client: TestClient, tenants: Tenants, submit, settings: Settings
-):
+    client: TestClient, tenants: Tenants, submit: Callable[..., dict[str, Any]], settings: Settings
+) -> None:
     capped = settings.model_copy(update={"max_job_minutes": 0.02})  # 1.2 s
     job = submit(training={"epochs": 5000, "batch_size": 8, "max_minutes": 60})
     execute_job(job["id"], capped)

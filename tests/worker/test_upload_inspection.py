@@ -8,6 +8,7 @@ reads the messages the API and the task send from the filesystem broker folder.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -42,7 +43,7 @@ def api(deferring: Settings) -> Iterator[TestClient]:
         yield client
 
 
-def upload(api: TestClient, tenants: Tenants, kind: str, data: bytes) -> dict:
+def upload(api: TestClient, tenants: Tenants, kind: str, data: bytes) -> dict[str, Any]:
     response = api.post(f"/v1/{kind}", headers=tenants.acme, files={"file": ("f", data)})
     assert response.status_code == 201, response.text
     return response.json()
@@ -50,7 +51,7 @@ def upload(api: TestClient, tenants: Tenants, kind: str, data: bytes) -> dict:
 
 def test_large_uploads_are_processing_until_a_worker_inspects_them(
     api: TestClient, tenants: Tenants, deferring: Settings
-):
+) -> None:
     model = upload(api, tenants, "models", tiny_onnx_classifier())
     dataset = upload(api, tenants, "datasets", npz_dataset())
     assert model["status"] == dataset["status"] == "processing"
@@ -94,7 +95,7 @@ def test_large_uploads_are_processing_until_a_worker_inspects_them(
 
 def test_an_invalid_upload_fails_the_jobs_waiting_for_it(
     api: TestClient, tenants: Tenants, deferring: Settings
-):
+) -> None:
     # Starts like an ONNX ModelProto (field 1, ir_version), then is garbage.
     broken = upload(api, tenants, "models", b"\x08\x07" + b"\xff" * 64)
     assert broken["status"] == "processing"
@@ -116,7 +117,7 @@ def test_an_invalid_upload_fails_the_jobs_waiting_for_it(
 
 def test_a_released_job_that_does_not_fit_fails_with_the_engine_code(
     api: TestClient, tenants: Tenants, deferring: Settings
-):
+) -> None:
     model = upload(api, tenants, "models", tiny_onnx_classifier(features=4))
     wrong = upload(api, tenants, "datasets", npz_dataset(features=5))
     ids = {"teacher_model_id": model["id"], "dataset_id": wrong["id"]}

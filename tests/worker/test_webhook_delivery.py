@@ -193,7 +193,7 @@ def test_every_transition_is_delivered_once_signed_and_in_order(
     factory: sessionmaker[Session],
     http: httpx.Client,
     receiver: Callable[..., Receiver],
-):
+) -> None:
     hook = receiver()
     client, acme = private.client, tenants.acme
     # A host name, not an address: the attempt connects to the checked address with its Host.
@@ -211,8 +211,8 @@ def test_every_transition_is_delivered_once_signed_and_in_order(
         assert body["type"] == "job.status" and body["job_id"] == job_id
         assert body["attempt"] == 0 and body["created_at"] == body["event"]["created_at"]
     secret = secret_of(client, acme)
-    for headers, body in hook.received:
-        assert_signed(headers, body, secret)
+    for headers, raw_body in hook.received:
+        assert_signed(headers, raw_body, secret)
         assert headers["host"] == f"localhost:{hook.port}"
 
     webhook = of_type(job_log(client, acme, job_id), "webhook")
@@ -236,7 +236,7 @@ def test_concurrent_runs_deliver_each_event_once_and_each_job_in_order(
     tenants: Tenants,
     factory: sessionmaker[Session],
     receiver: Callable[..., Receiver],
-):
+) -> None:
     hook = receiver(delay_s=0.05)
     client, acme = private.client, tenants.acme
     ids = job_inputs(client, acme)
@@ -269,7 +269,7 @@ def test_a_failed_attempt_is_retried_when_due_and_holds_back_later_events(
     factory: sessionmaker[Session],
     http: httpx.Client,
     receiver: Callable[..., Receiver],
-):
+) -> None:
     hook = receiver([500])
     client, acme = private.client, tenants.acme
     job_id = submit(client, acme, hook.url())
@@ -320,7 +320,7 @@ def test_a_delivery_fails_for_good_after_its_last_attempt(
     factory: sessionmaker[Session],
     http: httpx.Client,
     receiver: Callable[..., Receiver],
-):
+) -> None:
     hook = receiver([500, 503, 502])
     settings = private.settings.model_copy(
         update={"webhook_max_attempts": 3, "webhook_retry_base_s": 1.0}
@@ -355,7 +355,7 @@ def test_an_unreachable_receiver_is_retried_with_the_error_logged(
     engine: sa.Engine,
     factory: sessionmaker[Session],
     http: httpx.Client,
-):
+) -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
@@ -384,7 +384,7 @@ def test_a_url_that_now_points_inside_fails_without_being_posted(
     http: httpx.Client,
     receiver: Callable[..., Receiver],
     settings: Settings,
-):
+) -> None:
     hook = receiver()
     job_id = submit(private.client, tenants.acme, hook.url())
     # Delivered under settings that refuse loopback, as if the name had moved inside since.
@@ -403,7 +403,7 @@ def test_rotating_the_secret_changes_it_for_that_tenant_only(
     factory: sessionmaker[Session],
     http: httpx.Client,
     receiver: Callable[..., Receiver],
-):
+) -> None:
     client = private.client
     first = client.get("/v1/webhook-secret", headers=tenants.acme)
     assert first.headers["cache-control"] == "no-store"

@@ -17,7 +17,7 @@ from app.errors import Unauthorized
 from tests.app.databases import REPO
 
 
-def test_a_key_is_stored_only_as_a_hash_and_authenticates(engine: sa.Engine):
+def test_a_key_is_stored_only_as_a_hash_and_authenticates(engine: sa.Engine) -> None:
     with Session(engine) as session, session.begin():
         issued = create_api_key(session, tenant_name="acme")
     prefix, key_id, secret = issued.token.split("_", 2)
@@ -33,14 +33,14 @@ def test_a_key_is_stored_only_as_a_hash_and_authenticates(engine: sa.Engine):
                 authenticate(session, bad)
 
 
-def test_a_second_key_for_a_tenant_reuses_the_tenant(engine: sa.Engine):
+def test_a_second_key_for_a_tenant_reuses_the_tenant(engine: sa.Engine) -> None:
     with Session(engine) as session, session.begin():
         first = create_api_key(session, tenant_name="acme")
         second = create_api_key(session, tenant_name="acme")
         assert first.tenant.id == second.tenant.id and first.token != second.token
 
 
-def test_cli_prints_a_working_key(database_url: str, engine: sa.Engine):
+def test_cli_prints_a_working_key(database_url: str, engine: sa.Engine) -> None:
     env = {**os.environ, "DISTILL_DATABASE_URL": database_url}
     out = subprocess.run(
         [sys.executable, "-m", "app.cli", "create-api-key", "--tenant", "cli-tenant"],

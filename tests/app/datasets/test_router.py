@@ -14,7 +14,7 @@ from app.storage import LocalStorage
 from tests.app.conftest import TEST_MAX_UPLOAD, Tenants
 from tests.app.databases import count_rows
 from tests.app.factories import pickled_checkpoint
-from tests.app.http import all_pages, assert_problem, chunked_multipart
+from tests.app.http import Response, all_pages, assert_problem, chunked_multipart
 from tests.worker.engine.factories import digits, write_jsonl, write_npz, zip_files
 
 #: Digits rows in the test uploads: enough for ten classes, well under the test cap.
@@ -34,7 +34,7 @@ def upload(
     data: bytes,
     filename: str = "digits.npz",
     **fields: str,
-):
+) -> Response:
     """POST ``data`` as the multipart ``file``."""
     return client.post(
         "/v1/datasets",
@@ -51,7 +51,7 @@ def assert_nothing_stored(engine: sa.Engine, storage: LocalStorage) -> None:
 
 def test_npz_upload_returns_ready_dataset_with_summary(
     client: TestClient, tenants: Tenants, storage: LocalStorage, digits_npz: bytes
-):
+) -> None:
     response = upload(client, tenants.acme, digits_npz, name="digits")
     assert response.status_code == 201, response.text
     dataset = response.json()
@@ -74,7 +74,7 @@ def test_npz_upload_returns_ready_dataset_with_summary(
     assert fetched.json() == dataset
 
 
-def test_csv_round_trip(client: TestClient, tenants: Tenants):
+def test_csv_round_trip(client: TestClient, tenants: Tenants) -> None:
     rows = ["a,b,label"] + [f"{i},{i * 0.5},{'cat' if i % 2 else 'dog'}" for i in range(30)]
     data = ("\n".join(rows) + "\n").encode()
     dataset = upload(client, tenants.acme, data, filename="pets.csv").json()
@@ -87,7 +87,9 @@ def test_csv_round_trip(client: TestClient, tenants: Tenants):
     assert content.content == data
 
 
-def test_jsonl_round_trip_without_labels(client: TestClient, tenants: Tenants, tmp_path: Path):
+def test_jsonl_round_trip_without_labels(
+    client: TestClient, tenants: Tenants, tmp_path: Path
+) -> None:
     data = write_jsonl(tmp_path / "t.jsonl", [f"sentence {i}" for i in range(12)]).read_bytes()
     dataset = upload(client, tenants.acme, data, filename="t.jsonl").json()
     assert dataset["format"] == "jsonl" and dataset["rows"] == 12
@@ -98,14 +100,14 @@ def test_jsonl_round_trip_without_labels(client: TestClient, tenants: Tenants, t
     assert content.content == data
 
 
-def test_jsonl_with_labels(client: TestClient, tenants: Tenants, tmp_path: Path):
+def test_jsonl_with_labels(client: TestClient, tenants: Tenants, tmp_path: Path) -> None:
     texts = [f"sentence {i}" for i in range(9)]
     data = write_jsonl(tmp_path / "t.jsonl", texts, [i % 3 for i in range(9)]).read_bytes()
     summary = upload(client, tenants.acme, data, filename="t.jsonl").json()["summary"]
     assert summary["has_labels"] and summary["num_classes"] == 3
 
 
-def test_requests_without_a_valid_key_get_401(client: TestClient, tenants: Tenants):
+def test_requests_without_a_valid_key_get_401(client: TestClient, tenants: Tenants) -> None:
     for method, path in [
         ("GET", "/v1/datasets"),
         ("GET", "/v1/datasets/x"),
@@ -124,7 +126,7 @@ def test_another_tenants_dataset_is_not_found_on_every_route(
     engine: sa.Engine,
     storage: LocalStorage,
     digits_npz: bytes,
-):
+) -> None:
     dataset = upload(client, tenants.acme, digits_npz).json()
     path = f"/v1/datasets/{dataset['id']}"
     for method, route in [("GET", path), ("GET", f"{path}/content"), ("DELETE", path)]:
@@ -139,7 +141,7 @@ def test_another_tenants_dataset_is_not_found_on_every_route(
     assert client.get(path, headers=tenants.acme).status_code == 200
 
 
-def test_unknown_and_malformed_ids_are_not_found(client: TestClient, tenants: Tenants):
+def test_unknown_and_malformed_ids_are_not_found(client: TestClient, tenants: Tenants) -> None:
     for dataset_id in ("00000000-0000-0000-0000-000000000000", "not-an-id"):
         assert_problem(
             client.get(f"/v1/datasets/{dataset_id}", headers=tenants.acme),
@@ -154,7 +156,7 @@ def test_delete_removes_row_and_file(
     engine: sa.Engine,
     storage: LocalStorage,
     digits_npz: bytes,
-):
+) -> None:
     dataset = upload(client, tenants.acme, digits_npz).json()
     response = client.delete(f"/v1/datasets/{dataset['id']}", headers=tenants.acme)
     assert response.status_code == 204
@@ -166,7 +168,7 @@ def test_delete_removes_row_and_file(
 
 def test_over_cap_upload_with_content_length_gets_413_and_leaves_nothing(
     client: TestClient, tenants: Tenants, engine: sa.Engine, storage: LocalStorage
-):
+) -> None:
     response = upload(client, tenants.acme, b"a,b\n" + b"1,2\n" * (TEST_MAX_UPLOAD // 4))
     assert_problem(response, 413, "upload_too_large")
     assert_nothing_stored(engine, storage)
@@ -174,7 +176,7 @@ def test_over_cap_upload_with_content_length_gets_413_and_leaves_nothing(
 
 def test_over_cap_chunked_upload_without_content_length_gets_413(
     client: TestClient, tenants: Tenants, engine: sa.Engine, storage: LocalStorage
-):
+) -> None:
     response = client.post(
         "/v1/datasets",
         headers={**tenants.acme, "Content-Type": "multipart/form-data; boundary=b0undary"},
@@ -186,7 +188,7 @@ def test_over_cap_chunked_upload_without_content_length_gets_413(
 
 def test_npz_without_inputs_gets_422_naming_file(
     client: TestClient, tenants: Tenants, engine: sa.Engine, storage: LocalStorage
-):
+) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, features=np.zeros((4, 2), np.float32))
     body = assert_problem(upload(client, tenants.acme, buffer.getvalue()), 422, "dataset_invalid")
@@ -201,7 +203,7 @@ def test_zip_with_an_escaping_member_gets_422_archive_unsafe(
     engine: sa.Engine,
     storage: LocalStorage,
     tmp_path: Path,
-):
+) -> None:
     data = zip_files(tmp_path / "evil.zip", {"../evil.png": b"\x89PNG\r\n\x1a\n"}).read_bytes()
     body = assert_problem(
         upload(client, tenants.acme, data, filename="evil.zip"), 422, "archive_unsafe"
@@ -212,7 +214,7 @@ def test_zip_with_an_escaping_member_gets_422_archive_unsafe(
 
 def test_pickle_upload_is_refused_with_the_engines_explanation(
     client: TestClient, tenants: Tenants, engine: sa.Engine, storage: LocalStorage
-):
+) -> None:
     body = assert_problem(
         upload(client, tenants.acme, pickled_checkpoint(), filename="data.pkl"),
         415,
@@ -222,14 +224,14 @@ def test_pickle_upload_is_refused_with_the_engines_explanation(
     assert_nothing_stored(engine, storage)
 
 
-def test_missing_file_gets_422_naming_the_field(client: TestClient, tenants: Tenants):
+def test_missing_file_gets_422_naming_the_field(client: TestClient, tenants: Tenants) -> None:
     body = assert_problem(
         client.post("/v1/datasets", headers=tenants.acme), 422, "validation_error"
     )
     assert body["errors"] == [{"field": "file", "reason": "field required"}]
 
 
-def test_list_pages_newest_first_with_a_cursor(client: TestClient, tenants: Tenants):
+def test_list_pages_newest_first_with_a_cursor(client: TestClient, tenants: Tenants) -> None:
     ids = [
         upload(client, tenants.acme, f"x,label\n{i},0\n{i + 1},1\n".encode(), "d.csv").json()["id"]
         for i in range(5)
@@ -240,7 +242,7 @@ def test_list_pages_newest_first_with_a_cursor(client: TestClient, tenants: Tena
 
 def test_content_has_etag_and_answers_if_none_match_with_304(
     client: TestClient, tenants: Tenants, digits_npz: bytes
-):
+) -> None:
     dataset = upload(client, tenants.acme, digits_npz).json()
     url = f"/v1/datasets/{dataset['id']}/content"
     response = client.get(url, headers=tenants.acme)
@@ -252,7 +254,9 @@ def test_content_has_etag_and_answers_if_none_match_with_304(
     assert again.status_code == 304 and again.content == b""
 
 
-def test_content_ranges_206_and_416(client: TestClient, tenants: Tenants, digits_npz: bytes):
+def test_content_ranges_206_and_416(
+    client: TestClient, tenants: Tenants, digits_npz: bytes
+) -> None:
     dataset = upload(client, tenants.acme, digits_npz).json()
     url = f"/v1/datasets/{dataset['id']}/content"
     size = len(digits_npz)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -43,8 +44,8 @@ def set_status(engine: sa.Engine, job_id: str, status: str) -> None:
 
 
 def test_submit_queues_the_job_and_sends_only_its_id(
-    client: TestClient, tenants: Tenants, inputs: dict, settings: Settings
-):
+    client: TestClient, tenants: Tenants, inputs: dict[str, str], settings: Settings
+) -> None:
     response = client.post("/v1/jobs", headers=tenants.acme, json={**inputs})
     assert response.status_code == 202, response.text
     job = response.json()
@@ -80,19 +81,20 @@ def test_submit_queues_the_job_and_sends_only_its_id(
 def test_submit_names_the_field_at_fault(
     client: TestClient,
     tenants: Tenants,
-    inputs: dict,
+    inputs: dict[str, str],
     engine: sa.Engine,
     settings: Settings,
-    change: dict,
+    change: dict[str, Any],
     status: int | None,
     code: str | None,
     field: str | None,
-):
+) -> None:
     response = client.post("/v1/jobs", headers=tenants.acme, json={**inputs, **change})
     if status is None:
         # A classifier's probabilities may be regressed on: accepted.
         assert response.status_code == 202, response.text
         return
+    assert code is not None
     body = assert_problem(response, status, code)
     assert field in [e["field"] for e in body["errors"]], body
     assert count_rows(engine, "jobs") == 0
@@ -100,8 +102,8 @@ def test_submit_names_the_field_at_fault(
 
 
 def test_submit_checks_the_data_against_the_teacher(
-    client: TestClient, tenants: Tenants, inputs: dict, engine: sa.Engine
-):
+    client: TestClient, tenants: Tenants, inputs: dict[str, str], engine: sa.Engine
+) -> None:
     def dataset(data: bytes) -> str:
         created = client.post("/v1/datasets", headers=tenants.acme, files={"file": ("d.npz", data)})
         assert created.status_code == 201, created.text
@@ -147,8 +149,8 @@ def test_submit_checks_the_data_against_the_teacher(
 
 
 def test_idempotency_key_replays_and_refuses_another_body(
-    client: TestClient, tenants: Tenants, inputs: dict, settings: Settings
-):
+    client: TestClient, tenants: Tenants, inputs: dict[str, str], settings: Settings
+) -> None:
     key = {"Idempotency-Key": "nightly-2026-11-27"}
     first = client.post("/v1/jobs", headers={**tenants.acme, **key}, json=inputs)
     again = client.post("/v1/jobs", headers={**tenants.acme, **key}, json=inputs)
@@ -178,8 +180,8 @@ def test_idempotency_key_replays_and_refuses_another_body(
 
 
 def test_list_pages_newest_first_and_filters_by_status(
-    client: TestClient, tenants: Tenants, inputs: dict
-):
+    client: TestClient, tenants: Tenants, inputs: dict[str, str]
+) -> None:
     ids = [
         client.post("/v1/jobs", headers=tenants.acme, json=inputs).json()["id"] for _ in range(5)
     ]
@@ -206,8 +208,8 @@ def test_list_pages_newest_first_and_filters_by_status(
 
 
 def test_cancel_queued_is_immediate_and_idempotent(
-    client: TestClient, tenants: Tenants, inputs: dict, engine: sa.Engine
-):
+    client: TestClient, tenants: Tenants, inputs: dict[str, str], engine: sa.Engine
+) -> None:
     job = client.post("/v1/jobs", headers=tenants.acme, json=inputs).json()
     url = f"/v1/jobs/{job['id']}/cancel"
     first = client.post(url, headers=tenants.acme)
@@ -229,8 +231,8 @@ def test_cancel_queued_is_immediate_and_idempotent(
 
 
 def test_inputs_of_an_active_job_cannot_be_deleted(
-    client: TestClient, tenants: Tenants, inputs: dict
-):
+    client: TestClient, tenants: Tenants, inputs: dict[str, str]
+) -> None:
     job = client.post("/v1/jobs", headers=tenants.acme, json=inputs).json()
     model_url = f"/v1/models/{inputs['teacher_model_id']}"
     dataset_url = f"/v1/datasets/{inputs['dataset_id']}"
@@ -244,8 +246,8 @@ def test_inputs_of_an_active_job_cannot_be_deleted(
 
 
 def test_events_page_after_a_cursor_and_stream_a_finished_job(
-    client: TestClient, tenants: Tenants, inputs: dict
-):
+    client: TestClient, tenants: Tenants, inputs: dict[str, str]
+) -> None:
     job = client.post("/v1/jobs", headers=tenants.acme, json=inputs).json()
     client.post(f"/v1/jobs/{job['id']}/cancel", headers=tenants.acme)
     url = f"/v1/jobs/{job['id']}/events"
@@ -291,7 +293,9 @@ def test_events_page_after_a_cursor_and_stream_a_finished_job(
     )
 
 
-def test_artifacts_of_a_job_without_any(client: TestClient, tenants: Tenants, inputs: dict):
+def test_artifacts_of_a_job_without_any(
+    client: TestClient, tenants: Tenants, inputs: dict[str, str]
+) -> None:
     job = client.post("/v1/jobs", headers=tenants.acme, json=inputs).json()
     listed = client.get(f"/v1/jobs/{job['id']}/artifacts", headers=tenants.acme)
     assert listed.status_code == 200 and listed.json() == {"data": []}

@@ -14,7 +14,7 @@ from tests.app.http import assert_problem, job_inputs
 
 def test_a_submission_whose_commit_fails_leaves_no_message_in_the_broker(
     client: TestClient, tenants: Tenants, engine: sa.Engine, settings: Settings
-):
+) -> None:
     """The database itself refuses the COMMIT of the request's transaction.
 
     A deferred constraint is checked only at COMMIT, so the job's insert, its

@@ -10,10 +10,10 @@ from app.storage import LocalStorage
 from tests.app.conftest import TEST_MAX_UPLOAD, Tenants
 from tests.app.databases import count_rows
 from tests.app.factories import pickled_checkpoint, tiny_onnx_classifier
-from tests.app.http import all_pages, assert_problem, chunked_multipart
+from tests.app.http import Response, all_pages, assert_problem, chunked_multipart
 
 
-def upload(client: TestClient, headers: dict[str, str], data: bytes, **fields: str):
+def upload(client: TestClient, headers: dict[str, str], data: bytes, **fields: str) -> Response:
     """POST ``data`` as the multipart ``file`` (named teacher.onnx)."""
     return client.post(
         "/v1/models",
@@ -30,7 +30,7 @@ def assert_nothing_stored(engine: sa.Engine, storage: LocalStorage) -> None:
 
 def test_upload_returns_ready_model_with_signature(
     client: TestClient, tenants: Tenants, storage: LocalStorage
-):
+) -> None:
     data = tiny_onnx_classifier(features=4, classes=3)
     response = upload(client, tenants.acme, data, name="iris teacher")
     assert response.status_code == 201, response.text
@@ -58,14 +58,16 @@ def test_upload_returns_ready_model_with_signature(
     [{}, {"Authorization": "Bearer dk_0000_nope"}, {"Authorization": "Basic Zm9vOmJhcg=="}],
     ids=["missing", "unknown", "not-bearer"],
 )
-def test_requests_without_a_valid_key_get_401(client: TestClient, tenants: Tenants, headers):
+def test_requests_without_a_valid_key_get_401(
+    client: TestClient, tenants: Tenants, headers: dict[str, str]
+) -> None:
     for method, path in [("GET", "/v1/models"), ("GET", "/v1/models/x"), ("POST", "/v1/models")]:
         response = client.request(method, path, headers=headers)
         assert_problem(response, 401, "unauthorized")
         assert response.headers["www-authenticate"].startswith("Bearer")
 
 
-def test_a_forged_secret_for_a_real_key_id_gets_401(client: TestClient, tenants: Tenants):
+def test_a_forged_secret_for_a_real_key_id_gets_401(client: TestClient, tenants: Tenants) -> None:
     token = tenants.acme["Authorization"].removeprefix("Bearer ")
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     response = client.get("/v1/models", headers={"Authorization": f"Bearer {forged}"})
@@ -74,7 +76,7 @@ def test_a_forged_secret_for_a_real_key_id_gets_401(client: TestClient, tenants:
 
 def test_another_tenants_model_is_not_found_on_every_route(
     client: TestClient, tenants: Tenants, engine: sa.Engine, storage: LocalStorage
-):
+) -> None:
     model = upload(client, tenants.acme, tiny_onnx_classifier()).json()
     path = f"/v1/models/{model['id']}"
     for method, route in [("GET", path), ("GET", f"{path}/content"), ("DELETE", path)]:
@@ -90,7 +92,7 @@ def test_another_tenants_model_is_not_found_on_every_route(
     assert client.get(path, headers=tenants.acme).status_code == 200
 
 
-def test_unknown_and_malformed_ids_are_not_found(client: TestClient, tenants: Tenants):
+def test_unknown_and_malformed_ids_are_not_found(client: TestClient, tenants: Tenants) -> None:
     for model_id in ("00000000-0000-0000-0000-000000000000", "not-an-id"):
         assert_problem(
             client.get(f"/v1/models/{model_id}", headers=tenants.acme), 404, "model_not_found"
@@ -99,7 +101,7 @@ def test_unknown_and_malformed_ids_are_not_found(client: TestClient, tenants: Te
 
 def test_delete_removes_row_and_file(
     client: TestClient, tenants: Tenants, engine: sa.Engine, storage: LocalStorage
-):
+) -> None:
     model = upload(client, tenants.acme, tiny_onnx_classifier()).json()
     response = client.delete(f"/v1/models/{model['id']}", headers=tenants.acme)
     assert response.status_code == 204
@@ -111,7 +113,7 @@ def test_delete_removes_row_and_file(
 
 def test_over_cap_upload_with_content_length_gets_413_and_leaves_nothing(
     client: TestClient, tenants: Tenants, engine: sa.Engine, storage: LocalStorage
-):
+) -> None:
     response = upload(client, tenants.acme, b"\x08\x07" + b"\0" * TEST_MAX_UPLOAD)
     assert_problem(response, 413, "upload_too_large")
     assert_nothing_stored(engine, storage)
@@ -119,7 +121,7 @@ def test_over_cap_upload_with_content_length_gets_413_and_leaves_nothing(
 
 def test_over_cap_chunked_upload_without_content_length_gets_413(
     client: TestClient, tenants: Tenants, engine: sa.Engine, storage: LocalStorage
-):
+) -> None:
     response = client.post(
         "/v1/models",
         headers={**tenants.acme, "Content-Type": "multipart/form-data; boundary=b0undary"},
@@ -131,7 +133,7 @@ def test_over_cap_chunked_upload_without_content_length_gets_413(
 
 def test_far_over_cap_content_length_is_refused_before_reading(
     client: TestClient, tenants: Tenants, engine: sa.Engine, storage: LocalStorage
-):
+) -> None:
     response = upload(client, tenants.acme, b"\0" * (3 * TEST_MAX_UPLOAD))
     assert_problem(response, 413, "upload_too_large")
     assert_nothing_stored(engine, storage)
@@ -139,7 +141,7 @@ def test_far_over_cap_content_length_is_refused_before_reading(
 
 def test_pickle_upload_gets_415_with_the_engines_explanation(
     client: TestClient, tenants: Tenants, engine: sa.Engine, storage: LocalStorage
-):
+) -> None:
     body = assert_problem(
         upload(client, tenants.acme, pickled_checkpoint()), 415, "unsupported_format"
     )
@@ -149,7 +151,7 @@ def test_pickle_upload_gets_415_with_the_engines_explanation(
 
 def test_malformed_onnx_gets_422_with_the_engines_code(
     client: TestClient, tenants: Tenants, engine: sa.Engine, storage: LocalStorage
-):
+) -> None:
     data = tiny_onnx_classifier()
     body = assert_problem(
         upload(client, tenants.acme, data[: len(data) // 2]), 422, "teacher_invalid"
@@ -160,7 +162,7 @@ def test_malformed_onnx_gets_422_with_the_engines_code(
 
 def test_missing_file_gets_422_naming_the_field(
     client: TestClient, tenants: Tenants, engine: sa.Engine, storage: LocalStorage
-):
+) -> None:
     multipart = client.post("/v1/models", headers=tenants.acme, files={"name": (None, "x")})
     no_body = client.post("/v1/models", headers=tenants.acme)
     for response in (multipart, no_body):
@@ -169,12 +171,12 @@ def test_missing_file_gets_422_naming_the_field(
     assert_nothing_stored(engine, storage)
 
 
-def test_non_form_body_gets_415(client: TestClient, tenants: Tenants):
+def test_non_form_body_gets_415(client: TestClient, tenants: Tenants) -> None:
     response = client.post("/v1/models", headers=tenants.acme, json={"file": "x"})
     assert_problem(response, 415, "multipart_required")
 
 
-def test_bad_query_parameters_get_422_naming_them(client: TestClient, tenants: Tenants):
+def test_bad_query_parameters_get_422_naming_them(client: TestClient, tenants: Tenants) -> None:
     body = assert_problem(
         client.get("/v1/models?limit=0", headers=tenants.acme), 422, "validation_error"
     )
@@ -185,7 +187,7 @@ def test_bad_query_parameters_get_422_naming_them(client: TestClient, tenants: T
     assert body["errors"][0]["field"] == "query.after"
 
 
-def test_list_pages_newest_first_with_a_cursor(client: TestClient, tenants: Tenants):
+def test_list_pages_newest_first_with_a_cursor(client: TestClient, tenants: Tenants) -> None:
     ids = [
         upload(client, tenants.acme, tiny_onnx_classifier(seed=i), name=f"m{i}").json()["id"]
         for i in range(5)
@@ -194,7 +196,9 @@ def test_list_pages_newest_first_with_a_cursor(client: TestClient, tenants: Tena
     assert all_pages(client, "/v1/models", tenants.acme) == (ids[::-1], 3)
 
 
-def test_content_has_etag_and_answers_if_none_match_with_304(client: TestClient, tenants: Tenants):
+def test_content_has_etag_and_answers_if_none_match_with_304(
+    client: TestClient, tenants: Tenants
+) -> None:
     data = tiny_onnx_classifier()
     model = upload(client, tenants.acme, data).json()
     url = f"/v1/models/{model['id']}/content"
@@ -208,7 +212,7 @@ def test_content_has_etag_and_answers_if_none_match_with_304(client: TestClient,
     assert again.status_code == 304 and again.content == b""
 
 
-def test_content_ranges_206_and_416(client: TestClient, tenants: Tenants):
+def test_content_ranges_206_and_416(client: TestClient, tenants: Tenants) -> None:
     data = tiny_onnx_classifier()
     model = upload(client, tenants.acme, data).json()
     url = f"/v1/models/{model['id']}/content"

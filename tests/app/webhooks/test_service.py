@@ -30,7 +30,7 @@ from tests.app.http import assert_problem, job_inputs
 )
 def test_submitting_a_webhook_url_inside_the_service_is_refused(
     client: TestClient, tenants: Tenants, engine: sa.Engine, url: str
-):
+) -> None:
     response = client.post(
         "/v1/jobs",
         headers=tenants.acme,
@@ -43,7 +43,7 @@ def test_submitting_a_webhook_url_inside_the_service_is_refused(
 
 def test_submitting_a_webhook_url_that_does_not_resolve_is_refused(
     client: TestClient, tenants: Tenants, engine: sa.Engine
-):
+) -> None:
     response = client.post(
         "/v1/jobs",
         headers=tenants.acme,
@@ -68,7 +68,7 @@ def test_submitting_a_webhook_url_that_does_not_resolve_is_refused(
         ("http://[fd00::1]/", False),
     ],
 )
-def test_check_webhook_url_judges_every_address_family(url: str, allowed: bool):
+def test_check_webhook_url_judges_every_address_family(url: str, allowed: bool) -> None:
     # Address literals resolve without a network.
     if allowed:
         check_webhook_url(url, allow_private=False)

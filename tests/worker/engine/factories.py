@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from sklearn.ensemble import GradientBoostingRegressor, RandomForestClassifier
+    from torch import nn
+    from transformers import BertConfig, PreTrainedTokenizerBase
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -21,7 +28,7 @@ def train_mlp_teacher(
     hidden: tuple[int, ...] = (256, 256),
     epochs: int = 60,
     seed: int = 0,
-):
+) -> nn.Sequential:
     """A torch MLP classifier trained on (x, y); returns the module in eval mode."""
     import torch
     from torch import nn
@@ -36,7 +43,9 @@ def train_mlp_teacher(
     return _fit(nn.Sequential(*layers), x, y, epochs, seed)
 
 
-def _fit(model, x: np.ndarray, y: np.ndarray, epochs: int, seed: int):
+def _fit(
+    model: nn.Sequential, x: np.ndarray, y: np.ndarray, epochs: int, seed: int
+) -> nn.Sequential:
     """Adam (lr 1e-3) on cross-entropy, shuffled minibatches of 64; returns ``model.eval()``."""
     import torch
     from torch import nn
@@ -59,7 +68,7 @@ class SmallCNN:
     """Factory for a small CNN classifier on (N, 1, 8, 8) digit images."""
 
     @staticmethod
-    def train(x_img: np.ndarray, y: np.ndarray, epochs: int = 30, seed: int = 0):
+    def train(x_img: np.ndarray, y: np.ndarray, epochs: int = 30, seed: int = 0) -> nn.Sequential:
         import torch
         from torch import nn
 
@@ -79,8 +88,8 @@ class SmallCNN:
 
 
 def export_onnx(
-    module,
-    example: tuple,
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
     path: str | Path,
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
@@ -107,7 +116,9 @@ def export_onnx(
     return path
 
 
-def export_onnx_legacy(module, example: tuple, path: str | Path, opset: int = 17) -> Path:
+def export_onnx_legacy(
+    module: nn.Module, example: tuple[torch.Tensor, ...], path: str | Path, opset: int = 17
+) -> Path:
     """Export with the TorchScript-based exporter (weights inside the graph file)."""
     import torch
 
@@ -127,7 +138,7 @@ def export_onnx_legacy(module, example: tuple, path: str | Path, opset: int = 17
 
 def sklearn_forest_onnx(
     x: np.ndarray, y: np.ndarray, path: str | Path, zipmap: bool = False, n_estimators: int = 100
-) -> tuple[Path, object]:
+) -> tuple[Path, RandomForestClassifier]:
     """A RandomForestClassifier on (x, y), converted with skl2onnx; returns (path, model)."""
     from skl2onnx import to_onnx
     from sklearn.ensemble import RandomForestClassifier
@@ -140,7 +151,9 @@ def sklearn_forest_onnx(
     return path, model
 
 
-def sklearn_regressor_onnx(x: np.ndarray, y: np.ndarray, path: str | Path) -> tuple[Path, object]:
+def sklearn_regressor_onnx(
+    x: np.ndarray, y: np.ndarray, path: str | Path
+) -> tuple[Path, GradientBoostingRegressor]:
     """A GradientBoostingRegressor on (x, y), converted with skl2onnx."""
     from skl2onnx import to_onnx
     from sklearn.ensemble import GradientBoostingRegressor
@@ -158,7 +171,8 @@ def write_npz(path: str | Path, inputs: np.ndarray, labels: np.ndarray | None = 
     if labels is not None:
         arrays["labels"] = labels
     with open(path, "wb") as f:
-        np.savez(f, **arrays)
+        # numpy's stub lets **arrays reach savez's allow_pickle: bool; the keys are array names.
+        np.savez(f, **arrays)  # type: ignore[arg-type]
     return path
 
 
@@ -222,7 +236,9 @@ class TeacherZoo:
         )
 
 
-def _full_batch_mlp(x: np.ndarray, y: np.ndarray, hidden: int, steps: int, seed: int = 0):
+def _full_batch_mlp(
+    x: np.ndarray, y: np.ndarray, hidden: int, steps: int, seed: int = 0
+) -> nn.Sequential:
     """A one-hidden-layer MLP classifier fitted with full-batch Adam (fast on a busy CPU)."""
     import torch
     from torch import nn
@@ -304,9 +320,10 @@ TINY_WORDS = [
 ]
 
 
-def tiny_bert_tokenizer(folder: Path, lowercase: bool = True):
+def tiny_bert_tokenizer(folder: Path, lowercase: bool = True) -> PreTrainedTokenizerBase:
     """A BERT WordPiece tokenizer over a tiny vocabulary written into ``folder``."""
-    from transformers import BertTokenizerFast
+    # transformers 5 resolves this alias lazily; its __init__ does not declare it for type checkers.
+    from transformers import BertTokenizerFast  # type: ignore[attr-defined]
 
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]) + "\n")
@@ -314,7 +331,7 @@ def tiny_bert_tokenizer(folder: Path, lowercase: bool = True):
     return BertTokenizerFast(vocab=str(vocab), do_lower_case=lowercase)
 
 
-def tiny_bert_config(**kw):
+def tiny_bert_config(**kw: Any) -> BertConfig:
     """A 4-layer, 32-wide BERT config: big enough to distil, small enough to train in seconds."""
     from transformers import BertConfig
 
@@ -339,12 +356,12 @@ def zip_folder(folder: Path, dest: Path) -> Path:
     return dest
 
 
-def write_jsonl(path: Path, texts: list[str], labels: list | None = None) -> Path:
+def write_jsonl(path: Path, texts: list[str], labels: list[Any] | None = None) -> Path:
     import json
 
     with open(path, "w") as f:
         for i, text in enumerate(texts):
-            row: dict = {"text": text}
+            row: dict[str, Any] = {"text": text}
             if labels is not None:
                 row["label"] = labels[i]
             f.write(json.dumps(row) + "\n")

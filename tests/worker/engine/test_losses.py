@@ -290,7 +290,7 @@ def test_default_methods_per_task() -> None:
         ({"name": "cosine"}, "embedding", "embedding"),
     ],
 )
-def test_losses_are_fp32_under_bf16_autocast(method: dict, task: str, kind: str) -> None:
+def test_losses_are_fp32_under_bf16_autocast(method: dict[str, Any], task: str, kind: str) -> None:
     loss = build_loss(job_spec(method), task, kind, True, 4, 3)
     width = 1 if task == "regression" else K
     student = t(STUDENT[:, :width]).to(torch.bfloat16)

@@ -30,7 +30,15 @@ from tests.worker.engine.factories import (
 from worker.engine.errors import DatasetInvalid, SpecInvalid, TeacherIncompatible
 from worker.engine.evaluation import validate_metrics
 from worker.engine.pipeline import run
-from worker.engine.spec import DistillationSpec
+from worker.engine.spec import (
+    DataSpec,
+    DistillationSpec,
+    EvaluationSpec,
+    LossTerm,
+    MethodSpec,
+    StudentSpec,
+    TrainingSpec,
+)
 from worker.engine.training import Callbacks
 
 ARTIFACTS = {
@@ -53,7 +61,9 @@ def split_digits() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def mlp_teacher(tmp_path_factory, split_digits) -> Path:
+def mlp_teacher(
+    tmp_path_factory: pytest.TempPathFactory, split_digits: dict[str, np.ndarray]
+) -> Path:
     folder = tmp_path_factory.mktemp("mlp_teacher")
     module = train_mlp_teacher(split_digits["x"], split_digits["y"], epochs=40)
     return export_onnx(module, (torch.from_numpy(split_digits["x"][:2]),), folder / "teacher.onnx")
@@ -70,12 +80,12 @@ def training(**kw: Any) -> dict[str, Any]:
 
 
 def test_kd_student_keeps_the_teachers_accuracy_with_10x_fewer_parameters(
-    tmp_path, mlp_teacher, split_digits
+    tmp_path: Path, mlp_teacher: Path, split_digits: dict[str, np.ndarray]
 ) -> None:
     data = write_npz(tmp_path / "transfer.npz", split_digits["x"], split_digits["y"])
     spec = DistillationSpec(
-        student={"architecture": "auto", "compression": 10},
-        training=training(epochs=60),
+        student=StudentSpec(architecture="auto", compression=10),
+        training=TrainingSpec(**training(epochs=60)),
     )
     result = run(spec, teacher_path=mlp_teacher, dataset_path=data, out_dir=tmp_path / "out")
     metrics = result.metrics
@@ -94,16 +104,16 @@ def test_kd_student_keeps_the_teachers_accuracy_with_10x_fewer_parameters(
 
 
 def test_kd_beats_labels_alone_when_only_10_percent_are_labeled(
-    tmp_path, mlp_teacher, split_digits
+    tmp_path: Path, mlp_teacher: Path, split_digits: dict[str, np.ndarray]
 ) -> None:
     labels = split_digits["y"].copy()
     hidden = np.random.default_rng(1).permutation(len(labels))[: int(0.9 * len(labels))]
     labels[hidden] = -1
     data = write_npz(tmp_path / "partial.npz", split_digits["x"], labels)
     spec = DistillationSpec(
-        student={"architecture": "mlp", "compression": 10},
-        training=training(epochs=40),
-        evaluation={"baseline": True, "validation_split": 0.3},
+        student=StudentSpec(architecture="mlp", compression=10),
+        training=TrainingSpec(**training(epochs=40)),
+        evaluation=EvaluationSpec(baseline=True, validation_split=0.3),
     )
     result = run(spec, teacher_path=mlp_teacher, dataset_path=data, out_dir=tmp_path / "out")
     metrics = result.metrics
@@ -114,7 +124,9 @@ def test_kd_beats_labels_alone_when_only_10_percent_are_labeled(
     assert metrics["distillation_helped"] is True
 
 
-def test_cli_runs_a_forest_teacher_end_to_end(tmp_path, split_digits) -> None:
+def test_cli_runs_a_forest_teacher_end_to_end(
+    tmp_path: Path, split_digits: dict[str, np.ndarray]
+) -> None:
     _teacher, forest = sklearn_forest_onnx(
         split_digits["x"], split_digits["y"], tmp_path / "forest.onnx", zipmap=True
     )
@@ -157,7 +169,7 @@ def test_cli_runs_a_forest_teacher_end_to_end(tmp_path, split_digits) -> None:
     assert student_acc >= forest_acc - 0.05, (student_acc, forest_acc)
 
 
-def test_cli_reports_bad_input_with_the_field(tmp_path) -> None:
+def test_cli_reports_bad_input_with_the_field(tmp_path: Path) -> None:
     (tmp_path / "spec.json").write_text(
         json.dumps({"teacher": {"path": "t"}, "dataset": {"path": "d"}, "training": {"epochs": -1}})
     )
@@ -172,13 +184,15 @@ def test_cli_reports_bad_input_with_the_field(tmp_path) -> None:
     assert "spec_invalid" in proc.stderr and "training.epochs" in proc.stderr
 
 
-def test_regression_teacher_gets_regression_metrics(tmp_path) -> None:
+def test_regression_teacher_gets_regression_metrics(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(600, 8)).astype(np.float32)
     y = (x[:, 0] * 2 + np.sin(x[:, 1]) + 0.1 * rng.normal(size=600)).astype(np.float32)
     teacher, _ = sklearn_regressor_onnx(x, y, tmp_path / "gbr.onnx")
     data = write_npz(tmp_path / "reg.npz", x, y)
-    spec = DistillationSpec(training=training(epochs=30), student={"architecture": "mlp"})
+    spec = DistillationSpec(
+        training=TrainingSpec(**training(epochs=30)), student=StudentSpec(architecture="mlp")
+    )
     result = run(spec, teacher_path=teacher, dataset_path=data, out_dir=tmp_path / "out")
     metrics = result.metrics
     validate_metrics(metrics)
@@ -188,10 +202,12 @@ def test_regression_teacher_gets_regression_metrics(tmp_path) -> None:
     assert metrics["student"]["r2"] > 0.6
 
 
-def test_cache_reuses_teacher_outputs_across_runs(tmp_path, mlp_teacher, split_digits) -> None:
+def test_cache_reuses_teacher_outputs_across_runs(
+    tmp_path: Path, mlp_teacher: Path, split_digits: dict[str, np.ndarray]
+) -> None:
     data = write_npz(tmp_path / "t.npz", split_digits["x"][:300])
-    spec = DistillationSpec(training=training(epochs=2))
-    stages: list[dict] = []
+    spec = DistillationSpec(training=TrainingSpec(**training(epochs=2)))
+    stages: list[dict[str, Any]] = []
     cb = Callbacks(on_event=lambda kind, d: stages.append(d) if kind == "stage" else None)
     cache = tmp_path / "cache"
     first = run(
@@ -210,12 +226,16 @@ def test_cache_reuses_teacher_outputs_across_runs(tmp_path, mlp_teacher, split_d
     assert first.metrics["student"]["accuracy"] == second.metrics["student"]["accuracy"]
 
 
-def test_online_and_hint_methods_train(tmp_path, mlp_teacher, split_digits) -> None:
+def test_online_and_hint_methods_train(
+    tmp_path: Path, mlp_teacher: Path, split_digits: dict[str, np.ndarray]
+) -> None:
     data = write_npz(tmp_path / "t.npz", split_digits["x"][:400], split_digits["y"][:400])
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     spec = DistillationSpec(
-        method={"teacher_outputs": "online", "extra_terms": [{"name": "hint", "weight": 0.5}]},
-        training=training(epochs=15),
+        method=MethodSpec(
+            teacher_outputs="online", extra_terms=[LossTerm(name="hint", weight=0.5)]
+        ),
+        training=TrainingSpec(**training(epochs=15)),
     )
     result = run(
         spec,
@@ -228,30 +248,34 @@ def test_online_and_hint_methods_train(tmp_path, mlp_teacher, split_digits) -> N
     assert result.metrics["student"]["accuracy"] > 0.5
 
 
-def test_time_budget_gives_a_partial_evaluated_student(tmp_path, mlp_teacher, split_digits) -> None:
+def test_time_budget_gives_a_partial_evaluated_student(
+    tmp_path: Path, mlp_teacher: Path, split_digits: dict[str, np.ndarray]
+) -> None:
     data = write_npz(tmp_path / "t.npz", split_digits["x"][:300])
-    spec = DistillationSpec(training=training(epochs=10_000, max_minutes=0.01))
+    spec = DistillationSpec(training=TrainingSpec(**training(epochs=10_000, max_minutes=0.01)))
     result = run(spec, teacher_path=mlp_teacher, dataset_path=data, out_dir=tmp_path / "out")
     assert result.partial and result.stop_reason == "time_budget"
     assert result.metrics["partial"] is True
     assert {p.name for p in (tmp_path / "out").iterdir()} >= ARTIFACTS
 
 
-def test_refuses_data_that_does_not_fit_the_teacher(tmp_path, mlp_teacher) -> None:
+def test_refuses_data_that_does_not_fit_the_teacher(tmp_path: Path, mlp_teacher: Path) -> None:
     data = write_npz(tmp_path / "wide.npz", np.zeros((50, 32), np.float32))
     with pytest.raises(DatasetInvalid, match=r"shape \[32\]"):
         run(DistillationSpec(), teacher_path=mlp_teacher, dataset_path=data, out_dir=tmp_path / "o")
 
 
-def test_refuses_baseline_without_labels(tmp_path, mlp_teacher, split_digits) -> None:
+def test_refuses_baseline_without_labels(
+    tmp_path: Path, mlp_teacher: Path, split_digits: dict[str, np.ndarray]
+) -> None:
     data = write_npz(tmp_path / "nolabels.npz", split_digits["x"][:100])
-    spec = DistillationSpec(evaluation={"baseline": True})
+    spec = DistillationSpec(evaluation=EvaluationSpec(baseline=True))
     with pytest.raises(SpecInvalid) as info:
         run(spec, teacher_path=mlp_teacher, dataset_path=data, out_dir=tmp_path / "o")
     assert info.value.field == "evaluation.baseline"
 
 
-def test_refuses_classification_on_a_regressor(tmp_path) -> None:
+def test_refuses_classification_on_a_regressor(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(100, 4)).astype(np.float32)
     teacher, _ = sklearn_regressor_onnx(x, x[:, 0], tmp_path / "gbr.onnx")
@@ -277,7 +301,7 @@ def test_engine_imports_nothing_from_the_service() -> None:
 
 
 @pytest.fixture(scope="module")
-def text_teachers(tmp_path_factory) -> dict[str, Path]:
+def text_teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny BERT sequence classifier and a sentence-transformers encoder, zipped."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import modules as st_modules
@@ -309,16 +333,18 @@ def text_teachers(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def test_text_classifier_distils_to_a_layer_subset_student(tmp_path, text_teachers) -> None:
+def test_text_classifier_distils_to_a_layer_subset_student(
+    tmp_path: Path, text_teachers: dict[str, Path]
+) -> None:
     texts = random_sentences(300)
     data = write_jsonl(tmp_path / "t.jsonl", texts)
     spec = DistillationSpec(
-        student={"num_layers": 2},
-        training=training(epochs=3, batch_size=32),
+        student=StudentSpec(num_layers=2),
+        training=TrainingSpec(**training(epochs=3, batch_size=32)),
         # Past the classifier's 24 positions: clamped, with a warning.
-        data={"max_length": 40},
+        data=DataSpec(max_length=40),
     )
-    events: list[tuple[str, dict]] = []
+    events: list[tuple[str, dict[str, Any]]] = []
     result = run(
         spec,
         teacher_path=text_teachers["classifier"],
@@ -342,13 +368,13 @@ def test_text_classifier_distils_to_a_layer_subset_student(tmp_path, text_teache
 
 
 def test_sentence_embeddings_distil_to_a_narrower_student_with_projection(
-    tmp_path, text_teachers
+    tmp_path: Path, text_teachers: dict[str, Path]
 ) -> None:
     data = write_jsonl(tmp_path / "t.jsonl", random_sentences(400, seed=1))
     spec = DistillationSpec(
-        student={"architecture": "transformer", "hidden_size": 16, "num_layers": 1, "num_heads": 2},
-        training=training(epochs=8, batch_size=32),
-        data={"max_length": 16},
+        student=StudentSpec(architecture="transformer", hidden_size=16, num_layers=1, num_heads=2),
+        training=TrainingSpec(**training(epochs=8, batch_size=32)),
+        data=DataSpec(max_length=16),
     )
     result = run(
         spec, teacher_path=text_teachers["sentence"], dataset_path=data, out_dir=tmp_path / "out"
@@ -366,14 +392,16 @@ def test_sentence_embeddings_distil_to_a_narrower_student_with_projection(
     assert session.run(None, feeds)[0].shape == (2, 32)
 
 
-def test_cnn_teacher_on_images_distils_to_a_cnn_student(tmp_path, split_digits) -> None:
+def test_cnn_teacher_on_images_distils_to_a_cnn_student(
+    tmp_path: Path, split_digits: dict[str, np.ndarray]
+) -> None:
     from tests.worker.engine.factories import SmallCNN
 
     images = split_digits["x"].reshape(-1, 1, 8, 8)
     cnn = SmallCNN.train(images, split_digits["y"], epochs=8)
     teacher = export_onnx(cnn, (torch.from_numpy(images[:2]),), tmp_path / "cnn.onnx")
     data = write_npz(tmp_path / "images.npz", images, split_digits["y"])
-    spec = DistillationSpec(training=training(epochs=15))
+    spec = DistillationSpec(training=TrainingSpec(**training(epochs=15)))
     result = run(spec, teacher_path=teacher, dataset_path=data, out_dir=tmp_path / "out")
     config = json.loads((tmp_path / "out" / "student_config.json").read_text())
     assert config["architecture"] == "cnn"
@@ -387,12 +415,12 @@ def test_cnn_teacher_on_images_distils_to_a_cnn_student(tmp_path, split_digits) 
 
 
 def test_an_interrupted_job_resumes_to_the_same_student(
-    tmp_path, mlp_teacher, split_digits
+    tmp_path: Path, mlp_teacher: Path, split_digits: dict[str, np.ndarray]
 ) -> None:
     from worker.engine.errors import Cancelled
 
     data = write_npz(tmp_path / "t.npz", split_digits["x"][:500], split_digits["y"][:500])
-    spec = DistillationSpec(training=training(epochs=6, checkpoint_every_steps=5))
+    spec = DistillationSpec(training=TrainingSpec(**training(epochs=6, checkpoint_every_steps=5)))
     whole = run(
         spec,
         teacher_path=mlp_teacher,
@@ -437,7 +465,9 @@ def test_an_interrupted_job_resumes_to_the_same_student(
     assert resumed.metrics["fidelity"] == whole.metrics["fidelity"]
 
 
-def test_a_teacher_with_a_hidden_softmax_is_read_in_log_space(tmp_path, split_digits) -> None:
+def test_a_teacher_with_a_hidden_softmax_is_read_in_log_space(
+    tmp_path: Path, split_digits: dict[str, np.ndarray]
+) -> None:
     class HiddenSoftmax(torch.nn.Module):
         """Probabilities written out as exp / sum, so the graph has no Softmax node."""
 
@@ -455,9 +485,11 @@ def test_a_teacher_with_a_hidden_softmax_is_read_in_log_space(tmp_path, split_di
         HiddenSoftmax(net), (torch.from_numpy(split_digits["x"][:2]),), tmp_path / "p.onnx"
     )
     data = write_npz(tmp_path / "t.npz", split_digits["x"][:600])
-    events: list[tuple[str, dict]] = []
+    events: list[tuple[str, dict[str, Any]]] = []
     result = run(
-        DistillationSpec(student={"compression": 2}, training=training(epochs=20)),
+        DistillationSpec(
+            student=StudentSpec(compression=2), training=TrainingSpec(**training(epochs=20))
+        ),
         teacher_path=teacher,
         dataset_path=data,
         out_dir=tmp_path / "out",

@@ -78,7 +78,8 @@ def test_onnx_mlp_runs_in_onnxruntime_then_in_checked_torch(
     torch.testing.assert_close(before, expected, atol=1e-4, rtol=1e-4)
 
     teacher.prepare(_batch(zoo.x[:16]))
-    assert teacher.backend == "torch", teacher.backend_reason
+    # mypy keeps the "onnxruntime" narrowing from before prepare(), which sets the backend.
+    assert teacher.backend == "torch", teacher.backend_reason  # type: ignore[comparison-overlap]
     assert "matches onnxruntime" in teacher.backend_reason
     assert teacher.module is not None and not teacher.module.training
     assert not any(p.requires_grad for p in teacher.module.parameters())
@@ -230,7 +231,7 @@ def test_forest_gives_class_probabilities(zoo: TeacherZoo, tmp_path: Path, zipma
     probs = teacher.predict(_batch(x))
     assert probs.dtype == torch.float32 and probs.shape == (100, 10)
     torch.testing.assert_close(probs.sum(1), torch.ones(100), atol=1e-5, rtol=0)
-    expected = torch.from_numpy(zoo.forest.predict_proba(x).astype(np.float32))  # type: ignore[attr-defined]
+    expected = torch.from_numpy(zoo.forest.predict_proba(x).astype(np.float32))
     torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
     sig = teacher.signature
     assert (sig.output_kind, sig.parameters) == ("probabilities", 0) and sig.bytes > 0
@@ -244,7 +245,7 @@ def test_regressor_values(zoo: TeacherZoo, tmp_path: Path) -> None:
     x = zoo.x[:64]
     out = teacher.predict(_batch(x))
     assert out.shape == (64, 1) and teacher.signature.output_kind == "values"
-    expected = zoo.regressor.predict(x).astype(np.float32)  # type: ignore[attr-defined]
+    expected = zoo.regressor.predict(x).astype(np.float32)
     np.testing.assert_allclose(out[:, 0].numpy(), expected, atol=1e-4, rtol=1e-4)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,9 @@ from worker.engine.errors import DatasetInvalid
 
 
 @pytest.mark.parametrize("with_labels", [True, False])
-def test_npz_round_trip(tmp_path, digit_arrays, with_labels):
+def test_npz_round_trip(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray], with_labels: bool
+) -> None:
     x, y = digit_arrays
     path = write_npz(tmp_path / "d.bin", x, y if with_labels else None)
     assert sniff_dataset(path) == "npz"
@@ -31,7 +35,9 @@ def test_npz_round_trip(tmp_path, digit_arrays, with_labels):
     assert len(transfer_set.digest) == 64
 
 
-def test_npz_images_and_sequences(tmp_path, digit_arrays):
+def test_npz_images_and_sequences(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     x, y = digit_arrays
     nchw = x.reshape(-1, 1, 8, 8)
     transfer_set = load_transfer_set(write_npz(tmp_path / "a.npz", nchw.astype(np.float64), y))
@@ -47,9 +53,12 @@ def test_npz_images_and_sequences(tmp_path, digit_arrays):
     assert transfer_set.modality == "sequence" and transfer_set.feature_shape == (8, 8)
 
 
-def test_npz_float_labels_are_targets_and_class_names_kept(tmp_path, digit_arrays):
+def test_npz_float_labels_are_targets_and_class_names_kept(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     x, y = digit_arrays
     transfer_set = load_transfer_set(write_npz(tmp_path / "r.npz", x, y.astype(np.float64) / 2))
+    assert transfer_set.labels is not None
     assert (
         transfer_set.label_kind == "value"
         and transfer_set.labels.dtype == np.float32
@@ -61,7 +70,9 @@ def test_npz_float_labels_are_targets_and_class_names_kept(tmp_path, digit_array
 
 
 @pytest.mark.parametrize("with_labels", [True, False])
-def test_safetensors_round_trip(tmp_path, digit_arrays, with_labels):
+def test_safetensors_round_trip(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray], with_labels: bool
+) -> None:
     from safetensors.numpy import save_file
 
     x, y = digit_arrays
@@ -76,27 +87,31 @@ def test_safetensors_round_trip(tmp_path, digit_arrays, with_labels):
         assert transfer_set.labels is None
 
 
-def test_npz_without_inputs(tmp_path, digit_arrays):
+def test_npz_without_inputs(tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]) -> None:
     path = tmp_path / "d.npz"
     np.savez(path, features=digit_arrays[0])
     with raises(DatasetInvalid, "'inputs'", "features", field="dataset"):
         load_transfer_set(path)
 
 
-def test_npz_labels_length_mismatch(tmp_path, digit_arrays):
+def test_npz_labels_length_mismatch(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     x, y = digit_arrays
     with raises(DatasetInvalid, "'labels'", str(len(y) - 1), str(len(x))):
         load_transfer_set(write_npz(tmp_path / "d.npz", x, y[:-1]))
 
 
-def test_npz_object_array_is_refused_not_unpickled(tmp_path):
+def test_npz_object_array_is_refused_not_unpickled(tmp_path: Path) -> None:
     path = tmp_path / "d.npz"
     np.savez(path, inputs=np.array([{"a": 1}, {"b": 2}], dtype=object))
     with raises(DatasetInvalid, "'inputs'", "object array", "unpickling"):
         load_transfer_set(path)
 
 
-def test_npz_non_numeric_and_non_finite(tmp_path, digit_arrays):
+def test_npz_non_numeric_and_non_finite(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     x, y = digit_arrays
     with raises(DatasetInvalid, "'inputs'", "numeric"):
         load_transfer_set(write_npz(tmp_path / "s.npz", np.array([["a", "b"]])))
@@ -110,7 +125,9 @@ def test_npz_non_numeric_and_non_finite(tmp_path, digit_arrays):
         load_transfer_set(write_npz(tmp_path / "e.npz", np.zeros((0, 4), np.float32)))
 
 
-def test_safetensors_without_inputs(tmp_path, digit_arrays):
+def test_safetensors_without_inputs(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     from safetensors.numpy import save_file
 
     path = tmp_path / "d.safetensors"

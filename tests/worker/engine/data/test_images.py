@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,9 @@ from worker.engine.spec import DataSpec
 
 
 @pytest.mark.parametrize("top", [None, "digits"])
-def test_image_folders_round_trip(tmp_path, digit_arrays, top):
+def test_image_folders_round_trip(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray], top: str | None
+) -> None:
     x, y = digit_arrays
     keep = np.flatnonzero(y < 3)[:120]
     images, labels = x[keep].reshape(-1, 8, 8), y[keep]
@@ -42,7 +45,9 @@ def test_image_folders_round_trip(tmp_path, digit_arrays, top):
     np.testing.assert_allclose(transfer_set.arrays["inputs"][:, 0], images[expected], atol=1 / 255)
 
 
-def test_image_folders_rgb_resize_and_unlabelled(tmp_path, digit_arrays):
+def test_image_folders_rgb_resize_and_unlabelled(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     x, y = digit_arrays
     rgb = np.stack([x[:20].reshape(-1, 8, 8)] * 3, axis=-1)
     path = write_image_folders_zip(tmp_path / "c.zip", rgb, y[:20] % 2, ["even", "odd"], fmt="JPEG")
@@ -57,7 +62,9 @@ def test_image_folders_rgb_resize_and_unlabelled(tmp_path, digit_arrays):
         assert transfer_set.labels is None and transfer_set.arrays["inputs"].shape == (10, 1, 8, 8)
 
 
-def test_zip_without_images_or_with_loose_and_huge_images(tmp_path, digit_arrays):
+def test_zip_without_images_or_with_loose_and_huge_images(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     path = tmp_path / "d.zip"
     with zipfile.ZipFile(path, "w") as zip_file:
         zip_file.writestr("cats/readme.txt", "no images here")
@@ -76,7 +83,7 @@ def test_zip_without_images_or_with_loose_and_huge_images(tmp_path, digit_arrays
         load_transfer_set(small, limits=DataLimits(max_image_pixels=63))
 
 
-def test_image_folders_mixed_depths_and_corrupt_images(tmp_path):
+def test_image_folders_mixed_depths_and_corrupt_images(tmp_path: Path) -> None:
     from PIL import Image
 
     def png(array: np.ndarray) -> bytes:

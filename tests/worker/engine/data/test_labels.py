@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from tests.worker.engine.data.assertions import raises
@@ -11,7 +13,9 @@ from worker.engine.data import inspect_dataset, load_transfer_set
 from worker.engine.errors import DatasetInvalid
 
 
-def test_partial_labels_mark_rows_without_a_label(tmp_path, digit_arrays):
+def test_partial_labels_mark_rows_without_a_label(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     import pyarrow as pa
 
     x, y = digit_arrays
@@ -38,6 +42,7 @@ def test_partial_labels_mark_rows_without_a_label(tmp_path, digit_arrays):
     path = tmp_path / "e.csv"
     path.write_text("a,label\n1,0.5\n2,\n")
     transfer_set = load_transfer_set(path)
+    assert transfer_set.labels is not None
     assert transfer_set.labels[0] == 0.5 and np.isnan(transfer_set.labels[1])
     path.write_text("a,label\n1,\n2,\n")
     assert load_transfer_set(path).labels is None

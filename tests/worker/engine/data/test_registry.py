@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+
 from tests.worker.engine.data.assertions import raises
 from tests.worker.engine.data.factories import write_jsonl
 from tests.worker.engine.factories import write_npz
@@ -9,7 +13,7 @@ from worker.engine.data import DATASET_READERS, DataLimits, load_transfer_set
 from worker.engine.errors import DatasetInvalid
 
 
-def test_every_reader_is_registered():
+def test_every_reader_is_registered() -> None:
     assert set(DATASET_READERS.names()) == {
         "npz",
         "safetensors",
@@ -20,7 +24,7 @@ def test_every_reader_is_registered():
     }
 
 
-def test_caps_are_enforced(tmp_path, digit_arrays):
+def test_caps_are_enforced(tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]) -> None:
     x, y = digit_arrays
     with raises(DatasetInvalid, "rows", "limit"):
         load_transfer_set(write_npz(tmp_path / "d.npz", x, y), limits=DataLimits(max_rows=100))

@@ -6,6 +6,7 @@ import io
 import pickle
 import stat
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from worker.engine.errors import ArchiveUnsafe, DatasetInvalid, UnsupportedForma
 
 
 @pytest.mark.parametrize("content", [b"", b"  \n\n"])
-def test_empty_files(tmp_path, content):
+def test_empty_files(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "d"
     path.write_bytes(content)
     with raises(DatasetInvalid, "empty" if not content else "whitespace"):
@@ -28,7 +29,9 @@ def test_empty_files(tmp_path, content):
         load_transfer_set(empty_zip)
 
 
-def test_pickle_and_random_bytes_are_refused(tmp_path, digit_arrays):
+def test_pickle_and_random_bytes_are_refused(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     path = tmp_path / "d.pkl"
     path.write_bytes(pickle.dumps({"inputs": digit_arrays[0][:5]}))
     with raises(UnsupportedFormat, "pickle", "refused"):
@@ -43,7 +46,9 @@ def test_pickle_and_random_bytes_are_refused(tmp_path, digit_arrays):
         load_transfer_set(path)
 
 
-def test_zip_with_escaping_member_is_unsafe(tmp_path, digit_arrays):
+def test_zip_with_escaping_member_is_unsafe(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     path = write_image_folders_zip(
         tmp_path / "d.zip", digit_arrays[0][:4].reshape(-1, 8, 8), np.array([0, 0, 1, 1])
     )
@@ -53,7 +58,9 @@ def test_zip_with_escaping_member_is_unsafe(tmp_path, digit_arrays):
         load_transfer_set(path)
 
 
-def test_zip_with_symlink_member_is_unsafe(tmp_path, digit_arrays):
+def test_zip_with_symlink_member_is_unsafe(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     path = write_image_folders_zip(
         tmp_path / "d.zip", digit_arrays[0][:4].reshape(-1, 8, 8), np.array([0, 0, 1, 1])
     )

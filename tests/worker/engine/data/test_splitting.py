@@ -9,7 +9,9 @@ from worker.engine.data import TransferSet, split
 from worker.engine.errors import DatasetInvalid
 
 
-def test_split_is_deterministic_stratified_disjoint_and_covering(digit_arrays):
+def test_split_is_deterministic_stratified_disjoint_and_covering(
+    digit_arrays: tuple[np.ndarray, np.ndarray],
+) -> None:
     x, y = digit_arrays
     transfer_set = TransferSet(
         arrays={"inputs": x, "row": np.arange(len(x))}, labels=y, modality="tabular"
@@ -23,6 +25,7 @@ def test_split_is_deterministic_stratified_disjoint_and_covering(digit_arrays):
     )
     np.testing.assert_array_equal(validation.labels, y[validation_rows])
     # Each class gives its share of the validation set, within one row.
+    assert validation.labels is not None
     for class_id in range(10):
         share = (y == class_id).sum() * len(validation) / len(x)
         assert abs((validation.labels == class_id).sum() - share) < 1
@@ -33,11 +36,13 @@ def test_split_is_deterministic_stratified_disjoint_and_covering(digit_arrays):
     assert not np.array_equal(other.arrays["row"], validation_rows)
 
 
-def test_split_unlabelled_texts_and_tiny_sets():
+def test_split_unlabelled_texts_and_tiny_sets() -> None:
     transfer_set = TransferSet(
         arrays={}, labels=None, modality="text", texts=[f"t{i}" for i in range(10)]
     )
     train, validation = split(transfer_set, 0.1, seed=0)
+    assert transfer_set.texts is not None
+    assert train.texts is not None and validation.texts is not None
     assert (
         len(validation) == 1
         and len(train) == 9

@@ -15,7 +15,7 @@ from worker.engine.data import inspect_dataset
 ROOT = Path(__file__).resolve().parents[4]
 
 
-def test_inspect_dataset(tmp_path, digit_arrays):
+def test_inspect_dataset(tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]) -> None:
     x, y = digit_arrays
     path = write_npz(tmp_path / "d.npz", x.reshape(-1, 1, 8, 8), y)
     info = inspect_dataset(path)
@@ -36,7 +36,9 @@ def test_inspect_dataset(tmp_path, digit_arrays):
     assert info["label_kind"] == "value" and info["num_classes"] is None
 
 
-def test_data_and_inspect_do_not_import_torch(tmp_path, digit_arrays):
+def test_data_and_inspect_do_not_import_torch(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     from safetensors.numpy import save_file
 
     x, y = digit_arrays

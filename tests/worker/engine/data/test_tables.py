@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,9 @@ from worker.engine.errors import DatasetInvalid
 from worker.engine.spec import DataSpec
 
 
-def test_csv_with_header_and_label_column(tmp_path, digit_arrays):
+def test_csv_with_header_and_label_column(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     x, y = digit_arrays
     path = write_csv(tmp_path / "d.csv", x, y)
     assert sniff_dataset(path) == "csv"
@@ -23,7 +27,9 @@ def test_csv_with_header_and_label_column(tmp_path, digit_arrays):
     assert transfer_set.class_names is None
 
 
-def test_csv_string_labels_and_semicolons(tmp_path, digit_arrays):
+def test_csv_string_labels_and_semicolons(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     x, y = digit_arrays
     names = np.array(NAMES)[y]
     transfer_set = load_transfer_set(write_csv(tmp_path / "d.txt", x, names, delimiter=";"))
@@ -32,13 +38,16 @@ def test_csv_string_labels_and_semicolons(tmp_path, digit_arrays):
     np.testing.assert_allclose(transfer_set.arrays["inputs"], x)
 
 
-def test_csv_without_labels_float_targets_and_chosen_columns(tmp_path, digit_arrays):
+def test_csv_without_labels_float_targets_and_chosen_columns(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     x, y = digit_arrays
     transfer_set = load_transfer_set(write_csv(tmp_path / "a.csv", x[:50]))
     assert transfer_set.labels is None and transfer_set.arrays["inputs"].shape == (50, 64)
     transfer_set = load_transfer_set(
         write_csv(tmp_path / "b.csv", x[:50], y[:50] + 0.5, delimiter="\t")
     )
+    assert transfer_set.labels is not None
     assert transfer_set.label_kind == "value" and transfer_set.labels.dtype == np.float32
     spec = DataSpec(feature_columns=["f3", "f1"], label_column="target")
     transfer_set = load_transfer_set(
@@ -49,7 +58,9 @@ def test_csv_without_labels_float_targets_and_chosen_columns(tmp_path, digit_arr
 
 
 @pytest.mark.parametrize("with_labels", [True, False])
-def test_parquet_round_trip(tmp_path, digit_arrays, with_labels):
+def test_parquet_round_trip(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray], with_labels: bool
+) -> None:
     import pyarrow as pa
 
     x, y = digit_arrays
@@ -70,7 +81,7 @@ def test_parquet_round_trip(tmp_path, digit_arrays, with_labels):
         assert transfer_set.labels is None
 
 
-def test_csv_text_feature_column(tmp_path):
+def test_csv_text_feature_column(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_text("a,name,label\n1.0,alice,0\n2.0,bob,1\n")
     with raises(DatasetInvalid, "'name'", "not numeric"):
@@ -80,7 +91,7 @@ def test_csv_text_feature_column(tmp_path):
     np.testing.assert_array_equal(transfer_set.arrays["inputs"], [[1.0], [2.0]])
 
 
-def test_csv_missing_value_names_column_and_row(tmp_path):
+def test_csv_missing_value_names_column_and_row(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_text("a,b,label\n1,2,0\n3,4,1\n5,,0\n")
     with raises(DatasetInvalid, "'b'", "missing", "row 3"):
@@ -90,7 +101,9 @@ def test_csv_missing_value_names_column_and_row(tmp_path):
     np.testing.assert_array_equal(load_transfer_set(path).labels, [0, -1])
 
 
-def test_unknown_columns_name_the_spec_field(tmp_path, digit_arrays):
+def test_unknown_columns_name_the_spec_field(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     path = write_csv(tmp_path / "d.csv", digit_arrays[0][:10], digit_arrays[1][:10])
     with raises(DatasetInvalid, "'nope'", field="data.feature_columns"):
         load_transfer_set(path, DataSpec(feature_columns=["f0", "nope"]))
@@ -103,7 +116,7 @@ def test_unknown_columns_name_the_spec_field(tmp_path, digit_arrays):
         load_transfer_set(parquet, DataSpec(feature_columns=["b"]))
 
 
-def test_csv_without_header_or_rows(tmp_path):
+def test_csv_without_header_or_rows(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_text("1,2,3\n4,5,6\n")
     with raises(DatasetInvalid, "header"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from tests.worker.engine.data.assertions import raises
@@ -10,7 +12,9 @@ from worker.engine.data import TransferSet, load_transfer_set, sniff_dataset, to
 from worker.engine.errors import DatasetInvalid
 
 
-def test_jsonl_string_int_and_no_labels(tmp_path, digit_arrays):
+def test_jsonl_string_int_and_no_labels(
+    tmp_path: Path, digit_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
     _, y = digit_arrays
     rows = [{"text": f"digit {NAMES[c]} number {i}", "label": NAMES[c]} for i, c in enumerate(y)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -21,6 +25,7 @@ def test_jsonl_string_int_and_no_labels(tmp_path, digit_arrays):
         and transfer_set.arrays == {}
         and len(transfer_set) == len(y)
     )
+    assert transfer_set.texts is not None
     assert transfer_set.texts[0] == rows[0]["text"] and transfer_set.class_names == sorted(NAMES)
     np.testing.assert_array_equal(
         np.array(transfer_set.class_names)[transfer_set.labels], np.array(NAMES)[y]
@@ -38,13 +43,13 @@ def test_jsonl_string_int_and_no_labels(tmp_path, digit_arrays):
     assert transfer_set.labels is None and transfer_set.texts == ["a", "b"]
 
 
-def test_jsonl_bad_line_is_named(tmp_path):
+def test_jsonl_bad_line_is_named(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "b"}, '{"text": "c",'])
     with raises(DatasetInvalid, "line 3", "not valid JSON"):
         load_transfer_set(path)
 
 
-def test_jsonl_missing_text_and_inconsistent_labels(tmp_path):
+def test_jsonl_missing_text_and_inconsistent_labels(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"body": "b"}])
     with raises(DatasetInvalid, "line 2", '"text"'):
         load_transfer_set(path)
@@ -61,9 +66,11 @@ def test_jsonl_missing_text_and_inconsistent_labels(tmp_path):
         load_transfer_set(path)
 
 
-def test_tokenize_with_a_tiny_tokenizer(tmp_path):
+def test_tokenize_with_a_tiny_tokenizer(tmp_path: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+
+    # transformers 5 resolves this alias lazily; its __init__ does not declare it for type checkers.
+    from transformers import BertTokenizerFast, PreTrainedTokenizerFast  # type: ignore[attr-defined]
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat"]
     vocab = {w: i for i, w in enumerate(words)}

@@ -64,7 +64,9 @@ def _dims(value_info: Any) -> list[Any]:
     return [dimension.dim_param or dimension.dim_value for dimension in dimensions]
 
 
-def _assert_matches(session: onnxruntime.InferenceSession, model: nn.Module, batch: dict) -> None:
+def _assert_matches(
+    session: onnxruntime.InferenceSession, model: nn.Module, batch: dict[str, torch.Tensor]
+) -> None:
     got = session.run(["outputs"], {k: v.numpy() for k, v in batch.items()})[0]
     with torch.no_grad():
         ref = model(**batch).numpy()
@@ -123,7 +125,9 @@ def test_gru_onnx_has_dynamic_batch_and_sequence(tmp_path: Path) -> None:
         _assert_matches(session, model, {"inputs": torch.randn(rows, steps, 5)})
 
 
-def test_export_guard_raises_when_onnx_differs(tmp_path: Path, monkeypatch) -> None:
+def test_export_guard_raises_when_onnx_differs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # This tests the guard itself: onnxruntime's outputs are perturbed on purpose, so
     # both exporters' files "disagree" with torch and the export must fail loudly.
     real_run = onnx_export._run_onnx
@@ -143,7 +147,9 @@ def test_export_guard_raises_when_onnx_differs(tmp_path: Path, monkeypatch) -> N
     assert not path.exists()
 
 
-def test_falls_back_to_torchscript_exporter(tmp_path: Path, monkeypatch) -> None:
+def test_falls_back_to_torchscript_exporter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("dynamo cannot trace this")
 

@@ -60,7 +60,9 @@ def test_safetensors_round_trip_with_students_rebuild(tmp_path: Path) -> None:
     assert "weights" not in rebuilt and rebuilt["hidden_sizes"] == [16]
 
 
-def test_safetensors_tied_weights_and_checksum(tmp_path: Path, monkeypatch) -> None:
+def test_safetensors_tied_weights_and_checksum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from worker.engine import students
 
     # A fake rebuild for an architecture students.py does not know.

@@ -27,7 +27,13 @@ class Student(nn.Module):
 
 
 class SoftLoss(nn.Module):
-    def forward(self, student_out, teacher_out, labels=None, **_: Any) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        student_out: torch.Tensor,
+        teacher_out: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **_: Any,
+    ) -> dict[str, torch.Tensor]:
         return {"soft": nn.functional.mse_loss(student_out.float(), teacher_out.float())}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path) -> None:
         )
     ckpt = latest_checkpoint(tmp_path / "b")
     assert ckpt is not None and ckpt.name == "step-000000013"
-    events: list[tuple[str, dict]] = []
+    events: list[tuple[str, dict[str, Any]]] = []
     resumed = run(
         make_data(),
         spec(checkpoint_every_steps=4),

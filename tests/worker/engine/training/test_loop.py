@@ -63,7 +63,7 @@ def test_early_stopping_on_validation_fidelity() -> None:
 
 
 def test_sgd_with_warmup_linear_schedule_and_clipping_trains() -> None:
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     result = run(
         make_data(),
         spec(
@@ -87,7 +87,13 @@ def test_bf16_autocast_keeps_loss_terms_in_fp32() -> None:
     seen: list[torch.dtype] = []
 
     class Recording(SoftLoss):
-        def forward(self, student_out, teacher_out, labels=None, **kw: Any):
+        def forward(
+            self,
+            student_out: torch.Tensor,
+            teacher_out: torch.Tensor,
+            labels: torch.Tensor | None = None,
+            **kw: Any,
+        ) -> dict[str, torch.Tensor]:
             terms = super().forward(student_out, teacher_out, labels, **kw)
             seen.extend(t.dtype for t in terms.values())
             return terms

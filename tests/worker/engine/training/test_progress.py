@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.worker.engine.training.factories import make_data, run, spec
@@ -10,7 +12,7 @@ from worker.engine.training import Callbacks
 
 
 def test_progress_reports_every_term_rate_and_eta() -> None:
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     run(make_data(), spec(epochs=2), callbacks=Callbacks(on_progress=rows.append))
     assert rows
     row = rows[0]
