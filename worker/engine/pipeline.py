@@ -35,6 +35,7 @@ from worker.engine.data import TransferSet, load_transfer_set, split, tokenize
 from worker.engine.errors import TeacherIncompatible
 from worker.engine.export import sha256_file
 from worker.engine.losses import LabelsOnlyLoss, build_loss
+from worker.engine.preprocessing import fit_preprocessing, standardised_loss, wrap_student
 from worker.engine.signature import TeacherSignature
 from worker.engine.spec import DistillationSpec
 from worker.engine.students import StudentContext, build_student, count_parameters, rebuild_student
@@ -45,6 +46,7 @@ from worker.engine.training import (
     TrainResult,
     cache_key,
     cached_teacher_outputs,
+    compute_teacher_outputs,
     keep_on_device_if_small,
     predict,
     resolve_device,
@@ -173,6 +175,9 @@ class TrainedStudent:
     result: TrainResult
     data: TrainingData
 
+
+#: Training rows the teacher runs on to fit the student's preprocessing when it runs online.
+PREPROCESSING_SAMPLE_ROWS = 4096
 
 # --------------------------------------------------------------------------- the run
 
@@ -444,7 +449,10 @@ def _design_student(
         vocab_size=len(teacher.tokenizer) if teacher.tokenizer is not None else None,
         teacher=teacher,
     )
-    student = build_student(spec.student, context)
+    preprocessing = fit_preprocessing(
+        data.task, data.train.arrays, _train_teacher_outputs(teacher, data, targets)
+    )
+    student = wrap_student(build_student(spec.student, context), preprocessing)
     labels = data.train.labels
     has_labels = labels is not None and bool(_labeled(labels).any())
     loss_fn = build_loss(
@@ -456,7 +464,18 @@ def _design_student(
         targets.feature_dim,
     )
     config = dict(student.config)  # type: ignore[arg-type]
-    return StudentDesign(student, config, loss_fn, has_labels)
+    return StudentDesign(student, config, standardised_loss(loss_fn, student), has_labels)
+
+
+def _train_teacher_outputs(
+    teacher: TeacherRuntime, data: FittedData, targets: TeacherTargets
+) -> np.ndarray:
+    """The teacher's outputs on training rows: cached ones, or a sample's when run online."""
+    if targets.train is not None:
+        return targets.train
+    sample = {name: array[:PREPROCESSING_SAMPLE_ROWS] for name, array in data.train.arrays.items()}
+    outputs, _ = compute_teacher_outputs(teacher, sample, batch_size=256)
+    return outputs.reshape(len(outputs), -1)
 
 
 # --------------------------------------------------------------------------- training
@@ -564,7 +583,7 @@ def _train_baseline(
     keep_on_device_if_small(training_data, device)
     return train(
         student=student,
-        loss_fn=LabelsOnlyLoss(task),
+        loss_fn=standardised_loss(LabelsOnlyLoss(task), student),
         data=training_data,
         spec=spec.training,
         task="classification" if task == "classification" else "regression",
