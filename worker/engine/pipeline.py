@@ -179,6 +179,11 @@ class TrainedStudent:
 #: Training rows the teacher runs on to fit the student's preprocessing when it runs online.
 PREPROCESSING_SAMPLE_ROWS = 4096
 
+#: Held-out rows the drop-in student is checked on against the torch student.
+DROPIN_CHECK_ROWS = 64
+#: The most held-out rows teacher and student files are compared on for ``parity``.
+PARITY_ROWS = 10_000
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -239,8 +244,9 @@ def _distil(
         if spec.evaluation.baseline
         else None
     )
-    _export(spec, trained, paths.out, callbacks)
+    _export(spec, teacher, data, trained, paths.out, callbacks)
     metrics = _evaluate(spec, teacher, data, targets, trained, baseline, device, callbacks)
+    metrics["parity"] = _parity(teacher, data, paths.out)
     artifacts = _write_reports(spec, teacher.signature, trained, metrics, paths.out)
     return _report(data.task, metrics, artifacts, trained.result)
 
@@ -712,19 +718,63 @@ def _training_summary(
 
 
 def _export(
-    spec: DistillationSpec, trained: TrainedStudent, out: Path, callbacks: Callbacks
+    spec: DistillationSpec,
+    teacher: TeacherRuntime,
+    data: FittedData,
+    trained: TrainedStudent,
+    out: Path,
+    callbacks: Callbacks,
 ) -> None:
-    """Write the student in the spec's formats, and ``student_config.json`` that rebuilds it."""
+    """Write the student in the spec's formats, and ``student_config.json`` that rebuilds it.
+
+    For an ONNX teacher, ``student.onnx`` is a drop-in: the teacher's inputs and outputs.
+    """
     callbacks.event("stage", {"stage": "export"})
     student = trained.result.student.cpu().eval()
     formats = spec.export.formats
     if "onnx" in formats:
         example = {name: value[:2].cpu() for name, value in trained.data.val.items()}
         export.export_onnx(student, example, out / "student.onnx")
+        teacher_graph = _teacher_graph(teacher)
+        if teacher_graph is not None:
+            _export_dropin(teacher_graph, teacher.signature, student, data, out / "student.onnx")
     if "safetensors" in formats:
         export.export_safetensors(student, out / "student.safetensors", out / "student_config.json")
     else:
         (out / "student_config.json").write_text(json.dumps(student.config, indent=2))
+
+
+def _teacher_graph(teacher: TeacherRuntime) -> Path | None:
+    """The ONNX teacher's graph file (extracted from a bundle), or None for other teachers."""
+    if teacher.signature.format != "onnx":
+        return None
+    path = getattr(teacher, "_graph_path", None)
+    return Path(path) if path is not None else None
+
+
+def _export_dropin(
+    teacher_graph: Path,
+    signature: TeacherSignature,
+    student: nn.Module,
+    data: FittedData,
+    path: Path,
+) -> None:
+    """Rewrite ``student.onnx`` as a drop-in for the teacher, checked against the student."""
+    rows = {name: array[:DROPIN_CHECK_ROWS] for name, array in data.validation.arrays.items()}
+    expected = predict(student, to_tensors(rows, torch.device("cpu")), 512, None).numpy()
+    export.make_dropin(path, teacher_graph, signature)
+    export.check_dropin(path, signature, export.teacher_feed(signature, rows), expected)
+
+
+def _parity(teacher: TeacherRuntime, data: FittedData, out: Path) -> dict[str, Any] | None:
+    """Teacher and ``student.onnx`` in onnxruntime on the teacher's feed of held-out rows."""
+    teacher_graph = _teacher_graph(teacher)
+    student_file = out / "student.onnx"
+    if teacher_graph is None or not student_file.exists():
+        return None
+    rows = {name: array[:PARITY_ROWS] for name, array in data.validation.arrays.items()}
+    feed = export.teacher_feed(teacher.signature, rows)
+    return export.parity(teacher_graph, student_file, feed)
 
 
 def _write_reports(
