@@ -109,6 +109,9 @@ class PreprocessedStudent(nn.Module):
     ``hint_layer`` (prefixed), so training, hint losses and export see one student.
     """
 
+    output_mean: Tensor
+    output_scale: Tensor
+
     def __init__(self, student: nn.Module, preprocessing: Mapping[str, Any]) -> None:
         super().__init__()
         self.student = student
@@ -181,6 +184,9 @@ class StandardisedTargetLoss(nn.Module):
     NaN) are all standardised with the student's output statistics first.
     """
 
+    mean: Tensor
+    scale: Tensor
+
     def __init__(self, loss: nn.Module, student: PreprocessedStudent) -> None:
         super().__init__()
         self.loss = loss
@@ -200,7 +206,7 @@ class StandardisedTargetLoss(nn.Module):
     ) -> dict[str, Tensor]:
         if labels is not None and labels.is_floating_point():
             labels = self._standardised(labels)
-        return self.loss(  # type: ignore[no-any-return]
+        return self.loss(
             self._standardised(student_out),
             None if teacher_out is None else self._standardised(teacher_out),
             labels=labels,

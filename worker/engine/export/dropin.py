@@ -193,7 +193,10 @@ class _OutputBuilder:
         if not any(t.name == table for t in self.graph.initializer):
             if labels.dtype == object:
                 tensor = helper.make_tensor(
-                    table, TensorProto.STRING, [len(labels)], [str(v).encode() for v in labels]
+                    table,
+                    TensorProto.STRING,
+                    [len(labels)],
+                    [str(v).encode() for v in labels],  # type: ignore[misc]
                 )
             else:
                 tensor = numpy_helper.from_array(labels.astype(np.int64), table)
