@@ -35,6 +35,7 @@ from worker.engine.data import TransferSet, load_transfer_set, split, tokenize
 from worker.engine.errors import TeacherIncompatible
 from worker.engine.export import sha256_file
 from worker.engine.losses import LabelsOnlyLoss, build_loss
+from worker.engine.preprocessing import fit_preprocessing, standardised_loss, wrap_student
 from worker.engine.signature import TeacherSignature
 from worker.engine.spec import DistillationSpec
 from worker.engine.students import StudentContext, build_student, count_parameters, rebuild_student
@@ -45,6 +46,7 @@ from worker.engine.training import (
     TrainResult,
     cache_key,
     cached_teacher_outputs,
+    compute_teacher_outputs,
     keep_on_device_if_small,
     predict,
     resolve_device,
@@ -174,6 +176,14 @@ class TrainedStudent:
     data: TrainingData
 
 
+#: Training rows the teacher runs on to fit the student's preprocessing when it runs online.
+PREPROCESSING_SAMPLE_ROWS = 4096
+
+#: Held-out rows the drop-in student is checked on against the torch student.
+DROPIN_CHECK_ROWS = 64
+#: The most held-out rows teacher and student files are compared on for ``parity``.
+PARITY_ROWS = 10_000
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -234,8 +244,9 @@ def _distil(
         if spec.evaluation.baseline
         else None
     )
-    _export(spec, trained, paths.out, callbacks)
+    _export(spec, teacher, data, trained, paths.out, callbacks)
     metrics = _evaluate(spec, teacher, data, targets, trained, baseline, device, callbacks)
+    metrics["parity"] = _parity(teacher, data, paths.out)
     artifacts = _write_reports(spec, teacher.signature, trained, metrics, paths.out)
     return _report(data.task, metrics, artifacts, trained.result)
 
@@ -444,7 +455,10 @@ def _design_student(
         vocab_size=len(teacher.tokenizer) if teacher.tokenizer is not None else None,
         teacher=teacher,
     )
-    student = build_student(spec.student, context)
+    preprocessing = fit_preprocessing(
+        data.task, data.train.arrays, _train_teacher_outputs(teacher, data, targets)
+    )
+    student = wrap_student(build_student(spec.student, context), preprocessing)
     labels = data.train.labels
     has_labels = labels is not None and bool(_labeled(labels).any())
     loss_fn = build_loss(
@@ -456,7 +470,18 @@ def _design_student(
         targets.feature_dim,
     )
     config = dict(student.config)  # type: ignore[arg-type]
-    return StudentDesign(student, config, loss_fn, has_labels)
+    return StudentDesign(student, config, standardised_loss(loss_fn, student), has_labels)
+
+
+def _train_teacher_outputs(
+    teacher: TeacherRuntime, data: FittedData, targets: TeacherTargets
+) -> np.ndarray:
+    """The teacher's outputs on training rows: cached ones, or a sample's when run online."""
+    if targets.train is not None:
+        return targets.train
+    sample = {name: array[:PREPROCESSING_SAMPLE_ROWS] for name, array in data.train.arrays.items()}
+    outputs, _ = compute_teacher_outputs(teacher, sample, batch_size=256)
+    return outputs.reshape(len(outputs), -1)
 
 
 # --------------------------------------------------------------------------- training
@@ -564,7 +589,7 @@ def _train_baseline(
     keep_on_device_if_small(training_data, device)
     return train(
         student=student,
-        loss_fn=LabelsOnlyLoss(task),
+        loss_fn=standardised_loss(LabelsOnlyLoss(task), student),
         data=training_data,
         spec=spec.training,
         task="classification" if task == "classification" else "regression",
@@ -693,19 +718,63 @@ def _training_summary(
 
 
 def _export(
-    spec: DistillationSpec, trained: TrainedStudent, out: Path, callbacks: Callbacks
+    spec: DistillationSpec,
+    teacher: TeacherRuntime,
+    data: FittedData,
+    trained: TrainedStudent,
+    out: Path,
+    callbacks: Callbacks,
 ) -> None:
-    """Write the student in the spec's formats, and ``student_config.json`` that rebuilds it."""
+    """Write the student in the spec's formats, and ``student_config.json`` that rebuilds it.
+
+    For an ONNX teacher, ``student.onnx`` is a drop-in: the teacher's inputs and outputs.
+    """
     callbacks.event("stage", {"stage": "export"})
     student = trained.result.student.cpu().eval()
     formats = spec.export.formats
     if "onnx" in formats:
         example = {name: value[:2].cpu() for name, value in trained.data.val.items()}
         export.export_onnx(student, example, out / "student.onnx")
+        teacher_graph = _teacher_graph(teacher)
+        if teacher_graph is not None:
+            _export_dropin(teacher_graph, teacher.signature, student, data, out / "student.onnx")
     if "safetensors" in formats:
         export.export_safetensors(student, out / "student.safetensors", out / "student_config.json")
     else:
         (out / "student_config.json").write_text(json.dumps(student.config, indent=2))
+
+
+def _teacher_graph(teacher: TeacherRuntime) -> Path | None:
+    """The ONNX teacher's graph file (extracted from a bundle), or None for other teachers."""
+    if teacher.signature.format != "onnx":
+        return None
+    path = getattr(teacher, "_graph_path", None)
+    return Path(path) if path is not None else None
+
+
+def _export_dropin(
+    teacher_graph: Path,
+    signature: TeacherSignature,
+    student: nn.Module,
+    data: FittedData,
+    path: Path,
+) -> None:
+    """Rewrite ``student.onnx`` as a drop-in for the teacher, checked against the student."""
+    rows = {name: array[:DROPIN_CHECK_ROWS] for name, array in data.validation.arrays.items()}
+    expected = predict(student, to_tensors(rows, torch.device("cpu")), 512, None).numpy()
+    export.make_dropin(path, teacher_graph, signature)
+    export.check_dropin(path, signature, export.teacher_feed(signature, rows), expected)
+
+
+def _parity(teacher: TeacherRuntime, data: FittedData, out: Path) -> dict[str, Any] | None:
+    """Teacher and ``student.onnx`` in onnxruntime on the teacher's feed of held-out rows."""
+    teacher_graph = _teacher_graph(teacher)
+    student_file = out / "student.onnx"
+    if teacher_graph is None or not student_file.exists():
+        return None
+    rows = {name: array[:PARITY_ROWS] for name, array in data.validation.arrays.items()}
+    feed = export.teacher_feed(teacher.signature, rows)
+    return export.parity(teacher_graph, student_file, feed)
 
 
 def _write_reports(

@@ -27,6 +27,7 @@ from torch import nn
 
 from worker.engine.compatibility import require_inputs
 from worker.engine.errors import SpecInvalid
+from worker.engine.preprocessing import wrap_student
 from worker.engine.registry import Registry
 from worker.engine.spec import StudentSpec
 
@@ -652,8 +653,13 @@ def rebuild_student(config: dict[str, Any]) -> nn.Module:
     Dispatches on ``config["architecture"]`` through :data:`STUDENTS` (``hf_encoder``
     is there once :mod:`worker.engine.components` is imported). The builder gets a
     context with ``saved_config=config`` and must rebuild exactly that student.
-    Weights are not restored: load them with ``load_state_dict``.
+    Weights are not restored: load them with ``load_state_dict``. A config with
+    ``preprocessing`` rebuilds the student inside its :class:`PreprocessedStudent`.
     """
+    preprocessing = config.get("preprocessing")
+    if preprocessing:
+        inner = {key: value for key, value in config.items() if key != "preprocessing"}
+        return wrap_student(rebuild_student(inner), preprocessing)
     try:
         architecture = str(config["architecture"])
         ctx = StudentContext(

@@ -72,7 +72,9 @@ def mlp_teacher(
 def onnx_predict(path: Path, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return session.run(None, {name: x})[0]
+    # A drop-in for a scikit-learn classifier gives its label first: take the scores.
+    outputs = session.run(None, {name: x})
+    return next(o for o in outputs if isinstance(o, np.ndarray) and o.dtype.kind == "f")
 
 
 def training(**kw: Any) -> dict[str, Any]:

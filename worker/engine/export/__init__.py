@@ -1,11 +1,19 @@
 """The student's artifacts: ONNX (checked in onnxruntime), safetensors plus its config.
 
 ``onnx`` writes ``student.onnx`` and proves it reproduces the torch student,
-``safetensors`` writes and reloads ``student.safetensors`` with
+``dropin`` rewrites ``student.onnx`` to take and give what an ONNX teacher does
+and measures their parity, ``safetensors`` writes and reloads ``student.safetensors`` with
 ``student_config.json``, and ``digests`` hashes artifact files.
 """
 
 from worker.engine.export.digests import sha256_file
+from worker.engine.export.dropin import (
+    check_dropin,
+    class_labels,
+    make_dropin,
+    parity,
+    teacher_feed,
+)
 from worker.engine.export.onnx import (
     OnnxCheck,
     check_onnx,
@@ -17,11 +25,16 @@ from worker.engine.export.safetensors import export_safetensors, load_student
 
 __all__ = [
     "OnnxCheck",
+    "check_dropin",
     "check_onnx",
+    "class_labels",
     "export_onnx",
     "export_safetensors",
     "load_student",
+    "make_dropin",
     "onnx_export_info",
+    "parity",
     "sequence_keys",
     "sha256_file",
+    "teacher_feed",
 ]
