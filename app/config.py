@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     webhook_poll_s: float = Field(default=2.0, gt=0)
     #: A server-wide ceiling on ``training.max_minutes``; none by default.
     max_job_minutes: float | None = Field(default=None, gt=0)
+    #: Seconds a job attempt may run past its ``training.max_minutes`` (evaluation, export)
+    #: before its worker ends it: the job fails with ``time_budget_exceeded`` and the
+    #: process running it is terminated.
+    job_time_limit_grace_s: float = Field(default=1800.0, ge=0)
+    #: Seconds a running job may go without a sign of progress (a step, an event, a
+    #: cancellation check) before its worker stops renewing its lease.
+    stalled_run_s: float = Field(default=1800.0, gt=0)
     #: Redis re-delivers an unacknowledged message after this long: keep it above the
     #: longest job, or a running job is delivered a second time.
     visibility_timeout_s: int = 48 * 3600

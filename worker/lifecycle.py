@@ -11,18 +11,21 @@ resumes from that checkpoint), and the task returns.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
 from typing import Any
 
-from billiard.process import active_children
+from billiard.process import active_children, current_process
 from celery.signals import worker_shutting_down
 
 #: The signal a pool process gets when its worker shuts down.
 HANDBACK_SIGNAL = signal.SIGUSR2
 #: billiard's name for the processes of a prefork pool (beat, embedded in a worker, is not).
 _POOL_PROCESS = "ForkPoolWorker"
+#: Exit status of a pool process ended at its job's hard time limit.
+TIME_LIMIT_EXIT_STATUS = 75
 
 
 @worker_shutting_down.connect
@@ -45,3 +48,16 @@ def listen_for_handback() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(HANDBACK_SIGNAL, lambda *_: handback_requested.set())
+
+
+def end_pool_process() -> None:
+    """End this process now if it is a prefork pool process, which runs one job and exits.
+
+    Used at a job's hard time limit, once the job is failed and its attempt
+    fenced: the parent starts a fresh pool process for the next job. Anywhere
+    else (a thread pool, the runner called in-process) ending the process would
+    take the whole worker with it; the run then stops at its next fenced write.
+    """
+    if current_process().name.startswith(_POOL_PROCESS):
+        logging.shutdown()
+        os._exit(TIME_LIMIT_EXIT_STATUS)

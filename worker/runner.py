@@ -41,6 +41,7 @@ from app.jobs.repository import JobRepository
 from app.storage import LocalStorage
 from worker.engine.errors import Cancelled, EngineError
 from worker.engine.spec import JobSpec
+from worker.lifecycle import end_pool_process
 from worker.sessions import worker_sessions
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,9 @@ class JobRun:
         self._cancel_requested = False
         self._lost = threading.Event()
         self._stop_heartbeat = threading.Event()
+        # What the heartbeat reads to tell a working run from a stalled one.
+        self._engine_thread: threading.Thread | None = None
+        self._last_sign_of_life = time.monotonic()
 
     # ------------------------------------------------------------------ the lease
 
@@ -171,6 +175,12 @@ class JobRun:
         lease = self.settings.lease_seconds
         renewed_at = time.monotonic()
         while not self._stop_heartbeat.wait(lease / 3):
+            if self._stalled():
+                # Let the lease lapse: the reconciler requeues the job, and this run, should
+                # it ever wake, stops at its next write.
+                log.warning("job %s: no progress; the lease is left to expire", self.claim.job_id)
+                self._lost.set()
+                return
             try:
                 with self.factory() as session, session.begin():
                     held = self._fenced_update(
@@ -185,6 +195,46 @@ class JobRun:
                 log.warning("job %s: lease lost; stopping", self.claim.job_id)
                 self._lost.set()
                 return
+
+    def _stalled(self) -> bool:
+        """Whether the engine has shown no sign of life for ``stalled_run_s``."""
+        return time.monotonic() - self._last_sign_of_life > self.settings.stalled_run_s
+
+    def _note_sign_of_life(self) -> None:
+        # Only the engine's own thread counts: a watcher polling on its behalf is no progress.
+        if threading.current_thread() is self._engine_thread:
+            self._last_sign_of_life = time.monotonic()
+
+    # ------------------------------------------------------------------ the time limit
+
+    def _time_limit_s(self) -> float:
+        """Seconds this attempt may run: its time budget plus the server's grace."""
+        return self._spec().training.max_minutes * 60.0 + self.settings.job_time_limit_grace_s
+
+    def _enforce_time_limit(self) -> None:
+        """At the hard limit, fail the job (fenced by attempt) and end the process running it.
+
+        The engine checks its own budget, but a stage can block in native code for
+        ever; only ending the process frees the worker for the next job.
+        """
+        limit = self._time_limit_s()
+        if self._stop_heartbeat.wait(limit):
+            return
+        log.error("job %s: past its hard time limit of %.0f s; ending it", self.claim.job_id, limit)
+        try:
+            self._fail(
+                "time_budget_exceeded",
+                f"the job ran past the worker's hard time limit ({limit:.0f} s: "
+                "training.max_minutes plus the server's grace) and was stopped",
+                "training.max_minutes",
+            )
+        except JobLost:
+            return  # the run ended the job itself meanwhile
+        except Exception:
+            log.exception("job %s: could not record the time limit", self.claim.job_id)
+        self._lost.set()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        end_pool_process()
 
     # ------------------------------------------------------------------ writes
 
@@ -208,6 +258,7 @@ class JobRun:
         total = data.get("total_steps") or 0
         step = int(data.get("step", 0))
         now = time.monotonic()
+        self._note_sign_of_life()
         if now - self._last_progress < PROGRESS_INTERVAL_S and step < total:
             return
         self._last_progress = now
@@ -216,12 +267,14 @@ class JobRun:
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         """Engine events go to the log; evaluations also become the job's latest metrics."""
+        self._note_sign_of_life()
         values = {"metrics": {"validation": data}} if kind == "evaluation" else {}
         self._write(kind, data, **values)
 
     def should_cancel(self) -> bool:
         """Whether the run must stop at this step: the lease is lost, the worker is shutting
         down, or the job was cancelled (read from the database at most once a second)."""
+        self._note_sign_of_life()
         if self._lost.is_set():
             raise JobLost(f"job {self.claim.job_id} attempt {self.claim.attempt} lost its lease")
         if handback_requested.is_set():
@@ -253,6 +306,8 @@ class JobRun:
         # copying the last checkpoint can take longer than a short lease.
         heartbeat = threading.Thread(target=self._heartbeat, name="lease", daemon=True)
         heartbeat.start()
+        self._engine_thread = threading.current_thread()
+        threading.Thread(target=self._enforce_time_limit, name="time-limit", daemon=True).start()
         try:
             try:
                 result = self._run_engine(out)

@@ -169,8 +169,15 @@ def list_members(path: str | Path, limits: ArchiveLimits = DEFAULT_LIMITS) -> li
 class _MeteredMember(io.RawIOBase):
     """A member's decompressed bytes, counted against its cap and the archive's budget."""
 
-    def __init__(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: ExpansionBudget) -> None:
+    def __init__(
+        self,
+        zf: zipfile.ZipFile,
+        info: zipfile.ZipInfo,
+        budget: ExpansionBudget,
+        owns_archive: bool = True,
+    ) -> None:
         self._zf = zf
+        self._owns_archive = owns_archive
         self._info = info
         self._budget = budget
         self._cap = budget.member_cap(info)
@@ -202,7 +209,8 @@ class _MeteredMember(io.RawIOBase):
     def close(self) -> None:
         if hasattr(self, "_member"):
             self._member.close()
-        self._zf.close()
+        if self._owns_archive:
+            self._zf.close()
         super().close()
 
 
@@ -222,6 +230,31 @@ def open_member(path: str | Path, info: zipfile.ZipInfo, budget: ExpansionBudget
     except BaseException:
         zf.close()
         raise
+
+
+class ArchiveReader:
+    """One open archive whose members are read, one after another, under one budget.
+
+    For archives of many members (image folders): :func:`open_member` would read
+    the central directory again for each one.
+    """
+
+    def __init__(self, path: str | Path, budget: ExpansionBudget) -> None:
+        try:
+            self._zf = zipfile.ZipFile(path)
+        except _READ_ERRORS as exc:
+            raise ArchiveUnsafe(f"not a readable zip archive: {exc}") from None
+        self.budget = budget
+
+    def __enter__(self) -> ArchiveReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._zf.close()
+
+    def open(self, info: zipfile.ZipInfo) -> IO[bytes]:
+        """A binary stream of member ``info``, read under the reader's budget."""
+        return io.BufferedReader(_MeteredMember(self._zf, info, self.budget, owns_archive=False))
 
 
 def extract_members(

@@ -84,3 +84,9 @@ class ExportFailed(EngineError):
     """An exported artifact does not reproduce the trained student."""
 
     code = "export_failed"
+
+
+class TimeBudgetExceeded(EngineError):
+    """The job's time budget ran out before there was a student to keep."""
+
+    code = "time_budget_exceeded"

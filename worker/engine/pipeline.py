@@ -53,6 +53,7 @@ from worker.engine.training import (
     to_tensors,
     train,
 )
+from worker.engine.training.teacher_outputs import TeacherPassLimits
 
 __all__ = [
     "ARTIFACT_MEDIA_TYPES",
@@ -337,15 +338,18 @@ def _teacher_targets(
     """The teacher's outputs on both splits (train only when cached) and its hint layer."""
     declared_kind = teacher.signature.output_kind
     declared_kind = declared_kind or ("logits" if data.task == "classification" else "values")
-    prepare = getattr(teacher, "prepare", None)
-    if prepare is not None:
-        prepare(to_tensors({k: v[:64] for k, v in data.train.arrays.items()}, device))
-    hint_layer = _hint_layer(spec, data.task, teacher)
-    callbacks.event("stage", {"stage": "teacher_outputs"})
+    limits = TeacherPassLimits.within(spec.training.max_minutes, callbacks)
     online = spec.method.teacher_outputs == "online"
-    validation, train_outputs, train_features = _teacher_outputs(
-        spec, teacher, data, hint_layer, online, cache_dir, callbacks
-    )
+    # A teacher that never returns is cut off by the time budget or a cancellation.
+    with teacher.stoppable(limits.stop_reason):
+        prepare = getattr(teacher, "prepare", None)
+        if prepare is not None:
+            prepare(to_tensors({k: v[:64] for k, v in data.train.arrays.items()}, device))
+        hint_layer = _hint_layer(spec, data.task, teacher)
+        callbacks.event("stage", {"stage": "teacher_outputs"})
+        validation, train_outputs, train_features = _teacher_outputs(
+            spec, teacher, data, hint_layer, online, cache_dir, callbacks, limits
+        )
     output_kind = _read_output_kind(data.task, declared_kind, validation, callbacks)
     feature_dim = None
     if hint_layer is not None:
@@ -385,6 +389,7 @@ def _teacher_outputs(
     online: bool,
     cache_dir: Path | None,
     callbacks: Callbacks,
+    limits: TeacherPassLimits,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(validation outputs, train outputs, train features); train ones only when not online."""
     # The teacher runs once over the transfer set; the cache key covers what it saw.
@@ -404,6 +409,7 @@ def _teacher_outputs(
             batch_size=max(spec.training.batch_size, 256),
             hint_layer=hint,
             callbacks=callbacks,
+            limits=limits,
         )
 
     validation, _ = outputs_of("val", data.validation)

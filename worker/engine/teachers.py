@@ -15,8 +15,10 @@ import hashlib
 import json
 import math
 import shutil
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +48,11 @@ from worker.engine.signature import TeacherSignature
 
 Backend = Literal["torch", "onnxruntime"]
 TeacherLoader = Callable[..., "TeacherRuntime"]
+#: Asked while the teacher runs: the exception that must end the run now, or None to go on.
+StopCheck = Callable[[], BaseException | None]
+
+#: Seconds between two stop checks while one onnxruntime call runs.
+STOP_POLL_S = 0.25
 
 #: Teacher format ("onnx", "safetensors", "huggingface") -> loader(path, *, device, work_dir).
 TEACHER_RUNTIMES: Registry[TeacherLoader] = Registry("teacher format")
@@ -98,6 +105,20 @@ class TeacherRuntime(ABC):
     tokenizer: Any | None = None
     digest: str = ""
     device: torch.device = torch.device("cpu")
+    #: While set, a runtime that can interrupt one long call asks it (see :meth:`stoppable`).
+    stop_check: StopCheck | None = None
+
+    @contextmanager
+    def stoppable(self, check: StopCheck) -> Iterator[None]:
+        """Within this block, a single long call into the teacher ends once ``check`` names why.
+
+        Runtimes that cannot interrupt a call (torch) are checked between calls by the caller.
+        """
+        previous, self.stop_check = self.stop_check, check
+        try:
+            yield
+        finally:
+            self.stop_check = previous
 
     @abstractmethod
     def predict(self, batch: dict[str, Tensor]) -> Tensor:
@@ -323,7 +344,13 @@ class OnnxTeacher(TeacherRuntime):
             for (name, x), spec in zip(self._feeds(batch).items(), self._inputs, strict=True)
         }
         rows = [feeds] if not self._fixed_batch else _rows(feeds)
-        parts = [session.run(outputs, f) for f in rows]
+        with _RunWatch(self.stop_check) as watch:
+            try:
+                parts = [session.run(outputs, f, watch.options) for f in rows]
+            except Exception:
+                if watch.reason is not None:
+                    raise watch.reason from None
+                raise
         return [
             torch.from_numpy(np.ascontiguousarray(np.concatenate([p[i] for p in parts])))
             for i in range(len(outputs))
@@ -446,6 +473,43 @@ class OnnxTeacher(TeacherRuntime):
             else:
                 out, features = self._ort_run(batch, [self._output, layer])
         return _as_output(out, self.device), _flat_features(features.to(self.device), batch)
+
+
+class _RunWatch:
+    """Sets onnxruntime's ``terminate`` flag from a thread once the stop check names a reason.
+
+    A graph can loop for ever inside one ``session.run`` (a ``Loop`` of 2**62
+    trips): only onnxruntime's own flag, set from another thread, ends that call.
+    """
+
+    def __init__(self, check: StopCheck | None) -> None:
+        import onnxruntime as ort
+
+        self.options = ort.RunOptions()
+        self.reason: BaseException | None = None
+        self._check = check
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _RunWatch:
+        if self._check is not None:
+            self._thread = threading.Thread(target=self._watch, name="teacher-watch", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        assert self._check is not None
+        while not self._done.wait(STOP_POLL_S):
+            reason = self._check()
+            if reason is not None:
+                self.reason = reason
+                self.options.terminate = True
+                return
 
 
 def _to_declared_rank(x: Tensor, declared: list[Any]) -> Tensor:

@@ -6,12 +6,14 @@ Both hold an array ``inputs`` and optional ``labels`` (an ``npz`` may add string
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from worker.engine import archive
 from worker.engine.data.labels import check_class_ids, check_targets
 from worker.engine.data.registry import DATASET_READERS, DEFAULT_DATA_LIMITS, DataLimits
 from worker.engine.data.transfer_set import FIELD, Modality, TransferSet
@@ -23,28 +25,40 @@ from worker.engine.spec import DataSpec
 def read_npz(
     path: Path, options: DataSpec, limits: DataLimits = DEFAULT_DATA_LIMITS
 ) -> TransferSet:
-    """Arrays ``inputs``, optional ``labels`` and ``class_names`` from a ``.npz``; no pickle."""
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DatasetInvalid(f"not a readable .npz file: {exc}", field=FIELD) from None
-    with npz:
-        if "inputs" not in npz.files:
-            raise DatasetInvalid(
-                f"the .npz has no array 'inputs' (arrays: {', '.join(npz.files) or 'none'})",
-                field=FIELD,
-            )
-        wanted = [name for name in ("inputs", "labels", "class_names") if name in npz.files]
-        _check_npz_headers(path, wanted, limits)
-        inputs = _npz_member(npz, "inputs")
-        labels = _npz_member(npz, "labels") if "labels" in npz.files else None
-        names = _npz_member(npz, "class_names") if "class_names" in npz.files else None
+    """Arrays ``inputs``, optional ``labels`` and ``class_names`` from a ``.npz``; no pickle.
+
+    Every member is read through :func:`archive.open_member` under one budget, and
+    the arrays' declared sizes are checked against it before any data is read.
+    """
+    members = {
+        info.filename[: -len(".npy")]: info
+        for info in archive.list_members(path, limits.archive)
+        if info.filename.endswith(".npy")
+    }
+    if "inputs" not in members:
+        raise DatasetInvalid(
+            f"the .npz has no array 'inputs' (arrays: {', '.join(members) or 'none'})",
+            field=FIELD,
+        )
+    wanted = [name for name in ("inputs", "labels", "class_names") if name in members]
+    budget = archive.ExpansionBudget(path, limits.archive)
+    declared = {name: _npy_header(path, members[name], budget, limits) for name in wanted}
+    total = sum(dtype.itemsize * math.prod(shape) for shape, dtype in declared.values())
+    cap = limits.decoded_cap(path.stat().st_size)
+    if total > cap:
+        raise DatasetInvalid(
+            f"the arrays declare {total} bytes, more than this {path.stat().st_size}-byte "
+            f"file may expand to ({cap} bytes: {limits.archive.max_ratio:g} times its size)",
+            field=FIELD,
+        )
+    arrays = {name: _npy_data(path, members[name], budget) for name in wanted}
+    names = arrays.get("class_names")
     class_names = None
     if names is not None:
         if names.dtype.kind != "U" or names.ndim != 1:
             raise DatasetInvalid("array 'class_names' must be a 1-D array of strings", field=FIELD)
         class_names = [str(name) for name in names]
-    return _numeric_transfer_set(inputs, labels, limits, class_names)
+    return _numeric_transfer_set(arrays["inputs"], arrays.get("labels"), limits, class_names)
 
 
 @DATASET_READERS.register("safetensors")
@@ -74,39 +88,43 @@ def read_safetensors(
     return _numeric_transfer_set(tensors["inputs"], tensors.get("labels"), limits)
 
 
-def _npz_member(npz: Any, name: str) -> np.ndarray:
-    """The array ``name`` of an open ``.npz``; object arrays are refused, not unpickled."""
-    try:
-        return np.asarray(npz[name])
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise _object_array(name) from None
-        raise DatasetInvalid(f"array {name!r} cannot be read: {exc}", field=FIELD) from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DatasetInvalid(f"array {name!r} cannot be read: {exc}", field=FIELD) from None
-
-
-def _check_npz_headers(path: Path, names: list[str], limits: DataLimits) -> None:
-    """Check each named member's .npy header (dtype, shape) without loading its data."""
+def _npy_header(
+    path: Path, info: zipfile.ZipInfo, budget: archive.ExpansionBudget, limits: DataLimits
+) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """(shape, dtype) from one member's .npy header, checked; no data is read."""
+    name = info.filename[: -len(".npy")]
     npy_format = np.lib.format
-    with zipfile.ZipFile(path) as zip_file:
-        for name in names:
-            with zip_file.open(f"{name}.npy") as file:
-                try:
-                    version = npy_format.read_magic(file)
-                    if version == (1, 0):
-                        shape, _, dtype = npy_format.read_array_header_1_0(file)
-                    elif version == (2, 0):
-                        shape, _, dtype = npy_format.read_array_header_2_0(file)
-                    else:
-                        continue  # newer headers are still checked once loaded
-                except ValueError as exc:
-                    raise DatasetInvalid(
-                        f"array {name!r} has a malformed header: {exc}", field=FIELD
-                    ) from None
-            if dtype.hasobject:
-                raise _object_array(name)
-            _check_declared_shape(name, tuple(shape), limits)
+    with archive.open_member(path, info, budget) as file:
+        try:
+            version = npy_format.read_magic(file)
+            if version == (1, 0):
+                shape, _, dtype = npy_format.read_array_header_1_0(file)
+            elif version == (2, 0):
+                shape, _, dtype = npy_format.read_array_header_2_0(file)
+            else:
+                raise ValueError(f".npy format version {version} is not supported")
+        except ValueError as exc:
+            raise DatasetInvalid(
+                f"array {name!r} has a malformed header: {exc}", field=FIELD
+            ) from None
+    if dtype.hasobject:
+        raise _object_array(name)
+    _check_declared_shape(name, tuple(shape), limits)
+    return tuple(shape), dtype
+
+
+def _npy_data(path: Path, info: zipfile.ZipInfo, budget: archive.ExpansionBudget) -> np.ndarray:
+    """One member's array, read in chunks under ``budget``; object arrays are never unpickled."""
+    name = info.filename[: -len(".npy")]
+    with archive.open_member(path, info, budget) as file:
+        try:
+            return np.asarray(np.lib.format.read_array(file, allow_pickle=False))
+        except ValueError as exc:
+            if "allow_pickle" in str(exc):
+                raise _object_array(name) from None
+            raise DatasetInvalid(f"array {name!r} cannot be read: {exc}", field=FIELD) from None
+        except (OSError, EOFError) as exc:
+            raise DatasetInvalid(f"array {name!r} cannot be read: {exc}", field=FIELD) from None
 
 
 def _check_declared_shape(name: str, shape: tuple[int, ...], limits: DataLimits) -> None:

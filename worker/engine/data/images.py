@@ -34,8 +34,9 @@ def read_image_folders(
     grayscale, else RGB. Images all at the top level (or in one folder) make an
     unlabelled set.
     """
-    members = _image_members(archive.list_members(path))
-    with zipfile.ZipFile(path) as zip_file:
+    members = _image_members(archive.list_members(path, limits.archive))
+    budget = archive.ExpansionBudget(path, limits.archive)
+    with archive.ArchiveReader(path, budget) as zip_file:
         found, sizes, gray = _scan_images(zip_file, members, limits)
         paths, in_folders = _class_paths([member_path for _, member_path in found])
         width, height = (
@@ -44,7 +45,7 @@ def read_image_folders(
             else sizes.most_common(1)[0][0]
         )
         channels = 1 if gray else 3
-        _check_array_size(len(found), channels, height, width, limits)
+        _check_array_size(len(found), channels, height, width, limits, path.stat().st_size)
         inputs = np.empty((len(found), channels, height, width), dtype=np.float32)
         for index, (info, _) in enumerate(found):
             try:
@@ -77,7 +78,7 @@ def _image_members(infos: list[zipfile.ZipInfo]) -> list[ImageMember]:
 
 
 def _scan_images(
-    zip_file: zipfile.ZipFile, members: list[ImageMember], limits: DataLimits
+    zip_file: archive.ArchiveReader, members: list[ImageMember], limits: DataLimits
 ) -> tuple[list[ImageMember], Counter[tuple[int, int]], bool]:
     """(the images, a count of their sizes, whether all are gray), reading only headers.
 
@@ -119,9 +120,13 @@ def _class_paths(paths: list[PurePosixPath]) -> tuple[list[PurePosixPath], bool]
 
 
 def _check_array_size(
-    images: int, channels: int, height: int, width: int, limits: DataLimits
+    images: int, channels: int, height: int, width: int, limits: DataLimits, file_bytes: int
 ) -> None:
-    """Refuse images too large per image, or in all, before the array is allocated."""
+    """Refuse images too large per image, or in all, before the array is allocated.
+
+    In all, the decoded array may be no larger than the dataset may expand to
+    (:meth:`DataLimits.decoded_cap`): black images compress a thousandfold.
+    """
     if channels * height * width > limits.max_features:
         raise DatasetInvalid(
             f"images of {channels}x{height}x{width} values are over the limit of "
@@ -129,16 +134,21 @@ def _check_array_size(
             field="data.image_size",
         )
     total = images * channels * height * width * 4
-    if total > limits.max_array_bytes:
+    cap = limits.decoded_cap(file_bytes)
+    if total > cap:
         raise DatasetInvalid(
-            f"{images} images of {channels}x{height}x{width} need {total} bytes; the "
-            f"limit is {limits.max_array_bytes}; set a smaller data.image_size",
+            f"{images} images of {channels}x{height}x{width} decode to {total} bytes, more "
+            f"than this {file_bytes}-byte archive may expand to ({cap} bytes); "
+            "set a smaller data.image_size",
             field="data.image_size",
         )
 
 
-def _open_image(zip_file: zipfile.ZipFile, info: zipfile.ZipInfo, limits: DataLimits) -> Any:
-    """The member as a lazily decoded PIL image, or ``None`` if it is not a PNG/JPEG."""
+def _open_image(zip_file: archive.ArchiveReader, info: zipfile.ZipInfo, limits: DataLimits) -> Any:
+    """The member as a lazily decoded PIL image, or ``None`` if it is not a PNG/JPEG.
+
+    Only the header is parsed here: the pixel count is checked before anything decodes.
+    """
     from PIL import Image, UnidentifiedImageError
 
     with zip_file.open(info) as file:

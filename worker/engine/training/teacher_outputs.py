@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from worker.engine.errors import Cancelled, TimeBudgetExceeded
 from worker.engine.training.callbacks import Callbacks
 from worker.engine.training.devices import iter_batches
 
@@ -32,6 +35,44 @@ def cache_key(teacher_digest: str, data_digest: str, preprocessing: dict[str, An
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class TeacherPassLimits:
+    """When the teacher pass must stop: a cancellation request, or its time budget spent.
+
+    Checked between batches, and (through :meth:`TeacherRuntime.stoppable`) from
+    another thread while one batch runs, so a teacher that never returns is cut off.
+    """
+
+    #: ``time.monotonic()`` past which the pass stops; None for no budget.
+    deadline: float | None = None
+    callbacks: Callbacks | None = None
+
+    @classmethod
+    def within(cls, minutes: float, callbacks: Callbacks | None) -> TeacherPassLimits:
+        """Limits that end the pass ``minutes`` from now, or on cancellation."""
+        return cls(time.monotonic() + minutes * 60.0, callbacks)
+
+    def stop_reason(self) -> BaseException | None:
+        """The error that ends the pass now, or None while it may go on."""
+        try:
+            if self.callbacks is not None and self.callbacks.cancelled():
+                return Cancelled("cancelled while the teacher ran over the transfer set")
+        except Exception as exc:  # e.g. the lease was lost: the caller's own error ends the pass
+            return exc
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return TimeBudgetExceeded(
+                "training.max_minutes ran out while the teacher ran over the transfer set",
+                field="training.max_minutes",
+            )
+        return None
+
+    def check(self) -> None:
+        """Raise the error that ends the pass, if there is one."""
+        reason = self.stop_reason()
+        if reason is not None:
+            raise reason
+
+
 @torch.no_grad()
 def compute_teacher_outputs(
     teacher: Any,
@@ -39,12 +80,18 @@ def compute_teacher_outputs(
     *,
     batch_size: int,
     hint_layer: str | None = None,
+    limits: TeacherPassLimits | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Run the teacher once over ``arrays``: (outputs, hint features or None), float32 on CPU."""
+    """Run the teacher once over ``arrays``: (outputs, hint features or None), float32 on CPU.
+
+    ``limits`` are checked before every batch (and during one, for runtimes that can stop).
+    """
+    limits = limits or TeacherPassLimits()
     tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
     outputs: list[np.ndarray] = []
     features: list[np.ndarray] = []
     for _, batch in iter_batches(tensors, batch_size):
+        limits.check()
         batch = {name: value.to(teacher.device) for name, value in batch.items()}
         if hint_layer is None:
             output = teacher.predict(batch)
@@ -65,6 +112,7 @@ def cached_teacher_outputs(
     batch_size: int,
     hint_layer: str | None = None,
     callbacks: Callbacks | None = None,
+    limits: TeacherPassLimits | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Teacher outputs from ``cache_dir`` when present there, else computed and stored."""
     if cache_dir is not None:
@@ -76,7 +124,7 @@ def cached_teacher_outputs(
                 callbacks.event("stage", {"stage": "teacher_outputs", "cached": True})
             return outputs, features
     outputs, features = compute_teacher_outputs(
-        teacher, arrays, batch_size=batch_size, hint_layer=hint_layer
+        teacher, arrays, batch_size=batch_size, hint_layer=hint_layer, limits=limits
     )
     if callbacks:
         callbacks.event("stage", {"stage": "teacher_outputs", "cached": False})
