@@ -65,8 +65,8 @@ class Settings(BaseSettings):
     #: Connections each process keeps in its database pool, and how many more it may open
     #: under load. Together they bound the threads that touch the database at once
     #: (:func:`app.db.database_limiter`), so a request never waits on the pool while holding
-    #: the thread another needs; keep ``api_workers`` times their sum under the server's
-    #: ``max_connections``.
+    #: the thread another needs; keep the API's worker processes (``WEB_CONCURRENCY``) times
+    #: their sum, plus the Celery workers' pools, under PostgreSQL's ``max_connections``.
     database_pool_size: int = Field(default=10, ge=1)
     database_max_overflow: int = Field(default=10, ge=0)
     #: Seconds a request waits for a pooled connection before it is answered 503.
@@ -76,8 +76,6 @@ class Settings(BaseSettings):
     #: Seconds an authenticated API key is trusted without reading it again: a revoked key
     #: stops working within this long.
     auth_cache_s: float = Field(default=1.0, ge=0, le=10)
-    #: API worker processes in production (``uvicorn --workers``; see the Dockerfile).
-    api_workers: int = Field(default=2, ge=1)
 
     def storage_root(self) -> Path:
         """The folder of a ``file://`` storage URL (relative URLs are taken from the cwd)."""

@@ -116,14 +116,20 @@ def build_engine(
     max_overflow: int = 10,
     pool_timeout_s: float = 30.0,
     pre_ping: bool = True,
+    autocommit: bool = False,
 ) -> Engine:
     """An engine for ``url``; SQLite gets foreign keys on, savepoints that nest, and its folder
     created.
 
     The API sizes the PostgreSQL pool from its settings and turns ``pre_ping`` off: a
     ping is a round trip per request, and a dead connection is instead replaced by the
-    pool once it fails (with ``pool_recycle`` retiring old ones).
+    pool once it fails (with ``pool_recycle`` retiring old ones). An ``autocommit``
+    engine serves single-statement reads: no BEGIN, no ROLLBACK when a connection goes
+    back to the pool, and no isolation level switched at each checkout.
     """
+    autocommit_options: dict[str, Any] = (
+        {"isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None} if autocommit else {}
+    )
     url = normalize_database_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -137,7 +143,10 @@ def build_engine(
                 "pool_timeout": pool_timeout_s,
             }
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, **sizing
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            **sizing,
+            **autocommit_options,
         )
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "savepoint", _begin_before_savepoint)
@@ -149,6 +158,7 @@ def build_engine(
         max_overflow=max_overflow,
         pool_timeout=pool_timeout_s,
         pool_recycle=_RECYCLE_S,
+        **autocommit_options,
     )
 
 

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth.key_cache import ApiKeyCache
@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.job_feed.stop()
             app.state.job_queue.close()
             app.state.engine.dispose()
+            app.state.read_engine.dispose()
 
     app = FastAPI(
         title="Distillery",
@@ -46,17 +47,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "get back a smaller evaluated student.",
         lifespan=lifespan,
     )
-    engine = build_engine(
-        settings.database_url,
-        pool_size=settings.database_pool_size,
-        max_overflow=settings.database_max_overflow,
-        pool_timeout_s=settings.database_pool_timeout_s,
-        pre_ping=False,
-    )
+
+    def sized_engine(*, autocommit: bool) -> Engine:
+        return build_engine(
+            settings.database_url,
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+            pool_timeout_s=settings.database_pool_timeout_s,
+            pre_ping=False,
+            autocommit=autocommit,
+        )
+
+    engine = sized_engine(autocommit=False)
     app.state.settings = settings
     app.state.engine = engine
-    # Status reads autocommit: one round trip, no BEGIN and no ROLLBACK around the SELECT.
-    app.state.read_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    # Status reads autocommit on a pool of their own: one round trip per read.
+    app.state.read_engine = sized_engine(autocommit=True)
     app.state.session_factory = sessionmaker(engine, expire_on_commit=False)
     app.state.api_key_cache = ApiKeyCache(settings.auth_cache_s)
     app.state.job_feed = JobChangeFeed()
