@@ -342,7 +342,9 @@ async def followers(
         await asyncio.sleep(0.002)  # paced, so the backlog never overflows
     async with asyncio.timeout(120):
         await asyncio.gather(*(ready.wait() for ready in readies))
-    await asyncio.sleep(2)  # the openings' own queries leave the statistics window
+    # PostgreSQL flushes an idle backend's statistics up to 10 s late: wait until the
+    # openings' own queries are counted, so the window sees only what idling costs.
+    await asyncio.sleep(12)
     procs = process_tree(pid)
     cpu_before = sum(sum(p.cpu_times()[:2]) for p in procs)
     tx_before = database_transactions(url)
