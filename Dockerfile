@@ -50,4 +50,8 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 
+# Several API processes share the port; uvicorn reads their count from WEB_CONCURRENCY
+# (docker-compose.yml sets it from DISTILL_API_WORKERS). Each process has its own
+# database pool (DISTILL_DATABASE_POOL_SIZE + DISTILL_DATABASE_MAX_OVERFLOW connections).
+ENV WEB_CONCURRENCY=2
 CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]

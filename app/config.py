@@ -66,8 +66,23 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=8, ge=1)
     #: Seconds between keep-alive comments on an idle event stream (at most 15).
     sse_keepalive_s: float = Field(default=10.0, gt=0, le=15)
-    #: Seconds between database polls of an event stream.
+    #: Seconds between the embedded (SQLite) change feed's reads of the event log: one
+    #: query per process, however many clients wait (PostgreSQL uses LISTEN/NOTIFY).
     sse_poll_s: float = Field(default=0.5, gt=0, le=5)
+    #: Connections each process keeps in its database pool, and how many more it may open
+    #: under load. Together they bound the threads that touch the database at once
+    #: (:func:`app.db.database_limiter`), so a request never waits on the pool while holding
+    #: the thread another needs; keep the API's worker processes (``WEB_CONCURRENCY``) times
+    #: their sum, plus the Celery workers' pools, under PostgreSQL's ``max_connections``.
+    database_pool_size: int = Field(default=10, ge=1)
+    database_max_overflow: int = Field(default=10, ge=0)
+    #: Seconds a request waits for a pooled connection before it is answered 503.
+    database_pool_timeout_s: float = Field(default=5.0, gt=0)
+    #: Requests that may wait for a database thread before more are answered 503.
+    database_max_waiting: int = Field(default=1024, ge=1)
+    #: Seconds an authenticated API key is trusted without reading it again: a revoked key
+    #: stops working within this long.
+    auth_cache_s: float = Field(default=1.0, ge=0, le=10)
 
     def storage_root(self) -> Path:
         """The folder of a ``file://`` storage URL (relative URLs are taken from the cwd)."""

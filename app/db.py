@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Request
+import anyio
+import anyio.to_thread
+from fastapi import Depends, Request, Response
 from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -28,7 +31,10 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.types import TypeDecorator
 
+from app.errors import DistilleryError, problem_response
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Constraint names Alembic can rely on, the same on SQLite and PostgreSQL.
 NAMING_CONVENTION = {
@@ -103,19 +109,119 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
-def build_engine(url: str) -> Engine:
+def build_engine(
+    url: str,
+    *,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    pool_timeout_s: float = 30.0,
+    pre_ping: bool = True,
+    autocommit: bool = False,
+) -> Engine:
     """An engine for ``url``; SQLite gets foreign keys on, savepoints that nest, and its folder
-    created."""
+    created.
+
+    The API sizes the PostgreSQL pool from its settings and turns ``pre_ping`` off: a
+    ping is a round trip per request, and a dead connection is instead replaced by the
+    pool once it fails (with ``pool_recycle`` retiring old ones). An ``autocommit``
+    engine serves single-statement reads: no BEGIN, no ROLLBACK when a connection goes
+    back to the pool, and no isolation level switched at each checkout.
+    """
+    autocommit_options: dict[str, Any] = (
+        {"isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None} if autocommit else {}
+    )
     url = normalize_database_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        sizing: dict[str, Any] = {}
+        if parsed.database and parsed.database != ":memory:":
+            sizing = {
+                "pool_size": pool_size,
+                "max_overflow": max_overflow,
+                "pool_timeout": pool_timeout_s,
+            }
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            **sizing,
+            **autocommit_options,
+        )
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "savepoint", _begin_before_savepoint)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(
+        url,
+        pool_pre_ping=pre_ping,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=pool_timeout_s,
+        pool_recycle=_RECYCLE_S,
+        **autocommit_options,
+    )
+
+
+#: Seconds after which a pooled connection is replaced rather than reused.
+_RECYCLE_S = 1800
+
+
+class DatabaseBusy(DistilleryError):
+    """Every database connection is busy for longer than the pool waits: try again shortly."""
+
+    status = 503
+    code = "database_busy"
+    title = "Service busy"
+
+    def __init__(self, detail: str = "the service is busy; retry after a second") -> None:
+        super().__init__(detail, headers={"Retry-After": "1"})
+
+
+def database_limiter(app: Any, name: str = "reads") -> anyio.CapacityLimiter:
+    """The thread limiter of the application's database work called ``name``.
+
+    As many threads as the pool has connections, so a thread that holds a
+    connection never waits for one behind threads that wait for a connection.
+    Requests hold connections only inside these threads: ``reads`` serves the
+    short read path (one thread call per query), ``sessions`` finishes the
+    request sessions (commit, rollback, close), so a session holding a
+    connection always gets a thread to give it back.
+    """
+    limiters: dict[str, anyio.CapacityLimiter] | None = getattr(
+        app.state, "database_limiters", None
+    )
+    if limiters is None:
+        limiters = app.state.database_limiters = {}
+    limiter = limiters.get(name)
+    if limiter is None:
+        settings = app.state.settings
+        size = settings.database_pool_size + settings.database_max_overflow
+        limiter = limiters[name] = anyio.CapacityLimiter(size)
+    return limiter
+
+
+async def run_database_call(app: Any, call: Callable[..., T], *args: Any) -> T:
+    """``call(*args)`` in a ``reads`` database thread (see :func:`database_limiter`).
+
+    :class:`DatabaseBusy` (503) rather than an ever longer queue when too many
+    requests already wait for a thread, or when the pool has no connection in time.
+    """
+    limiter = database_limiter(app)
+    if limiter.statistics().tasks_waiting >= app.state.settings.database_max_waiting:
+        raise DatabaseBusy()
+    try:
+        return await anyio.to_thread.run_sync(call, *args, limiter=limiter)
+    except PoolTimeout:
+        raise DatabaseBusy() from None
+
+
+async def _database_busy(_request: Request, exc: Exception) -> Response:
+    return problem_response(DatabaseBusy().problem(), DatabaseBusy().headers)
+
+
+def install_database_errors(app: Any) -> None:
+    """Answer an exhausted pool anywhere in ``app`` with 503 and ``Retry-After``, not 500."""
+    app.add_exception_handler(PoolTimeout, _database_busy)
 
 
 _PENDING = "distillery.after_transaction"
@@ -202,19 +308,30 @@ def _on_transaction_end(session: Session, transaction: SessionTransaction) -> No
         session.info.pop(_PENDING, None)
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
     """The request's session: commits when the endpoint returns, rolls back when it raises
-    or when the commit itself fails."""
+    or when the commit itself fails.
+
+    Opening it touches no connection: the first query checks one out, so a request
+    waiting on its body holds none. Commit, rollback and close run in the ``sessions``
+    threads (:func:`database_limiter`), which never wait on the pool, so a session that
+    holds a connection can always give it back.
+    """
     factory: sessionmaker[Session] = request.app.state.session_factory
-    with factory() as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            # After a failed COMMIT, SQLite keeps the transaction (and its write lock) open
-            # on the pooled connection until it is rolled back.
-            session.rollback()
-            raise
+    limiter = database_limiter(request.app, "sessions")
+    session = factory()
+    try:
+        yield session
+        await anyio.to_thread.run_sync(session.commit, limiter=limiter)
+    except BaseException:
+        # After a failed COMMIT, SQLite keeps the transaction (and its write lock) open
+        # on the pooled connection until it is rolled back.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(session.rollback, limiter=limiter)
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(session.close, limiter=limiter)
 
 
 #: The request's session; ``scope="function"`` commits before the response is sent,

@@ -8,13 +8,15 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.auth.key_cache import ApiKeyCache
 from app.config import Settings, get_settings
 from app.datasets.router import router as datasets_router
-from app.db import build_engine
+from app.db import build_engine, install_database_errors
 from app.errors import install_error_handlers
+from app.jobs.notifications import JobChangeFeed
 from app.jobs.queue import JobQueue
 from app.jobs.router import router as jobs_router
 from app.metrics import install_metrics
@@ -29,9 +31,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        app.state.job_queue.close()
-        app.state.engine.dispose()
+        app.state.job_feed.start(app.state.engine, settings.sse_poll_s)
+        try:
+            yield
+        finally:
+            await app.state.job_feed.stop()
+            app.state.job_queue.close()
+            app.state.engine.dispose()
+            app.state.read_engine.dispose()
 
     app = FastAPI(
         title="Distillery",
@@ -40,13 +47,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "get back a smaller evaluated student.",
         lifespan=lifespan,
     )
-    engine = build_engine(settings.database_url)
+
+    def sized_engine(*, autocommit: bool) -> Engine:
+        return build_engine(
+            settings.database_url,
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+            pool_timeout_s=settings.database_pool_timeout_s,
+            pre_ping=False,
+            autocommit=autocommit,
+        )
+
+    engine = sized_engine(autocommit=False)
     app.state.settings = settings
     app.state.engine = engine
+    # Status reads autocommit on a pool of their own: one round trip per read.
+    app.state.read_engine = sized_engine(autocommit=True)
     app.state.session_factory = sessionmaker(engine, expire_on_commit=False)
+    app.state.api_key_cache = ApiKeyCache(settings.auth_cache_s)
+    app.state.job_feed = JobChangeFeed()
     app.state.storage = LocalStorage(settings.storage_root())
     app.state.job_queue = JobQueue(settings)
     install_error_handlers(app)
+    install_database_errors(app)
     install_metrics(app)
     app.include_router(models_router)
     app.include_router(datasets_router)

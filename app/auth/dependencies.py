@@ -1,14 +1,20 @@
-"""``CurrentTenant``: the tenant whose bearer key signed the request."""
+"""``CurrentPrincipal`` and ``CurrentTenant``: who signed the request with their bearer key.
+
+Both authenticate through the process's :class:`~app.auth.key_cache.ApiKeyCache`
+without touching the request's session, so a request holds no database
+connection while it authenticates or while its body streams in afterwards.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import make_transient_to_detached
 
+from app.auth.key_cache import ApiKeyCache, Principal
 from app.auth.models import Tenant
-from app.auth.service import authenticate
 from app.db import SessionDep
 from app.errors import Unauthorized
 
@@ -16,14 +22,29 @@ from app.errors import Unauthorized
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer dk_…`")
 
 
-def current_tenant(
-    session: SessionDep,
+async def current_principal(
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Tenant:
-    """The request's tenant; :class:`Unauthorized` without a valid key."""
+) -> Principal:
+    """The tenant id and name of the request's key; :class:`Unauthorized` without a valid one."""
     if credentials is None:
         raise Unauthorized()
-    return authenticate(session, credentials.credentials)
+    cache: ApiKeyCache = request.app.state.api_key_cache
+    return await cache.authenticate(request.app, credentials.credentials)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+async def current_tenant(principal: CurrentPrincipal, session: SessionDep) -> Tenant:
+    """The request's tenant as a row of the request's session, read from it only if used.
+
+    ``merge(load=False)`` attaches the known id without a query; other columns
+    (the webhook secret) load on first access, fresh from the database.
+    """
+    tenant = Tenant(id=principal.tenant_id, name=principal.tenant_name)
+    make_transient_to_detached(tenant)
+    return session.merge(tenant, load=False)
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]

@@ -21,8 +21,8 @@ from app.errors import Unauthorized
 KEY_PREFIX = "dk"
 _KEY_ID_BYTES = 8
 _SECRET_BYTES = 32
-# A stand-in hash compared when the key id is unknown, so that case costs the same time.
-_DUMMY_HASH = hashlib.sha256(b"distillery").hexdigest()
+#: A stand-in hash compared when the key id is unknown, so that case costs the same time.
+DUMMY_HASH = hashlib.sha256(b"distillery").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,18 @@ class IssuedKey:
     api_key: ApiKey
 
 
-def _hash_secret(secret: str) -> str:
+def hash_secret(secret: str) -> str:
+    """The stored form of a key's secret: its sha256, in hex."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def split_token(token: str) -> tuple[str, str]:
+    """``(key_id, secret)`` of a ``dk_<key_id>_<secret>`` token; empty strings if malformed."""
+    prefix, _, rest = token.partition("_")
+    key_id, _, secret = rest.partition("_")
+    if prefix != KEY_PREFIX or not key_id or not secret:
+        return "", secret
+    return key_id, secret
 
 
 def create_api_key(session: Session, *, tenant_name: str) -> IssuedKey:
@@ -48,19 +58,19 @@ def create_api_key(session: Session, *, tenant_name: str) -> IssuedKey:
     # Hex key ids never contain the "_" that separates the token's parts.
     key_id = secrets.token_hex(_KEY_ID_BYTES)
     secret = secrets.token_urlsafe(_SECRET_BYTES)
-    api_key = ApiKey(tenant_id=tenant.id, key_id=key_id, secret_hash=_hash_secret(secret))
+    api_key = ApiKey(tenant_id=tenant.id, key_id=key_id, secret_hash=hash_secret(secret))
     repo.add(api_key)
     return IssuedKey(f"{KEY_PREFIX}_{key_id}_{secret}", tenant, api_key)
 
 
 def authenticate(session: Session, token: str) -> Tenant:
-    """The tenant of bearer ``token``; :class:`Unauthorized` for anything else."""
-    prefix, _, rest = token.partition("_")
-    key_id, _, secret = rest.partition("_")
-    found = None
-    if prefix == KEY_PREFIX and key_id and secret:
-        found = AuthRepository(session).active_key(key_id)
-    expected = found[0].secret_hash if found else _DUMMY_HASH
-    if not hmac.compare_digest(expected, _hash_secret(secret)) or found is None:
+    """The tenant of bearer ``token``; :class:`Unauthorized` for anything else.
+
+    Reads the key every time; requests go through :class:`app.auth.key_cache.ApiKeyCache`.
+    """
+    key_id, secret = split_token(token)
+    found = AuthRepository(session).active_key(key_id) if key_id else None
+    expected = found[0].secret_hash if found else DUMMY_HASH
+    if not hmac.compare_digest(expected, hash_secret(secret)) or found is None:
         raise Unauthorized("the API key is not valid")
     return found[1]

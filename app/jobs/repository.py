@@ -13,12 +13,13 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import Connection, CursorResult, RowMapping, func, select, update
 from sqlalchemy.orm import InstrumentedAttribute
 
 from app.datasets.models import Dataset
 from app.db import utcnow
 from app.jobs.models import LEASED, QUEUED, Job, JobArtifact, JobEvent
+from app.jobs.notifications import announce_job_change
 from app.models.models import TeacherModel
 from app.pagination import Cursor
 from app.repository import TenantRepository
@@ -140,6 +141,7 @@ class JobRepository(TenantRepository[Job]):
         event = JobEvent(job_id=job_id, type=type, data=data, attempt=attempt)
         self.session.add(event)
         self.session.flush()
+        announce_job_change(self.session, job_id)
         return event
 
     def events_after(self, job_id: uuid.UUID, after: int, limit: int) -> Sequence[JobEvent]:
@@ -168,3 +170,34 @@ class JobRepository(TenantRepository[Job]):
         return self.session.scalars(
             select(JobArtifact).where(JobArtifact.job_id == job_id, JobArtifact.name == name)
         ).one_or_none()
+
+
+# ---------------------------------------------------------------------- the status read
+# Core queries on a plain connection: a poll reads one row, with no session and no ORM.
+
+
+def job_row(connection: Connection, tenant_id: uuid.UUID, job_id: uuid.UUID) -> RowMapping | None:
+    """Every column of the tenant's job ``job_id``, if it exists."""
+    jobs = Job.__table__
+    return (
+        connection.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id))
+        .mappings()
+        .first()
+    )
+
+
+def job_version(
+    connection: Connection, tenant_id: uuid.UUID, job_id: uuid.UUID
+) -> RowMapping | None:
+    """What the tenant's job ``job_id`` looks like to a conditional read: ``status``,
+    ``attempt`` and ``updated_at`` (which every write of the job sets)."""
+    jobs = Job.__table__
+    return (
+        connection.execute(
+            select(jobs.c.status, jobs.c.attempt, jobs.c.updated_at).where(
+                jobs.c.id == job_id, jobs.c.tenant_id == tenant_id
+            )
+        )
+        .mappings()
+        .first()
+    )

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from functools import partial
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
-from app.auth.dependencies import CurrentTenant
+from app.auth.dependencies import CurrentPrincipal, CurrentTenant
 from app.config import SettingsDep
-from app.db import SessionDep
+from app.db import DatabaseBusy, SessionDep, run_database_call
 from app.downloads import CONTENT_RESPONSES, content_response
 from app.errors import Conflict, FieldError, NotFound, Unauthorized, Unprocessable, responses
 from app.jobs import service
 from app.jobs.events import EVENT_STREAM, event_stream, wants_event_stream
+from app.jobs.polling import MAX_WAIT_S, poll_job
 from app.jobs.queue import JobQueueDep
-from app.jobs.schemas import ArtifactList, ArtifactOut, JobEventOut, JobEventPage, JobOut, JobStatus
+from app.jobs.schemas import ArtifactList, ArtifactOut, JobEventPage, JobOut, JobStatus
 from app.pagination import Page, PageParams, page_params
 from app.storage import StorageDep
 from worker.engine.spec import JobSpec
@@ -69,29 +71,71 @@ def submit_job(
     return JobOut.model_validate(job)
 
 
-@router.get("", summary="List jobs, newest first")
-def list_jobs(
-    tenant: CurrentTenant,
-    session: SessionDep,
+@router.get("", summary="List jobs, newest first", response_model=Page[JobOut])
+async def list_jobs(
+    request: Request,
+    principal: CurrentPrincipal,
     page: Annotated[PageParams, Depends(page_params)],
     status: Annotated[
         list[JobStatus] | None, Query(description="only jobs in these statuses (repeatable)")
     ] = None,
-) -> Page[JobOut]:
+) -> Response:
     """A page of the tenant's jobs; pass ``next_cursor`` as ``after`` for the next."""
-    rows, cursor = service.list_jobs(
-        session, tenant=tenant, statuses=status or [], limit=page.limit, after=page.after
+    body = await run_database_call(
+        request.app,
+        partial(
+            service.list_jobs_json,
+            request.app.state.session_factory,
+            tenant_id=principal.tenant_id,
+            statuses=status or [],
+            limit=page.limit,
+            after=page.after,
+        ),
     )
-    return Page[JobOut](
-        data=[JobOut.model_validate(r) for r in rows],
-        next_cursor=None if cursor is None else cursor.encode(),
-    )
+    return Response(body, media_type="application/json")
 
 
-@router.get("/{job_id}", summary="Read a job", responses=responses(NotFound))
-def get_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobOut:
-    """Status, progress, latest metrics, ``attempt`` and ``error``."""
-    return JobOut.model_validate(service.get_job(session, tenant=tenant, job_id=job_id))
+_JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
+    304: {"description": "`If-None-Match` names the job's current ETag: it has not changed"},
+    **responses(NotFound, DatabaseBusy),
+}
+
+
+@router.get("/{job_id}", summary="Read a job", response_model=JobOut, responses=_JOB_RESPONSES)
+async def get_job(
+    job_id: str,
+    request: Request,
+    principal: CurrentPrincipal,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT_S,
+            description="long poll: answer as soon as the job changes (from `If-None-Match`, "
+            "or from its state when the request came), or after this many seconds",
+        ),
+    ] = 0,
+    if_none_match: Annotated[
+        str | None, Header(alias="If-None-Match", description="an ETag of this job")
+    ] = None,
+) -> Response:
+    """Status, progress, latest metrics, ``attempt`` and ``error``, with an ``ETag``.
+
+    With ``If-None-Match`` naming the current ETag the answer is 304 without a
+    body. With ``wait=S`` (up to 60) the answer comes when the job changes, when
+    it is finished, or after S seconds, whichever is first.
+    """
+    view = await poll_job(
+        request.app,
+        tenant_id=principal.tenant_id,
+        job_id=job_id,
+        wait_s=wait,
+        if_none_match=if_none_match,
+    )
+    headers = {"ETag": view.etag, "Cache-Control": "no-cache"}
+    if view.body is None:
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return Response(view.body, media_type="application/json", headers=headers)
 
 
 @router.post(
@@ -124,12 +168,10 @@ _EVENTS_RESPONSES = {
     response_model=JobEventPage,
     responses=_EVENTS_RESPONSES,
 )
-def job_events(
+async def job_events(
     job_id: str,
     request: Request,
-    tenant: CurrentTenant,
-    session: SessionDep,
-    settings: SettingsDep,
+    principal: CurrentPrincipal,
     after: Annotated[int, Query(ge=0, description="the last event id already seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="events per page")] = 100,
     last_event_id: Annotated[
@@ -144,20 +186,31 @@ def job_events(
     resuming after ``Last-Event-ID``, with a keep-alive comment at least every
     15 s, and closing after the ``terminal`` event.
     """
+    app = request.app
+    factory = app.state.session_factory
     if wants_event_stream(request):
-        job = service.get_job(session, tenant=tenant, job_id=job_id)
         start = _resume_point(last_event_id, after)
+        ident = await run_database_call(
+            app,
+            partial(service.owned_job_id, factory, tenant_id=principal.tenant_id, job_id=job_id),
+        )
         return StreamingResponse(
-            event_stream(request.app.state.session_factory, job.id, start, settings),
+            event_stream(app, ident, start),
             media_type=EVENT_STREAM,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    _, events = service.list_events(session, tenant=tenant, job_id=job_id, after=after, limit=limit)
-    page = JobEventPage(
-        data=[JobEventOut.model_validate(e) for e in events],
-        next_cursor=str(events[-1].id) if len(events) == limit else None,
+    body = await run_database_call(
+        app,
+        partial(
+            service.events_page_json,
+            factory,
+            tenant_id=principal.tenant_id,
+            job_id=job_id,
+            after=after,
+            limit=limit,
+        ),
     )
-    return JSONResponse(page.model_dump(mode="json"))
+    return Response(body, media_type="application/json")
 
 
 def _resume_point(last_event_id: str | None, after: int) -> int:

@@ -13,17 +13,20 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from sqlalchemy import Engine, RowMapping
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth.models import Tenant
 from app.datasets.models import Dataset
 from app.datasets.repository import DatasetRepository
 from app.db import after_commit, utcnow
 from app.errors import Conflict, FieldError, NotFound, Unprocessable
+from app.jobs import repository
 from app.jobs.models import (
     ACTIVE,
     CANCELLED,
@@ -37,9 +40,10 @@ from app.jobs.models import (
     JobEvent,
 )
 from app.jobs.repository import JobRepository
+from app.jobs.schemas import JobEventOut, JobEventPage, JobOut
 from app.models.models import TeacherModel
 from app.models.repository import ModelRepository
-from app.pagination import Cursor
+from app.pagination import Cursor, Page
 from app.storage import StoredObject
 from app.webhooks import service as webhooks
 from worker.engine.compatibility import DataFacts, check_job
@@ -191,6 +195,89 @@ def _replay(existing: Job, digest: str) -> Job:
 def get_job(session: Session, *, tenant: Tenant, job_id: str) -> Job:
     """The tenant's job ``job_id``; :class:`NotFound` otherwise."""
     return JobRepository(session).get_owned(tenant.id, job_id)
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as a status read sees it: its ETag, its status and, for a full read, its JSON."""
+
+    etag: str
+    status: str
+    body: bytes | None = None
+
+
+def job_etag(version: RowMapping) -> str:
+    """The job's entity tag: it changes with every write of the job (status, progress,
+    metrics, error all set ``updated_at``) and with its status and attempt."""
+    stamp = f"{version['updated_at'].isoformat()}|{version['status']}|{version['attempt']}"
+    return 'W/"' + hashlib.sha256(stamp.encode()).hexdigest()[:20] + '"'
+
+
+def parse_job_id(job_id: str) -> uuid.UUID:
+    """``job_id`` as a UUID; :class:`NotFound` when malformed (it names no job)."""
+    try:
+        return uuid.UUID(job_id)
+    except ValueError:
+        raise NotFound(f"no job {job_id!r}", code="job_not_found") from None
+
+
+def read_job_view(engine: Engine, *, tenant_id: uuid.UUID, job_id: str, full: bool) -> JobView:
+    """The tenant's job ``job_id`` in one query: its ETag and status, and its JSON if ``full``.
+
+    ``engine`` should autocommit, so the read is one round trip; :class:`NotFound`
+    for a malformed id or another tenant's job.
+    """
+    ident = parse_job_id(job_id)
+    with engine.connect() as connection:
+        if full:
+            row = repository.job_row(connection, tenant_id, ident)
+        else:
+            row = repository.job_version(connection, tenant_id, ident)
+    if row is None:
+        raise NotFound(f"no job {job_id!r}", code="job_not_found")
+    body = JobOut.model_validate(dict(row)).model_dump_json().encode() if full else None
+    return JobView(job_etag(row), row["status"], body)
+
+
+def list_jobs_json(
+    factory: sessionmaker[Session],
+    *,
+    tenant_id: uuid.UUID,
+    statuses: Collection[str],
+    limit: int,
+    after: Cursor | None,
+) -> bytes:
+    """A page of the tenant's jobs as JSON, read and serialised in one short session."""
+    with factory() as session:
+        rows, cursor = JobRepository(session).page_by_status(
+            tenant_id, statuses=statuses, limit=limit, after=after
+        )
+        page = Page[JobOut](
+            data=[JobOut.model_validate(r) for r in rows],
+            next_cursor=None if cursor is None else cursor.encode(),
+        )
+    return page.model_dump_json().encode()
+
+
+def events_page_json(
+    factory: sessionmaker[Session], *, tenant_id: uuid.UUID, job_id: str, after: int, limit: int
+) -> bytes:
+    """Up to ``limit`` of the tenant's job's events after id ``after``, as a JSON page."""
+    with factory() as session:
+        jobs = JobRepository(session)
+        job = jobs.get_owned(tenant_id, job_id)
+        events = jobs.events_after(job.id, after, limit)
+        page = JobEventPage(
+            data=[JobEventOut.model_validate(e) for e in events],
+            next_cursor=str(events[-1].id) if len(events) == limit else None,
+        )
+    return page.model_dump_json().encode()
+
+
+def owned_job_id(factory: sessionmaker[Session], *, tenant_id: uuid.UUID, job_id: str) -> uuid.UUID:
+    """The id of the tenant's job ``job_id``; :class:`NotFound` otherwise."""
+    with factory() as session:
+        return JobRepository(session).get_owned(tenant_id, job_id).id
 
 
 def list_jobs(
