@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     broker_url: str = "filesystem://"
     storage_url: str = "file://var/artifacts"
     max_upload_bytes: int = 10 * 2**30
+    #: Largest request body the API reads whole (JSON job specs); larger ones get 413.
+    #: Uploads stream to storage and have their own cap, ``max_upload_bytes``.
+    max_json_bytes: int = Field(default=2**20, ge=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Uploads up to this size are inspected by the API before it answers; larger ones are
     #: answered ``processing`` and inspected by a worker.

@@ -111,6 +111,33 @@ class PayloadTooLarge(DistilleryError):
     title = "Payload too large"
 
 
+def body_too_large(limit: int) -> PayloadTooLarge:
+    """The problem of a request body (not an upload) over ``DISTILL_MAX_JSON_BYTES``."""
+    return PayloadTooLarge(
+        f"the request body is larger than the limit of {limit} bytes", code="body_too_large"
+    )
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while a body is being read, once it passes ``limit`` bytes.
+
+    An HTTPException, because FastAPI turns any other error raised while it reads
+    a body into a 400; the handler renders it as :func:`body_too_large`.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes")
+        self.limit = limit
+
+
+class TooManyRequests(DistilleryError):
+    """A tenant's quota is used up for now; ``Retry-After`` says when to try again."""
+
+    status = 429
+    code = "too_many_requests"
+    title = "Too many requests"
+
+
 class RangeNotSatisfiable(DistilleryError):
     """A ``Range`` that starts past the end of the content."""
 
@@ -176,6 +203,11 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return problem_response(problem.problem())
 
 
+async def _body_too_large(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BodyTooLarge)
+    return problem_response(body_too_large(exc.limit).problem())
+
+
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     # Starlette's own 404/405 for unknown routes and methods, as problems too.
     assert isinstance(exc, StarletteHTTPException)
@@ -234,6 +266,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Render every error ``app`` raises as problem+json, and document it so."""
     app.add_exception_handler(DistilleryError, _distillery_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(BodyTooLarge, _body_too_large)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.openapi = lambda: problem_openapi(app)  # type: ignore[method-assign]
