@@ -225,7 +225,8 @@ async def receive_upload(
     if not boundary:
         raise Unprocessable("the multipart body has no boundary", code="malformed_multipart")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > 2 * max_bytes + FRAMING_BYTES:
+    # More digits than 18 is more than any cap (and not worth parsing).
+    if declared.isdigit() and (len(declared) > 18 or int(declared) > 2 * max_bytes + FRAMING_BYTES):
         # Too large to be worth draining: answer at once (clients that sent
         # Expect: 100-continue get this before sending a byte).
         raise _too_large(max_bytes)

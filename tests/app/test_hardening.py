@@ -7,8 +7,11 @@ printed (run with ``-s`` to see it).
 
 from __future__ import annotations
 
+import base64
 import json
+import socket
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,8 @@ import psutil
 import pytest
 
 from tests.app.conftest import Tenants
+from tests.app.factories import tiny_onnx_classifier
+from tests.app.http import assert_problem
 from tests.app.servers import Server, uvicorn_server
 from tests.app.test_upload_memory import PeakRss, post_chunked
 
@@ -93,3 +98,58 @@ def test_a_48mb_json_body_is_refused_with_413_while_it_streams(
     # A spec under the cap is still read and validated.
     small = httpx.post(f"{server.base_url}/v1/jobs", headers=headers, content=b"{}")
     assert small.status_code == 422, small.text
+
+
+def _upload_teacher(server: Server, headers: dict[str, str], filename: str = "t.onnx") -> str:
+    response = httpx.post(
+        f"{server.base_url}/v1/models",
+        headers=headers,
+        files={"file": (filename, tiny_onnx_classifier())},
+    )
+    assert response.status_code == 201, response.text
+    model_id: str = response.json()["id"]
+    return model_id
+
+
+def test_numbers_past_any_bound_in_a_range_or_a_cursor_are_4xx_never_500(
+    server: Server, tenants: Tenants
+) -> None:
+    model_id = _upload_teacher(server, tenants.acme)
+    content = f"{server.base_url}/v1/models/{model_id}/content"
+    size = len(tiny_onnx_classifier())
+    huge = "9" * 5000  # past the 4,300 digits Python parses
+    started = time.perf_counter()
+    past_end = httpx.get(content, headers={**tenants.acme, "Range": f"bytes={huge}-"})
+    assert_problem(past_end, 416, "range_not_satisfiable")
+    to_the_end = httpx.get(content, headers={**tenants.acme, "Range": f"bytes=0-{huge}"})
+    suffix = httpx.get(content, headers={**tenants.acme, "Range": f"bytes=-{huge}"})
+    for whole in (to_the_end, suffix):
+        assert whole.status_code == 206, whole.text
+        assert whole.headers["Content-Range"] == f"bytes 0-{size - 1}/{size}"
+    print(f"\n5,000-digit ranges: 416/206/206 in {time.perf_counter() - started:.2f} s")
+
+    # A cursor dated year 1 at +14:00 lies before the earliest UTC time.
+    raw = f"0001-01-01T00:00:00+14:00|{uuid.uuid4().hex}".encode()
+    for cursor in (base64.urlsafe_b64encode(raw).decode(), "A" * 5000):
+        for path in ("/v1/models", "/v1/datasets", "/v1/jobs"):
+            response = httpx.get(
+                f"{server.base_url}{path}", headers=tenants.acme, params={"after": cursor}
+            )
+            body = assert_problem(response, 422, "validation_error")
+            assert [e["field"] for e in body["errors"]] == ["query.after"], body
+    # A Content-Length of 5,000 digits on an upload.
+    answer = _raw_request(
+        server,
+        f"POST /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: {tenants.acme['Authorization']}"
+        f"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {huge}\r\n\r\n",
+    )
+    assert answer.startswith((b"HTTP/1.1 4",)), answer[:200]
+
+
+def _raw_request(server: Server, head: str) -> bytes:
+    """Send ``head`` as it is over a socket and return the start of the answer."""
+    url = httpx.URL(server.base_url)
+    assert url.port is not None
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        sock.sendall(head.encode("latin-1"))
+        return sock.recv(65536)
