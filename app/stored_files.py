@@ -23,6 +23,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from app.auth.models import Tenant
 from app.config import Settings
 from app.db import UTCDateTime, after_commit, after_rollback, utcnow
+from app.display_names import MAX_NAME_CHARS, display_name, file_display_name
 from app.downloads import content_response
 from app.errors import FieldError, Unprocessable, UnsupportedMediaType
 from app.storage import LocalStorage
@@ -70,7 +71,8 @@ async def receive(
     """A new row id and the request's upload (``file``, optional ``name``), streamed to its key.
 
     The body is parsed as it arrives (constant memory) and capped at
-    ``settings.max_upload_bytes``.
+    ``settings.max_upload_bytes``. Control characters are dropped from ``name``
+    and the file name; a ``name`` longer than :data:`MAX_NAME_CHARS` is a 422.
     """
     row_id = uuid.uuid4()
     upload = await receive_upload(
@@ -81,6 +83,17 @@ async def receive(
         file_field=FILE_FIELD,
         text_fields=frozenset({"name"}),
     )
+    name = display_name(upload.fields.get("name", ""))
+    if len(name) > MAX_NAME_CHARS:
+        upload.file.abort()
+        reason = f"longer than {MAX_NAME_CHARS} characters"
+        raise Unprocessable(
+            f"name is {reason}",
+            code="validation_error",
+            errors=[FieldError(field="name", reason=reason)],
+        )
+    upload.fields["name"] = name
+    upload.filename = file_display_name(upload.filename or "") or None
     return row_id, upload
 
 

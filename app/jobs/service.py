@@ -23,6 +23,7 @@ from app.auth.models import Tenant
 from app.datasets.models import Dataset
 from app.datasets.repository import DatasetRepository
 from app.db import after_commit, utcnow
+from app.display_names import has_control_characters
 from app.errors import Conflict, FieldError, NotFound, Unprocessable
 from app.jobs.models import (
     ACTIVE,
@@ -106,6 +107,12 @@ def submit_job(
     """
     digest = spec_digest(spec)
     jobs = JobRepository(session)
+    if idempotency_key is not None and has_control_characters(idempotency_key):
+        raise Unprocessable(
+            "Idempotency-Key must not hold control characters",
+            code="validation_error",
+            errors=[FieldError(field="header.idempotency-key", reason="control characters")],
+        )
     webhooks.check_webhook_url(spec.webhook_url, allow_private=allow_private_webhooks)
     if idempotency_key is not None:
         existing = jobs.by_idempotency_key(tenant.id, idempotency_key)
@@ -311,7 +318,8 @@ def list_artifacts(session: Session, *, tenant: Tenant, job_id: str) -> Sequence
 def get_artifact(session: Session, *, tenant: Tenant, job_id: str, name: str) -> JobArtifact:
     """The artifact ``name`` of the tenant's job ``job_id``; :class:`NotFound` otherwise."""
     job = get_job(session, tenant=tenant, job_id=job_id)
-    found = JobRepository(session).artifact(job.id, name)
+    # No artifact is named with control characters (and PostgreSQL cannot compare a NUL).
+    found = None if has_control_characters(name) else JobRepository(session).artifact(job.id, name)
     if found is None:
         raise NotFound(f"job {job_id} has no artifact {name!r}", code="artifact_not_found")
     return found

@@ -153,3 +153,54 @@ def _raw_request(server: Server, head: str) -> bytes:
     with socket.create_connection((url.host, url.port), timeout=30) as sock:
         sock.sendall(head.encode("latin-1"))
         return sock.recv(65536)
+
+
+def _multipart(name: bytes | None, filename: bytes, content: bytes) -> bytes:
+    """A multipart body (boundary ``b0undary``) with the bytes of ``name`` and the file name
+    as a client may send them, control characters included."""
+    parts = []
+    if name is not None:
+        parts.append(b'Content-Disposition: form-data; name="name"\r\n\r\n' + name)
+    parts.append(
+        b'Content-Disposition: form-data; name="file"; filename="' + filename + b'"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n" + content
+    )
+    return b"".join(b"--b0undary\r\n" + part + b"\r\n" for part in parts) + b"--b0undary--\r\n"
+
+
+def _post_multipart(server: Server, headers: dict[str, str], body: bytes) -> httpx.Response:
+    return httpx.post(
+        f"{server.base_url}/v1/models",
+        headers={**headers, "Content-Type": "multipart/form-data; boundary=b0undary"},
+        content=body,
+    )
+
+
+def test_names_with_nul_or_over_255_characters_are_cleaned_or_refused_on_postgresql(
+    server: Server, tenants: Tenants
+) -> None:
+    teacher = tiny_onnx_classifier()
+    nul = _post_multipart(server, tenants.acme, _multipart(b"te\0st\x07", b"mo\0del.onnx", teacher))
+    assert nul.status_code == 201, nul.text
+    assert (nul.json()["name"], nul.json()["filename"]) == ("test", "model.onnx")
+
+    long_name = _post_multipart(server, tenants.acme, _multipart(b"n" * 300, b"t.onnx", teacher))
+    body = assert_problem(long_name, 422, "validation_error")
+    assert [e["field"] for e in body["errors"]] == ["name"]
+    # 255 characters of UTF-8 (more than 255 bytes) and a control character fit.
+    widest = ("é" * 255 + "\x1b").encode()
+    fits = _post_multipart(server, tenants.acme, _multipart(widest, b"t.onnx", teacher))
+    assert fits.status_code == 201, fits.text
+    assert fits.json()["name"] == "é" * 255
+
+    # A file name of 1,000 bytes is cut to 255 characters, keeping its extension.
+    long_file = _post_multipart(
+        server, tenants.acme, _multipart(None, b"f" * 1000 + b".onnx", teacher)
+    )
+    assert long_file.status_code == 201, long_file.text
+    filename = long_file.json()["filename"]
+    assert len(filename) == 255 and filename.endswith(".onnx")
+    assert long_file.json()["name"] == filename
+
+    listed = httpx.get(f"{server.base_url}/v1/models", headers=tenants.acme)
+    assert listed.status_code == 200 and len(listed.json()["data"]) == 3
