@@ -12,6 +12,7 @@ from urllib.parse import quote
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from app.display_names import display_name
 from app.errors import NotFound, RangeNotSatisfiable, responses
 from app.storage import LocalStorage
 
@@ -72,9 +73,16 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 def content_disposition(filename: str) -> str:
-    """An ``attachment`` header value that survives any file name (RFC 6266)."""
-    fallback = filename.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename)}"
+    """An ``attachment`` header value that survives any file name (RFC 6266).
+
+    Stored names may predate the upload's cleaning, so control characters are
+    dropped here too (a line feed would make the whole response invalid).
+    ``filename*`` carries the name in UTF-8, percent-encoded; ``filename`` is an
+    ASCII fallback with every other character replaced by ``_``.
+    """
+    name = display_name(filename) or "download"
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 def content_response(

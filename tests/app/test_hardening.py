@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import sqlalchemy as sa
 
 from tests.app.conftest import Tenants
 from tests.app.factories import tiny_onnx_classifier
@@ -204,3 +205,24 @@ def test_names_with_nul_or_over_255_characters_are_cleaned_or_refused_on_postgre
 
     listed = httpx.get(f"{server.base_url}/v1/models", headers=tenants.acme)
     assert listed.status_code == 200 and len(listed.json()["data"]) == 3
+
+
+def test_a_stored_file_name_with_a_line_feed_still_downloads(
+    server: Server, tenants: Tenants, engine: sa.Engine
+) -> None:
+    model_id = _upload_teacher(server, tenants.acme)
+    # Rows stored before names were cleaned may hold any character.
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE models SET filename = :name WHERE id = :id"),
+            {"name": 'evil\nname"\\é.onnx', "id": uuid.UUID(model_id)},
+        )
+    content = f"{server.base_url}/v1/models/{model_id}/content"
+    for _ in range(2):
+        response = httpx.get(content, headers=tenants.acme)
+        assert response.status_code == 200, response.text
+        assert response.content == tiny_onnx_classifier()
+        disposition = response.headers["Content-Disposition"]
+        assert disposition == (
+            "attachment; filename=\"evilname___.onnx\"; filename*=UTF-8''evilname%22%5C%C3%A9.onnx"
+        )
