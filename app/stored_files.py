@@ -25,7 +25,7 @@ from app.config import Settings
 from app.db import UTCDateTime, after_commit, after_rollback, utcnow
 from app.display_names import MAX_NAME_CHARS, display_name, file_display_name
 from app.downloads import content_response
-from app.errors import FieldError, Unprocessable, UnsupportedMediaType
+from app.errors import FieldError, Unprocessable, UnsupportedMediaType, public_message
 from app.storage import LocalStorage
 from app.tenancy import TenantOwned
 from app.uploads import Upload, receive_upload
@@ -99,10 +99,11 @@ async def receive(
 
 def rejected(error: EngineError) -> UnsupportedMediaType | Unprocessable:
     """An engine error about the uploaded file as the HTTP error a client should see."""
-    errors = [FieldError(field=FILE_FIELD, reason=error.message)]
+    message = public_message(error.message)
+    errors = [FieldError(field=FILE_FIELD, reason=message)]
     if isinstance(error, UnsupportedFormat):
-        return UnsupportedMediaType(error.message, code=error.code, errors=errors)
-    return Unprocessable(error.message, code=error.code, errors=errors)
+        return UnsupportedMediaType(message, code=error.code, errors=errors)
+    return Unprocessable(message, code=error.code, errors=errors)
 
 
 def inspect_upload(upload: Upload, inspect: Callable[[Path], T], *, invalid: EngineError) -> T:
@@ -202,7 +203,7 @@ def complete_inspection(storage: LocalStorage, row: StoredFile, inspector: Inspe
         error = inspector.invalid
     if error is not None:
         row.status = "invalid"
-        row.error = {"code": error.code, "message": error.message}
+        row.error = {"code": error.code, "message": public_message(error.message)}
         return
     for name, value in columns.items():
         setattr(row, name, value)

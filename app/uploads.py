@@ -18,7 +18,14 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
-from app.errors import FieldError, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from app.errors import (
+    MAX_ECHO_CHARS,
+    FieldError,
+    PayloadTooLarge,
+    Unprocessable,
+    UnsupportedMediaType,
+    echo,
+)
 from app.storage import LocalStorage, StorageWriter
 
 #: File bytes gathered before one write to disk (done in a worker thread).
@@ -158,9 +165,9 @@ class _Receiver:
         elif name not in self.text_fields:
             self._fail(
                 Unprocessable(
-                    f"unknown form field {name!r}",
+                    f"unknown form field {echo(name)}",
                     code="validation_error",
-                    errors=[FieldError(field=name, reason="unknown field")],
+                    errors=[FieldError(field=name[:MAX_ECHO_CHARS], reason="unknown field")],
                 )
             )
         self._part = name

@@ -24,7 +24,7 @@ from app.datasets.models import Dataset
 from app.datasets.repository import DatasetRepository
 from app.db import after_commit, utcnow
 from app.display_names import has_control_characters
-from app.errors import Conflict, FieldError, NotFound, Unprocessable
+from app.errors import Conflict, FieldError, NotFound, Unprocessable, echo, public_message
 from app.jobs.models import (
     ACTIVE,
     CANCELLED,
@@ -70,7 +70,7 @@ def _input(
     row: TeacherModel | Dataset | None, *, field: str, what: str, given: str
 ) -> TeacherModel | Dataset:
     if row is None:
-        raise _body_error(f"no {what} {given!r}", code=f"{what}_not_found", field=field)
+        raise _body_error(f"no {what} {echo(given)}", code=f"{what}_not_found", field=field)
     if row.status == "invalid":
         detail = f"{what} {given} is invalid: {invalid_reason(row)}"
         raise _body_error(detail, code=f"{what}_invalid", field=field)
@@ -233,6 +233,11 @@ def change_status(
     """
     if status in TERMINAL:
         values.setdefault("finished_at", utcnow())
+    if values.get("error") is not None:
+        values["error"] = _public_error(values["error"])
+    event = {k: _public_error(v) if k == "error" and v else v for k, v in (event or {}).items()}
+    if isinstance(event.get("message"), str):
+        event["message"] = public_message(event["message"])
     jobs = JobRepository(session)
     changed = jobs.transition(
         job.id, from_statuses=from_statuses, fence=fence, status=status, **values
@@ -240,10 +245,17 @@ def change_status(
     session.refresh(job)
     if changed:
         kind = "terminal" if status in TERMINAL else "status"
-        data = {"status": status, **(event or {})}
+        data = {"status": status, **event}
         logged = jobs.add_event(job.id, kind, data, attempt=job.attempt)
         webhooks.schedule_deliveries(session, job, logged)
     return changed
+
+
+def _public_error(error: dict[str, Any]) -> dict[str, Any]:
+    """A job error as clients see it (the job, its events, webhooks): no server paths or
+    tenant ids, and no input echoed at length."""
+    message = error.get("message")
+    return {**error, "message": public_message(message) if isinstance(message, str) else message}
 
 
 def fail_queued(

@@ -20,9 +20,12 @@ import httpx
 import psutil
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
+from app.jobs.models import FAILED, QUEUED, Job
+from app.jobs.service import change_status
 from tests.app.conftest import Tenants
-from tests.app.factories import tiny_onnx_classifier
+from tests.app.factories import npz_dataset, tiny_onnx_classifier
 from tests.app.http import assert_problem
 from tests.app.servers import Server, uvicorn_server
 from tests.app.test_upload_memory import PeakRss, post_chunked
@@ -226,3 +229,50 @@ def test_a_stored_file_name_with_a_line_feed_still_downloads(
         assert disposition == (
             "attachment; filename=\"evilname___.onnx\"; filename*=UTF-8''evilname%22%5C%C3%A9.onnx"
         )
+
+
+def test_errors_name_no_server_paths_or_tenant_ids_and_echo_input_briefly(
+    server: Server, tenants: Tenants, engine: sa.Engine
+) -> None:
+    unknown = _post_multipart(
+        server,
+        tenants.acme,
+        _multipart(None, b"t.onnx", tiny_onnx_classifier()).replace(
+            b'name="file"', b'name="' + b"f" * 4_000 + b'"'
+        ),
+    )
+    body = assert_problem(unknown, 422, "validation_error")
+    assert len(unknown.content) < 2_000, len(unknown.content)
+    assert body["detail"].startswith("unknown form field 'fff")
+
+    model_id = _upload_teacher(server, tenants.acme)
+    dataset = httpx.post(
+        f"{server.base_url}/v1/datasets",
+        headers=tenants.acme,
+        files={"file": ("d.npz", npz_dataset())},
+    )
+    assert dataset.status_code == 201, dataset.text
+    spec = {"teacher_model_id": model_id, "dataset_id": dataset.json()["id"]}
+    submitted = httpx.post(f"{server.base_url}/v1/jobs", headers=tenants.acme, json=spec)
+    assert submitted.status_code == 202, submitted.text
+    job_id = uuid.UUID(submitted.json()["id"])
+    # What the runner records when the engine fails on a server path, with the spec echoed.
+    with Session(engine) as session, session.begin():
+        job = session.get(Job, job_id)
+        assert job is not None
+        tenant = job.tenant_id.hex
+        leak = (
+            "the worker failed: FileNotFoundError: [Errno 2] No such file or directory: "
+            f"'/srv/distillery/var/work/tenants/{tenant}/jobs/{job_id.hex}/attempt-1/teacher.onnx'"
+            f" in tenants/{tenant}/models/{model_id}; spec: " + json.dumps(spec) * 2_000
+        )
+        error = {"code": "internal_error", "message": leak, "field": None}
+        assert change_status(
+            session, job, FAILED, from_statuses=[QUEUED], error=error, event={"error": error}
+        )
+    shown = httpx.get(f"{server.base_url}/v1/jobs/{job_id}", headers=tenants.acme).json()
+    events = httpx.get(f"{server.base_url}/v1/jobs/{job_id}/events", headers=tenants.acme).json()
+    terminal = events["data"][-1]["data"]["error"]["message"]
+    for message in (shown["error"]["message"], terminal):
+        assert "/srv" not in message and tenant not in message, message[:300]
+        assert "teacher.onnx" in message and len(message) <= 1_001
