@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     resend_grace_s: float = Field(default=10.0, ge=0)
     #: Seconds between two passes over due webhook deliveries.
     webhook_poll_s: float = Field(default=2.0, gt=0)
+    #: Jobs one tenant may have queued, running or cancelling at once; a submission past
+    #: it is a 429 with ``Retry-After``.
+    max_active_jobs_per_tenant: int = Field(default=20, ge=1)
     #: A server-wide ceiling on ``training.max_minutes``; none by default.
     max_job_minutes: float | None = Field(default=None, gt=0)
     #: Redis re-delivers an unacknowledged message after this long: keep it above the

@@ -11,7 +11,15 @@ from app.auth.dependencies import CurrentTenant
 from app.config import SettingsDep
 from app.db import SessionDep
 from app.downloads import CONTENT_RESPONSES, content_response
-from app.errors import Conflict, FieldError, NotFound, Unauthorized, Unprocessable, responses
+from app.errors import (
+    Conflict,
+    FieldError,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+    Unprocessable,
+    responses,
+)
 from app.jobs import service
 from app.jobs.events import EVENT_STREAM, event_stream, wants_event_stream
 from app.jobs.queue import JobQueueDep
@@ -37,7 +45,7 @@ IdempotencyKey = Annotated[
     "",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Submit a distillation job",
-    responses=responses(Conflict, Unprocessable),
+    responses=responses(Conflict, Unprocessable, TooManyRequests),
 )
 def submit_job(
     spec: JobSpec,
@@ -62,6 +70,7 @@ def submit_job(
         spec=spec,
         idempotency_key=idempotency_key,
         allow_private_webhooks=settings.webhook_allow_private,
+        max_active_jobs=settings.max_active_jobs_per_tenant,
     )
     if not created:
         response.headers["Idempotent-Replayed"] = "true"

@@ -24,7 +24,15 @@ from app.datasets.models import Dataset
 from app.datasets.repository import DatasetRepository
 from app.db import after_commit, utcnow
 from app.display_names import has_control_characters
-from app.errors import Conflict, FieldError, NotFound, Unprocessable, echo, public_message
+from app.errors import (
+    Conflict,
+    FieldError,
+    NotFound,
+    TooManyRequests,
+    Unprocessable,
+    echo,
+    public_message,
+)
 from app.jobs.models import (
     ACTIVE,
     CANCELLED,
@@ -49,6 +57,9 @@ from worker.engine.signature import TeacherSignature
 from worker.engine.spec import JobSpec
 
 log = logging.getLogger(__name__)
+
+#: Seconds a tenant over its job quota is told to wait (jobs take minutes).
+QUOTA_RETRY_AFTER_S = 30
 
 #: Sends a job's id to the workers (``app.state.job_queue``).
 SendJob = Callable[[uuid.UUID], None]
@@ -97,13 +108,16 @@ def submit_job(
     spec: JobSpec,
     idempotency_key: str | None,
     allow_private_webhooks: bool = False,
+    max_active_jobs: int | None = None,
 ) -> tuple[Job, bool]:
     """Validate ``spec`` against its teacher and dataset and queue a job; ``(job, created)``.
 
     With an ``idempotency_key`` already used for the same spec, returns that job
     (``created`` false); used for another spec, raises :class:`Conflict`.
-    Engine checks that fail become 422 problems naming the spec field. The job's
-    id is sent to the workers only once the caller's transaction commits.
+    Engine checks that fail become 422 problems naming the spec field. A tenant
+    with ``max_active_jobs`` jobs queued, running or cancelling gets
+    :class:`TooManyRequests` (replays still answer). The job's id is sent to the
+    workers only once the caller's transaction commits.
     """
     digest = spec_digest(spec)
     jobs = JobRepository(session)
@@ -118,6 +132,8 @@ def submit_job(
         existing = jobs.by_idempotency_key(tenant.id, idempotency_key)
         if existing is not None:
             return _replay(existing, digest), False
+    if max_active_jobs is not None:
+        _refuse_over_quota(jobs, tenant, max_active_jobs)
     teacher, dataset, task = _submitted_inputs(session, tenant, spec)
     job = Job(
         id=uuid.uuid4(),
@@ -148,6 +164,18 @@ def submit_job(
     job_id = job.id
     after_commit(session, lambda: send(job_id))
     return job, True
+
+
+def _refuse_over_quota(jobs: JobRepository, tenant: Tenant, max_active_jobs: int) -> None:
+    # Counted, not locked: two racing submissions may pass one over; the quota is to
+    # keep one tenant from filling the queue, not an exact count.
+    if jobs.count_in(tenant.id, ACTIVE) >= max_active_jobs:
+        raise TooManyRequests(
+            f"this tenant already has {max_active_jobs} jobs queued or running, its limit; "
+            "wait for one to finish or cancel one",
+            code="job_quota_exceeded",
+            headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)},
+        )
 
 
 def _submitted_inputs(

@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +38,22 @@ JSON_CAP = 1 * MiB
 pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 
 
-@pytest.fixture
-def server(database_url: str, tenants: Tenants, tmp_path: Path) -> Iterator[Server]:
-    """uvicorn on the test's database and storage, with the default JSON cap."""
+@contextmanager
+def _serving(database_url: str, tmp_path: Path, **settings: str) -> Iterator[Server]:
     env = {
         "DISTILL_DATABASE_URL": database_url,
         "DISTILL_STORAGE_URL": f"file://{tmp_path / 'artifacts'}",
         "DISTILL_MAX_JSON_BYTES": str(JSON_CAP),
+        **{f"DISTILL_{name.upper()}": value for name, value in settings.items()},
     }
     with uvicorn_server(env, tmp_path / "uvicorn.log") as running:
+        yield running
+
+
+@pytest.fixture
+def server(database_url: str, tenants: Tenants, tmp_path: Path) -> Iterator[Server]:
+    """uvicorn on the test's database and storage, with the default JSON cap."""
+    with _serving(database_url, tmp_path) as running:
         yield running
 
 
@@ -276,3 +284,36 @@ def test_errors_name_no_server_paths_or_tenant_ids_and_echo_input_briefly(
     for message in (shown["error"]["message"], terminal):
         assert "/srv" not in message and tenant not in message, message[:300]
         assert "teacher.onnx" in message and len(message) <= 1_001
+
+
+def _job_inputs(server: Server, headers: dict[str, str]) -> dict[str, str]:
+    model_id = _upload_teacher(server, headers)
+    dataset = httpx.post(
+        f"{server.base_url}/v1/datasets", headers=headers, files={"file": ("d.npz", npz_dataset())}
+    )
+    assert dataset.status_code == 201, dataset.text
+    return {"teacher_model_id": model_id, "dataset_id": dataset.json()["id"]}
+
+
+def test_a_tenant_past_its_job_quota_gets_429_while_another_is_served(
+    database_url: str, tenants: Tenants, tmp_path: Path
+) -> None:
+    with _serving(database_url, tmp_path, max_active_jobs_per_tenant="2") as server:
+        jobs = f"{server.base_url}/v1/jobs"
+        spec = _job_inputs(server, tenants.acme)
+        first = httpx.post(jobs, headers={**tenants.acme, "Idempotency-Key": "k1"}, json=spec)
+        second = httpx.post(jobs, headers=tenants.acme, json=spec)
+        assert first.status_code == second.status_code == 202, (first.text, second.text)
+
+        over = httpx.post(jobs, headers=tenants.acme, json=spec)
+        assert_problem(over, 429, "job_quota_exceeded")
+        assert int(over.headers["Retry-After"]) > 0
+        # A replay is not a new job; another tenant has its own quota.
+        replay = httpx.post(jobs, headers={**tenants.acme, "Idempotency-Key": "k1"}, json=spec)
+        assert replay.status_code == 202 and replay.headers["Idempotent-Replayed"] == "true"
+        other = httpx.post(jobs, headers=tenants.globex, json=_job_inputs(server, tenants.globex))
+        assert other.status_code == 202, other.text
+        # A finished job frees its place.
+        cancelled = httpx.post(f"{jobs}/{first.json()['id']}/cancel", headers=tenants.acme)
+        assert cancelled.status_code == 202, cancelled.text
+        assert httpx.post(jobs, headers=tenants.acme, json=spec).status_code == 202
