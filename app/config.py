@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     broker_url: str = "filesystem://"
     storage_url: str = "file://var/artifacts"
     max_upload_bytes: int = 10 * 2**30
+    #: Largest request body the API reads whole (JSON job specs); larger ones get 413.
+    #: Uploads stream to storage and have their own cap, ``max_upload_bytes``.
+    max_json_bytes: int = Field(default=2**20, ge=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Uploads up to this size are inspected by the API before it answers; larger ones are
     #: answered ``processing`` and inspected by a worker.
@@ -42,6 +45,9 @@ class Settings(BaseSettings):
     resend_grace_s: float = Field(default=10.0, ge=0)
     #: Seconds between two passes over due webhook deliveries.
     webhook_poll_s: float = Field(default=2.0, gt=0)
+    #: Jobs one tenant may have queued, running or cancelling at once; a submission past
+    #: it is a 429 with ``Retry-After``.
+    max_active_jobs_per_tenant: int = Field(default=20, ge=1)
     #: A server-wide ceiling on ``training.max_minutes``; none by default.
     max_job_minutes: float | None = Field(default=None, gt=0)
     #: Seconds a job attempt may run past its ``training.max_minutes`` (evaluation, export)

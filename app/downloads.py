@@ -12,10 +12,15 @@ from urllib.parse import quote
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from app.display_names import display_name
 from app.errors import NotFound, RangeNotSatisfiable, responses
 from app.storage import LocalStorage
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+#: Positions with more digits than this lie past the end of any stored file; parsing
+#: them whole would cost time (and Python refuses ints over 4,300 digits).
+_MAX_POSITION_DIGITS = 18
+_PAST_ANY_END = 10**_MAX_POSITION_DIGITS
 
 #: The OpenAPI responses of a download endpoint.
 CONTENT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -31,6 +36,10 @@ def _etag_matches(header: str | None, etag: str) -> bool:
         return False
     candidates = [c.strip().removeprefix("W/") for c in header.split(",")]
     return "*" in candidates or etag in candidates
+
+
+def _position(digits: str) -> int:
+    return int(digits) if len(digits) <= _MAX_POSITION_DIGITS else _PAST_ANY_END
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -50,22 +59,30 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     if not first:
         # A suffix: the last N bytes.
-        length = int(last)
+        length = _position(last)
         if length == 0:
             raise RangeNotSatisfiable(size)
         return max(0, size - length), size - 1
-    start = int(first)
-    if last and int(last) < start:
+    start = _position(first)
+    end = _position(last) if last else _PAST_ANY_END
+    if end < start:
         return None
     if start >= size:
         raise RangeNotSatisfiable(size)
-    return start, min(int(last), size - 1) if last else size - 1
+    return start, min(end, size - 1)
 
 
 def content_disposition(filename: str) -> str:
-    """An ``attachment`` header value that survives any file name (RFC 6266)."""
-    fallback = filename.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename)}"
+    """An ``attachment`` header value that survives any file name (RFC 6266).
+
+    Stored names may predate the upload's cleaning, so control characters are
+    dropped here too (a line feed would make the whole response invalid).
+    ``filename*`` carries the name in UTF-8, percent-encoded; ``filename`` is an
+    ASCII fallback with every other character replaced by ``_``.
+    """
+    name = display_name(filename) or "download"
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 def content_response(

@@ -9,6 +9,7 @@ unexpected becomes a 500 problem that says nothing about the internals.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,6 +23,30 @@ log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 _TYPE_BASE = "https://distillery.dev/problems/"
+
+#: Characters of a client's input an error message repeats at most.
+MAX_ECHO_CHARS = 200
+#: Characters of an error message kept (job errors, events, webhooks, problems).
+MAX_MESSAGE_CHARS = 1000
+#: A file system path: absolute, or relative with at least two slashes (a storage key such
+#: as ``tenants/<id>/models/<id>``); never the path of a URL (after ``:`` or ``/``).
+_PATH = re.compile(r"(?<![\w:/.~@+-])(?:(?:/[\w.~@+-]+)+/?|[\w.~@+-]+(?:/[\w.~@+-]+){2,}/?)")
+
+
+def echo(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """A client's ``text`` to repeat in a message: quoted, and cut to ``limit`` characters."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + f"… ({len(text)} characters)"
+
+
+def public_message(message: str) -> str:
+    """``message`` fit to show a client: server paths (which name folders and tenant ids)
+    reduced to their last part, and cut to :data:`MAX_MESSAGE_CHARS`."""
+    public = _PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1] or "/", message)
+    if len(public) > MAX_MESSAGE_CHARS:
+        public = public[:MAX_MESSAGE_CHARS] + "…"
+    return public
 
 
 class FieldError(BaseModel):
@@ -111,6 +136,33 @@ class PayloadTooLarge(DistilleryError):
     title = "Payload too large"
 
 
+def body_too_large(limit: int) -> PayloadTooLarge:
+    """The problem of a request body (not an upload) over ``DISTILL_MAX_JSON_BYTES``."""
+    return PayloadTooLarge(
+        f"the request body is larger than the limit of {limit} bytes", code="body_too_large"
+    )
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while a body is being read, once it passes ``limit`` bytes.
+
+    An HTTPException, because FastAPI turns any other error raised while it reads
+    a body into a 400; the handler renders it as :func:`body_too_large`.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes")
+        self.limit = limit
+
+
+class TooManyRequests(DistilleryError):
+    """A tenant's quota is used up for now; ``Retry-After`` says when to try again."""
+
+    status = 429
+    code = "too_many_requests"
+    title = "Too many requests"
+
+
 class RangeNotSatisfiable(DistilleryError):
     """A ``Range`` that starts past the end of the content."""
 
@@ -170,10 +222,18 @@ async def _distillery_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [FieldError(field=_field_name(e["loc"]), reason=e["msg"]) for e in exc.errors()]
+    errors = [
+        FieldError(field=_field_name(e["loc"])[:MAX_ECHO_CHARS], reason=public_message(e["msg"]))
+        for e in exc.errors()
+    ]
     fields = ", ".join(e.field for e in errors)
     problem = Unprocessable(f"invalid request: {fields}", code="validation_error", errors=errors)
     return problem_response(problem.problem())
+
+
+async def _body_too_large(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BodyTooLarge)
+    return problem_response(body_too_large(exc.limit).problem())
 
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -234,6 +294,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Render every error ``app`` raises as problem+json, and document it so."""
     app.add_exception_handler(DistilleryError, _distillery_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(BodyTooLarge, _body_too_large)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.openapi = lambda: problem_openapi(app)  # type: ignore[method-assign]

@@ -21,6 +21,7 @@ from app.jobs.queue import JobQueue
 from app.jobs.router import router as jobs_router
 from app.metrics import install_metrics
 from app.models.router import router as models_router
+from app.request_limits import BufferedBodyLimit
 from app.storage import LocalStorage
 from app.webhooks.router import router as webhooks_router
 
@@ -70,6 +71,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.job_queue = JobQueue(settings)
     install_error_handlers(app)
     install_database_errors(app)
+    # Added before the metrics, so that they count its 413s too.
+    app.add_middleware(
+        BufferedBodyLimit,
+        max_bytes=settings.max_json_bytes,
+        streamed=frozenset({("POST", "/v1/models"), ("POST", "/v1/datasets")}),
+    )
     install_metrics(app)
     app.include_router(models_router)
     app.include_router(datasets_router)

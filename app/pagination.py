@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Generic, TypeVar
 
 from fastapi import Query
@@ -22,6 +22,8 @@ T = TypeVar("T")
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
+#: Longer than any cursor :meth:`Cursor.encode` writes.
+MAX_CURSOR_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,9 @@ class Cursor:
             created_at = datetime.fromisoformat(when)
             if created_at.tzinfo is None:
                 raise ValueError("naive timestamp")
-            return cls(created_at, uuid.UUID(hex=ident))
-        except ValueError:
+            # In UTC, as the database compares it: year 1 at +14:00 is before datetime.min.
+            return cls(created_at.astimezone(UTC), uuid.UUID(hex=ident))
+        except (ValueError, OverflowError):
             raise Unprocessable(
                 "invalid cursor: pass the next_cursor of a previous page",
                 code="validation_error",
@@ -71,7 +74,10 @@ class PageParams:
 
 def page_params(
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="items per page")] = DEFAULT_LIMIT,
-    after: Annotated[str | None, Query(description="the next_cursor of the previous page")] = None,
+    after: Annotated[
+        str | None,
+        Query(max_length=MAX_CURSOR_CHARS, description="the next_cursor of the previous page"),
+    ] = None,
 ) -> PageParams:
     """The pagination query parameters of a list endpoint."""
     return PageParams(limit, None if after is None else Cursor.decode(after))

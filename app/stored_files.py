@@ -23,8 +23,9 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from app.auth.models import Tenant
 from app.config import Settings
 from app.db import UTCDateTime, after_commit, after_rollback, utcnow
+from app.display_names import MAX_NAME_CHARS, display_name, file_display_name
 from app.downloads import content_response
-from app.errors import FieldError, Unprocessable, UnsupportedMediaType
+from app.errors import FieldError, Unprocessable, UnsupportedMediaType, public_message
 from app.storage import LocalStorage
 from app.tenancy import TenantOwned
 from app.uploads import Upload, receive_upload
@@ -70,7 +71,8 @@ async def receive(
     """A new row id and the request's upload (``file``, optional ``name``), streamed to its key.
 
     The body is parsed as it arrives (constant memory) and capped at
-    ``settings.max_upload_bytes``.
+    ``settings.max_upload_bytes``. Control characters are dropped from ``name``
+    and the file name; a ``name`` longer than :data:`MAX_NAME_CHARS` is a 422.
     """
     row_id = uuid.uuid4()
     upload = await receive_upload(
@@ -81,15 +83,27 @@ async def receive(
         file_field=FILE_FIELD,
         text_fields=frozenset({"name"}),
     )
+    name = display_name(upload.fields.get("name", ""))
+    if len(name) > MAX_NAME_CHARS:
+        upload.file.abort()
+        reason = f"longer than {MAX_NAME_CHARS} characters"
+        raise Unprocessable(
+            f"name is {reason}",
+            code="validation_error",
+            errors=[FieldError(field="name", reason=reason)],
+        )
+    upload.fields["name"] = name
+    upload.filename = file_display_name(upload.filename or "") or None
     return row_id, upload
 
 
 def rejected(error: EngineError) -> UnsupportedMediaType | Unprocessable:
     """An engine error about the uploaded file as the HTTP error a client should see."""
-    errors = [FieldError(field=FILE_FIELD, reason=error.message)]
+    message = public_message(error.message)
+    errors = [FieldError(field=FILE_FIELD, reason=message)]
     if isinstance(error, UnsupportedFormat):
-        return UnsupportedMediaType(error.message, code=error.code, errors=errors)
-    return Unprocessable(error.message, code=error.code, errors=errors)
+        return UnsupportedMediaType(message, code=error.code, errors=errors)
+    return Unprocessable(message, code=error.code, errors=errors)
 
 
 def inspect_upload(upload: Upload, inspect: Callable[[Path], T], *, invalid: EngineError) -> T:
@@ -189,7 +203,7 @@ def complete_inspection(storage: LocalStorage, row: StoredFile, inspector: Inspe
         error = inspector.invalid
     if error is not None:
         row.status = "invalid"
-        row.error = {"code": error.code, "message": error.message}
+        row.error = {"code": error.code, "message": public_message(error.message)}
         return
     for name, value in columns.items():
         setattr(row, name, value)

@@ -18,7 +18,14 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
-from app.errors import FieldError, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from app.errors import (
+    MAX_ECHO_CHARS,
+    FieldError,
+    PayloadTooLarge,
+    Unprocessable,
+    UnsupportedMediaType,
+    echo,
+)
 from app.storage import LocalStorage, StorageWriter
 
 #: File bytes gathered before one write to disk (done in a worker thread).
@@ -27,6 +34,8 @@ FLUSH_BYTES = 1024 * 1024
 FRAMING_BYTES = 64 * 1024
 #: Largest value accepted for a text field.
 MAX_FIELD_BYTES = 1024
+#: Largest header block of one part (its name, file name and content type).
+MAX_PART_HEADER_BYTES = 16 * 1024
 
 
 #: The OpenAPI request body of an upload endpoint (the body is parsed by hand).
@@ -91,6 +100,7 @@ class _Receiver:
         self._header_name = bytearray()
         self._header_value = bytearray()
         self._headers: dict[str, bytes] = {}
+        self._header_size = 0
         self._part: str | None = None
         self._value = bytearray()
 
@@ -98,8 +108,8 @@ class _Receiver:
         """The callbacks to hand to :class:`MultipartParser`."""
         return {
             "on_part_begin": self._part_begin,
-            "on_header_field": lambda d, s, e: self._header_name.extend(d[s:e]),
-            "on_header_value": lambda d, s, e: self._header_value.extend(d[s:e]),
+            "on_header_field": lambda d, s, e: self._header_bytes(self._header_name, d[s:e]),
+            "on_header_value": lambda d, s, e: self._header_bytes(self._header_value, d[s:e]),
             "on_header_end": self._header_end,
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._part_data,
@@ -113,8 +123,22 @@ class _Receiver:
 
     def _part_begin(self) -> None:
         self._headers = {}
+        self._header_size = 0
         self._part = None
         self._value = bytearray()
+
+    def _header_bytes(self, into: bytearray, data: bytes) -> None:
+        # The parser hands header bytes over as they come: keep them bounded.
+        self._header_size += len(data)
+        if self._header_size > MAX_PART_HEADER_BYTES:
+            self._fail(
+                Unprocessable(
+                    f"a part's headers are longer than {MAX_PART_HEADER_BYTES} bytes",
+                    code="malformed_multipart",
+                )
+            )
+            return
+        into.extend(data)
 
     def _header_end(self) -> None:
         self._headers[bytes(self._header_name).decode("latin-1").lower()] = bytes(
@@ -141,9 +165,9 @@ class _Receiver:
         elif name not in self.text_fields:
             self._fail(
                 Unprocessable(
-                    f"unknown form field {name!r}",
+                    f"unknown form field {echo(name)}",
                     code="validation_error",
-                    errors=[FieldError(field=name, reason="unknown field")],
+                    errors=[FieldError(field=name[:MAX_ECHO_CHARS], reason="unknown field")],
                 )
             )
         self._part = name
@@ -225,7 +249,8 @@ async def receive_upload(
     if not boundary:
         raise Unprocessable("the multipart body has no boundary", code="malformed_multipart")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > 2 * max_bytes + FRAMING_BYTES:
+    # More digits than 18 is more than any cap (and not worth parsing).
+    if declared.isdigit() and (len(declared) > 18 or int(declared) > 2 * max_bytes + FRAMING_BYTES):
         # Too large to be worth draining: answer at once (clients that sent
         # Expect: 100-continue get this before sending a byte).
         raise _too_large(max_bytes)

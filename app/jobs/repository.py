@@ -56,6 +56,11 @@ class JobRepository(TenantRepository[Job]):
         where = [Job.status.in_(statuses)] if statuses else []
         return self.list_page(tenant_id, limit=limit, after=after, where=where)
 
+    def count_in(self, tenant_id: uuid.UUID, statuses: Collection[str]) -> int:
+        """How many of the tenant's jobs are in ``statuses``."""
+        query = select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(statuses))
+        return int(self.session.scalar(query) or 0)
+
     def queued_using(self, used: TeacherModel | Dataset) -> Sequence[Job]:
         """Queued jobs that reference the model or dataset ``used`` (all of its tenant)."""
         column = _input_column(used)

@@ -12,7 +12,15 @@ from app.auth.dependencies import CurrentPrincipal, CurrentTenant
 from app.config import SettingsDep
 from app.db import DatabaseBusy, SessionDep, run_database_call
 from app.downloads import CONTENT_RESPONSES, content_response
-from app.errors import Conflict, FieldError, NotFound, Unauthorized, Unprocessable, responses
+from app.errors import (
+    Conflict,
+    FieldError,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+    Unprocessable,
+    responses,
+)
 from app.jobs import service
 from app.jobs.events import EVENT_STREAM, event_stream, wants_event_stream
 from app.jobs.polling import MAX_WAIT_S, poll_job
@@ -39,7 +47,7 @@ IdempotencyKey = Annotated[
     "",
     status_code=status.HTTP_202_ACCEPTED,
     summary="Submit a distillation job",
-    responses=responses(Conflict, Unprocessable),
+    responses=responses(Conflict, Unprocessable, TooManyRequests),
 )
 def submit_job(
     spec: JobSpec,
@@ -64,6 +72,7 @@ def submit_job(
         spec=spec,
         idempotency_key=idempotency_key,
         allow_private_webhooks=settings.webhook_allow_private,
+        max_active_jobs=settings.max_active_jobs_per_tenant,
     )
     if not created:
         response.headers["Idempotent-Replayed"] = "true"

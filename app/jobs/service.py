@@ -25,7 +25,16 @@ from app.auth.models import Tenant
 from app.datasets.models import Dataset
 from app.datasets.repository import DatasetRepository
 from app.db import after_commit, utcnow
-from app.errors import Conflict, FieldError, NotFound, Unprocessable
+from app.display_names import has_control_characters
+from app.errors import (
+    Conflict,
+    FieldError,
+    NotFound,
+    TooManyRequests,
+    Unprocessable,
+    echo,
+    public_message,
+)
 from app.jobs import repository
 from app.jobs.models import (
     ACTIVE,
@@ -53,6 +62,9 @@ from worker.engine.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
+#: Seconds a tenant over its job quota is told to wait (jobs take minutes).
+QUOTA_RETRY_AFTER_S = 30
+
 #: Sends a job's id to the workers (``app.state.job_queue``).
 SendJob = Callable[[uuid.UUID], None]
 
@@ -73,7 +85,7 @@ def _input(
     row: TeacherModel | Dataset | None, *, field: str, what: str, given: str
 ) -> TeacherModel | Dataset:
     if row is None:
-        raise _body_error(f"no {what} {given!r}", code=f"{what}_not_found", field=field)
+        raise _body_error(f"no {what} {echo(given)}", code=f"{what}_not_found", field=field)
     if row.status == "invalid":
         detail = f"{what} {given} is invalid: {invalid_reason(row)}"
         raise _body_error(detail, code=f"{what}_invalid", field=field)
@@ -100,21 +112,32 @@ def submit_job(
     spec: JobSpec,
     idempotency_key: str | None,
     allow_private_webhooks: bool = False,
+    max_active_jobs: int | None = None,
 ) -> tuple[Job, bool]:
     """Validate ``spec`` against its teacher and dataset and queue a job; ``(job, created)``.
 
     With an ``idempotency_key`` already used for the same spec, returns that job
     (``created`` false); used for another spec, raises :class:`Conflict`.
-    Engine checks that fail become 422 problems naming the spec field. The job's
-    id is sent to the workers only once the caller's transaction commits.
+    Engine checks that fail become 422 problems naming the spec field. A tenant
+    with ``max_active_jobs`` jobs queued, running or cancelling gets
+    :class:`TooManyRequests` (replays still answer). The job's id is sent to the
+    workers only once the caller's transaction commits.
     """
     digest = spec_digest(spec)
     jobs = JobRepository(session)
+    if idempotency_key is not None and has_control_characters(idempotency_key):
+        raise Unprocessable(
+            "Idempotency-Key must not hold control characters",
+            code="validation_error",
+            errors=[FieldError(field="header.idempotency-key", reason="control characters")],
+        )
     webhooks.check_webhook_url(spec.webhook_url, allow_private=allow_private_webhooks)
     if idempotency_key is not None:
         existing = jobs.by_idempotency_key(tenant.id, idempotency_key)
         if existing is not None:
             return _replay(existing, digest), False
+    if max_active_jobs is not None:
+        _refuse_over_quota(jobs, tenant, max_active_jobs)
     teacher, dataset, task = _submitted_inputs(session, tenant, spec)
     job = Job(
         id=uuid.uuid4(),
@@ -145,6 +168,18 @@ def submit_job(
     job_id = job.id
     after_commit(session, lambda: send(job_id))
     return job, True
+
+
+def _refuse_over_quota(jobs: JobRepository, tenant: Tenant, max_active_jobs: int) -> None:
+    # Counted, not locked: two racing submissions may pass one over; the quota is to
+    # keep one tenant from filling the queue, not an exact count.
+    if jobs.count_in(tenant.id, ACTIVE) >= max_active_jobs:
+        raise TooManyRequests(
+            f"this tenant already has {max_active_jobs} jobs queued or running, its limit; "
+            "wait for one to finish or cancel one",
+            code="job_quota_exceeded",
+            headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)},
+        )
 
 
 def _submitted_inputs(
@@ -313,6 +348,11 @@ def change_status(
     """
     if status in TERMINAL:
         values.setdefault("finished_at", utcnow())
+    if values.get("error") is not None:
+        values["error"] = _public_error(values["error"])
+    event = {k: _public_error(v) if k == "error" and v else v for k, v in (event or {}).items()}
+    if isinstance(event.get("message"), str):
+        event["message"] = public_message(event["message"])
     jobs = JobRepository(session)
     changed = jobs.transition(
         job.id, from_statuses=from_statuses, fence=fence, status=status, **values
@@ -320,10 +360,17 @@ def change_status(
     session.refresh(job)
     if changed:
         kind = "terminal" if status in TERMINAL else "status"
-        data = {"status": status, **(event or {})}
+        data = {"status": status, **event}
         logged = jobs.add_event(job.id, kind, data, attempt=job.attempt)
         webhooks.schedule_deliveries(session, job, logged)
     return changed
+
+
+def _public_error(error: dict[str, Any]) -> dict[str, Any]:
+    """A job error as clients see it (the job, its events, webhooks): no server paths or
+    tenant ids, and no input echoed at length."""
+    message = error.get("message")
+    return {**error, "message": public_message(message) if isinstance(message, str) else message}
 
 
 def fail_queued(
@@ -398,7 +445,8 @@ def list_artifacts(session: Session, *, tenant: Tenant, job_id: str) -> Sequence
 def get_artifact(session: Session, *, tenant: Tenant, job_id: str, name: str) -> JobArtifact:
     """The artifact ``name`` of the tenant's job ``job_id``; :class:`NotFound` otherwise."""
     job = get_job(session, tenant=tenant, job_id=job_id)
-    found = JobRepository(session).artifact(job.id, name)
+    # No artifact is named with control characters (and PostgreSQL cannot compare a NUL).
+    found = None if has_control_characters(name) else JobRepository(session).artifact(job.id, name)
     if found is None:
         raise NotFound(f"job {job_id} has no artifact {name!r}", code="artifact_not_found")
     return found
