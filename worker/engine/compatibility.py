@@ -7,13 +7,14 @@ runs the same ones on the loaded data. Nothing here imports torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from worker.engine.errors import DatasetInvalid, SpecInvalid, TeacherIncompatible
 from worker.engine.signature import TeacherSignature
-from worker.engine.spec import DistillationSpec
+from worker.engine.spec import DistillationSpec, StudentSpec
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,147 @@ def check_labels(
         )
 
 
+#: The most parameters any student may have, whatever its budget: 1 GiB of fp32 weights
+#: (about 4 GiB with gradients and optimizer state).
+MAX_STUDENT_PARAMETERS = 250_000_000
+#: The architecture ``auto`` builds for each modality (``students.AUTO_BY_MODALITY``; a
+#: test holds the two equal). Text with a transformers teacher gets its own student instead.
+AUTO_ARCHITECTURE = {"tabular": "mlp", "image": "cnn", "sequence": "rnn", "text": "transformer"}
+# Bytes per fp32 parameter: a byte budget (tree ensembles) converts at this rate.
+_BYTES_PER_PARAMETER = 4
+
+
+@dataclass(frozen=True)
+class StudentShape:
+    """What the size of a student depends on beyond its own knobs; 0 where not known."""
+
+    #: Per-sample input shape (empty for text: token ids).
+    input_shape: tuple[int, ...]
+    output_dim: int
+    text: bool
+
+
+def _linear(inputs: int, outputs: int) -> int:
+    return inputs * outputs + outputs
+
+
+def _mlp_parameters(hidden_sizes: list[int], shape: StudentShape) -> int:
+    width, total = math.prod(shape.input_shape), 0
+    for size in hidden_sizes:
+        total, width = total + _linear(width, size), size
+    return total + _linear(width, shape.output_dim)
+
+
+def _cnn_parameters(channels: list[int], shape: StudentShape) -> int:
+    width, total = shape.input_shape[0] if shape.input_shape else 0, 0
+    for size in channels:
+        # A bias-free 3x3 convolution and a batch norm's weight and bias.
+        total, width = total + 9 * width * size + 2 * size, size
+    return total + _linear(width, shape.output_dim)
+
+
+def _rnn_parameters(student: StudentSpec, hidden: int, shape: StudentShape) -> int:
+    gates = 4 if student.cell == "lstm" else 3
+    first = hidden if shape.text else (shape.input_shape[-1] if shape.input_shape else 0)
+    total = 0
+    for layer in range(student.num_layers or 1):
+        width = first if layer == 0 else hidden
+        total += gates * (width * hidden + hidden * hidden + 2 * hidden)
+    return total + _linear(hidden, shape.output_dim)
+
+
+def _transformer_parameters(student: StudentSpec, hidden: int, shape: StudentShape) -> int:
+    # Per block: two layer norms, qkv, output projection and a 4x feed-forward.
+    block = 4 * hidden + _linear(hidden, 3 * hidden) + _linear(hidden, hidden)
+    block += _linear(hidden, 4 * hidden) + _linear(4 * hidden, hidden)
+    embed = 0 if shape.text else _linear(shape.input_shape[-1] if shape.input_shape else 1, hidden)
+    positions = 0 if shape.text else (shape.input_shape[0] if shape.input_shape else 0) * hidden
+    blocks = (student.num_layers or 2) * block
+    return embed + positions + blocks + 2 * hidden + _linear(hidden, shape.output_dim)
+
+
+def explicit_student_parameters(
+    architecture: str, student: StudentSpec, shape: StudentShape
+) -> tuple[int, str] | None:
+    """(parameters, the knob that sets them) of a student whose widths the spec gives.
+
+    ``None`` when the widths are left to the budget. What is not known from the
+    descriptions (a text teacher's vocabulary, the tokenized length) counts as
+    nothing, so the estimate never exceeds the student that gets built.
+    """
+    if architecture == "mlp" and student.hidden_sizes:
+        return _mlp_parameters(student.hidden_sizes, shape), "hidden_sizes"
+    if architecture == "cnn" and student.channels:
+        return _cnn_parameters(student.channels, shape), "channels"
+    if architecture == "rnn" and student.hidden_size is not None:
+        return _rnn_parameters(student, student.hidden_size, shape), "hidden_size"
+    if architecture == "transformer" and student.hidden_size is not None:
+        return _transformer_parameters(student, student.hidden_size, shape), "hidden_size"
+    return None
+
+
+def student_budget(student: StudentSpec, signature: TeacherSignature) -> tuple[int, str] | None:
+    """(most parameters, the field that sets it) that explicit sizes are held to.
+
+    ``max_parameters`` always; ``compression`` only when the spec names it, since its
+    default sizes ``auto`` students and explicit sizes are the user's own choice.
+    """
+    if student.max_parameters is not None:
+        return student.max_parameters, "max_parameters"
+    if student.compression is None or "compression" not in student.model_fields_set:
+        return None
+    if signature.parameters > 0:
+        return int(signature.parameters / student.compression), "compression"
+    if signature.bytes > 0:
+        return int(signature.bytes / student.compression / _BYTES_PER_PARAMETER), "compression"
+    return None
+
+
+def _output_width(signature: TeacherSignature) -> int:
+    if signature.output_dim:
+        return signature.output_dim
+    shape = signature.outputs[0].shape if signature.outputs else []
+    return shape[-1] if len(shape) > 1 and isinstance(shape[-1], int) and shape[-1] > 0 else 1
+
+
+def check_student_size(
+    spec: DistillationSpec, signature: TeacherSignature, data: DataFacts
+) -> None:
+    """Explicit student sizes within the spec's budget and :data:`MAX_STUDENT_PARAMETERS`.
+
+    :class:`SpecInvalid` naming the size knob, before anything is allocated.
+    """
+    student = spec.student
+    text = data.modality == "text"
+    architecture: str = student.architecture
+    if architecture == "auto":
+        if text and signature.format == "huggingface":
+            return  # the transformers student is sized from the teacher's own config
+        architecture = AUTO_ARCHITECTURE.get(data.modality, "")
+    shape = StudentShape(
+        input_shape=() if text else tuple(data.feature_shape or ()),
+        output_dim=_output_width(signature),
+        text=text,
+    )
+    estimate = explicit_student_parameters(architecture, student, shape)
+    if estimate is None:
+        return
+    parameters, knob = estimate
+    budget = student_budget(student, signature)
+    if budget is not None and parameters > budget[0]:
+        raise SpecInvalid(
+            f"this {architecture} student would have {parameters:,} parameters, over "
+            f"student.{budget[1]}'s budget of {budget[0]:,}; give smaller sizes or a larger budget",
+            field=f"student.{knob}",
+        )
+    if parameters > MAX_STUDENT_PARAMETERS:
+        raise SpecInvalid(
+            f"this {architecture} student would have {parameters:,} parameters; "
+            f"the most a student may have is {MAX_STUDENT_PARAMETERS:,}",
+            field=f"student.{knob}",
+        )
+
+
 def check_job(spec: DistillationSpec, signature: TeacherSignature, data: DataFacts) -> str:
     """Every check above, in the order a user would fix them; returns the task."""
     task = resolve_task(spec, signature)
@@ -152,4 +294,5 @@ def check_job(spec: DistillationSpec, signature: TeacherSignature, data: DataFac
             shape=data.feature_shape or (),
             modality=data.modality,
         )
+    check_student_size(spec, signature, data)
     return task

@@ -39,6 +39,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+#: Caps on explicit student sizes; together with the parameter estimate checked at
+#: submission, they keep a spec from asking for more memory than a worker has.
+MAX_STUDENT_WIDTH = 16384
+MAX_STUDENT_LAYERS = 64
+#: Every stage after the first halves the image, so more would pool nothing.
+MAX_CNN_STAGES = 16
+
+
 class StudentSpec(_Strict):
     """The student to build. Size knobs left out are designed by ``auto``."""
 
@@ -51,13 +59,18 @@ class StudentSpec(_Strict):
     max_parameters: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="Upper bound on student parameters; wins over compression."
     )
-    hidden_sizes: list[Annotated[int, Field(ge=1, le=65536)]] | None = Field(
-        default=None, description="mlp: width of each hidden layer."
+    hidden_sizes: list[Annotated[int, Field(ge=1, le=MAX_STUDENT_WIDTH)]] | None = Field(
+        default=None,
+        max_length=MAX_STUDENT_LAYERS,
+        description="mlp: width of each hidden layer. Explicit sizes are held to "
+        "max_parameters (and to compression when given) at submission.",
     )
     channels: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
-        default=None, description="cnn: channels of each convolution stage."
+        default=None,
+        max_length=MAX_CNN_STAGES,
+        description="cnn: channels of each convolution stage.",
     )
-    hidden_size: Annotated[int, Field(ge=1, le=65536)] | None = Field(
+    hidden_size: Annotated[int, Field(ge=1, le=MAX_STUDENT_WIDTH)] | None = Field(
         default=None, description="rnn/transformer: hidden width."
     )
     num_layers: Annotated[int, Field(ge=1, le=128)] | None = Field(

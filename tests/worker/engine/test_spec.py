@@ -46,6 +46,10 @@ def test_defaults_fill_everything_but_teacher_and_dataset() -> None:
         ({"export": {"formats": ["onnx", "onnx"]}}, "export.formats"),
         ({"training": {"epochz": 3}}, "training.epochz"),
         ({"tasks": "classification"}, "tasks"),
+        ({"student": {"hidden_sizes": [65536]}}, "student.hidden_sizes.0"),
+        ({"student": {"hidden_sizes": [8] * 65}}, "student.hidden_sizes"),
+        ({"student": {"channels": [8] * 17}}, "student.channels"),
+        ({"student": {"hidden_size": 16385}}, "student.hidden_size"),
     ],
 )
 def test_errors_name_the_field(patch: dict[str, object], field: str) -> None:

@@ -33,6 +33,7 @@ class DataLimits:
 
     max_rows: int = 50_000_000
     max_features: int = 16_000_000  # values per row: the product of the per-sample shape
+    max_columns: int = 100_000  # columns of a CSV or Parquet table
     max_line_bytes: int = 1 << 20  # one JSONL line
     max_image_pixels: int = 4096 * 4096  # one image as stored, before resizing
     max_image_bytes: int = 256 << 20  # one encoded image member

@@ -7,6 +7,7 @@ names, class ids or regression targets, an empty cell marking a row without a la
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from worker.engine.spec import DataSpec
 
 _CSV_HEADER_BYTES = 64 << 20
 _CSV_SAMPLE_LINES = 6  # lines read to tell the delimiter
+_NAMES_SHOWN = 20  # column names quoted in a message, of a table that may have thousands
 
 
 @DATASET_READERS.register("csv")
@@ -28,23 +30,38 @@ def read_csv(
 ) -> TransferSet:
     """Numeric feature columns and an optional label column from a CSV with a header row."""
     import pyarrow as pa
+
+    delimiter, header = _csv_header(path, limits)
+    features, label = _select_columns(header, options, limits)
+    _check_feature_count(features, limits)
+    columns = [*features, *([label] if label else [])]
+    try:
+        # Features read as float64 first: Arrow's type inference costs far more per column,
+        # which shows on wide files. Anything else (booleans, text) is read again, inferred,
+        # so the error can name the column at fault.
+        table = _read_csv(path, delimiter, columns, dict.fromkeys(features, pa.float64()))
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        table = None
+    except OSError as exc:
+        raise DatasetInvalid(f"the CSV file cannot be parsed: {exc}", field=FIELD) from None
+    if table is None:
+        try:
+            table = _read_csv(path, delimiter, columns, {})
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+            raise DatasetInvalid(f"the CSV file cannot be parsed: {exc}", field=FIELD) from None
+    return _table_transfer_set(table, features, label, limits)
+
+
+def _read_csv(path: Path, delimiter: str, columns: list[str], types: dict[str, Any]) -> Any:
     import pyarrow.csv as pacsv
 
-    delimiter, header = _csv_header(path)
-    features, label = _select_columns(header, options)
-    _check_feature_count(features, limits)
-    try:
-        table = pacsv.read_csv(
-            path,
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
-            convert_options=pacsv.ConvertOptions(
-                include_columns=[*features, *([label] if label else [])],
-                strings_can_be_null=True,
-            ),
-        )
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
-        raise DatasetInvalid(f"the CSV file cannot be parsed: {exc}", field=FIELD) from None
-    return _table_transfer_set(table, features, label, limits)
+    return pacsv.read_csv(
+        path,
+        parse_options=pacsv.ParseOptions(delimiter=delimiter),
+        convert_options=pacsv.ConvertOptions(
+            include_columns=columns, column_types=types, strings_can_be_null=True
+        ),
+    )
 
 
 @DATASET_READERS.register("parquet")
@@ -63,7 +80,7 @@ def read_parquet(
         raise DatasetInvalid(f"not a readable Parquet file: {exc}", field=FIELD) from None
     if rows > limits.max_rows:
         raise DatasetInvalid(f"{rows} rows; the limit is {limits.max_rows}", field=FIELD)
-    features, label = _select_columns(names, options)
+    features, label = _select_columns(names, options, limits)
     _check_feature_count(features, limits)
     try:
         table = parquet_file.read(columns=[*features, *([label] if label else [])])
@@ -72,26 +89,43 @@ def read_parquet(
     return _table_transfer_set(table, features, label, limits)
 
 
-def _select_columns(names: list[str], options: DataSpec) -> tuple[list[str], str | None]:
+def _shown(names: list[str]) -> str:
+    """The first few of ``names``, for a message."""
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    return shown if len(names) <= _NAMES_SHOWN else f"{shown}, … ({len(names)} in all)"
+
+
+def _check_column_count(columns: int, limits: DataLimits) -> None:
+    if columns > limits.max_columns:
+        raise DatasetInvalid(
+            f"the table has {columns} columns; the limit is {limits.max_columns}", field=FIELD
+        )
+
+
+def _select_columns(
+    names: list[str], options: DataSpec, limits: DataLimits
+) -> tuple[list[str], str | None]:
     """(feature columns, label column or ``None``) for a table with columns ``names``."""
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    _check_column_count(len(names), limits)
+    # One pass, and set lookups below: tables may have up to max_columns names.
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:
-        raise DatasetInvalid(f"column names repeat: {', '.join(repeated)}", field=FIELD)
+        raise DatasetInvalid(f"column names repeat: {_shown(repeated)}", field=FIELD)
+    known = set(names)
     label = options.label_column
-    if label is not None and label not in names:
+    if label is not None and label not in known:
         # The default label column may be absent (an unlabelled set); one the spec names may not.
         if "label_column" in options.model_fields_set:
             raise DatasetInvalid(
-                f"label column {label!r} is not in the file (columns: {', '.join(names)})",
+                f"label column {label!r} is not in the file (columns: {_shown(names)})",
                 field="data.label_column",
             )
         label = None
     if options.feature_columns is not None:
-        unknown = [column for column in options.feature_columns if column not in names]
+        unknown = [repr(column) for column in options.feature_columns if column not in known]
         if unknown:
             raise DatasetInvalid(
-                f"feature column(s) {', '.join(map(repr, unknown))} not in the file "
-                f"(columns: {', '.join(names)})",
+                f"feature column(s) {_shown(unknown)} not in the file (columns: {_shown(names)})",
                 field="data.feature_columns",
             )
         if label is not None and label in options.feature_columns:
@@ -204,7 +238,7 @@ def _label_values(column: Any, name: str) -> tuple[np.ndarray | None, list[str] 
     )
 
 
-def _csv_header(path: Path) -> tuple[str, list[str]]:
+def _csv_header(path: Path, limits: DataLimits) -> tuple[str, list[str]]:
     """(delimiter, column names) from the first lines of a CSV file."""
     lines: list[str] = []
     with open(path, "rb") as file:
@@ -226,7 +260,11 @@ def _csv_header(path: Path) -> tuple[str, list[str]]:
     if not lines:
         raise DatasetInvalid("the CSV file has no header row", field=FIELD)
     delimiter = _csv_delimiter(lines)
-    header = next(csv.reader(lines[:1], delimiter=delimiter))
+    try:
+        header = next(csv.reader(lines[:1], delimiter=delimiter))
+    except csv.Error as exc:
+        raise DatasetInvalid(f"the CSV header row cannot be parsed: {exc}", field=FIELD) from None
+    _check_column_count(len(header), limits)
     if all(_is_number(name) for name in header):
         raise DatasetInvalid(
             "the CSV's first row is all numbers; a header row naming the columns is required",
@@ -239,7 +277,12 @@ def _csv_delimiter(lines: list[str]) -> str:
     """The delimiter that splits every sampled line into the same number (> 1) of fields."""
     best, best_fields = ",", 1
     for delimiter in (",", ";", "\t"):
-        counts = {len(row) for row in csv.reader(lines, delimiter=delimiter)}
+        try:
+            counts = {len(row) for row in csv.reader(lines, delimiter=delimiter)}
+        except csv.Error:
+            # A wide row read with the wrong delimiter is one field past the csv module's
+            # field limit: not this delimiter.
+            continue
         if len(counts) == 1 and (fields := counts.pop()) > best_fields:
             best, best_fields = delimiter, fields
     return best

@@ -19,7 +19,12 @@ import torch
 from torch import nn
 
 from worker.engine.archive import contained
-from worker.engine.errors import TeacherIncompatible, TeacherInvalid, UnsupportedFormat
+from worker.engine.errors import (
+    ArchiveUnsafe,
+    TeacherIncompatible,
+    TeacherInvalid,
+    UnsupportedFormat,
+)
 from worker.engine.hf.families import Head, make_config, model_class
 from worker.engine.hf.pooling import POOLING_MODES
 from worker.engine.hf.tokenizer import load_tokenizer
@@ -76,6 +81,50 @@ def _require_safetensors(folder: Path, what: str) -> None:
             field="teacher",
         )
     raise TeacherInvalid(f"{what} has no model.safetensors", field="teacher")
+
+
+#: JSON files whose ``*_file`` entries name files transformers opens.
+_FILE_NAMING_CONFIGS = ("config.json", "tokenizer_config.json")
+
+
+def _bundle_file(root: Path, folder: Path, entry: Any, named_by: str) -> Path:
+    """The file ``entry`` (relative to ``folder``) names, refused unless it lies in ``root``.
+
+    Checked by name alone, so the error is the same whether an outside path exists or not.
+    """
+    if not isinstance(entry, str) or not entry or Path(entry).is_absolute() or "\\" in entry:
+        raise ArchiveUnsafe(f"{named_by} names {entry!r}, not a path inside the bundle")
+    try:
+        target = contained(root, str((folder / entry).relative_to(root)))
+    except (ArchiveUnsafe, ValueError):
+        raise ArchiveUnsafe(f"{named_by} names {entry!r}, outside the bundle") from None
+    if not target.is_file():
+        raise TeacherInvalid(f"{named_by} names {entry!r}, which the bundle lacks", field="teacher")
+    return target
+
+
+def check_bundle_references(root: Path, model_dir: Path) -> None:
+    """Every file the weight index and the configs name stays inside the bundle ``root``.
+
+    Run before transformers sees the folder: it joins absolute names as given.
+    """
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise TeacherInvalid(f"{index.name} has no weight_map", field="teacher")
+        for entry in set(map(str, weight_map.values())):
+            if not entry.endswith(".safetensors"):
+                raise TeacherInvalid(
+                    f"{index.name} names {entry!r}, not a safetensors file", field="teacher"
+                )
+            _bundle_file(root, model_dir, entry, index.name)
+    for name in _FILE_NAMING_CONFIGS:
+        if not (model_dir / name).is_file():
+            continue
+        for key, value in _read_json(model_dir / name).items():
+            if key.endswith("_file") and value is not None:
+                _bundle_file(root, model_dir, value, f"{name} ({key})")
 
 
 def _head_and_task(config: Any) -> tuple[Head, Task]:
@@ -273,6 +322,7 @@ def load_folder(root: Path) -> tuple[HFEncoder, Any, Task, dict[str, Any]]:
     model_dir = options["model_dir"]
     if not (model_dir / "config.json").is_file():
         raise TeacherInvalid("the bundle has no config.json", field="teacher")
+    check_bundle_references(root, model_dir)
     config = make_config(_read_json(model_dir / "config.json"))
     _require_safetensors(model_dir, "the transformers model")
     head: Head
