@@ -14,7 +14,7 @@ import posixpath
 import re
 import struct
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, cast, get_args
@@ -31,7 +31,12 @@ from worker.engine.archive import (
     member_path,
     open_member,
 )
-from worker.engine.errors import TeacherIncompatible, TeacherInvalid, UnsupportedFormat
+from worker.engine.errors import (
+    ArchiveUnsafe,
+    TeacherIncompatible,
+    TeacherInvalid,
+    UnsupportedFormat,
+)
 from worker.engine.onnx_graph import all_tensors, check_structure
 from worker.engine.signature import Dim, TeacherSignature, TensorSpec
 from worker.engine.spec import BuiltinArchitecture
@@ -474,6 +479,127 @@ def extract_onnx_bundle(path: str | Path, dest: str | Path) -> ExtractedGraph:
     names = [bundle.archive_name(m) for m in members]
     root = extract_members(bundle.path, dest, names, TEACHER_LIMITS) / bundle.prefix
     return ExtractedGraph(root, root / found.graph)
+
+
+#: The files a transformers / sentence-transformers folder is read from, by name: the
+#: configs, the tokenizer's files and the weights. Nothing else in a bundle is extracted.
+HF_FOLDER_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "tokenizer.model",
+        "modules.json",
+        "config_sentence_transformers.json",
+        "sentence_bert_config.json",
+    }
+)
+
+
+#: Weight files of a format that is never loaded (pickle-based or framework-specific).
+PICKLED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+def require_safetensors(names: Collection[str], what: str) -> None:
+    """Refuse a transformers folder holding ``names`` unless its weights are in safetensors."""
+    if "model.safetensors" in names or "model.safetensors.index.json" in names:
+        return
+    pickled = sorted(n for n in names if n.endswith(PICKLED_WEIGHT_SUFFIXES))
+    if pickled:
+        raise UnsupportedFormat(
+            f"{what} has weights only in {', '.join(pickled)}, a pickle-based (or "
+            "framework-specific) format that is never loaded. Convert it to safetensors where "
+            "you trust it: transformers model.save_pretrained(folder, safe_serialization=True), "
+            "or sentence-transformers model.save(folder, safe_serialization=True); then zip the "
+            "folder again.",
+            field="teacher",
+        )
+    raise TeacherInvalid(f"{what} has no model.safetensors", field="teacher")
+
+
+def extract_hf_bundle(path: str | Path, dest: str | Path) -> Path:
+    """Extract a transformers zip's referenced files into ``dest``; return the folder to load.
+
+    Only the files of :data:`HF_FOLDER_FILES` in the bundle's root and in the module
+    folders ``modules.json`` names are written, plus the weight shards the index names;
+    an unreferenced member never reaches the disk. Reads and writes run under
+    :data:`archive.TEACHER_LIMITS`.
+    """
+    bundle = Bundle(path)
+    _require_safetensors_in(bundle)
+    members = hf_bundle_members(bundle)
+    if not members:
+        raise TeacherInvalid("the bundle holds no transformers folder", field="teacher")
+    names = [bundle.archive_name(m) for m in members]
+    return extract_members(bundle.path, dest, names, TEACHER_LIMITS) / bundle.prefix
+
+
+def _require_safetensors_in(bundle: Bundle) -> None:
+    """Refuse pickle-only weights by name, as the loader would: they never reach the disk."""
+    folders = {"": "the transformers model"}
+    if "modules.json" in bundle.sizes:
+        found = _sentence_transformer(bundle)
+        folders = {found.model_dir: "the transformers model"}
+        for dense in found.dense:
+            folder = str(dense["folder"])
+            folders[folder] = f"sentence-transformers module {PurePosixPath(folder).name}"
+    for folder, what in folders.items():
+        prefix = f"{folder}/" if folder else ""
+        if prefix + "config.json" not in bundle.sizes:
+            continue
+        inside = [n[len(prefix) :] for n in bundle.names if n.startswith(prefix)]
+        require_safetensors([n for n in inside if "/" not in n], what)
+
+
+def hf_bundle_members(bundle: Bundle) -> list[str]:
+    """The members a transformers folder reads: its files by name, and the indexed shards."""
+    folders = [""]
+    if "modules.json" in bundle.sizes:
+        folders += _module_folders(bundle)
+    wanted: set[str] = set()
+    for folder in dict.fromkeys(folders):
+        prefix = f"{folder}/" if folder else ""
+        wanted.update(prefix + f for f in HF_FOLDER_FILES if prefix + f in bundle.sizes)
+        index = prefix + "model.safetensors.index.json"
+        if index in bundle.sizes:
+            wanted.update(_indexed_shards(bundle, index, prefix))
+    return sorted(wanted)
+
+
+def _module_folders(bundle: Bundle) -> list[str]:
+    """The folders of the sentence-transformers modules ``modules.json`` lists."""
+    modules = bundle.json("modules.json")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise TeacherInvalid("modules.json is not a list of modules", field="teacher")
+    raw = [str(m.get("path") or "") for m in modules]
+    return [str(member_path(r)) for r in raw if r not in ("", ".")]
+
+
+def _indexed_shards(bundle: Bundle, index: str, prefix: str) -> list[str]:
+    """The weight shards ``index`` names that the bundle holds, each a member inside it."""
+    content = bundle.json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        raise TeacherInvalid(f"{index} has no weight_map", field="teacher")
+    shards = []
+    for shard in set(map(str, weight_map.values())):
+        try:
+            member = prefix + str(member_path(shard))
+        except ArchiveUnsafe:
+            continue  # never extracted; the loader refuses the index, naming the entry
+        if member in bundle.sizes:
+            shards.append(member)
+    return shards
 
 
 def _present_data_members(bundle: Bundle, model: onnx.ModelProto, graph: str) -> list[str]:

@@ -23,13 +23,12 @@ from worker.engine.errors import (
     ArchiveUnsafe,
     TeacherIncompatible,
     TeacherInvalid,
-    UnsupportedFormat,
 )
 from worker.engine.hf.families import Head, make_config, model_class
 from worker.engine.hf.pooling import POOLING_MODES
 from worker.engine.hf.tokenizer import load_tokenizer
 from worker.engine.hf.wrapper import HFEncoder
-from worker.engine.inspection import refuse_per_token_heads
+from worker.engine.inspection import refuse_per_token_heads, require_safetensors
 
 #: Families whose position ids start after the padding index (RoBERTa-style).
 _OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "mpnet"})
@@ -62,25 +61,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _require_safetensors(folder: Path, what: str) -> None:
     """Refuse ``folder`` unless its weights are in safetensors, saying how to convert pickles."""
-    if (folder / "model.safetensors").is_file() or (
-        folder / "model.safetensors.index.json"
-    ).is_file():
-        return
-    pickled = [
-        file.name
-        for file in folder.iterdir()
-        if file.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-    ]
-    if pickled:
-        raise UnsupportedFormat(
-            f"{what} has weights only in {', '.join(sorted(pickled))}, a pickle-based (or "
-            "framework-specific) format that is never loaded. Convert it to safetensors where "
-            "you trust it: transformers model.save_pretrained(folder, safe_serialization=True), "
-            "or sentence-transformers model.save(folder, safe_serialization=True); then zip the "
-            "folder again.",
-            field="teacher",
-        )
-    raise TeacherInvalid(f"{what} has no model.safetensors", field="teacher")
+    require_safetensors([file.name for file in folder.iterdir() if file.is_file()], what)
 
 
 #: JSON files whose ``*_file`` entries name files transformers opens.

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from worker.engine.archive import bundle_root, extract, is_zip
+from worker.engine.archive import is_zip
 from worker.engine.errors import TeacherIncompatible, TeacherInvalid
 from worker.engine.hf.loading import Task, load_folder
 from worker.engine.hf.pooling import masked_mean
 from worker.engine.hf.wrapper import HFEncoder
+from worker.engine.inspection import extract_hf_bundle
 from worker.engine.signature import TeacherSignature, TensorSpec
 from worker.engine.teachers import TEACHER_RUNTIMES, TeacherRuntime, file_digest
 
@@ -148,7 +149,7 @@ def load_huggingface(
         destination = Path(work_dir) / "huggingface"
         if destination.exists():
             shutil.rmtree(destination)
-        root = bundle_root(extract(path, destination))
+        root = extract_hf_bundle(path, destination)
     else:
         raise TeacherInvalid("a transformers teacher must be a zip of its folder", field="teacher")
     module, tokenizer, task, extra = load_folder(root)
