@@ -76,6 +76,8 @@ def test_kd_student_keeps_the_teachers_accuracy_with_10x_fewer_parameters(
     spec = DistillationSpec(
         student={"architecture": "auto", "compression": 10},
         training=training(epochs=60),
+        # The labels-only baseline runs by default on labelled data; this test is about kd.
+        evaluation={"baseline": False},
     )
     result = run(spec, teacher_path=mlp_teacher, dataset_path=data, out_dir=tmp_path / "out")
     metrics = result.metrics
@@ -454,7 +456,8 @@ def test_a_teacher_with_a_hidden_softmax_is_read_in_log_space(tmp_path, split_di
     teacher = export_onnx(
         HiddenSoftmax(net), (torch.from_numpy(split_digits["x"][:2]),), tmp_path / "p.onnx"
     )
-    data = write_npz(tmp_path / "t.npz", split_digits["x"][:600])
+    # Test rows now come off the transfer set too: 1000 rows leave 750 to train on.
+    data = write_npz(tmp_path / "t.npz", split_digits["x"][:1000])
     events: list[tuple[str, dict]] = []
     result = run(
         DistillationSpec(student={"compression": 2}, training=training(epochs=20)),
@@ -465,4 +468,5 @@ def test_a_teacher_with_a_hidden_softmax_is_read_in_log_space(tmp_path, split_di
     )
     warnings = [d for kind, d in events if kind == "warning"]
     assert any(w["code"] == "teacher_outputs_probabilities" for w in warnings)
-    assert result.metrics["fidelity"]["agreement"] > 0.85
+    # On ~150 test rows nobody chose on, the 95% interval is about ±0.05 wide.
+    assert result.metrics["fidelity"]["agreement"] > 0.8
