@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run one job spec and write its artifacts")
-    run.add_argument("spec", help="job spec JSON with teacher.path and dataset.path")
+    run.add_argument(
+        "spec", help="job spec JSON with teacher.path, dataset.path and optional test_dataset.path"
+    )
     run.add_argument("--out", required=True, help="folder that receives the artifacts")
     run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     run.add_argument("--cache-dir", help="reuse teacher outputs across runs from this folder")
@@ -110,6 +112,7 @@ def _run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         checkpoint_dir=args.checkpoint_dir,
         callbacks=callbacks,
+        test_dataset_path=spec.test_dataset.path if spec.test_dataset else None,
     )
     summary = {
         "task": result.task,
@@ -118,6 +121,8 @@ def _run(args: argparse.Namespace) -> int:
         "student": result.metrics["student"],
         "fidelity": result.metrics.get("fidelity"),
         "compression": result.metrics.get("compression"),
+        "verdict": result.metrics.get("verdict"),
+        "split": result.metrics.get("split"),
         "artifacts": [a.to_dict() for a in result.artifacts],
     }
     print(json.dumps(summary, indent=2))

@@ -5,22 +5,28 @@ the stages below, each a function of its own, in this order:
 
 1. read the transfer set and load the teacher;
 2. :func:`_fit_transfer_set`: tokenise text for the teacher, settle the task,
-   check that data and teacher fit each other and the spec, split off validation;
+   check that data and teacher fit each other and the spec, split off validation
+   and test rows (or take the caller's test set);
 3. :func:`_teacher_targets`: the teacher's outputs, computed once (and cached)
    or left to the loop (``online``), plus hint features;
 4. :func:`_design_student`: the student and the loss it trains with;
-5. :func:`_train_student`, and :func:`_train_baseline` when the spec asks;
-6. :func:`_evaluate`: teacher and student (and baseline) on the same held-out rows;
-7. :func:`_export`: the artifacts;
-8. :func:`_report`: what the caller gets back.
+5. :func:`_train_student`, and :func:`_train_baseline` when the transfer set has
+   labels (or the spec asks);
+6. :func:`_export`: the student's files;
+7. :func:`_evaluate`: teacher and student (and baseline) on the test rows, run from
+   the exported files in onnxruntime where there are files, and the verdict;
+8. :func:`_write_reports` and :func:`_report`: metrics, card, curves, and what the
+   caller gets back.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import tempfile
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +37,10 @@ from torch import nn
 import worker.engine.components  # noqa: F401 - registers every built-in teacher runtime and student
 from worker.engine import evaluation, export, report
 from worker.engine.compatibility import DataFacts, check_fits, check_labels, resolve_task
-from worker.engine.data import TransferSet, load_transfer_set, split, tokenize
+from worker.engine.data import TransferSet, load_transfer_set, tokenize
+from worker.engine.data.splitting import split_three
 from worker.engine.errors import TeacherIncompatible
+from worker.engine.evaluation import OnnxFile
 from worker.engine.export import sha256_file
 from worker.engine.losses import LabelsOnlyLoss, build_loss
 from worker.engine.preprocessing import fit_preprocessing, standardised_loss, wrap_student
@@ -102,7 +110,12 @@ class Artifact:
 
 @dataclass
 class RunResult:
-    """What a job returns: its metrics and artifacts, and how training ended."""
+    """What a job returns: its metrics and artifacts, and how training ended.
+
+    ``metrics`` is ``metrics.json``; ``deployable`` repeats its
+    ``verdict.deployable``. ``partial`` is True when training stopped at its time
+    budget: the best student so far was still exported and evaluated.
+    """
 
     task: str
     metrics: dict[str, Any]
@@ -111,6 +124,7 @@ class RunResult:
     partial: bool
     steps: int
     resumed_from: int | None
+    deployable: bool = False
 
 
 # ------------------------------------------------------------------ what travels between stages
@@ -122,6 +136,7 @@ class JobPaths:
 
     teacher: Path
     dataset: Path
+    test_dataset: Path | None
     out: Path
     work: Path
     cache: Path | None
@@ -130,12 +145,18 @@ class JobPaths:
 
 @dataclass
 class FittedData:
-    """The transfer set as the teacher reads it, the task it serves, and its two splits."""
+    """The transfer set as the teacher reads it, the task it serves, and its three splits.
+
+    ``test`` is reported and never used to choose anything: a split of the transfer
+    set (``test_source`` ``split``) or the caller's test set (``dataset``).
+    """
 
     task: str
     transfer_set: TransferSet
     train: TransferSet
     validation: TransferSet
+    test: TransferSet
+    test_source: str
 
 
 @dataclass
@@ -199,12 +220,16 @@ def run(
     checkpoint_dir: str | Path | None = None,
     work_dir: str | Path | None = None,
     callbacks: Callbacks | None = None,
+    test_dataset_path: str | Path | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> RunResult:
     """Distil the teacher at ``teacher_path`` on the transfer set at ``dataset_path``.
 
     ``out_dir`` receives the artifacts. ``cache_dir`` makes the teacher-output
     cache reusable across runs; ``checkpoint_dir`` enables checkpoints and
-    resumes from the latest one found there.
+    resumes from the latest one found there. ``test_dataset_path`` is a dataset
+    reported on instead of a test split of the transfer set. ``provenance`` (e.g.
+    ``{"job_id": ...}``) is copied into ``metrics.json``'s ``provenance`` and the card.
     """
     resolved_device = resolve_device(device)
     out = Path(out_dir)
@@ -214,40 +239,49 @@ def run(
     paths = JobPaths(
         teacher=Path(teacher_path),
         dataset=Path(dataset_path),
+        test_dataset=Path(test_dataset_path) if test_dataset_path else None,
         out=out,
         work=work,
         cache=Path(cache_dir) if cache_dir else None,
         checkpoints=Path(checkpoint_dir) if checkpoint_dir else None,
     )
     try:
-        return _distil(spec, paths, resolved_device, callbacks or Callbacks())
+        return _distil(spec, paths, resolved_device, callbacks or Callbacks(), provenance or {})
     finally:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def _distil(
-    spec: DistillationSpec, paths: JobPaths, device: torch.device, callbacks: Callbacks
+    spec: DistillationSpec,
+    paths: JobPaths,
+    device: torch.device,
+    callbacks: Callbacks,
+    provenance: dict[str, Any],
 ) -> RunResult:
     """The stages of one job, in order."""
     torch.manual_seed(spec.training.seed)
     callbacks.event("stage", {"stage": "loading"})
     transfer_set = load_transfer_set(paths.dataset, spec.data)
+    test_set = load_transfer_set(paths.test_dataset, spec.data) if paths.test_dataset else None
     teacher = load_teacher(paths.teacher, device=device, work_dir=paths.work / "teacher")
-    data = _fit_transfer_set(spec, teacher, transfer_set, callbacks)
+    data = _fit_transfer_set(spec, teacher, transfer_set, callbacks, test_set)
     targets = _teacher_targets(spec, teacher, data, device, paths.cache, callbacks)
     design = _design_student(spec, teacher, data, targets)
     trained = _train_student(
         spec, teacher, design, data, targets, device, paths.checkpoints, callbacks
     )
+    # "auto" (None): the labels-only baseline runs whenever there are labels to train it on.
+    wants_baseline = spec.evaluation.baseline
     baseline = (
         _train_baseline(spec, design, data, targets, device, callbacks)
-        if spec.evaluation.baseline
+        if wants_baseline or (wants_baseline is None and design.has_labels)
         else None
     )
     _export(spec, teacher, data, trained, paths.out, callbacks)
-    metrics = _evaluate(spec, teacher, data, targets, trained, baseline, device, callbacks)
+    metrics = _evaluate(spec, teacher, data, targets, trained, baseline, device, paths, callbacks)
     metrics["parity"] = _parity(teacher, data, paths.out)
+    metrics["provenance"] = _provenance(spec, teacher, paths, device, provenance)
     artifacts = _write_reports(spec, teacher.signature, trained, metrics, paths.out)
     return _report(data.task, metrics, artifacts, trained.result)
 
@@ -260,11 +294,15 @@ def _fit_transfer_set(
     teacher: TeacherRuntime,
     transfer_set: TransferSet,
     callbacks: Callbacks,
+    test_set: TransferSet | None = None,
 ) -> FittedData:
-    """Tokenise text for the teacher, settle the task, check the fit, split off validation."""
+    """Tokenise text for the teacher, settle the task, check the fit, split off validation
+    and test rows (none when the caller brings ``test_set``)."""
     signature = teacher.signature
     if transfer_set.modality == "text":
         transfer_set = _tokenize_for(teacher, transfer_set, spec.data.max_length, callbacks)
+    if test_set is not None and test_set.modality == "text":
+        test_set = _tokenize_for(teacher, test_set, spec.data.max_length, callbacks)
     task = resolve_task(spec, signature)
     facts = DataFacts(
         modality=transfer_set.modality,
@@ -275,10 +313,22 @@ def _fit_transfer_set(
     )
     check_fits(signature, facts)
     check_labels(task, spec, facts, signature.num_classes)
-    train_set, validation_set = split(
-        transfer_set, spec.evaluation.validation_split, spec.training.seed
+    if test_set is not None and test_set.feature_shape != transfer_set.feature_shape:
+        raise TeacherIncompatible(
+            f"the test set's features {test_set.feature_shape} are not the transfer set's "
+            f"{transfer_set.feature_shape}",
+            field="evaluation.test_dataset_id",
+        )
+    train_set, validation_set, test_split = split_three(
+        transfer_set,
+        spec.evaluation.validation_split,
+        None if test_set is not None else spec.evaluation.test_split,
+        spec.training.seed,
     )
-    return FittedData(task, transfer_set, train_set, validation_set)
+    test = test_set if test_set is not None else test_split
+    assert test is not None
+    source = "dataset" if test_set is not None else "split"
+    return FittedData(task, transfer_set, train_set, validation_set, test, source)
 
 
 def _tokenize_for(
@@ -395,7 +445,8 @@ def _teacher_outputs(
     # The teacher runs once over the transfer set; the cache key covers what it saw.
     preparation = {
         "data": spec.data.model_dump(),
-        "split": [spec.evaluation.validation_split, spec.training.seed],
+        "split": [spec.evaluation.validation_split, data.test_source, spec.training.seed]
+        + ([spec.evaluation.test_split] if data.test_source == "split" else []),
     }
 
     def outputs_of(
@@ -618,13 +669,25 @@ def _reference_targets(task: str, labels: np.ndarray, output_dim: int) -> torch.
 
 @dataclass
 class Reference:
-    """What the task metrics compare against on the validation split."""
+    """What the task metrics compare against on the test rows."""
 
-    #: Validation rows that are scored.
+    #: Test rows that are scored.
     rows: np.ndarray
     values: np.ndarray
     #: ``labels`` or ``teacher``.
     name: str
+
+
+@dataclass
+class ScoredSide:
+    """One model's outputs on the test rows, and how they were computed."""
+
+    outputs: np.ndarray
+    #: ``onnxruntime`` (the exported file) or ``torch``.
+    runtime: str
+    #: ``logits``, ``probabilities`` or ``values``: how to read ``outputs``.
+    kind: str
+    onnx: OnnxFile | None = None
 
 
 def _evaluate(
@@ -635,47 +698,153 @@ def _evaluate(
     trained: TrainedStudent,
     baseline: TrainResult | None,
     device: torch.device,
+    paths: JobPaths,
     callbacks: Callbacks,
 ) -> dict[str, Any]:
-    """Teacher, student (and baseline) on the same held-out rows, against the same reference."""
+    """Teacher, student (and baseline) on the test rows, against the same reference."""
     callbacks.event("stage", {"stage": "evaluation"})
-    task, inputs, result = data.task, trained.data.val, trained.result
+    task, result, test = data.task, trained.result, data.test
+    inputs = to_tensors(test.arrays, torch.device("cpu"))
     result.student.to(device)  # the export stage moved it to the CPU
-    student_outputs = predict(result.student, inputs, 512, None).cpu().numpy()
-    reference = _reference(task, data.validation.labels, targets.validation)
-    teacher_side: dict[str, Any] = {
-        **evaluation.task_metrics(task, targets.validation[reference.rows], reference.values),
-        "parameters": teacher.signature.parameters,
-        "bytes": teacher.signature.bytes,
-        **evaluation.measure_speed(teacher.predict, inputs, device),
+    teacher_run = _teacher_on_test(teacher, test, targets.output_kind, spec, callbacks)
+    student_run = _student_on_test(task, result.student, inputs, teacher, paths.out)
+    reference = _reference(task, test.labels, teacher_run.outputs)
+    sides = {
+        "teacher": _teacher_side(task, teacher, teacher_run, reference, inputs, device),
+        "student": _student_side(task, result.student, student_run, reference, inputs, device),
     }
-    student_side = _student_side(task, result.student, student_outputs, reference, inputs, device)
-    baseline_side = None
+    speed_runtime = _settle_speed(sides, teacher_run, student_run, test.arrays)
+    baseline_run = None
     if baseline is not None:
-        baseline_outputs = predict(baseline.student, inputs, 512, None).cpu().numpy()
-        baseline_side = _student_side(
-            task, baseline.student, baseline_outputs, reference, inputs, device
+        outputs = predict(baseline.student, inputs, 512, None).cpu().numpy()
+        baseline_run = ScoredSide(outputs, "torch", "logits")
+        sides["baseline"] = _student_side(
+            task, baseline.student, baseline_run, reference, inputs, device
         )
-    fidelity = evaluation.fidelity(student_outputs, targets.validation, task, targets.output_kind)
+        _settle_speed({"baseline": sides["baseline"]}, None, None, test.arrays)
+    runs = {"teacher": teacher_run, "student": student_run, "baseline": baseline_run}
     metrics = evaluation.build_metrics(
         task=task,
-        teacher=teacher_side,
-        student=student_side,
-        fidelity=fidelity,
-        baseline=baseline_side,
+        teacher=sides["teacher"],
+        student=sides["student"],
+        fidelity=evaluation.fidelity(
+            student_run.outputs, teacher_run.outputs, task, teacher_run.kind, student_run.kind
+        ),
+        baseline=sides.get("baseline"),
         extra={
-            "split": {"validation_rows": len(targets.validation), "reference": reference.name},
+            "split": _split_summary(data, reference),
             "device": str(device),
             "partial": result.stop_reason == "time_budget",
             "training": _training_summary(spec, task, teacher, result),
+            "intervals": _intervals(task, runs, reference, spec.training.seed),
+            "runtime": {
+                **{name: run.runtime for name, run in runs.items() if run is not None},
+                "speed": speed_runtime,
+                "onnxruntime_threads": evaluation.THREADS,
+            },
         },
+        accept=spec.evaluation.accept.model_dump(),
     )
     callbacks.event("evaluation", {"final": True, "metrics": metrics})
     return metrics
 
 
+def _teacher_on_test(
+    teacher: TeacherRuntime,
+    test: TransferSet,
+    output_kind: str,
+    spec: DistillationSpec,
+    callbacks: Callbacks,
+) -> ScoredSide:
+    """The teacher on the test rows: its own ONNX file in onnxruntime, else its runtime."""
+    graph_path = getattr(teacher, "graph_path", None)
+    if graph_path is not None:
+        zipmap = teacher.signature.extra.get("zipmap")
+        output = zipmap["tensor"] if zipmap else teacher.signature.output
+        try:
+            onnx_file = OnnxFile(graph_path, output=output)
+            outputs = onnx_file.predict(test.arrays)
+            return ScoredSide(outputs, "onnxruntime", output_kind, onnx_file)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            callbacks.event(
+                "warning",
+                {
+                    "code": "teacher_file_not_scored",
+                    "message": f"the teacher's ONNX file did not run in onnxruntime ({exc}); "
+                    "it is scored in its runtime instead",
+                },
+            )
+    batch_size = max(spec.training.batch_size, 256)
+    outputs, _ = compute_teacher_outputs(teacher, test.arrays, batch_size=batch_size)
+    return ScoredSide(outputs.reshape(len(outputs), -1), "torch", output_kind)
+
+
+def _student_on_test(
+    task: str,
+    student: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    teacher: TeacherRuntime,
+    out: Path,
+) -> ScoredSide:
+    """The student on the test rows: ``student.onnx`` in onnxruntime when it was exported."""
+    path = out / "student.onnx"
+    if not path.exists():
+        outputs = predict(student, inputs, 512, None).cpu().numpy()
+        return ScoredSide(outputs, "torch", "logits" if task == "classification" else "values")
+    onnx_file = OnnxFile(path)
+    onnx_file.output = _student_output(onnx_file, teacher)
+    outputs = onnx_file.predict({name: value.numpy() for name, value in inputs.items()})
+    kind = "values"
+    if task == "classification":
+        # A drop-in student gives probabilities where the teacher does.
+        kind = "probabilities" if looks_like_probabilities(outputs) else "logits"
+    return ScoredSide(outputs, "onnxruntime", kind, onnx_file)
+
+
+def _student_output(onnx_file: OnnxFile, teacher: TeacherRuntime) -> str:
+    """The student output that stands for the teacher's: same name, else the first float one."""
+    zipmap = teacher.signature.extra.get("zipmap")
+    wanted = [zipmap["tensor"]] if zipmap else []
+    wanted += [teacher.signature.output or "", "outputs"]
+    outputs = onnx_file.session.get_outputs()
+    names = [o.name for o in outputs]
+    for name in wanted:
+        if name in names:
+            return name
+    floats = [o.name for o in outputs if o.type in ("tensor(float)", "tensor(double)")]
+    return floats[0] if floats else names[0]
+
+
+def _settle_speed(
+    sides: dict[str, dict[str, Any]],
+    teacher_run: ScoredSide | None,
+    student_run: ScoredSide | None,
+    arrays: dict[str, np.ndarray],
+) -> str:
+    """``latency_ms``/``throughput`` from onnxruntime when both files ran there, else torch.
+
+    Both sides always keep their torch figures (``torch_latency_ms``, ``torch_throughput``);
+    the onnxruntime ones are added under ``onnxruntime_*`` when measured.
+    """
+    files = [run.onnx for run in (teacher_run, student_run) if run is not None]
+    both_files = len(files) == 2 and all(f is not None for f in files)
+    for name, run in (("teacher", teacher_run), ("student", student_run)):
+        if name in sides and both_files and run is not None and run.onnx is not None:
+            sides[name].update(run.onnx.speed(arrays))
+    runtime = "onnxruntime" if both_files else "torch"
+    for side in sides.values():
+        side["latency_ms"] = side.get(f"{runtime}_latency_ms", side["torch_latency_ms"])
+        side["throughput"] = side.get(f"{runtime}_throughput", side["torch_throughput"])
+    return runtime
+
+
+def _torch_speed(fn: Any, inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    speed = evaluation.measure_speed(fn, inputs, device)
+    return {"torch_latency_ms": speed["latency_ms"], "torch_throughput": speed["throughput"]}
+
+
 def _reference(task: str, labels: np.ndarray | None, teacher_outputs: np.ndarray) -> Reference:
-    """The labeled validation rows and their labels; the teacher's outputs where there are none."""
+    """The labeled test rows and their labels; the teacher's outputs where there are none."""
     rows = np.flatnonzero(_labeled(labels)) if labels is not None else np.array([], dtype=int)
     if task == "embedding" or not len(rows):
         # Without labels the teacher is the reference (embeddings always are).
@@ -688,20 +857,111 @@ def _reference(task: str, labels: np.ndarray | None, teacher_outputs: np.ndarray
     return Reference(rows, values, "labels")
 
 
-def _student_side(
+def _teacher_side(
     task: str,
-    student: nn.Module,
-    outputs: np.ndarray,
+    teacher: TeacherRuntime,
+    run: ScoredSide,
     reference: Reference,
     inputs: dict[str, torch.Tensor],
     device: torch.device,
 ) -> dict[str, Any]:
-    """A trained student's task metrics, size and speed."""
+    """The teacher's task metrics on the test rows, its size and its torch-side speed."""
     return {
-        **evaluation.task_metrics(task, outputs[reference.rows], reference.values),
+        **evaluation.task_metrics(task, run.outputs[reference.rows], reference.values),
+        "parameters": teacher.signature.parameters,
+        "bytes": teacher.signature.bytes,
+        "file_bytes": teacher.signature.bytes,
+        **_torch_speed(teacher.predict, inputs, device),
+    }
+
+
+def _student_side(
+    task: str,
+    student: nn.Module,
+    run: ScoredSide,
+    reference: Reference,
+    inputs: dict[str, torch.Tensor],
+    device: torch.device,
+) -> dict[str, Any]:
+    """A trained student's task metrics on the test rows, its size and its torch-side speed."""
+    student.to(device)
+    file_bytes = run.onnx.path.stat().st_size if run.onnx is not None else None
+    external = run.onnx.path.with_name(run.onnx.path.name + ".data") if run.onnx else None
+    if file_bytes is not None and external is not None and external.exists():
+        file_bytes += external.stat().st_size
+    return {
+        **evaluation.task_metrics(task, run.outputs[reference.rows], reference.values),
         "parameters": count_parameters(student),
         "bytes": evaluation.module_bytes(student),
-        **evaluation.measure_speed(lambda batch: student(**batch), inputs, device),
+        "file_bytes": file_bytes,
+        **_torch_speed(lambda batch: student(**batch), inputs, device),
+    }
+
+
+def _split_summary(data: FittedData, reference: Reference) -> dict[str, Any]:
+    """Which rows the figures come from: every split's size and the test set's source."""
+    return {
+        "train_rows": len(data.train),
+        "validation_rows": len(data.validation),
+        "test_rows": len(data.test),
+        "scored_rows": len(reference.rows),
+        "test_source": data.test_source,
+        "reference": reference.name,
+    }
+
+
+def _intervals(
+    task: str, runs: dict[str, ScoredSide | None], reference: Reference, seed: int
+) -> dict[str, Any]:
+    """Bootstrap 95% intervals of the primary task metric and of fidelity, on the test rows."""
+    teacher = runs["teacher"]
+    assert teacher is not None
+    out: dict[str, Any] = {"confidence": 0.95, "resamples": 1000, "seed": seed, "baseline": None}
+    for name, run in runs.items():
+        if run is not None:
+            out[name] = evaluation.task_metric_interval(
+                task, run.outputs[reference.rows], reference.values, seed=seed
+            )
+    student = runs["student"]
+    assert student is not None
+    out["fidelity"] = evaluation.fidelity_interval(
+        task, student.outputs, teacher.outputs, (student.kind, teacher.kind), seed=seed
+    )
+    return out
+
+
+def _provenance(
+    spec: DistillationSpec,
+    teacher: TeacherRuntime,
+    paths: JobPaths,
+    device: torch.device,
+    given: dict[str, Any],
+) -> dict[str, Any]:
+    """Where the student came from: inputs by sha256, versions, device, seed, spec."""
+
+    def digest(path: Path | None) -> str | None:
+        return sha256_file(path) if path is not None and path.is_file() else None
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "job_id": None,
+        "teacher_sha256": digest(paths.teacher) or teacher.digest,
+        "dataset_sha256": digest(paths.dataset),
+        "test_dataset_sha256": digest(paths.test_dataset),
+        "engine": version("distillery"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": version("onnx"),
+        "onnxruntime": version("onnxruntime"),
+        "device": str(device),
+        "seed": spec.training.seed,
+        "spec": spec.model_dump(mode="json"),
+        **given,
     }
 
 
@@ -754,7 +1014,7 @@ def _teacher_graph(teacher: TeacherRuntime) -> Path | None:
     """The ONNX teacher's graph file (extracted from a bundle), or None for other teachers."""
     if teacher.signature.format != "onnx":
         return None
-    path = getattr(teacher, "_graph_path", None)
+    path = getattr(teacher, "graph_path", None)
     return Path(path) if path is not None else None
 
 
@@ -778,7 +1038,7 @@ def _parity(teacher: TeacherRuntime, data: FittedData, out: Path) -> dict[str, A
     student_file = out / "student.onnx"
     if teacher_graph is None or not student_file.exists():
         return None
-    rows = {name: array[:PARITY_ROWS] for name, array in data.validation.arrays.items()}
+    rows = {name: array[:PARITY_ROWS] for name, array in data.test.arrays.items()}
     feed = export.teacher_feed(teacher.signature, rows)
     return export.parity(teacher_graph, student_file, feed)
 
@@ -799,7 +1059,13 @@ def _write_reports(
         signature.to_dict(),
         dict(trained.result.student.config),  # type: ignore[arg-type]
     )
-    report.plot_training_curves(out / "training_curves.png", trained.result.history)
+    report.plot_training_curves(
+        out / "training_curves.png",
+        trained.result.history,
+        best_step=trained.result.best_step,
+        # The teacher agrees with itself: the line its student is climbing towards.
+        teacher_reference={"val/agreement": 1.0, "val/cosine": 1.0, "val/output_mse": 0.0},
+    )
     return _artifacts_in(out)
 
 
@@ -829,4 +1095,5 @@ def _report(
         partial=result.stop_reason == "time_budget",
         steps=result.steps,
         resumed_from=result.resumed_from,
+        deployable=bool(metrics["verdict"]["deployable"]),
     )

@@ -143,13 +143,80 @@ class TrainingSpec(_Strict):
     checkpoint_every_minutes: Annotated[float, Field(gt=0.0)] | None = 10.0
 
 
-class EvaluationSpec(_Strict):
-    validation_split: Annotated[float, Field(gt=0.0, lt=0.9)] = 0.1
-    baseline: bool = Field(
-        default=False,
-        description="Also train the same student on labels alone, to show what distillation "
-        "added. Needs labels.",
+class AcceptSpec(_Strict):
+    """When a student is deployable: every criterion met on the test rows (None: unchecked)."""
+
+    min_metric_ratio: Annotated[float, Field(ge=0.0, le=10.0)] | None = Field(
+        default=0.97,
+        description="Classification and embeddings: the student's primary task metric "
+        "(accuracy, cosine) divided by the teacher's must be at least this.",
     )
+    max_r2_drop: Annotated[float, Field(ge=0.0)] | None = Field(
+        default=0.05,
+        description="Regression: the teacher's R² minus the student's must be at most this "
+        "(a drop, not a ratio, since R² can be zero or negative).",
+    )
+    min_agreement: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        default=0.95,
+        description="Classification: the fraction of test rows where the student's top class "
+        "is the teacher's must be at least this.",
+    )
+    min_cosine: Annotated[float, Field(ge=-1.0, le=1.0)] | None = Field(
+        default=0.9,
+        description="Embeddings: the mean cosine between the student's and the teacher's "
+        "embeddings must be at least this.",
+    )
+    max_latency_ms: Annotated[float, Field(gt=0.0)] | None = Field(
+        default=None,
+        description="The student's batch-1 latency in milliseconds (onnxruntime on the "
+        "exported file where there is one) must be at most this; unbounded by default.",
+    )
+    min_speedup: Annotated[float, Field(ge=0.0)] | None = Field(
+        default=1.0,
+        description="The teacher's batch-1 latency divided by the student's must be at "
+        "least this: by default the student must not be slower.",
+    )
+    min_compression: Annotated[float, Field(ge=0.0)] | None = Field(
+        default=1.0,
+        description="``compression`` (teacher / student parameters, or bytes for teachers "
+        "without parameters) must be at least this: by default the student must not be larger.",
+    )
+
+
+class EvaluationSpec(_Strict):
+    validation_split: Annotated[float, Field(gt=0.0, lt=0.9)] = Field(
+        default=0.1,
+        description="Fraction of the transfer set held out for early stopping and choosing "
+        "the best step; never reported as the result.",
+    )
+    test_split: Annotated[float, Field(gt=0.0, lt=0.9)] = Field(
+        default=0.15,
+        description="Fraction of the transfer set held out for the reported figures, used "
+        "for no choice at all (stratified by class like the validation split). Ignored "
+        "when a test set is given.",
+    )
+    test_dataset_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="A dataset (same format and features as the transfer set) to report on "
+        "instead of a test split; every row of the transfer set then trains or validates.",
+    )
+    baseline: bool | None = Field(
+        default=None,
+        description="Also train the same student on labels alone, to show what distillation "
+        "added. None (default): when the transfer set has labels; true needs labels.",
+    )
+    accept: AcceptSpec = Field(
+        default_factory=AcceptSpec,
+        description="The acceptance criteria behind metrics.json's verdict.",
+    )
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> EvaluationSpec:
+        if self.test_dataset_id is None and self.validation_split + self.test_split >= 0.9:
+            raise ValueError("validation_split + test_split must leave at least 10% to train on")
+        return self
 
 
 class ExportSpec(_Strict):
@@ -226,10 +293,20 @@ class PathRef(_Strict):
 
 
 class LocalJobSpec(DistillationSpec):
-    """A job for the engine CLI: teacher and dataset by file path."""
+    """A job for the engine CLI: teacher, dataset and an optional test set by file path."""
 
     teacher: PathRef
     dataset: PathRef
+    test_dataset: PathRef | None = Field(
+        default=None,
+        description="A dataset to report on instead of a test split of the transfer set.",
+    )
+
+    @model_validator(mode="after")
+    def _test_set_by_path(self) -> LocalJobSpec:
+        if self.evaluation.test_dataset_id is not None:
+            raise ValueError("a local spec names its test set by test_dataset.path, not by id")
+        return self
 
 
 def _field_name(loc: tuple[int | str, ...]) -> str:
@@ -260,7 +337,9 @@ def load_local_spec(path: str | Path) -> LocalJobSpec:
     except (OSError, json.JSONDecodeError) as exc:
         raise SpecInvalid(f"cannot read spec {path}: {exc}") from None
     spec: LocalJobSpec = parse_spec(data, LocalJobSpec)
-    for ref in (spec.teacher, spec.dataset):
+    for ref in (spec.teacher, spec.dataset, spec.test_dataset):
+        if ref is None:
+            continue
         p = Path(ref.path)
         if not p.is_absolute():
             ref.path = str((path.parent / p).resolve())

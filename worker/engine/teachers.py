@@ -250,6 +250,11 @@ class OnnxTeacher(TeacherRuntime):
         self._tensor_names = {o for n in model.graph.node for o in n.output if o}
         self._session([self._output])
 
+    @property
+    def graph_path(self) -> Path:
+        """The ONNX graph file (external data beside it), for running the file itself."""
+        return self._graph_path
+
     # ---------------------------------------------------------------- onnxruntime
 
     def _providers(self) -> list[str]:

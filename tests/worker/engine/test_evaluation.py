@@ -198,8 +198,24 @@ def _side(accuracy: float, params: int, latency: float) -> dict[str, object]:
     }
 
 
+_INTERVAL = {"metric": "accuracy", "estimate": 0.9, "low": 0.85, "high": 0.94}
+SPLIT = {
+    "train_rows": 1200,
+    "validation_rows": 180,
+    "test_rows": 270,
+    "test_source": "split",
+    "reference": "labels",
+}
 EXTRA = {
-    "split": {"validation_rows": 180, "reference": "labels"},
+    "split": SPLIT,
+    "intervals": {
+        "confidence": 0.95,
+        "resamples": 1000,
+        "teacher": _INTERVAL,
+        "student": _INTERVAL,
+        "fidelity": {**_INTERVAL, "metric": "agreement"},
+    },
+    "runtime": {"teacher": "onnxruntime", "student": "onnxruntime", "speed": "onnxruntime"},
     "device": "cpu",
     "partial": False,
     "training": {"steps": 100, "stop_reason": "completed"},
@@ -236,8 +252,9 @@ def test_build_metrics_has_every_design_key_and_validates() -> None:
     assert metrics["compression"] == pytest.approx(10.0)
     assert metrics["compression_basis"] == "parameters"
     assert metrics["speedup"] == pytest.approx(4.0)
-    assert metrics["baseline"] is None and metrics["verdict"] is None
-    assert metrics["split"] == {"validation_rows": 180, "reference": "labels"}
+    assert metrics["baseline"] is None and metrics["baseline_comparison"] is None
+    assert isinstance(metrics["verdict"]["deployable"], bool)
+    assert metrics["split"] == SPLIT
     assert metrics["training"]["steps"] == 100 and metrics["partial"] is False
 
 
@@ -260,15 +277,15 @@ def test_baseline_verdict_both_ways() -> None:
         "classification", teacher, _side(0.95, 10_000, 0.5), fid, _side(0.90, 10_000, 0.5), EXTRA
     )
     assert better["distillation_helped"] is True
-    assert better["verdict"].startswith("distillation helped")
-    assert "0.95" in better["verdict"] and "0.9" in better["verdict"]
+    assert better["baseline_comparison"].startswith("distillation helped")
+    assert "0.95" in better["baseline_comparison"] and "0.9" in better["baseline_comparison"]
     assert better["baseline"]["accuracy"] == 0.90
 
     worse = build_metrics(
         "classification", teacher, _side(0.90, 10_000, 0.5), fid, _side(0.91, 10_000, 0.5), EXTRA
     )
     assert worse["distillation_helped"] is False
-    assert worse["verdict"] == (
+    assert worse["baseline_comparison"] == (
         "distillation did not help: the labels-only student scored 0.91 accuracy "
         "vs 0.9 for the distilled student"
     )
@@ -287,7 +304,7 @@ def test_regression_verdict_uses_mse_lower_is_better() -> None:
 
     fid = dict.fromkeys(FIDELITY_KEYS)
     helped = build_metrics("regression", side(0.1), side(0.05), fid, side(0.2), EXTRA)
-    assert helped["distillation_helped"] is True and "0.05 mse" in helped["verdict"]
+    assert helped["distillation_helped"] is True and "0.05 mse" in helped["baseline_comparison"]
     hurt = build_metrics("regression", side(0.1), side(0.2), fid, side(0.05), EXTRA)
     assert hurt["distillation_helped"] is False
 
@@ -308,7 +325,7 @@ def test_validate_metrics_rejects_bad_objects() -> None:
     bad_cases.append((no_accuracy, "metrics.student.accuracy: required"))
     bad_task = {**good, "task": "ranking"}
     bad_cases.append((bad_task, "metrics.task"))
-    bad_reference = {**good, "split": {"validation_rows": 3, "reference": "guess"}}
+    bad_reference = {**good, "split": {**SPLIT, "reference": "guess"}}
     bad_cases.append((bad_reference, "metrics.split.reference"))
     no_fidelity_key = {**good, "fidelity": {"agreement": 1.0}}
     bad_cases.append((no_fidelity_key, "metrics.fidelity.kl_divergence: required"))
@@ -317,6 +334,12 @@ def test_validate_metrics_rejects_bad_objects() -> None:
     bad_cases.append((string_params, "metrics.teacher.parameters"))
     no_device = {k: v for k, v in good.items() if k != "device"}
     bad_cases.append((no_device, "metrics.device: required"))
+    no_test_rows = {**good, "split": {k: v for k, v in SPLIT.items() if k != "test_rows"}}
+    bad_cases.append((no_test_rows, "metrics.split.test_rows: required"))
+    string_verdict = {**good, "verdict": "deployable"}
+    bad_cases.append((string_verdict, "metrics.verdict: expected object"))
+    no_intervals = {k: v for k, v in good.items() if k != "intervals"}
+    bad_cases.append((no_intervals, "metrics.intervals: required"))
     for obj, message in bad_cases:
         with pytest.raises(ValueError, match=message.replace(".", r"\.")):
             validate_metrics(obj)
@@ -330,7 +353,8 @@ def test_build_metrics_refuses_missing_split_and_makes_numpy_plain() -> None:
     json.dumps(metrics)  # numpy scalars would not serialise
     assert type(metrics["student"]["parameters"]) is int
     with pytest.raises(ValueError, match="split"):
-        build_metrics("classification", side, side, fid, None, {"device": "cpu"})
+        no_split = {k: v for k, v in EXTRA.items() if k != "split"}
+        build_metrics("classification", side, side, fid, None, no_split)
     with pytest.raises(ValueError, match="computed keys"):
         build_metrics("classification", side, side, fid, None, {**EXTRA, "speedup": 2.0})
 

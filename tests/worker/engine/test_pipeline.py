@@ -88,6 +88,8 @@ def test_kd_student_keeps_the_teachers_accuracy_with_10x_fewer_parameters(
     spec = DistillationSpec(
         student=StudentSpec(architecture="auto", compression=10),
         training=TrainingSpec(**training(epochs=60)),
+        # The labels-only baseline runs by default on labelled data; this test is about kd.
+        evaluation=EvaluationSpec(baseline=False),
     )
     result = run(spec, teacher_path=mlp_teacher, dataset_path=data, out_dir=tmp_path / "out")
     metrics = result.metrics
@@ -486,7 +488,8 @@ def test_a_teacher_with_a_hidden_softmax_is_read_in_log_space(
     teacher = export_onnx(
         HiddenSoftmax(net), (torch.from_numpy(split_digits["x"][:2]),), tmp_path / "p.onnx"
     )
-    data = write_npz(tmp_path / "t.npz", split_digits["x"][:600])
+    # Test rows now come off the transfer set too: 1000 rows leave 750 to train on.
+    data = write_npz(tmp_path / "t.npz", split_digits["x"][:1000])
     events: list[tuple[str, dict[str, Any]]] = []
     result = run(
         DistillationSpec(
@@ -499,4 +502,5 @@ def test_a_teacher_with_a_hidden_softmax_is_read_in_log_space(
     )
     warnings = [d for kind, d in events if kind == "warning"]
     assert any(w["code"] == "teacher_outputs_probabilities" for w in warnings)
-    assert result.metrics["fidelity"]["agreement"] > 0.85
+    # On ~150 test rows nobody chose on, the 95% interval is about ±0.05 wide.
+    assert result.metrics["fidelity"]["agreement"] > 0.8

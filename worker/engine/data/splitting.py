@@ -1,4 +1,4 @@
-"""Splitting a transfer set into training and validation sets."""
+"""Splitting a transfer set into training, validation and test sets."""
 
 from __future__ import annotations
 
@@ -42,6 +42,29 @@ def split(
         transfer_set.subset(np.flatnonzero(~in_validation)),
         transfer_set.subset(np.flatnonzero(in_validation)),
     )
+
+
+def split_three(
+    transfer_set: TransferSet, validation_split: float, test_split: float | None, seed: int
+) -> tuple[TransferSet, TransferSet, TransferSet | None]:
+    """(train, validation, test) subsets, disjoint and deterministic for a given ``seed``.
+
+    Test rows (``test_split`` of the set) come off first, then validation rows
+    (``validation_split`` of the whole set) from the rest, each stratified by class as
+    :func:`split` does. With ``test_split`` None there is no test subset (the caller
+    brings its own test set).
+    """
+    if test_split is None:
+        train, validation = split(transfer_set, validation_split, seed)
+        return train, validation, None
+    if not 0.0 < validation_split + test_split < 1.0:
+        raise DatasetInvalid(
+            "validation_split + test_split must be below 1", field="evaluation.test_split"
+        )
+    rest, test = split(transfer_set, test_split, seed)
+    # The validation share is of the whole set, so rescale it to what is left.
+    train, validation = split(rest, min(validation_split / (1.0 - test_split), 0.95), seed)
+    return train, validation, test
 
 
 def _stratified(labels: np.ndarray, order: np.ndarray, validation_rows: int) -> np.ndarray | None:

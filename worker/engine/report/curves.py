@@ -1,4 +1,8 @@
-"""``training_curves.png``: the loss terms and the validation fidelity against steps."""
+"""``training_curves.png``: the loss terms and the validation fidelity against steps.
+
+The chosen (best) step is marked on both panels, and the teacher's own score on each
+validation series is drawn as a reference line.
+"""
 
 from __future__ import annotations
 
@@ -30,10 +34,19 @@ def _plot_losses(axes: Any, history: History, keys: list[str]) -> None:
         axes.set_yscale("log")
 
 
-def _plot_validation(axes: Any, history: History, keys: list[str]) -> None:
+def _plot_validation(
+    axes: Any, history: History, keys: list[str], teacher_reference: Mapping[str, float]
+) -> None:
     for key in keys:
         steps, values = _series(history, key)
-        axes.plot(steps, values, marker="o", label=key)
+        (line,) = axes.plot(steps, values, marker="o", label=key)
+        if key in teacher_reference:
+            axes.axhline(
+                teacher_reference[key],
+                color=line.get_color(),
+                linestyle=":",
+                label=f"teacher ({key})",
+            )
     axes.set_title("validation fidelity to the teacher")
     axes.set_xlabel("step")
 
@@ -47,11 +60,18 @@ def _finish(axes: Any, has_series: bool) -> None:
         axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
 
 
-def plot_training_curves(path: str | Path, history: History) -> Path:
+def plot_training_curves(
+    path: str | Path,
+    history: History,
+    best_step: int | None = None,
+    teacher_reference: Mapping[str, float] | None = None,
+) -> Path:
     """Write ``training_curves.png``: loss terms and validation fidelity against steps.
 
     Loss series are ``loss`` and every ``loss/<term>`` key; validation series every
     ``val/<name>`` key (e.g. ``val/agreement``); rows without a key are skipped.
+    ``best_step`` (the step the student was kept from) is marked with a vertical line;
+    ``teacher_reference`` maps a validation key to the teacher's value, drawn dotted.
     """
     import matplotlib
 
@@ -66,7 +86,12 @@ def plot_training_curves(path: str | Path, history: History) -> Path:
     figure, (loss_axes, validation_axes) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     try:
         _plot_losses(loss_axes, history, loss_keys)
-        _plot_validation(validation_axes, history, validation_keys)
+        _plot_validation(validation_axes, history, validation_keys, teacher_reference or {})
+        if best_step is not None:
+            for axes in (loss_axes, validation_axes):
+                axes.axvline(
+                    best_step, color="black", linestyle="--", label=f"best step {best_step}"
+                )
         _finish(loss_axes, bool(loss_keys))
         _finish(validation_axes, bool(validation_keys))
         figure.tight_layout()

@@ -1,4 +1,4 @@
-"""``model_card.md``: what was distilled, how, the results beside the teacher's, the limits.
+"""``model_card.md``: the verdict first, then the figures on the test rows, how, provenance.
 
 Each section is one function returning its lines; :func:`write_model_card` joins
 them with a blank line between sections.
@@ -6,6 +6,7 @@ them with a blank line between sections.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,50 @@ def _how(task: str, metrics: Mapping[str, Any], spec: Mapping[str, Any]) -> list
     return lines
 
 
+def _decision(metrics: Mapping[str, Any]) -> list[str]:
+    """Should this student be deployed: the verdict and every criterion's reason."""
+    verdict = metrics.get("verdict")
+    if not isinstance(verdict, Mapping):
+        return []
+    word = "deployable" if verdict.get("deployable") else "**not deployable**"
+    lines = [f"## Verdict: {word}", ""]
+    lines += [f"- {reason}" for reason in verdict.get("reasons", [])]
+    return [*lines, "", "Judged on test rows that no training step or choice saw."]
+
+
+def _rows(split: Mapping[str, Any]) -> str:
+    source = (
+        "a test set given with the job"
+        if split.get("test_source") == "dataset"
+        else "a test split of the transfer set"
+    )
+    return (
+        f"{_cell(split.get('test_rows'))} test rows ({source}; "
+        f"{_cell(split.get('scored_rows', split.get('test_rows')))} scored), never used to "
+        f"train or to choose; {_cell(split.get('train_rows'))} rows trained and "
+        f"{_cell(split.get('validation_rows'))} validated (early stopping, best step)"
+    )
+
+
+def _interval_lines(metrics: Mapping[str, Any]) -> list[str]:
+    intervals = metrics.get("intervals") or {}
+    lines = []
+    for side in ("teacher", "student", "baseline", "fidelity"):
+        entry = intervals.get(side)
+        if isinstance(entry, Mapping):
+            lines.append(
+                f"- {side} {entry.get('metric')}: {_cell(entry.get('estimate'))} "
+                f"[{_cell(entry.get('low'))}, {_cell(entry.get('high'))}]"
+            )
+    if not lines:
+        return []
+    head = (
+        f"{round(100 * float(intervals.get('confidence', 0.95)))}% bootstrap intervals "
+        f"({_cell(intervals.get('resamples'))} resamples of the test rows):"
+    )
+    return ["", head, "", *lines]
+
+
 def _results(task: str, metrics: Mapping[str, Any]) -> list[str]:
     split = metrics.get("split") or {}
     baseline = metrics.get("baseline")
@@ -139,8 +184,8 @@ def _results(task: str, metrics: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Results",
         "",
-        f"Measured on {_cell(split.get('validation_rows'))} held-out rows against {reference}, "
-        f"on {_cell(metrics.get('device'))}.",
+        f"Measured on {_rows(split)}, against {reference}, on {_cell(metrics.get('device'))}. "
+        f"{_runtimes(metrics)}",
         "",
         "| metric | " + " | ".join(columns) + " |",
         "| --- |" + " --- |" * len(columns),
@@ -148,7 +193,24 @@ def _results(task: str, metrics: Mapping[str, Any]) -> list[str]:
     for key in [*_TASK_METRICS.get(task, []), *_SIZE_AND_SPEED]:
         cells = " | ".join(_cell(side.get(key)) for side in sides)
         lines.append(f"| {_METRIC_LABELS[key]} | {cells} |")
-    return lines
+    return lines + _interval_lines(metrics)
+
+
+def _runtimes(metrics: Mapping[str, Any]) -> str:
+    runtime = metrics.get("runtime") or {}
+    if not runtime:
+        return ""
+    return (
+        f"Outputs computed in {_cell(runtime.get('teacher'))} (teacher) and "
+        f"{_cell(runtime.get('student'))} (student); latency and throughput in "
+        f"{_cell(runtime.get('speed'))}"
+        + (
+            f" with {_cell(runtime.get('onnxruntime_threads'))} threads"
+            if runtime.get("speed") == "onnxruntime"
+            else ""
+        )
+        + "."
+    )
 
 
 def _fidelity(metrics: Mapping[str, Any]) -> list[str]:
@@ -164,27 +226,65 @@ def _fidelity(metrics: Mapping[str, Any]) -> list[str]:
         *lines,
         "",
         f"- compression: {_cell(metrics.get('compression'))}×{f' (by {basis})' if basis else ''}",
+        f"- compression by parameters: {_cell(metrics.get('compression_by_parameters'))}×; "
+        f"by file bytes: {_cell(metrics.get('compression_by_file_bytes'))}×",
         f"- speedup (batch-1 latency): {_cell(metrics.get('speedup'))}×",
     ]
 
 
-def _verdict(metrics: Mapping[str, Any]) -> list[str]:
+def _baseline_comparison(metrics: Mapping[str, Any]) -> list[str]:
     """Whether distillation beat the labels-only baseline; nothing without a baseline run."""
-    if not metrics.get("verdict"):
+    if not metrics.get("baseline_comparison"):
         return []
-    return ["### Did distillation help?", "", str(metrics["verdict"]) + "."]
+    return ["### Did distillation help?", "", str(metrics["baseline_comparison"]) + "."]
 
 
-def _intended_use() -> list[str]:
+def _provenance(metrics: Mapping[str, Any]) -> list[str]:
+    provenance = metrics.get("provenance") or {}
+    if not provenance:
+        return []
+    lines = ["## Provenance", ""]
+    lines += [
+        f"- {key}: `{_cell(value)}`"
+        for key, value in provenance.items()
+        if key != "spec" and value is not None
+    ]
+    if provenance.get("spec") is not None:
+        spec = json.dumps(provenance["spec"], indent=2, sort_keys=True)
+        lines += ["", "The job spec:", "", "```json", spec, "```"]
+    return lines
+
+
+def _curves(metrics: Mapping[str, Any]) -> list[str]:
+    best = (metrics.get("training") or {}).get("best_step")
+    return [
+        "## Training curves",
+        "",
+        "![training curves](training_curves.png)",
+        "",
+        f"The student was kept from step {_cell(best)} (dashed line), chosen on the validation "
+        "rows; dotted lines are the teacher's own score.",
+    ]
+
+
+def _intended_use(metrics: Mapping[str, Any]) -> list[str]:
+    verdict = metrics.get("verdict")
+    deployable = isinstance(verdict, Mapping) and verdict.get("deployable")
+    use = (
+        "- A stand-in for the teacher on inputs like the transfer set, within the criteria "
+        "of the verdict above."
+        if deployable
+        else "- Not a stand-in for the teacher: it misses the criteria named in the verdict."
+    )
     return [
         "## Intended use and limitations",
         "",
-        "- A smaller, faster stand-in for the teacher on inputs like the transfer set.",
+        use,
         "- The student learned from the teacher's outputs on the transfer set only: it "
         "inherits the teacher's errors and biases, and is not validated outside the "
         "distribution of that data.",
-        "- The numbers above come from one held-out split of the transfer set; they are "
-        "estimates, not guarantees.",
+        "- The numbers above come from one set of test rows; they are estimates (see the "
+        "intervals), not guarantees.",
         "- Inputs must be prepared exactly as for the teacher (same features, scaling, "
         "image size or tokenizer).",
     ]
@@ -215,7 +315,7 @@ def write_model_card(
     teacher_signature: Mapping[str, Any],
     student_config: Mapping[str, Any],
 ) -> Path:
-    """Write ``model_card.md``: what was distilled, how, the results and the limits.
+    """Write ``model_card.md``: the verdict, the results on the test rows, how, provenance.
 
     ``metrics`` is the content of ``metrics.json``, ``spec`` the job spec as JSON,
     ``teacher_signature`` the inspected teacher and ``student_config`` the student's
@@ -224,12 +324,15 @@ def write_model_card(
     task = str(metrics.get("task", spec.get("task") or "unknown"))
     sections = [
         _title(task, teacher_signature, student_config),
-        _what_was_distilled(metrics, teacher_signature, student_config),
-        _how(task, metrics, spec),
+        _decision(metrics),
         _results(task, metrics),
         _fidelity(metrics),
-        _verdict(metrics),
-        _intended_use(),
+        _baseline_comparison(metrics),
+        _what_was_distilled(metrics, teacher_signature, student_config),
+        _how(task, metrics, spec),
+        _curves(metrics),
+        _intended_use(metrics),
+        _provenance(metrics),
         _files(spec, student_config),
     ]
     path = Path(path)

@@ -20,6 +20,11 @@ def test_training_curves_png(tmp_path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 1024
+    marked = plot_training_curves(
+        tmp_path / "marked.png", history, best_step=150, teacher_reference={"val/agreement": 1.0}
+    )
+    # The best-step and teacher lines are drawn: the image differs from the unmarked one.
+    assert marked.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and marked.read_bytes() != data
 
     empty = plot_training_curves(tmp_path / "empty.png", [])
     assert empty.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

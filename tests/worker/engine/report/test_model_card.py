@@ -46,12 +46,35 @@ METRICS = {
     "compression_basis": "parameters",
     "speedup": 4.73,
     "distillation_helped": True,
-    "verdict": "distillation helped: the distilled student scored 0.9611 accuracy vs 0.9333 "
-    "for the labels-only student",
-    "split": {"validation_rows": 180, "reference": "labels"},
+    "baseline_comparison": "distillation helped: the distilled student scored 0.9611 accuracy "
+    "vs 0.9333 for the labels-only student",
+    "verdict": {
+        "deployable": False,
+        "reasons": [
+            "missed: the student's agreement with the teacher is 0.9722 (at least 0.99 "
+            "required) [min_agreement]",
+            "met: the speedup over the teacher at batch 1 is 4.73 (at least 1 required) "
+            "[min_speedup]",
+        ],
+        "criteria": {},
+    },
+    "split": {
+        "train_rows": 1200,
+        "validation_rows": 180,
+        "test_rows": 270,
+        "scored_rows": 270,
+        "test_source": "split",
+        "reference": "labels",
+    },
+    "intervals": {
+        "confidence": 0.95,
+        "resamples": 1000,
+        "student": {"metric": "accuracy", "estimate": 0.9611, "low": 0.9381, "high": 0.9807},
+    },
+    "provenance": {"job_id": "job_42", "teacher_sha256": "ab" * 32, "spec": {"task": None}},
     "device": "cpu",
     "partial": False,
-    "training": {"steps": 420, "stop_reason": "completed", "method": "kd"},
+    "training": {"steps": 420, "stop_reason": "completed", "method": "kd", "best_step": 380},
 }
 
 
@@ -93,11 +116,20 @@ def test_model_card_holds_the_numbers(tmp_path: Path) -> None:
         "epochs: 20",
         "method: kd",
         "distillation helped",
-        "180 held-out rows",
+        "270 test rows",
+        "180 validated",
+        "[0.9381, 0.9807]",
+        "job_42",
+        "step 380",
         "transfer set only",
         "labels-only baseline",
     ):
         assert expected in text, expected
+    # The card opens with the verdict, missed criteria first.
+    sections = text.split("\n## ")
+    assert sections[1].startswith("Verdict: **not deployable**")
+    assert "[min_agreement]" in sections[1].splitlines()[2]
+    assert "Not a stand-in for the teacher" in text
 
 
 def test_model_card_without_baseline_or_onnx(tmp_path: Path) -> None:

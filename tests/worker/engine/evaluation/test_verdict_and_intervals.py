@@ -1,0 +1,109 @@
+"""The verdict's reasons, and bootstrap intervals, on small arrays."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from worker.engine.evaluation import bootstrap_interval, decide, fidelity_interval
+from worker.engine.evaluation.intervals import mean_of_rows, task_metric_interval
+from worker.engine.spec import AcceptSpec
+
+
+def _metrics(student_accuracy: float, agreement: float, speedup: float) -> dict[str, Any]:
+    return {
+        "teacher": {"accuracy": 0.96, "latency_ms": 2.0},
+        "student": {"accuracy": student_accuracy, "latency_ms": 2.0 / speedup},
+        "fidelity": {"agreement": agreement},
+        "speedup": speedup,
+        "compression": 10.0,
+        "compression_basis": "parameters",
+    }
+
+
+def test_a_student_meeting_every_default_criterion_is_deployable() -> None:
+    verdict = decide("classification", _metrics(0.95, 0.97, 3.0), AcceptSpec().model_dump())
+    assert verdict["deployable"] is True
+    assert set(verdict["criteria"]) == {
+        "min_metric_ratio",
+        "min_agreement",
+        "min_speedup",
+        "min_compression",
+    }
+    assert all(reason.startswith("met") for reason in verdict["reasons"])
+    ratio = verdict["criteria"]["min_metric_ratio"]["value"]
+    assert ratio == pytest.approx(0.95 / 0.96)
+
+
+def test_each_missed_criterion_is_named_with_its_figures_first() -> None:
+    accept = AcceptSpec(max_latency_ms=0.5).model_dump()
+    verdict = decide("classification", _metrics(0.80, 0.85, 0.8), accept)
+    assert verdict["deployable"] is False
+    missed = [r for r in verdict["reasons"] if r.startswith("missed")]
+    assert len(missed) == 4
+    assert verdict["reasons"][: len(missed)] == missed
+    by_name = {r.rsplit("[", 1)[1].rstrip("]"): r for r in missed}
+    assert set(by_name) == {"min_metric_ratio", "min_agreement", "min_speedup", "max_latency_ms"}
+    assert "0.85" in by_name["min_agreement"] and "0.95" in by_name["min_agreement"]
+    assert "2.5" in by_name["max_latency_ms"]  # 2.0 / 0.8 ms
+
+
+def test_regression_uses_the_r2_drop_and_unmeasured_figures_do_not_block() -> None:
+    student: dict[str, Any] = {"r2": 0.62, "latency_ms": None}
+    metrics: dict[str, Any] = {
+        "teacher": {"r2": 0.75},
+        "student": student,
+        "fidelity": {},
+        "speedup": None,
+        "compression": 4.0,
+    }
+    verdict = decide("regression", metrics, AcceptSpec().model_dump())
+    assert verdict["criteria"]["max_r2_drop"]["value"] == pytest.approx(0.13)
+    assert verdict["criteria"]["max_r2_drop"]["met"] is False
+    assert verdict["criteria"]["min_speedup"]["met"] is None
+    assert verdict["deployable"] is False
+    student["r2"] = 0.74
+    assert decide("regression", metrics, AcceptSpec().model_dump())["deployable"] is True
+
+
+def test_intervals_cover_the_estimate_and_narrow_with_more_rows() -> None:
+    rng = np.random.default_rng(0)
+    widths = []
+    for rows in (100, 1600):
+        correct = rng.random(rows) < 0.9
+        low, high = bootstrap_interval(mean_of_rows(correct), rows, seed=1) or (0.0, 0.0)
+        assert low <= correct.mean() <= high
+        widths.append(high - low)
+    # The width shrinks as 1/sqrt(rows): 16x the rows, about a quarter of the width.
+    assert widths[1] < widths[0] / 2.5
+
+
+def test_intervals_are_seeded_and_match_the_task_metric() -> None:
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, 300)
+    scores = np.eye(3)[np.where(rng.random(300) < 0.8, labels, (labels + 1) % 3)]
+    first = task_metric_interval("classification", scores, labels, seed=5)
+    assert first == task_metric_interval("classification", scores, labels, seed=5)
+    assert first["estimate"] == pytest.approx(float((scores.argmax(1) == labels).mean()))
+    assert first["low"] < first["estimate"] < first["high"]
+
+    target = rng.normal(size=(200, 1)) * 100
+    pred = target + rng.normal(size=(200, 1)) * 30
+    r2 = task_metric_interval("regression", pred, target, seed=5)
+    assert r2["metric"] == "r2" and r2["low"] < r2["estimate"] < r2["high"]
+
+
+def test_fidelity_interval_reads_probabilities_and_logits_alike() -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(150, 4))
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    teacher = logits + rng.normal(scale=0.8, size=logits.shape)
+    as_logits = fidelity_interval("classification", logits, teacher, ("logits", "logits"))
+    as_probs = fidelity_interval(
+        "classification", probabilities, teacher, ("probabilities", "logits")
+    )
+    assert as_logits == as_probs and as_logits["metric"] == "agreement"
+    cosine = fidelity_interval("embedding", logits, teacher)
+    assert cosine["metric"] == "cosine" and cosine["low"] <= cosine["estimate"] <= cosine["high"]

@@ -1,0 +1,331 @@
+"""``metrics.json``: :func:`build_metrics` assembles it, :data:`METRICS_SCHEMA` describes it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from worker.engine.evaluation.metrics import FIDELITY_KEYS, TASK_METRICS, TASKS, json_number
+from worker.engine.evaluation.verdict import decide
+
+SIDE_KEYS = ("parameters", "bytes", "latency_ms", "throughput")
+
+#: The metric the baseline comparison uses, and whether higher is better.
+PRIMARY_METRIC: dict[str, tuple[str, bool]] = {
+    "classification": ("accuracy", True),
+    "regression": ("mse", False),
+    "embedding": ("cosine", True),
+}
+
+#: Distillation "helped" only when it beats the baseline by more than this: absolute for
+#: bounded scores (accuracy, cosine), relative for errors (mse). Smaller gaps are noise.
+BASELINE_TOLERANCE = 0.005
+
+# --------------------------------------------------------------------------- metrics.json
+
+
+def _ratio(numerator: Any, denominator: Any) -> float | None:
+    if not isinstance(numerator, int | float) or not isinstance(denominator, int | float):
+        return None
+    if numerator <= 0 or denominator <= 0:
+        return None
+    return json_number(numerator / denominator)
+
+
+def _baseline_comparison(
+    task: str, student: Mapping[str, Any], baseline: Mapping[str, Any]
+) -> tuple[bool | None, str]:
+    """Whether distillation beat the labels-only student, and the sentence that says so."""
+    metric, higher_is_better = PRIMARY_METRIC[task]
+    distilled, labels_only = student.get(metric), baseline.get(metric)
+    if distilled is None or labels_only is None:
+        return None, f"no comparison: {metric} is missing for the distilled or labels-only student"
+    if higher_is_better:
+        helped = distilled > labels_only + BASELINE_TOLERANCE
+    else:
+        helped = distilled < labels_only * (1 - BASELINE_TOLERANCE) - 1e-12
+    if helped:
+        return True, (
+            f"distillation helped: the distilled student scored {distilled:.4g} {metric} "
+            f"vs {labels_only:.4g} for the labels-only student"
+        )
+    return False, (
+        f"distillation did not help: the labels-only student scored {labels_only:.4g} {metric} "
+        f"vs {distilled:.4g} for the distilled student"
+    )
+
+
+def _plain(obj: Any) -> Any:
+    """Numpy scalars and arrays as plain Python values, so the object is JSON-able."""
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating | float):
+        return json_number(obj)
+    return obj
+
+
+#: The keys :func:`build_metrics` computes (``extra`` may not set them), in schema order.
+_COMPUTED_KEYS = (
+    "task",
+    "teacher",
+    "student",
+    "fidelity",
+    "compression",
+    "compression_basis",
+    "compression_by_parameters",
+    "compression_by_file_bytes",
+    "speedup",
+    "baseline",
+    "distillation_helped",
+    "baseline_comparison",
+    "verdict",
+)
+#: Keys ``extra`` must give.
+_GIVEN_KEYS = ("split", "device", "intervals", "runtime")
+
+
+def _compressions(teacher: Mapping[str, Any], student: Mapping[str, Any]) -> dict[str, Any]:
+    by_parameters = _ratio(teacher.get("parameters"), student.get("parameters"))
+    by_bytes = _ratio(teacher.get("bytes"), student.get("bytes"))
+    return {
+        # Parameters where the teacher has any, else bytes (tree ensembles): as before.
+        "compression": by_parameters if by_parameters is not None else by_bytes,
+        "compression_basis": (
+            "parameters" if by_parameters is not None else "bytes" if by_bytes is not None else None
+        ),
+        "compression_by_parameters": by_parameters,
+        "compression_by_file_bytes": _ratio(teacher.get("file_bytes"), student.get("file_bytes")),
+    }
+
+
+def build_metrics(
+    task: str,
+    teacher: Mapping[str, Any],
+    student: Mapping[str, Any],
+    fidelity: Mapping[str, Any],
+    baseline: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    accept: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``metrics.json`` object, validated against :data:`METRICS_SCHEMA`.
+
+    ``teacher``, ``student`` and ``baseline`` each hold the task metrics plus
+    ``parameters``, ``bytes``, ``latency_ms`` and ``throughput`` (and ``file_bytes``,
+    the size of the file run). ``extra`` must give ``split``, ``device``,
+    ``intervals`` and ``runtime``; ``partial`` defaults to False and further keys
+    (e.g. ``training``, ``provenance``) are copied as they are.
+
+    Computed: ``compression`` (teacher / student parameters, or bytes when the teacher
+    has none; ``compression_basis`` says which), ``compression_by_parameters`` and
+    ``compression_by_file_bytes``; ``speedup`` (teacher / student batch-1 latency);
+    with a baseline, ``distillation_helped`` and ``baseline_comparison`` (text); and
+    ``verdict`` (:func:`~worker.engine.evaluation.verdict.decide` under ``accept``,
+    whose missing keys take :class:`~worker.engine.spec.AcceptSpec`'s defaults).
+    """
+    from worker.engine.spec import AcceptSpec
+
+    extra = _plain(dict(extra or {}))
+    teacher, student, fidelity = _plain(teacher), _plain(student), _plain(fidelity)
+    baseline = _plain(baseline) if baseline is not None else None
+    clash = extra.keys() & set(_COMPUTED_KEYS)
+    if clash:
+        raise ValueError(f"extra may not set computed keys: {sorted(clash)}")
+    fidelity_keys = {k: fidelity.get(k) for k in FIDELITY_KEYS}
+    fidelity_keys.update({k: v for k, v in fidelity.items() if k not in fidelity_keys})
+    helped, comparison = (
+        _baseline_comparison(task, student, baseline) if baseline is not None else (None, None)
+    )
+    metrics: dict[str, Any] = {
+        "task": task,
+        "teacher": dict(teacher),
+        "student": dict(student),
+        "fidelity": fidelity_keys,
+        **_compressions(teacher, student),
+        "speedup": _ratio(teacher.get("latency_ms"), student.get("latency_ms")),
+        "baseline": dict(baseline) if baseline is not None else None,
+        "distillation_helped": helped,
+        "baseline_comparison": comparison,
+        "partial": False,
+        **extra,
+    }
+    criteria = AcceptSpec.model_validate(dict(accept or {})).model_dump()
+    metrics["verdict"] = decide(task, metrics, criteria)
+    validate_metrics(metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------- schema
+
+_NUMBER_OR_NULL: dict[str, Any] = {"type": ["number", "null"]}
+
+
+def _side_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": list(SIDE_KEYS),
+        "properties": {
+            "parameters": {"type": "integer", "minimum": 0},
+            "bytes": {"type": "integer", "minimum": 0},
+            "latency_ms": {"type": ["number", "null"], "minimum": 0},
+            "throughput": {"type": ["number", "null"], "minimum": 0},
+            **{m: _NUMBER_OR_NULL for keys in TASK_METRICS.values() for m in keys},
+        },
+        "additionalProperties": True,
+    }
+
+
+_ROW_COUNTS = ("train_rows", "validation_rows", "test_rows")
+_RUNTIMES = ("onnxruntime", "torch")
+_INTERVAL: dict[str, Any] = {
+    "type": "object",
+    "required": ["metric", "estimate", "low", "high"],
+    "properties": {
+        "metric": {"type": "string"},
+        "estimate": _NUMBER_OR_NULL,
+        "low": _NUMBER_OR_NULL,
+        "high": _NUMBER_OR_NULL,
+    },
+}
+
+
+def _task_rule(task: str) -> dict[str, Any]:
+    keys = list(TASK_METRICS[task])
+    return {
+        "if": {"properties": {"task": {"const": task}}},
+        "then": {
+            "properties": {
+                "teacher": {"required": keys},
+                "student": {"required": keys},
+                "baseline": {"required": keys},
+            }
+        },
+    }
+
+
+#: JSON Schema (draft 2020-12) of ``metrics.json``; the service tests reuse it.
+METRICS_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "Distillery metrics.json",
+    "type": "object",
+    "required": [*_COMPUTED_KEYS, *_GIVEN_KEYS, "partial"],
+    "properties": {
+        "task": {"enum": list(TASKS)},
+        "teacher": _side_schema(),
+        "student": _side_schema(),
+        "baseline": {**_side_schema(), "type": ["object", "null"]},
+        "fidelity": {
+            "type": "object",
+            "required": list(FIDELITY_KEYS),
+            "properties": {k: _NUMBER_OR_NULL for k in FIDELITY_KEYS},
+            "additionalProperties": True,
+        },
+        "compression": {"type": ["number", "null"], "minimum": 0},
+        "compression_basis": {"enum": ["parameters", "bytes", None]},
+        "speedup": {"type": ["number", "null"], "minimum": 0},
+        "compression_by_parameters": {"type": ["number", "null"], "minimum": 0},
+        "compression_by_file_bytes": {"type": ["number", "null"], "minimum": 0},
+        "distillation_helped": {"type": ["boolean", "null"]},
+        "baseline_comparison": {"type": ["string", "null"]},
+        "verdict": {
+            "type": "object",
+            "required": ["deployable", "reasons", "criteria"],
+            "properties": {
+                "deployable": {"type": "boolean"},
+                "reasons": {"type": "array"},
+                "criteria": {"type": "object"},
+            },
+        },
+        "split": {
+            "type": "object",
+            "required": [*_ROW_COUNTS, "test_source", "reference"],
+            "properties": {
+                **{k: {"type": "integer", "minimum": 0} for k in _ROW_COUNTS},
+                "test_source": {"enum": ["split", "dataset"]},
+                "reference": {"enum": ["labels", "teacher"]},
+            },
+        },
+        "intervals": {
+            "type": "object",
+            "required": ["confidence", "resamples", "teacher", "student", "fidelity"],
+            "properties": {
+                "teacher": _INTERVAL,
+                "student": _INTERVAL,
+                "fidelity": _INTERVAL,
+                "baseline": {**_INTERVAL, "type": ["object", "null"]},
+            },
+        },
+        "runtime": {
+            "type": "object",
+            "required": ["teacher", "student", "speed"],
+            "properties": {
+                "teacher": {"enum": list(_RUNTIMES)},
+                "student": {"enum": list(_RUNTIMES)},
+                "speed": {"enum": list(_RUNTIMES)},
+            },
+        },
+        "device": {"type": "string"},
+        "partial": {"type": "boolean"},
+    },
+    "additionalProperties": True,
+    "allOf": [_task_rule(t) for t in TASKS],
+}
+
+
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "integer": lambda v: (
+        (isinstance(v, int) and not isinstance(v, bool))
+        or (isinstance(v, float) and v.is_integer())
+    ),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+}
+
+
+def _schema_errors(value: Any, schema: Mapping[str, Any], at: str) -> list[str]:
+    """JSON Schema semantics for the keywords METRICS_SCHEMA uses (no jsonschema here)."""
+    errors: list[str] = []
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_TYPES[t](value) for t in types):
+            return [f"{at}: expected {' or '.join(types)}, got {value!r}"]
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{at}: expected {schema['const']!r}, got {value!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{at}: expected one of {schema['enum']}, got {value!r}")
+    if "minimum" in schema and _TYPES["number"](value) and value < schema["minimum"]:
+        errors.append(f"{at}: {value} is below {schema['minimum']}")
+    if isinstance(value, dict):
+        errors += [f"{at}.{k}: required" for k in schema.get("required", []) if k not in value]
+        props = schema.get("properties", {})
+        for key, sub in props.items():
+            if key in value:
+                errors += _schema_errors(value[key], sub, f"{at}.{key}")
+        if schema.get("additionalProperties") is False:
+            errors += [f"{at}.{k}: not allowed" for k in value if k not in props]
+    for sub in schema.get("allOf", []):
+        errors += _schema_errors(value, sub, at)
+    if "if" in schema and not _schema_errors(value, schema["if"], at):
+        errors += _schema_errors(value, schema.get("then", {}), at)
+    return errors
+
+
+def validate_metrics(obj: Any) -> None:
+    """Raise ValueError naming every place where ``obj`` does not match METRICS_SCHEMA."""
+    errors = _schema_errors(obj, METRICS_SCHEMA, "metrics")
+    if errors:
+        raise ValueError("metrics.json does not match its schema: " + "; ".join(errors))

@@ -1,0 +1,128 @@
+"""Should this student be deployed? Acceptance criteria checked against the test figures.
+
+:func:`decide` checks each criterion against ``metrics.json``'s figures and gives
+``{"deployable", "reasons", "criteria"}``: one reason per criterion, met or missed,
+with the figures. A criterion whose figure could not be measured (e.g. no latency)
+is reported as not checked and does not block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+#: The task metric each task's verdict compares with the teacher's.
+ACCEPT_METRIC = {"classification": "accuracy", "regression": "r2", "embedding": "cosine"}
+#: The fidelity figure, and the acceptance key bounding it, by task.
+ACCEPT_FIDELITY = {
+    "classification": ("agreement", "min_agreement"),
+    "embedding": ("cosine", "min_cosine"),
+}
+
+
+def _criterion(
+    name: str, value: float | None, threshold: float, at_least: bool, what: str
+) -> tuple[dict[str, Any], str]:
+    """One checked criterion and its reason."""
+    bound = f"{'at least' if at_least else 'at most'} {threshold:.4g}"
+    if value is None:
+        return (
+            {"value": None, "threshold": threshold, "met": None},
+            f"not checked: {what} could not be measured (required {bound})",
+        )
+    met = value >= threshold if at_least else value <= threshold
+    word = "met" if met else "missed"
+    return (
+        {"value": value, "threshold": threshold, "met": met},
+        f"{word}: {what} is {value:.4g} ({bound} required) [{name}]",
+    )
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _quality(
+    task: str, metrics: Mapping[str, Any], accept: Mapping[str, Any]
+) -> list[tuple[str, float | None, float, bool, str]]:
+    """The task-metric and fidelity criteria, as (name, value, threshold, at_least, what)."""
+    teacher, student = metrics.get("teacher") or {}, metrics.get("student") or {}
+    metric = ACCEPT_METRIC[task]
+    ours, theirs = _number(student.get(metric)), _number(teacher.get(metric))
+    checks: list[tuple[str, float | None, float, bool, str]] = []
+    if task == "regression":
+        drop = None if ours is None or theirs is None else theirs - ours
+        checks.append(
+            (
+                "max_r2_drop",
+                drop,
+                accept["max_r2_drop"],
+                False,
+                f"the student's R² drop from the teacher's ({theirs} -> {ours})",
+            )
+        )
+    else:
+        ratio = ours / theirs if ours is not None and theirs is not None and theirs > 0 else None
+        checks.append(
+            (
+                "min_metric_ratio",
+                ratio,
+                accept["min_metric_ratio"],
+                True,
+                f"the student's {metric} as a ratio of the teacher's ({ours} / {theirs})",
+            )
+        )
+        key, name = ACCEPT_FIDELITY[task]
+        checks.append(
+            (
+                name,
+                _number((metrics.get("fidelity") or {}).get(key)),
+                accept[name],
+                True,
+                f"the student's {key} with the teacher",
+            )
+        )
+    return checks
+
+
+def decide(task: str, metrics: Mapping[str, Any], accept: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"deployable", "reasons", "criteria"}`` for ``metrics`` under ``accept``.
+
+    ``accept`` holds ``min_metric_ratio``, ``max_r2_drop``, ``min_agreement``,
+    ``min_cosine``, ``max_latency_ms``, ``min_speedup`` and ``min_compression``; a
+    None threshold is not checked. ``deployable`` is True when no criterion is missed.
+    """
+    checks = _quality(task, metrics, accept)
+    student = metrics.get("student") or {}
+    speed = [
+        (
+            "max_latency_ms",
+            _number(student.get("latency_ms")),
+            False,
+            "the student's batch-1 latency in ms",
+        ),
+        (
+            "min_speedup",
+            _number(metrics.get("speedup")),
+            True,
+            "the speedup over the teacher at batch 1",
+        ),
+        (
+            "min_compression",
+            _number(metrics.get("compression")),
+            True,
+            f"the compression by {metrics.get('compression_basis') or 'parameters'}",
+        ),
+    ]
+    checks += [(name, value, accept[name], at_least, what) for name, value, at_least, what in speed]
+    criteria: dict[str, Any] = {}
+    reasons: list[str] = []
+    for name, value, threshold, at_least, what in checks:
+        if threshold is None:
+            continue
+        criteria[name], reason = _criterion(name, value, float(threshold), at_least, what)
+        reasons.append(reason)
+    deployable = all(c["met"] is not False for c in criteria.values())
+    # Missed criteria first: they are what a reader must see.
+    reasons.sort(key=lambda r: not r.startswith("missed"))
+    return {"deployable": deployable, "reasons": reasons, "criteria": criteria}
