@@ -50,7 +50,7 @@ def test_submit_queues_the_job_and_sends_only_its_id(
     job = response.json()
     assert job["status"] == "queued" and job["attempt"] == 0
     assert job["task"] == "classification"
-    assert job["spec"]["training"]["epochs"] == 20  # defaults filled in
+    assert job["spec"]["training"]["epochs"] == "auto"  # defaults filled in
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
     assert queued_job_ids(broker_folder(settings)) == [job["id"]]
 
