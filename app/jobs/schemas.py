@@ -102,10 +102,10 @@ class JobOut(BaseModel):
         # Jobs checked before warnings were kept, or still waiting for their inputs.
         return [] if value is None else value
 
-    @computed_field(
+    @computed_field(  # type: ignore[prop-decorator]
         description="the verdict of metrics.json once the job has a student: "
         "deployable or not, and why"
-    )  # type: ignore[prop-decorator]
+    )
     @property
     def verdict(self) -> JobVerdict | None:
         """The report's verdict object, when the stored metrics carry one."""

@@ -45,7 +45,7 @@ def engine_returning(monkeypatch: pytest.MonkeyPatch, change: Callable[[Any], No
 def test_the_verdict_reaches_the_job_the_terminal_event_and_the_webhook(
     client: TestClient,
     tenants: Tenants,
-    submit: Callable[..., dict],  # noqa: F811
+    submit: Callable[..., dict[str, Any]],  # noqa: F811
     settings: Settings,
     engine: Any,
     monkeypatch: pytest.MonkeyPatch,
@@ -73,7 +73,7 @@ def test_the_verdict_reaches_the_job_the_terminal_event_and_the_webhook(
 def test_a_report_without_a_verdict_object_leaves_the_job_without_one(
     client: TestClient,
     tenants: Tenants,
-    submit: Callable[..., dict],  # noqa: F811
+    submit: Callable[..., dict[str, Any]],  # noqa: F811
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -88,7 +88,7 @@ def test_a_report_without_a_verdict_object_leaves_the_job_without_one(
 def test_a_cancelled_run_that_returns_its_best_student_keeps_it_as_partial(
     client: TestClient,
     tenants: Tenants,
-    submit: Callable[..., dict],  # noqa: F811
+    submit: Callable[..., dict[str, Any]],  # noqa: F811
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -143,7 +143,7 @@ def plan_run(
     budget_steps = max(per_epoch, int(BUDGET_SHARE * spec.max_minutes * 60.0 / step_s))
     if spec.epochs == "auto":
         epochs, reason = _auto_epochs(spec, per_epoch, floor, budget_steps)
-        patience = spec.early_stopping_patience or max(
+        patience: int | None = spec.early_stopping_patience or max(
             MIN_PATIENCE, math.ceil(PATIENCE_SHARE * epochs)
         )
         source = "auto"
