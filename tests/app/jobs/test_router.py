@@ -157,7 +157,7 @@ def test_idempotency_key_replays_and_refuses_another_body(
     assert again.headers["idempotent-replayed"] == "true"
     assert "idempotent-replayed" not in first.headers
     # Spelling out a default is the same job.
-    explicit = {**inputs, "training": {"epochs": 20}}
+    explicit = {**inputs, "training": {"epochs": "auto"}}
     assert (
         client.post("/v1/jobs", headers={**tenants.acme, **key}, json=explicit).json()["id"]
         == first.json()["id"]
