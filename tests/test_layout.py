@@ -29,7 +29,16 @@ ENGINE = "worker.engine"
 #: What the API may import from worker/: the engine's torch-free modules.
 API_ENGINE_MODULES = tuple(
     f"{ENGINE}.{name}"
-    for name in ("spec", "errors", "signature", "inspection", "compatibility", "archive", "data")
+    for name in (
+        "spec",
+        "errors",
+        "signature",
+        "inspection",
+        "compatibility",
+        "archive",
+        "data",
+        "planning",
+    )
 )
 #: Modules that load torch when imported.
 TORCH = ("torch", "transformers", "safetensors.torch", "sentence_transformers")

@@ -139,6 +139,11 @@ def _claim(
         )
 
 
+def _stopped_by_cancellation(result: Any) -> bool:
+    """Whether the engine ended the run on a cancellation and still returned its best student."""
+    return bool(result.stop_reason == "cancelled")
+
+
 class JobRun:
     """One attempt of a claimed job: the engine's callbacks write to the job's row and log."""
 
@@ -328,8 +333,11 @@ class JobRun:
                 )
                 spent = True
             else:
-                self._succeed(result)
-                spent = not result.partial
+                if _stopped_by_cancellation(result) and handback_requested.is_set():
+                    self._hand_back("the worker is shutting down")
+                else:
+                    self._succeed(result)
+                    spent = not result.partial
         except JobLost as exc:
             log.warning("%s; stopping without further writes", exc)
         finally:
@@ -459,7 +467,13 @@ class JobRun:
                 "partial": result.partial,
             }
             status, event = SUCCEEDED, {"stop_reason": result.stop_reason}
-            if result.partial:
+            verdict = (result.metrics or {}).get("verdict")
+            if isinstance(verdict, dict):
+                event["verdict"] = verdict
+            if _stopped_by_cancellation(result):
+                # Cancelled, with the best student found before it kept (partial).
+                status = CANCELLED
+            elif result.partial:
                 # The best student before the time limit is kept, but the job did not finish.
                 status = FAILED
                 error = {

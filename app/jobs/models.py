@@ -67,6 +67,8 @@ class Job(TenantOwned, Base):
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: Pre-flight warnings ``[{code, message, field}]`` found when the job was checked.
+    warnings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     stop_reason: Mapped[str | None] = mapped_column(String(32))
     partial: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 EventType = Literal[
@@ -42,6 +42,24 @@ class JobError(BaseModel):
     field: str | None = Field(default=None, description="the spec field at fault, if any")
 
 
+class JobWarning(BaseModel):
+    """A pre-flight warning: the spec is valid but will likely give a poor student."""
+
+    code: str = Field(description="stable: too_few_steps, time_budget_short, …")
+    message: str
+    field: str = Field(description="the spec field to change, e.g. training.epochs")
+
+
+class JobVerdict(BaseModel):
+    """Whether the student is fit to deploy, with the reasons and the criteria it was held to."""
+
+    model_config = ConfigDict(extra="allow")
+
+    deployable: bool
+    reasons: list[str] = Field(default_factory=list)
+    criteria: dict[str, Any] = Field(default_factory=dict)
+
+
 class JobOut(BaseModel):
     """A distillation job.
 
@@ -63,12 +81,38 @@ class JobOut(BaseModel):
     stop_reason: str | None = Field(
         description="completed, early_stopping, max_steps or time_budget once training ended"
     )
-    partial: bool = Field(description="the student is the best one found before a time limit")
+    partial: bool = Field(
+        description="the student is the best one found before a time limit or a cancellation"
+    )
+    warnings: list[JobWarning] = Field(
+        default_factory=list,
+        description="pre-flight warnings found when the job was checked against its teacher and "
+        "dataset (steps too few, a time budget likely to cut the run short); the run logs them "
+        "again as warning events",
+    )
     spec: dict[str, Any]
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+    @field_validator("warnings", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        # Jobs checked before warnings were kept, or still waiting for their inputs.
+        return [] if value is None else value
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="the verdict of metrics.json once the job has a student: "
+        "deployable or not, and why"
+    )
+    @property
+    def verdict(self) -> JobVerdict | None:
+        """The report's verdict object, when the stored metrics carry one."""
+        found = (self.metrics or {}).get("verdict")
+        if not isinstance(found, dict) or not isinstance(found.get("deployable"), bool):
+            return None  # an older report's string verdict, or none yet
+        return JobVerdict.model_validate(found)
 
 
 class JobEventOut(BaseModel):

@@ -55,6 +55,7 @@ from app.models.repository import ModelRepository
 from app.pagination import Cursor, Page
 from app.storage import StoredObject
 from app.webhooks import service as webhooks
+from worker.engine import planning
 from worker.engine.compatibility import DataFacts, check_job
 from worker.engine.errors import EngineError
 from worker.engine.signature import TeacherSignature
@@ -140,6 +141,7 @@ def submit_job(
         _refuse_over_quota(jobs, tenant, max_active_jobs)
     teacher, dataset, task = _submitted_inputs(session, tenant, spec)
     job = Job(
+        warnings=preflight_warnings(spec, teacher, dataset) if task is not None else None,
         id=uuid.uuid4(),
         tenant_id=tenant.id,
         teacher_model_id=teacher.id,
@@ -215,6 +217,26 @@ def _check(spec: JobSpec, teacher: TeacherModel, dataset: Dataset) -> str:
         )
     except EngineError as exc:
         raise _body_error(exc.message, code=exc.code, field=exc.field or "spec") from None
+
+
+def preflight_warnings(
+    spec: JobSpec, teacher: TeacherModel | Dataset, dataset: TeacherModel | Dataset
+) -> list[dict[str, str]]:
+    """The job's pre-flight warnings (``[{code, message, field}]``) from the teacher's signature
+    and the dataset's summary: too few steps, or a time budget likely to cut the run short."""
+    assert isinstance(teacher, TeacherModel) and isinstance(dataset, Dataset)
+    assert teacher.signature is not None and dataset.summary is not None
+    signature = TeacherSignature.from_dict(teacher.signature)
+    summary = dataset.summary
+    warnings = planning.preflight_warnings(
+        spec,
+        rows=int(summary.get("rows") or 0),
+        modality=str(summary.get("modality")),
+        feature_shape=summary.get("feature_shape"),
+        teacher_parameters=signature.parameters,
+        teacher_bytes=signature.bytes,
+    )
+    return [w.to_dict() for w in warnings]
 
 
 def _replay(existing: Job, digest: str) -> Job:
@@ -405,7 +427,9 @@ def release_waiting_jobs(session: Session, send: SendJob, row: TeacherModel | Da
             # The other input's inspection releases the job when it ends.
             continue
         try:
-            job.task = _check(JobSpec.model_validate(job.spec), teacher, dataset)
+            spec = JobSpec.model_validate(job.spec)
+            job.task = _check(spec, teacher, dataset)
+            job.warnings = preflight_warnings(spec, teacher, dataset)
         except Unprocessable as exc:
             field = exc.errors[0].field.removeprefix("body.") if exc.errors else None
             fail_queued(session, job, code=exc.code, message=exc.detail, field=field)

@@ -56,6 +56,7 @@ from worker.engine.training import (
     cached_teacher_outputs,
     compute_teacher_outputs,
     keep_on_device_if_small,
+    plan_for_data,
     predict,
     resolve_device,
     to_tensors,
@@ -566,6 +567,9 @@ def _train_student(
     )
     training_data = _training_data(design, data, targets, teacher)
     keep_on_device_if_small(training_data, device)
+    plan = plan_for_data(spec.training, training_data, design.student, device)
+    for warning in plan.warnings:
+        callbacks.event("warning", warning.to_dict())
     result = train(
         student=design.student,
         loss_fn=design.loss_fn,
@@ -576,6 +580,7 @@ def _train_student(
         device=device,
         callbacks=callbacks,
         checkpoint_dir=checkpoint_dir,
+        plan=plan,
     )
     return TrainedStudent(result, training_data)
 
@@ -977,6 +982,7 @@ def _training_summary(
         "samples_per_s": round(result.samples_per_s, 1),
         "teacher_backend": teacher.backend,
         "method": spec.method_for(task),
+        "plan": result.plan.to_dict() if result.plan is not None else None,
     }
 
 

@@ -12,7 +12,15 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from worker.engine.errors import SpecInvalid
 
@@ -122,7 +130,14 @@ class MethodSpec(_Strict):
 
 
 class TrainingSpec(_Strict):
-    epochs: Annotated[int, Field(ge=1, le=10000)] = 20
+    """How the student trains. ``epochs: "auto"`` plans the run (``worker.engine.planning``)."""
+
+    epochs: Annotated[int, Field(ge=1, le=10000)] | Literal["auto"] = Field(
+        default="auto",
+        description='"auto": enough optimizer steps for the data and the student size (a '
+        "floor of steps, at least a few epochs, within max_steps and max_minutes), with early "
+        "stopping on validation; or a number of epochs.",
+    )
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 128
     learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] = 0.01
@@ -137,10 +152,21 @@ class TrainingSpec(_Strict):
     max_steps: Annotated[int, Field(ge=1)] | None = None
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = Field(
         default=None,
-        description="Stop after this many epochs without a better validation fidelity.",
+        description="Stop after this many epochs without a better validation fidelity "
+        '(under epochs "auto": a quarter of the planned epochs when left out).',
     )
     checkpoint_every_steps: Annotated[int, Field(ge=1)] | None = None
     checkpoint_every_minutes: Annotated[float, Field(gt=0.0)] | None = 10.0
+
+    @field_validator("epochs", mode="wrap")
+    @classmethod
+    def _epochs(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> int | str:
+        # One message naming training.epochs, not one per member of the union.
+        try:
+            result: int | str = handler(value)
+        except ValidationError:
+            raise ValueError('must be "auto" or a whole number of epochs from 1 to 10000') from None
+        return result
 
 
 class AcceptSpec(_Strict):

@@ -51,7 +51,7 @@ def test_submit_queues_the_job_and_sends_only_its_id(
     job = response.json()
     assert job["status"] == "queued" and job["attempt"] == 0
     assert job["task"] == "classification"
-    assert job["spec"]["training"]["epochs"] == 20  # defaults filled in
+    assert job["spec"]["training"]["epochs"] == "auto"  # defaults filled in
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
     assert queued_job_ids(broker_folder(settings)) == [job["id"]]
 
@@ -159,7 +159,7 @@ def test_idempotency_key_replays_and_refuses_another_body(
     assert again.headers["idempotent-replayed"] == "true"
     assert "idempotent-replayed" not in first.headers
     # Spelling out a default is the same job.
-    explicit = {**inputs, "training": {"epochs": 20}}
+    explicit = {**inputs, "training": {"epochs": "auto"}}
     assert (
         client.post("/v1/jobs", headers={**tenants.acme, **key}, json=explicit).json()["id"]
         == first.json()["id"]

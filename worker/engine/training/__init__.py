@@ -37,7 +37,7 @@ from worker.engine.training.devices import (
     resolve_device,
     to_tensors,
 )
-from worker.engine.training.loop import Trainer, TrainResult, train
+from worker.engine.training.loop import Trainer, TrainResult, plan_for_data, train
 from worker.engine.training.schedules import lr_factor, make_optimizer
 from worker.engine.training.step import forward_with_features
 from worker.engine.training.teacher_outputs import (
@@ -68,6 +68,7 @@ __all__ = [
     "load_checkpoint",
     "lr_factor",
     "make_optimizer",
+    "plan_for_data",
     "predict",
     "resolve_device",
     "save_checkpoint",

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from worker.engine.errors import Cancelled, OutOfMemory
+from worker.engine.planning import RunPlan, plan_run
 from worker.engine.spec import TrainingSpec
 from worker.engine.training.batches import TrainingData, draw_batch
 from worker.engine.training.callbacks import Callbacks
@@ -48,6 +49,8 @@ class TrainResult:
     resumed_from: int | None
     seconds: float
     samples_per_s: float
+    #: How long the run was planned to be and why (``metrics.json``'s ``training.plan``).
+    plan: RunPlan | None = None
 
 
 def train(
@@ -64,6 +67,7 @@ def train(
     resume: bool = True,
     log_every_steps: int | None = None,
     use_teacher: bool = True,
+    plan: RunPlan | None = None,
 ) -> TrainResult:
     """Train ``student`` against the teacher targets in ``data``; returns the best student.
 
@@ -72,6 +76,8 @@ def train(
     checked at every log point and before every checkpoint, so a NaN never
     reaches a checkpoint, and the error names the first bad step. Validation
     compares outputs by task alone, so ``teacher_output_kind`` does not change it.
+    ``plan`` sets the steps and early stopping; left out, it is planned here
+    from ``spec``, the training rows and the student's size.
     """
     trainer = Trainer(
         student=student,
@@ -84,8 +90,29 @@ def train(
         checkpoint_dir=checkpoint_dir,
         log_every_steps=log_every_steps,
         use_teacher=use_teacher,
+        plan=plan,
     )
     return trainer.run(resume=resume)
+
+
+def plan_for_data(
+    spec: TrainingSpec, data: TrainingData, student: nn.Module, device: torch.device
+) -> RunPlan:
+    """The run plan for ``student`` on ``data``: its rows, its size and its input positions."""
+    first = next(iter(data.train.values()))
+    if first.ndim == 2 and not first.is_floating_point():
+        positions = int(first.shape[1])  # token ids
+    elif first.ndim >= 4:
+        positions = int(first.shape[-1]) * int(first.shape[-2]) // 4  # images
+    else:
+        positions = 1
+    return plan_run(
+        spec,
+        rows=data.size,
+        student_parameters=sum(p.numel() for p in student.parameters()),
+        positions=positions,
+        device=device.type,
+    )
 
 
 class Trainer:
@@ -108,6 +135,7 @@ class Trainer:
         checkpoint_dir: Path | None,
         log_every_steps: int | None,
         use_teacher: bool,
+        plan: RunPlan | None = None,
     ) -> None:
         self.started = time.monotonic()
         self.student = student
@@ -119,7 +147,8 @@ class Trainer:
         self.callbacks = callbacks
         self.checkpoint_dir = checkpoint_dir
         self.use_teacher = use_teacher
-        self.plan = StepPlan.for_run(spec, data.size, log_every_steps)
+        self.run_plan = plan or plan_for_data(spec, data, student, device)
+        self.plan = StepPlan.for_run(self.run_plan, log_every_steps)
         self.amp_dtype = autocast_dtype(spec.precision, device)
 
         torch.manual_seed(spec.seed)
@@ -223,8 +252,10 @@ class Trainer:
         return self._elapsed_s() > self.spec.max_minutes * 60.0
 
     def _patience_ran_out(self) -> bool:
-        patience = self.spec.early_stopping_patience
-        return patience is not None and self.state.epochs_without_improvement >= patience
+        patience = self.run_plan.early_stopping_patience
+        if patience is None or self.state.step < self.run_plan.early_stopping_from_step:
+            return False
+        return self.state.epochs_without_improvement >= patience
 
     # ------------------------------------------------------------------ progress and validation
 
@@ -318,4 +349,5 @@ class Trainer:
             resumed_from=self.resumed_from,
             seconds=seconds,
             samples_per_s=trained_steps * self.plan.batch_size / seconds if seconds > 0 else 0.0,
+            plan=self.run_plan,
         )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from worker.engine.planning import RunPlan
 from worker.engine.spec import TrainingSpec
 
 
@@ -24,23 +25,14 @@ class StepPlan:
     capped: bool
 
     @classmethod
-    def for_run(cls, spec: TrainingSpec, rows: int, log_every_steps: int | None) -> StepPlan:
-        """The plan for ``rows`` training rows under ``spec``."""
-        batch_size = min(spec.batch_size, rows)
-        # A last batch of one row is folded into the one before (a batch of one
-        # breaks batch norm); any other remainder is a short last batch.
-        if rows % batch_size == 1:
-            steps_per_epoch = max(1, rows // batch_size)
-        else:
-            steps_per_epoch = math.ceil(rows / batch_size)
-        epoch_steps = spec.epochs * steps_per_epoch
-        total_steps = epoch_steps if spec.max_steps is None else min(epoch_steps, spec.max_steps)
+    def for_run(cls, plan: RunPlan, log_every_steps: int | None) -> StepPlan:
+        """The steps of the run ``plan`` (see :mod:`worker.engine.planning`)."""
         return cls(
-            batch_size=batch_size,
-            steps_per_epoch=steps_per_epoch,
-            total_steps=total_steps,
-            log_every=log_every_steps or max(1, min(50, steps_per_epoch)),
-            capped=total_steps != epoch_steps,
+            batch_size=plan.batch_size,
+            steps_per_epoch=plan.steps_per_epoch,
+            total_steps=plan.total_steps,
+            log_every=log_every_steps or max(1, min(50, plan.steps_per_epoch)),
+            capped=plan.total_steps < plan.epochs * plan.steps_per_epoch,
         )
 
     def batch_rows(self, order: torch.Tensor, position: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.worker.engine.training.factories import spec
+from worker.engine.planning import plan_run
 from worker.engine.training import lr_factor
 from worker.engine.training.schedules import StepPlan
 
@@ -24,7 +25,9 @@ def test_schedules() -> None:
 
 
 def test_step_plan_folds_a_single_leftover_row_into_the_last_batch() -> None:
-    plan = StepPlan.for_run(spec(epochs=2, batch_size=32), 65, None)
+    plan = StepPlan.for_run(
+        plan_run(spec(epochs=2, batch_size=32), rows=65, student_parameters=100), None
+    )
     assert (plan.steps_per_epoch, plan.total_steps, plan.capped) == (2, 4, False)
     order = torch.arange(65)
     assert len(plan.batch_rows(order, 0)) == 32
@@ -32,7 +35,9 @@ def test_step_plan_folds_a_single_leftover_row_into_the_last_batch() -> None:
 
 
 def test_step_plan_keeps_a_short_last_batch_and_caps_at_max_steps() -> None:
-    plan = StepPlan.for_run(spec(epochs=3, batch_size=32, max_steps=5), 70, None)
+    plan = StepPlan.for_run(
+        plan_run(spec(epochs=3, batch_size=32, max_steps=5), rows=70, student_parameters=100), None
+    )
     assert (plan.steps_per_epoch, plan.total_steps, plan.capped) == (3, 5, True)
     assert len(plan.batch_rows(torch.arange(70), 2)) == 6
     assert plan.log_every == 3

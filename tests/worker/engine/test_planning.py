@@ -1,0 +1,212 @@
+"""The run plan and its pre-flight warnings (no torch), and the plan as a run carries it out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from worker.engine import planning
+from worker.engine.pipeline import RunResult, run
+from worker.engine.planning import plan_run, preflight_warnings
+from worker.engine.spec import DistillationSpec, TrainingSpec
+from worker.engine.training import Callbacks
+
+
+def test_auto_is_the_default_and_a_number_of_epochs_is_still_accepted() -> None:
+    assert TrainingSpec().epochs == "auto"
+    assert TrainingSpec(epochs=7).epochs == 7
+
+
+@pytest.mark.parametrize("epochs", [0, "many", 2.5, 10001])
+def test_a_bad_epochs_value_is_one_error_naming_the_field(epochs: Any) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
+        TrainingSpec(epochs=epochs)
+    assert [e["loc"] for e in caught.value.errors()] == [("epochs",)]
+    assert '"auto"' in caught.value.errors()[0]["msg"]
+
+
+def test_auto_takes_at_least_the_floor_of_steps_on_a_small_set() -> None:
+    plan = plan_run(TrainingSpec(), rows=1260, student_parameters=8_000)
+    assert plan.steps_per_epoch == 10  # 1260 rows in batches of 128
+    assert plan.total_steps >= planning.MIN_STEPS_SMALL
+    assert plan.epochs == plan.total_steps // plan.steps_per_epoch == 150
+    assert plan.source == "auto" and "1500 optimizer steps" in plan.reason
+    assert plan.early_stopping_patience is not None and plan.early_stopping_patience >= 3
+    assert plan.early_stopping_from_step == planning.MIN_STEPS_SMALL
+    assert plan.warnings == []
+
+
+def test_a_larger_student_gets_a_higher_floor() -> None:
+    small = plan_run(TrainingSpec(), rows=1000, student_parameters=10_000)
+    medium = plan_run(TrainingSpec(), rows=1000, student_parameters=1_000_000)
+    large = plan_run(TrainingSpec(), rows=1000, student_parameters=50_000_000)
+    assert small.min_steps == planning.MIN_STEPS_SMALL
+    assert planning.MIN_STEPS_SMALL < medium.min_steps < planning.MIN_STEPS_LARGE
+    assert large.min_steps == planning.MIN_STEPS_LARGE
+
+
+def test_auto_makes_a_few_passes_over_a_large_set() -> None:
+    plan = plan_run(TrainingSpec(), rows=128_000, student_parameters=8_000)
+    assert (plan.steps_per_epoch, plan.epochs) == (1000, planning.MIN_EPOCHS)
+    assert "passes over the training rows" in plan.reason
+
+
+def test_auto_is_capped_by_max_steps_and_by_the_time_budget() -> None:
+    capped = plan_run(TrainingSpec(max_steps=400), rows=1260, student_parameters=8_000)
+    assert capped.total_steps == 400 and "max_steps 400" in capped.reason
+    assert [w.field for w in capped.warnings] == ["training.max_steps"]
+
+    # A 20M-parameter student on 512-token rows cannot do 3000 steps in a minute on a CPU.
+    short = plan_run(
+        TrainingSpec(max_minutes=1), rows=5000, student_parameters=20_000_000, positions=512
+    )
+    assert short.total_steps < short.min_steps
+    assert "to fit training.max_minutes 1" in short.reason
+    assert [w.code for w in short.warnings] == ["time_budget_short"]
+
+
+def test_an_explicit_short_run_and_a_short_budget_are_warned_about() -> None:
+    few = plan_run(TrainingSpec(epochs=20), rows=1260, student_parameters=8_000)
+    assert few.total_steps == 200 and few.early_stopping_patience is None
+    assert [(w.code, w.field) for w in few.warnings] == [("too_few_steps", "training.epochs")]
+
+    enough = plan_run(TrainingSpec(epochs=100), rows=1260, student_parameters=8_000)
+    assert enough.warnings == []
+
+    slow = plan_run(
+        TrainingSpec(epochs=50, max_minutes=1),
+        rows=5000,
+        student_parameters=20_000_000,
+        positions=512,
+    )
+    codes = [(w.code, w.field) for w in slow.warnings]
+    assert ("time_budget_short", "training.max_minutes") in codes
+
+
+def test_preflight_estimates_the_student_from_the_teacher() -> None:
+    spec = DistillationSpec(training=TrainingSpec(epochs=5))
+    warned = preflight_warnings(
+        spec,
+        rows=1400,
+        modality="tabular",
+        feature_shape=[64],
+        teacher_parameters=85_000,
+        teacher_bytes=340_000,
+    )
+    assert [w.code for w in warned] == ["too_few_steps"]
+    assert (
+        preflight_warnings(
+            DistillationSpec(),
+            rows=1400,
+            modality="tabular",
+            feature_shape=[64],
+            teacher_parameters=85_000,
+            teacher_bytes=340_000,
+        )
+        == []
+    )
+
+
+def test_planning_imports_no_torch() -> None:
+    # A fresh interpreter: this module itself imports the engine's torch side.
+    code = "import sys, worker.engine.planning; print('torch' in sys.modules)"
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert found == "False"
+
+
+# ------------------------------------------------------------------ the plan in a run
+
+
+@pytest.fixture(scope="module")
+def digits_job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A fully trained digits teacher (ONNX), its transfer set, and held-out rows."""
+    import torch
+
+    from tests.worker.engine.factories import digits, export_onnx, train_mlp_teacher, write_npz
+
+    folder = tmp_path_factory.mktemp("digits_job")
+    x, y = digits()
+    order = np.random.default_rng(0).permutation(len(x))
+    train, test = order[:1400], order[1400:]
+    teacher = train_mlp_teacher(x[train], y[train])
+    return {
+        "teacher": export_onnx(teacher, (torch.from_numpy(x[:2]),), folder / "teacher.onnx"),
+        "dataset": write_npz(folder / "digits.npz", x[train], y[train]),
+        "x_test": x[test],
+        "y_test": y[test],
+    }
+
+
+def held_out_accuracy(model: Path, job: dict[str, Any]) -> float:
+    """Accuracy of the ONNX file ``model`` on the held-out rows, in onnxruntime."""
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    outputs = session.run(None, {name: job["x_test"]})[0]
+    return float((outputs.argmax(1) == job["y_test"]).mean())
+
+
+def distil(
+    training: dict[str, Any], job: dict[str, Any], out: Path
+) -> tuple[RunResult, list[tuple[str, dict[str, Any]]]]:
+    """An MLP student of the digits teacher, trained as ``training`` says; the result and the
+    events and progress rows in the order the run sent them."""
+    log: list[tuple[str, dict[str, Any]]] = []
+    spec = DistillationSpec.model_validate(
+        {"student": {"architecture": "mlp"}, "training": training}
+    )
+    result = run(
+        spec,
+        teacher_path=job["teacher"],
+        dataset_path=job["dataset"],
+        out_dir=out,
+        callbacks=Callbacks(
+            on_event=lambda kind, data: log.append((kind, data)),
+            on_progress=lambda row: log.append(("progress", row)),
+        ),
+    )
+    return result, log
+
+
+@pytest.mark.slow
+# Two full runs and a teacher: about a minute on a free machine, far more on a shared one.
+@pytest.mark.timeout(1800)
+def test_the_default_run_keeps_the_teachers_accuracy_where_20_epochs_did_not(
+    tmp_path: Path, digits_job: dict[str, Any]
+) -> None:
+    teacher = held_out_accuracy(digits_job["teacher"], digits_job)
+    default, log = distil({}, digits_job, tmp_path / "default")
+    old, _ = distil({"epochs": 20}, digits_job, tmp_path / "old")
+    student = held_out_accuracy(tmp_path / "default" / "student.onnx", digits_job)
+    old_student = held_out_accuracy(tmp_path / "old" / "student.onnx", digits_job)
+    print(f"teacher {teacher:.4f} default {student:.4f} 20 epochs {old_student:.4f}")
+
+    assert teacher > 0.97
+    assert student >= teacher - 0.01, (student, teacher)
+    assert old_student < student - 0.05, (old_student, student)
+    plan = default.metrics["training"]["plan"]
+    assert plan["source"] == "auto" and plan["total_steps"] >= planning.MIN_STEPS_SMALL
+    assert default.steps >= planning.MIN_STEPS_SMALL
+    assert old.metrics["training"]["plan"]["total_steps"] == 200
+    assert not [data for kind, data in log if kind == "warning"]
+
+
+def test_a_short_explicit_run_is_warned_about_before_training(
+    tmp_path: Path, digits_job: dict[str, Any]
+) -> None:
+    result, log = distil({"epochs": 2}, digits_job, tmp_path / "out")
+    warnings = [data for kind, data in log if kind == "warning"]
+    assert warnings == result.metrics["training"]["plan"]["warnings"]
+    assert [(w["code"], w["field"]) for w in warnings] == [("too_few_steps", "training.epochs")]
+    kinds = [kind for kind, _ in log]
+    assert kinds.index("warning") < kinds.index("progress")
+    assert result.steps == 20 and result.stop_reason == "completed"

@@ -1,0 +1,285 @@
+"""How long a run trains, decided before it starts: the run plan and pre-flight warnings.
+
+``training.epochs: "auto"`` (the default) sets the number of optimizer steps
+from the data and the student's size: at least a floor of steps (more for a
+larger student) and at least a few passes over the data, capped by
+``training.max_steps`` and by what the time budget is expected to allow.
+Early stopping on validation is on by default under ``auto``.
+
+The same estimate gives the pre-flight warnings the API returns with a
+submitted job and the engine logs at the start of a run: a spec whose
+explicit epochs or max_steps are far below the floor, or whose
+``max_minutes`` will likely cut the run short.
+
+This module imports no torch: the API uses it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from worker.engine.spec import DistillationSpec, TrainingSpec
+
+#: The fewest optimizer steps an ``auto`` run takes for a small student (under
+#: :data:`SMALL_STUDENT`) and for a large one (over :data:`LARGE_STUDENT`); between the two
+#: the floor grows with the logarithm of the parameter count.
+MIN_STEPS_SMALL = 1500
+MIN_STEPS_LARGE = 3000
+SMALL_STUDENT = 100_000
+LARGE_STUDENT = 10_000_000
+#: The fewest passes over the training rows an ``auto`` run makes.
+MIN_EPOCHS = 5
+#: Early stopping under ``auto``: this share of the planned epochs without a better validation
+#: fidelity ends the run (never fewer than :data:`MIN_PATIENCE` epochs), once past the floor
+#: of steps: validation agreement on a few hundred rows plateaus long before a small student
+#: has learnt what the remaining steps of its schedule teach it.
+PATIENCE_SHARE = 0.25
+MIN_PATIENCE = 3
+#: Explicit steps below this share of the floor draw a ``too_few_steps`` warning.
+TOO_FEW_SHARE = 0.5
+#: An ``auto`` plan fills at most this share of ``max_minutes`` (the rest is the teacher pass,
+#: evaluation and export).
+BUDGET_SHARE = 0.8
+
+#: A conservative training throughput, as multiply-accumulates per second per step: a slow
+#: shared CPU core; a GPU is counted :data:`CUDA_SPEEDUP` times faster. Each step also costs
+#: :data:`STEP_OVERHEAD_S` of fixed work (optimizer, batching, Python).
+CPU_MACS_PER_S = 1.0e9
+CUDA_SPEEDUP = 20.0
+STEP_OVERHEAD_S = 0.004
+
+
+@dataclass(frozen=True)
+class PlanWarning:
+    """A pre-flight warning: a stable ``code``, a message, and the spec field it concerns."""
+
+    code: str
+    message: str
+    field: str
+
+    def to_dict(self) -> dict[str, str]:
+        """As JSON: ``{code, message, field}``."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How long a run trains and why; ``to_dict`` goes into ``metrics.json``'s ``training``."""
+
+    epochs: int
+    batch_size: int
+    steps_per_epoch: int
+    #: Optimizer steps planned (the run may still stop early, or on the time budget).
+    total_steps: int
+    early_stopping_patience: int | None
+    #: Early stopping does not end the run before this step (the floor, under ``auto``).
+    early_stopping_from_step: int
+    #: ``auto`` or ``spec``.
+    source: str
+    #: Why this many steps, in words.
+    reason: str
+    min_steps: int
+    estimated_seconds: float
+    warnings: list[PlanWarning] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON."""
+        data = asdict(self)
+        data["estimated_seconds"] = round(self.estimated_seconds, 1)
+        data["warnings"] = [w.to_dict() for w in self.warnings]
+        return data
+
+
+def steps_per_epoch(rows: int, batch_size: int) -> int:
+    """Optimizer steps in one pass over ``rows``.
+
+    A last batch of one row is folded into the one before (a batch of one breaks
+    batch norm); any other remainder is a short last batch.
+    """
+    batch = max(1, min(batch_size, rows))
+    if rows % batch == 1:
+        return max(1, rows // batch)
+    return max(1, math.ceil(rows / batch))
+
+
+def min_steps_for(student_parameters: int) -> int:
+    """The floor of optimizer steps for a student of ``student_parameters``."""
+    if student_parameters <= SMALL_STUDENT:
+        return MIN_STEPS_SMALL
+    if student_parameters >= LARGE_STUDENT:
+        return MIN_STEPS_LARGE
+    share = math.log(student_parameters / SMALL_STUDENT) / math.log(LARGE_STUDENT / SMALL_STUDENT)
+    return round(MIN_STEPS_SMALL + share * (MIN_STEPS_LARGE - MIN_STEPS_SMALL))
+
+
+def seconds_per_step(
+    student_parameters: int, batch_size: int, positions: int = 1, device: str = "cpu"
+) -> float:
+    """A conservative estimate of one training step's seconds.
+
+    Forward and backward cost about three times the multiply-accumulates of a
+    forward pass, which is about one per parameter per input position (a
+    sequence's tokens, an image's pixels after the first downsampling).
+    """
+    macs = 3.0 * student_parameters * batch_size * max(1, positions)
+    rate = CPU_MACS_PER_S * (CUDA_SPEEDUP if device.startswith("cuda") else 1.0)
+    return STEP_OVERHEAD_S + macs / rate
+
+
+def plan_run(
+    spec: TrainingSpec,
+    *,
+    rows: int,
+    student_parameters: int,
+    positions: int = 1,
+    device: str = "cpu",
+) -> RunPlan:
+    """The plan for ``rows`` training rows and a student of ``student_parameters``."""
+    per_epoch = steps_per_epoch(rows, spec.batch_size)
+    floor = min_steps_for(student_parameters)
+    step_s = seconds_per_step(student_parameters, min(spec.batch_size, rows), positions, device)
+    budget_steps = max(per_epoch, int(BUDGET_SHARE * spec.max_minutes * 60.0 / step_s))
+    if spec.epochs == "auto":
+        epochs, reason = _auto_epochs(spec, per_epoch, floor, budget_steps)
+        patience: int | None = spec.early_stopping_patience or max(
+            MIN_PATIENCE, math.ceil(PATIENCE_SHARE * epochs)
+        )
+        source = "auto"
+    else:
+        epochs, patience, source = spec.epochs, spec.early_stopping_patience, "spec"
+        reason = f"training.epochs {epochs} as given"
+    total = epochs * per_epoch
+    if spec.max_steps is not None and spec.max_steps < total:
+        total, reason = spec.max_steps, f"{reason}; capped by training.max_steps {spec.max_steps}"
+    plan = RunPlan(
+        epochs=epochs,
+        batch_size=max(1, min(spec.batch_size, rows)),
+        steps_per_epoch=per_epoch,
+        total_steps=total,
+        early_stopping_patience=patience,
+        early_stopping_from_step=min(floor, total) if source == "auto" else 0,
+        source=source,
+        reason=reason,
+        min_steps=floor,
+        estimated_seconds=total * step_s,
+    )
+    return replace(plan, warnings=_warnings(spec, plan))
+
+
+def _auto_epochs(
+    spec: TrainingSpec, per_epoch: int, floor: int, budget_steps: int
+) -> tuple[int, str]:
+    """Epochs for an ``auto`` run and why: the floor or the minimum passes, within the budget."""
+    by_floor = math.ceil(floor / per_epoch)
+    epochs = max(by_floor, MIN_EPOCHS)
+    reason = (
+        f"at least {floor} optimizer steps for a student of this size"
+        if by_floor >= MIN_EPOCHS
+        else f"at least {MIN_EPOCHS} passes over the training rows"
+    )
+    fits = max(1, budget_steps // per_epoch)
+    if fits < epochs:
+        epochs = fits
+        reason += f"; cut to {fits} epochs to fit training.max_minutes {spec.max_minutes:g}"
+    return min(epochs, 10000), reason
+
+
+def _warnings(spec: TrainingSpec, plan: RunPlan) -> list[PlanWarning]:
+    """What in the spec will likely leave the student undertrained."""
+    found: list[PlanWarning] = []
+    explicit = plan.source == "spec" or spec.max_steps is not None
+    if explicit and plan.total_steps < TOO_FEW_SHARE * plan.min_steps:
+        by_max_steps = spec.max_steps is not None and spec.max_steps == plan.total_steps
+        found.append(
+            PlanWarning(
+                code="too_few_steps",
+                message=f"{plan.total_steps} optimizer steps are far below the "
+                f"{plan.min_steps} a student of this size usually needs; the student will "
+                'likely underfit (leave training.epochs at "auto")',
+                field="training.max_steps" if by_max_steps else "training.epochs",
+            )
+        )
+    cut_by_budget = plan.source == "auto" and plan.total_steps < min(
+        plan.min_steps, spec.max_steps or plan.min_steps
+    )
+    if cut_by_budget:
+        found.append(
+            PlanWarning(
+                code="time_budget_short",
+                message=f"training.max_minutes {spec.max_minutes:g} allows an estimated "
+                f"{plan.total_steps} optimizer steps, fewer than the {plan.min_steps} a student "
+                "of this size usually needs; raise it or expect an undertrained student",
+                field="training.max_minutes",
+            )
+        )
+    elif plan.estimated_seconds > spec.max_minutes * 60.0:
+        found.append(
+            PlanWarning(
+                code="time_budget_short",
+                message=f"{plan.total_steps} steps are estimated to take "
+                f"{plan.estimated_seconds / 60.0:.0f} minutes, more than training.max_minutes "
+                f"{spec.max_minutes:g}: the run will likely stop early with a partial student",
+                field="training.max_minutes",
+            )
+        )
+    return found
+
+
+def input_positions(modality: str, feature_shape: list[int] | tuple[int, ...]) -> int:
+    """Positions one row's features run through: tokens of text, a quarter of an image's pixels."""
+    if modality == "text" and feature_shape:
+        return max(1, int(feature_shape[0]))
+    if modality == "image" and len(feature_shape) >= 2:
+        return max(1, int(feature_shape[-1]) * int(feature_shape[-2]) // 4)
+    return 1
+
+
+def estimate_student_parameters(
+    *,
+    max_parameters: int | None,
+    compression: float | None,
+    teacher_parameters: int | None,
+    teacher_bytes: int | None,
+) -> int:
+    """Before the student is built: the size the spec asks for, from the teacher's size."""
+    if max_parameters is not None:
+        return max_parameters
+    ratio = compression or 1.0
+    if teacher_parameters:
+        return max(1, int(teacher_parameters / ratio))
+    if teacher_bytes:
+        return max(1, int(teacher_bytes / 4 / ratio))
+    return SMALL_STUDENT
+
+
+def preflight_warnings(
+    spec: DistillationSpec,
+    *,
+    rows: int,
+    modality: str,
+    feature_shape: list[int] | tuple[int, ...] | None,
+    teacher_parameters: int | None,
+    teacher_bytes: int | None,
+) -> list[PlanWarning]:
+    """The warnings of a job's plan, known before the student is built (the API's 202).
+
+    The student's size is estimated from the spec and the teacher; the speed is
+    the conservative CPU figure, so a GPU worker may finish well within a budget
+    warned about here. The engine repeats the check on the student it builds.
+    """
+    train_rows = max(1, int(rows * (1.0 - spec.evaluation.validation_split)))
+    shape = feature_shape or ([spec.data.max_length] if modality == "text" else [])
+    plan = plan_run(
+        spec.training,
+        rows=train_rows,
+        student_parameters=estimate_student_parameters(
+            max_parameters=spec.student.max_parameters,
+            compression=spec.student.compression,
+            teacher_parameters=teacher_parameters,
+            teacher_bytes=teacher_bytes,
+        ),
+        positions=input_positions(modality, shape),
+    )
+    return plan.warnings
