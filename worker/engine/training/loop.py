@@ -280,10 +280,18 @@ class Trainer:
         result = validation_score(outputs, self.data.val_teacher.to(outputs.device), self.task)
         score = result.pop("score")
         state = self.state
-        if state.best_score is None or score > state.best_score + 1e-9:
-            state.best_score, state.best_step = score, state.step
-            state.epochs_without_improvement = 0
+        best = state.best_score
+        improved = best is None or score > best + 1e-9
+        # A tie keeps the later, longer-trained student: agreement on a small validation
+        # split is coarse (one row is 2.5% of 40) and reaches its top within a few epochs,
+        # so keeping the first top score kept a barely trained student. Only a strict
+        # improvement resets patience.
+        if improved or (best is not None and score >= best - 1e-9):
+            state.best_score = score if improved else best
+            state.best_step = state.step
             self.best = snapshot_weights(self.student)
+        if improved:
+            state.epochs_without_improvement = 0
         else:
             state.epochs_without_improvement += 1
         if state.history:

@@ -62,6 +62,22 @@ def test_early_stopping_on_validation_fidelity() -> None:
     assert result.steps < 50 * 5
 
 
+def test_a_tied_validation_score_keeps_the_later_student_and_does_not_reset_patience(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Agreement on a small validation split ties from the first epochs on; the first
+    # top score used to be kept, a barely trained student.
+    monkeypatch.setattr(
+        "worker.engine.training.loop.validation_score",
+        lambda *_: {"val/agreement": 1.0, "score": 1.0},
+    )
+    result = run(make_data(), spec(epochs=4))
+    assert result.best_step == result.steps == 4 * 5
+    stopped = run(make_data(), spec(epochs=50, early_stopping_patience=2))
+    assert stopped.stop_reason == "early_stopping"
+    assert stopped.best_step == stopped.steps == 3 * 5
+
+
 def test_sgd_with_warmup_linear_schedule_and_clipping_trains() -> None:
     rows: list[dict[str, Any]] = []
     result = run(
