@@ -83,6 +83,11 @@ class Job(TenantOwned, Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
+#: The largest event id either database stores (a signed 64-bit integer): a resume
+#: point past it can name no event, and would overflow the query that compares with it.
+MAX_EVENT_ID = 2**63 - 1
+
+
 class JobEvent(Base):
     """One entry of a job's event log; ids grow monotonically, so they are resume cursors."""
 

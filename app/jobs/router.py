@@ -23,6 +23,7 @@ from app.errors import (
 )
 from app.jobs import service
 from app.jobs.events import EVENT_STREAM, event_stream, wants_event_stream
+from app.jobs.models import MAX_EVENT_ID
 from app.jobs.polling import MAX_WAIT_S, poll_job
 from app.jobs.queue import JobQueueDep
 from app.jobs.schemas import ArtifactList, ArtifactOut, JobEventPage, JobOut, JobStatus
@@ -181,10 +182,16 @@ async def job_events(
     job_id: str,
     request: Request,
     principal: CurrentPrincipal,
-    after: Annotated[int, Query(ge=0, description="the last event id already seen")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=MAX_EVENT_ID, description="the last event id already seen")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="events per page")] = 100,
     last_event_id: Annotated[
-        str | None, Header(alias="Last-Event-ID", description="SSE resume point")
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            description="SSE resume point: an event id (up to 2^63 - 1); anything else is a 422",
+        ),
     ] = None,
 ) -> Response:
     """The append-only log: ``status``, ``stage``, ``progress``, ``evaluation``,
@@ -193,7 +200,9 @@ async def job_events(
     With ``Accept: text/event-stream`` the log is streamed as Server-Sent Events
     (``id`` is the event id, ``event`` its type, ``data`` the event as JSON),
     resuming after ``Last-Event-ID``, with a keep-alive comment at least every
-    15 s, and closing after the ``terminal`` event.
+    15 s, and closing after the ``terminal`` event. A ``Last-Event-ID`` that can
+    be no event id (not an integer, or above 2^63 - 1) is a 422 naming the
+    header rather than a silent restart, so a broken client learns it at once.
     """
     app = request.app
     factory = app.state.session_factory
@@ -226,13 +235,17 @@ def _resume_point(last_event_id: str | None, after: int) -> int:
     if last_event_id is None:
         return after
     try:
-        return max(0, int(last_event_id))
+        resume = int(last_event_id)
     except ValueError:
+        resume = None
+    if resume is None or resume > MAX_EVENT_ID:
+        reason = "not an integer" if resume is None else f"above {MAX_EVENT_ID}"
         raise Unprocessable(
             "Last-Event-ID must be an event id",
             code="validation_error",
-            errors=[FieldError(field="header.last-event-id", reason="not an integer")],
-        ) from None
+            errors=[FieldError(field="header.last-event-id", reason=reason)],
+        )
+    return max(0, resume)
 
 
 @router.get("/{job_id}/artifacts", summary="List a job's artifacts", responses=responses(NotFound))

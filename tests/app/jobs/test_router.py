@@ -17,7 +17,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.jobs.models import Job
+from app.jobs.models import MAX_EVENT_ID, Job
 from tests.app.conftest import Tenants
 from tests.app.databases import count_rows
 from tests.app.factories import broker_folder, npz_dataset, queued_job_ids, tiny_onnx_classifier
@@ -291,6 +291,30 @@ def test_events_page_after_a_cursor_and_stream_a_finished_job(
         422,
         "validation_error",
     )
+
+
+def test_event_ids_past_a_64_bit_integer_are_422_naming_the_field(
+    client: TestClient, tenants: Tenants, inputs: dict[str, str]
+) -> None:
+    """Finding 10: ``?after=2**63`` overflowed both databases' BIGINT (a 500), and
+    ``Last-Event-ID: 10^20`` cut the SSE stream after its headers."""
+    job = client.post("/v1/jobs", headers=tenants.acme, json=inputs).json()
+    client.post(f"/v1/jobs/{job['id']}/cancel", headers=tenants.acme)
+    url = f"/v1/jobs/{job['id']}/events"
+    past = client.get(url, headers=tenants.acme, params={"after": MAX_EVENT_ID + 1})
+    problem = assert_problem(past, 422, "validation_error")
+    assert [e["field"] for e in problem["errors"]] == ["query.after"]
+    last = client.get(url, headers=tenants.acme, params={"after": MAX_EVENT_ID})
+    assert last.status_code == 200 and last.json() == {"data": [], "next_cursor": None}
+
+    sse = {**tenants.acme, "Accept": "text/event-stream"}
+    for unusable in (str(10**20), str(MAX_EVENT_ID + 1), "9" * 5000):
+        refused = client.get(url, headers={**sse, "Last-Event-ID": unusable})
+        problem = assert_problem(refused, 422, "validation_error")
+        assert [e["field"] for e in problem["errors"]] == ["header.last-event-id"]
+    # The largest id is a resume point after every event: the finished job's stream just ends.
+    ended = client.get(url, headers={**sse, "Last-Event-ID": str(MAX_EVENT_ID)})
+    assert ended.status_code == 200 and ended.text == "retry: 2000\n\n"
 
 
 def test_artifacts_of_a_job_without_any(
