@@ -17,8 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import NotFound
 from app.pagination import Cursor
-from app.stored_files import StoredFile
-from app.tenancy import TenantOwned
+from app.tenancy import StoredFile, TenantOwned
 
 RowT = TypeVar("RowT", bound=TenantOwned)
 FileRowT = TypeVar("FileRowT", bound=StoredFile)

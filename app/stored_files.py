@@ -12,27 +12,23 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from fastapi import Request, Response
-from sqlalchemy import JSON, BigInteger, String
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from app.auth.models import Tenant
 from app.config import Settings
-from app.db import UTCDateTime, after_commit, after_rollback, utcnow
+from app.db import after_commit, after_rollback
 from app.display_names import MAX_NAME_CHARS, display_name, file_display_name
 from app.downloads import content_response
 from app.errors import FieldError, Unprocessable, UnsupportedMediaType, public_message
+from app.repository import StoredFileRepository
 from app.storage import LocalStorage
-from app.tenancy import TenantOwned
+from app.tenancy import StoredFile
 from app.uploads import Upload, receive_upload
 from worker.engine.errors import EngineError, UnsupportedFormat
-
-if TYPE_CHECKING:
-    from app.repository import StoredFileRepository
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +36,7 @@ log = logging.getLogger(__name__)
 FILE_FIELD = "file"
 
 T = TypeVar("T")
-RowT = TypeVar("RowT", bound="StoredFile")
-
-
-class StoredFile(TenantOwned):
-    """Columns of a tenant's uploaded file; mixed into a table class on ``app.db.Base``.
-
-    ``status`` is ``ready``, ``processing`` or ``invalid`` (with ``error``).
-    """
-
-    name: Mapped[str] = mapped_column(String(255))
-    status: Mapped[str] = mapped_column(String(16))
-    format: Mapped[str | None] = mapped_column(String(32))
-    filename: Mapped[str] = mapped_column(String(255))
-    bytes: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
-    storage_key: Mapped[str] = mapped_column(String(512))
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+RowT = TypeVar("RowT", bound=StoredFile)
 
 
 def storage_key(kind: str, tenant_id: uuid.UUID, row_id: uuid.UUID) -> str:

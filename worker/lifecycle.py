@@ -3,7 +3,7 @@
 Celery's warm shutdown (SIGTERM or SIGINT to the worker) waits for the running
 task to finish, which for a training job can take hours. When it starts, the
 worker's main process signals its pool processes; the one running a job sets
-:data:`worker.runner.handback_requested`, and the job stops at its next
+:data:`handback_requested`, and the job stops at its next
 step, writes a checkpoint, is put back in the queue for another worker (which
 resumes from that checkpoint), and the task returns.
 """
@@ -37,6 +37,11 @@ def _tell_pool(**_: Any) -> None:
                 os.kill(child.pid, HANDBACK_SIGNAL)
 
 
+#: Set in a worker child when its worker shuts down: the running job checkpoints at its
+#: next step and goes back to the queue.
+handback_requested = threading.Event()
+
+
 def listen_for_handback() -> None:
     """Make :data:`HANDBACK_SIGNAL` request a hand-back of the job this process runs.
 
@@ -44,8 +49,6 @@ def listen_for_handback() -> None:
     replaces the handlers of its pool processes after Celery's start-up hooks
     (with the threaded pool the filesystem broker uses, ``SIGUSR2`` included).
     """
-    from worker.runner import handback_requested
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(HANDBACK_SIGNAL, lambda *_: handback_requested.set())
 

@@ -41,7 +41,7 @@ from app.jobs.repository import JobRepository
 from app.storage import LocalStorage
 from worker.engine.errors import Cancelled, EngineError
 from worker.engine.spec import JobSpec
-from worker.lifecycle import end_pool_process
+from worker.lifecycle import end_pool_process, handback_requested
 from worker.sessions import worker_sessions
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,6 @@ class Claim:
     spec: JobSpec
     teacher_path: Path
     dataset_path: Path
-
-
-#: Set in a worker child when its worker shuts down: the running job checkpoints at its
-#: next step and goes back to the queue (see :mod:`worker.lifecycle`).
-handback_requested = threading.Event()
 
 
 def worker_identity() -> str:

@@ -8,7 +8,7 @@ from sqlalchemy import JSON, BigInteger
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base
-from app.stored_files import StoredFile
+from app.tenancy import StoredFile
 
 
 class Dataset(StoredFile, Base):

@@ -181,28 +181,23 @@ class JobRepository(TenantRepository[Job]):
 # Core queries on a plain connection: a poll reads one row, with no session and no ORM.
 
 
-def job_row(connection: Connection, tenant_id: uuid.UUID, job_id: uuid.UUID) -> RowMapping | None:
-    """Every column of the tenant's job ``job_id``, if it exists."""
-    jobs = Job.__table__
-    return (
-        connection.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id))
-        .mappings()
-        .first()
-    )
+class JobStatusReads:
+    """The status read's queries, on a plain connection: one row, no session, no ORM."""
 
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
 
-def job_version(
-    connection: Connection, tenant_id: uuid.UUID, job_id: uuid.UUID
-) -> RowMapping | None:
-    """What the tenant's job ``job_id`` looks like to a conditional read: ``status``,
-    ``attempt`` and ``updated_at`` (which every write of the job sets)."""
-    jobs = Job.__table__
-    return (
-        connection.execute(
-            select(jobs.c.status, jobs.c.attempt, jobs.c.updated_at).where(
-                jobs.c.id == job_id, jobs.c.tenant_id == tenant_id
-            )
+    def row(self, tenant_id: uuid.UUID, job_id: uuid.UUID) -> RowMapping | None:
+        """Every column of the tenant's job ``job_id``, if it exists."""
+        jobs = Job.__table__
+        query = select(jobs).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id)
+        return self.connection.execute(query).mappings().first()
+
+    def version(self, tenant_id: uuid.UUID, job_id: uuid.UUID) -> RowMapping | None:
+        """What the tenant's job ``job_id`` looks like to a conditional read: ``status``,
+        ``attempt`` and ``updated_at`` (which every write of the job sets)."""
+        jobs = Job.__table__
+        query = select(jobs.c.status, jobs.c.attempt, jobs.c.updated_at).where(
+            jobs.c.id == job_id, jobs.c.tenant_id == tenant_id
         )
-        .mappings()
-        .first()
-    )
+        return self.connection.execute(query).mappings().first()

@@ -35,7 +35,6 @@ from app.errors import (
     echo,
     public_message,
 )
-from app.jobs import repository
 from app.jobs.models import (
     ACTIVE,
     CANCELLED,
@@ -48,7 +47,7 @@ from app.jobs.models import (
     JobArtifact,
     JobEvent,
 )
-from app.jobs.repository import JobRepository
+from app.jobs.repository import JobRepository, JobStatusReads
 from app.jobs.schemas import JobEventOut, JobEventPage, JobOut
 from app.models.models import TeacherModel
 from app.models.repository import ModelRepository
@@ -287,9 +286,9 @@ def read_job_view(engine: Engine, *, tenant_id: uuid.UUID, job_id: str, full: bo
     ident = parse_job_id(job_id)
     with engine.connect() as connection:
         if full:
-            row = repository.job_row(connection, tenant_id, ident)
+            row = JobStatusReads(connection).row(tenant_id, ident)
         else:
-            row = repository.job_version(connection, tenant_id, ident)
+            row = JobStatusReads(connection).version(tenant_id, ident)
     if row is None:
         raise NotFound(f"no job {job_id!r}", code="job_not_found")
     body = JobOut.model_validate(dict(row)).model_dump_json().encode() if full else None

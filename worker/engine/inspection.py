@@ -810,7 +810,7 @@ def onnx_signature(model: onnx.ModelProto, size: int) -> TeacherSignature:
     }
     if inputs and inputs[0].shape and inputs[0].shape[0] == 1:
         extra["fixed_batch"] = 1
-    sig = TeacherSignature(
+    signature = TeacherSignature(
         format="onnx",
         inputs=inputs,
         outputs=outputs,
@@ -826,19 +826,19 @@ def onnx_signature(model: onnx.ModelProto, size: int) -> TeacherSignature:
     if classifier is not None or zipmap is not None:
         sklearn_op = (classifier or zipmap).op_type  # type: ignore[union-attr]
         labels = _class_labels(classifier or zipmap)  # type: ignore[arg-type]
-        _sklearn_classifier(sig, outputs, zipmap, labels, extra)
+        _sklearn_classifier(signature, outputs, zipmap, labels, extra)
     elif regressor is not None:
         sklearn_op = regressor.op_type
-        _regressor(sig, outputs)
+        _regressor(signature, outputs)
     else:
-        _net_output(sig, outputs, producers)
-    sig.architecture = _architecture(model, sklearn_op)
-    sig.extra = extra
-    return sig
+        _net_output(signature, outputs, producers)
+    signature.architecture = _architecture(model, sklearn_op)
+    signature.extra = extra
+    return signature
 
 
 def _sklearn_classifier(
-    sig: TeacherSignature,
+    signature: TeacherSignature,
     outputs: list[TensorSpec],
     zipmap: onnx.NodeProto | None,
     labels: list[str] | None,
@@ -864,27 +864,27 @@ def _sklearn_classifier(
         )
     if labels:
         extra["classes"] = labels
-    sig.task = "classification"
-    sig.output = out.name
-    sig.output_kind = "probabilities"
-    sig.num_classes = k
-    sig.output_dim = k
+    signature.task = "classification"
+    signature.output = out.name
+    signature.output_kind = "probabilities"
+    signature.num_classes = k
+    signature.output_dim = k
 
 
-def _regressor(sig: TeacherSignature, outputs: list[TensorSpec]) -> None:
+def _regressor(signature: TeacherSignature, outputs: list[TensorSpec]) -> None:
     floats = [o for o in outputs if o.dtype in _FLOAT_DTYPES]
     if not floats:
         raise TeacherIncompatible("the regressor graph has no float output", field="teacher")
     out = floats[0]
     width = out.shape[1] if len(out.shape) == 2 else 1
-    sig.task = "regression"
-    sig.output = out.name
-    sig.output_kind = "values"
-    sig.output_dim = width if isinstance(width, int) else None
+    signature.task = "regression"
+    signature.output = out.name
+    signature.output_kind = "values"
+    signature.output_dim = width if isinstance(width, int) else None
 
 
 def _net_output(
-    sig: TeacherSignature, outputs: list[TensorSpec], producers: dict[str, onnx.NodeProto]
+    signature: TeacherSignature, outputs: list[TensorSpec], producers: dict[str, onnx.NodeProto]
 ) -> None:
     floats = [o for o in outputs if o.dtype in _FLOAT_DTYPES]
     if not floats:
@@ -895,26 +895,26 @@ def _net_output(
         if any(k in o.name.lower() for k in ("logit", "prob", "output", "embed", "pred"))
     ]
     out = (named or floats)[0]
-    sig.output = out.name
+    signature.output = out.name
     shape = out.shape
     if len(shape) == 1:
-        sig.task, sig.output_kind, sig.output_dim = "regression", "values", 1
+        signature.task, signature.output_kind, signature.output_dim = "regression", "values", 1
         return
     trailing = shape[1:]
     known = all(isinstance(d, int) and d >= 0 for d in trailing)
     width = element_count(trailing, f"output {out.name!r}") if known else None
-    sig.output_dim = width
+    signature.output_dim = width
     if len(shape) != 2:
         return
     if "embed" in out.name.lower() or "pool" in out.name.lower():
-        sig.task, sig.output_kind = "embedding", "embedding"
+        signature.task, signature.output_kind = "embedding", "embedding"
     elif width == 1:
-        sig.task, sig.output_kind = "regression", "values"
+        signature.task, signature.output_kind = "regression", "values"
     else:
-        sig.task = "classification"
-        sig.num_classes = width
+        signature.task = "classification"
+        signature.num_classes = width
         softmax = _ends_in(producers, out.name, {"Softmax"})
-        sig.output_kind = "probabilities" if softmax else "logits"
+        signature.output_kind = "probabilities" if softmax else "logits"
 
 
 # --------------------------------------------------------------------------- safetensors
