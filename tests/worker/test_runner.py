@@ -31,8 +31,8 @@ from tests.app.conftest import Tenants
 from tests.app.factories import broker_folder, npz_dataset, queued_job_ids, tiny_onnx_classifier
 from tests.app.servers import wait_until
 from worker.engine.evaluation import validate_metrics
-from worker.reconciler import reconcile
 from worker.lifecycle import handback_requested
+from worker.reconciler import reconcile
 from worker.runner import execute_job
 
 DEADLINE_S = 120
