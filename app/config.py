@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     #: Largest request body the API reads whole (JSON job specs); larger ones get 413.
     #: Uploads stream to storage and have their own cap, ``max_upload_bytes``.
     max_json_bytes: int = Field(default=2**20, ge=1024)
+    #: An upload whose body sends nothing for this long is answered 408 and dropped, so a
+    #: client that goes quiet holds no worker thread, file or connection for long.
+    body_idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Uploads up to this size are inspected by the API before it answers; larger ones are
     #: answered ``processing`` and inspected by a worker.

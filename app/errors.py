@@ -155,6 +155,14 @@ class BodyTooLarge(StarletteHTTPException):
         self.limit = limit
 
 
+class RequestTimeout(DistilleryError):
+    """A request body that went quiet for longer than ``DISTILL_BODY_IDLE_TIMEOUT_S``."""
+
+    status = 408
+    code = "body_idle_timeout"
+    title = "Request timeout"
+
+
 class TooManyRequests(DistilleryError):
     """A tenant's quota is used up for now; ``Retry-After`` says when to try again."""
 

@@ -61,6 +61,7 @@ async def receive(
         max_bytes=settings.max_upload_bytes,
         file_field=FILE_FIELD,
         text_fields=frozenset({"name"}),
+        idle_timeout_s=settings.body_idle_timeout_s,
     )
     name = display_name(upload.fields.get("name", ""))
     if len(name) > MAX_NAME_CHARS:

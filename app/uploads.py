@@ -22,6 +22,7 @@ from app.errors import (
     MAX_ECHO_CHARS,
     FieldError,
     PayloadTooLarge,
+    RequestTimeout,
     Unprocessable,
     UnsupportedMediaType,
     echo,
@@ -228,6 +229,7 @@ async def receive_upload(
     max_bytes: int,
     file_field: str = "file",
     text_fields: frozenset[str] = frozenset(),
+    idle_timeout_s: float = 60.0,
 ) -> Upload:
     """Stream the request's multipart body: the ``file_field`` part into ``key``'s writer.
 
@@ -258,7 +260,7 @@ async def receive_upload(
     writer = storage.writer(key, max_bytes=max_bytes)
     try:
         receiver = _Receiver(writer, file_field, text_fields)
-        await _parse(request, _parser_for(boundary, receiver), receiver)
+        await _parse(request, _parser_for(boundary, receiver), receiver, idle_timeout_s)
         data = bytes(receiver.pending)
         receiver.pending.clear()
         await anyio.to_thread.run_sync(writer.write, data)
@@ -275,10 +277,25 @@ def _parser_for(boundary: bytes, receiver: _Receiver) -> MultipartParser:
     return MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
 
 
-async def _parse(request: Request, parser: MultipartParser, receiver: _Receiver) -> None:
+async def _next_chunk(chunks: AsyncIterator[bytes], idle_timeout_s: float) -> bytes | None:
+    """The body's next chunk, None at its end; :class:`RequestTimeout` if it goes quiet."""
+    try:
+        with anyio.fail_after(idle_timeout_s):
+            return await anext(chunks)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body sent nothing for {idle_timeout_s:g} s", code="body_idle_timeout"
+        ) from None
+
+
+async def _parse(
+    request: Request, parser: MultipartParser, receiver: _Receiver, idle_timeout_s: float
+) -> None:
     file_field = receiver.file_field
     chunks = aiter(request.stream())
-    async for chunk in chunks:
+    while (chunk := await _next_chunk(chunks, idle_timeout_s)) is not None:
         try:
             parser.write(chunk)
         except FormParserError as exc:
