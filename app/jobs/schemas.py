@@ -14,6 +14,7 @@ EventType = Literal[
     "stage",
     "progress",
     "evaluation",
+    "baseline_evaluation",
     "checkpoint",
     "resumed",
     "warning",

@@ -657,7 +657,11 @@ def _train_baseline(
         task="classification" if task == "classification" else "regression",
         teacher_output_kind="values",
         device=device,
-        callbacks=Callbacks(on_event=lambda kind, d: callbacks.event(f"baseline_{kind}", d)),
+        # Its evaluations are logged apart from the student's; a cancellation stops it too.
+        callbacks=Callbacks(
+            on_event=lambda kind, d: callbacks.event(f"baseline_{kind}", d),
+            should_cancel=callbacks.cancelled,
+        ),
         use_teacher=False,
     )
 
