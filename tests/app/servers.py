@@ -149,3 +149,22 @@ def wait_until(condition: Callable[[], Any], what: str, deadline_s: float) -> An
         if time.monotonic() > end:
             pytest.fail(f"timed out after {deadline_s:.0f} s waiting for {what}")
         time.sleep(0.1)
+
+
+def half_sent_upload(base_url: str, authorization: str, content_length: int) -> socket.socket:
+    """A connection that sends an upload's headers and 1 KiB of its body, then goes quiet."""
+    host, port = base_url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    start = (
+        b'--xx\r\nContent-Disposition: form-data; name="file"; filename="t.onnx"\r\n\r\n'
+        + b"\0" * 1024
+    )
+    head = (
+        "POST /v1/models HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\n"
+        f"Authorization: {authorization}\r\n"
+        "Content-Type: multipart/form-data; boundary=xx\r\n"
+        f"Content-Length: {content_length}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + start)
+    return sock

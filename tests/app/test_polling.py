@@ -8,7 +8,6 @@ any request path that holds a connection while it waits on something else
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 import uuid
@@ -25,7 +24,7 @@ from app.jobs.models import CANCELLED, FAILED, QUEUED, Job
 from app.jobs.repository import JobRepository
 from app.jobs.service import change_status
 from tests.app.conftest import TEST_MAX_UPLOAD, Tenants
-from tests.app.servers import Server, uvicorn_server, wait_until
+from tests.app.servers import Server, half_sent_upload, uvicorn_server, wait_until
 
 #: The test server's pool: small on purpose.
 POOL_SIZE = 2
@@ -108,31 +107,15 @@ def test_64_concurrent_pollers_on_a_two_connection_pool_all_get_answers(
         assert codes == [200] * (POLLERS * REQUESTS_PER_POLLER), path
 
 
-def _half_sent_upload(base_url: str, headers: dict[str, str]) -> socket.socket:
-    """A connection that sent an upload's headers and the start of its body, then went quiet."""
-    host, port = base_url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    start = (
-        b'--xx\r\nContent-Disposition: form-data; name="file"; filename="t.onnx"\r\n\r\n'
-        + b"\0" * 1024
-    )
-    head = (
-        "POST /v1/models HTTP/1.1\r\n"
-        f"Host: {host}:{port}\r\n"
-        f"Authorization: {headers['Authorization']}\r\n"
-        "Content-Type: multipart/form-data; boundary=xx\r\n"
-        f"Content-Length: {TEST_MAX_UPLOAD // 2}\r\n\r\n"
-    )
-    sock.sendall(head.encode() + start)
-    return sock
-
-
 def test_idle_half_sent_uploads_do_not_stop_another_tenants_status_reads(
     server: Server, tenants: Tenants, engine: sa.Engine, database_url: str
 ) -> None:
     _require_postgresql(database_url)
     job_id = queued_job(engine, "globex")
-    uploads = [_half_sent_upload(server.base_url, tenants.acme) for _ in range(IDLE_UPLOADS)]
+    uploads = [
+        half_sent_upload(server.base_url, tenants.acme["Authorization"], TEST_MAX_UPLOAD // 2)
+        for _ in range(IDLE_UPLOADS)
+    ]
     try:
         with httpx.Client(base_url=server.base_url, headers=tenants.globex, timeout=10) as client:
             for _ in range(20):

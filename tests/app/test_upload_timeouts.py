@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.app.conftest import Tenants
-from tests.app.servers import Server, uvicorn_server
+from tests.app.servers import Server, half_sent_upload, uvicorn_server
 
 pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 
@@ -30,25 +30,6 @@ def server(database_url: str, tenants: Tenants, tmp_path: Path) -> Iterator[Serv
         yield running
 
 
-def _half_sent_upload(base_url: str, authorization: str) -> socket.socket:
-    """A connection that sends an upload's headers and 1 KiB of its body, then nothing."""
-    host, port = base_url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    start = (
-        b'--xx\r\nContent-Disposition: form-data; name="file"; filename="t.onnx"\r\n\r\n'
-        + b"\0" * 1024
-    )
-    head = (
-        "POST /v1/models HTTP/1.1\r\n"
-        f"Host: {host}:{port}\r\n"
-        f"Authorization: {authorization}\r\n"
-        "Content-Type: multipart/form-data; boundary=xx\r\n"
-        "Content-Length: 100000\r\n\r\n"
-    )
-    sock.sendall(head.encode() + start)
-    return sock
-
-
 def _reply(sock: socket.socket) -> bytes:
     """Everything the server sends until it closes the connection (or 30 s pass)."""
     received = b""
@@ -61,7 +42,7 @@ def test_a_quiet_upload_is_answered_408_and_leaves_nothing(
     server: Server, tenants: Tenants, tmp_path: Path
 ) -> None:
     started = time.monotonic()
-    sock = _half_sent_upload(server.base_url, tenants.acme["Authorization"])
+    sock = half_sent_upload(server.base_url, tenants.acme["Authorization"], 100_000)
     try:
         reply = _reply(sock)
     finally:
