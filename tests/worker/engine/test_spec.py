@@ -28,7 +28,7 @@ def test_defaults_fill_everything_but_teacher_and_dataset() -> None:
     assert spec.student.compression == 10
     assert spec.method.temperature == 4.0 and spec.method.alpha == 0.9
     assert spec.training.epochs == "auto" and spec.training.optimizer == "adamw"
-    assert spec.evaluation.validation_split == 0.1 and spec.evaluation.baseline is False
+    assert spec.evaluation.validation_split == 0.1 and spec.evaluation.baseline is None
     assert spec.export.formats == ["onnx", "safetensors"]
 
 
