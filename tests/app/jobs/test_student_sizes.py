@@ -12,21 +12,8 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from tests.app.conftest import Tenants
 from tests.app.databases import count_rows
-from tests.app.factories import broker_folder, npz_dataset, queued_job_ids, tiny_onnx_classifier
+from tests.app.factories import broker_folder, queued_job_ids
 from tests.app.http import assert_problem
-
-
-@pytest.fixture
-def inputs(client: TestClient, tenants: Tenants) -> dict[str, str]:
-    """A 4-feature, 3-class teacher (15 parameters) and a matching transfer set of acme's."""
-    model = client.post(
-        "/v1/models", headers=tenants.acme, files={"file": ("t.onnx", tiny_onnx_classifier())}
-    )
-    dataset = client.post(
-        "/v1/datasets", headers=tenants.acme, files={"file": ("d.npz", npz_dataset())}
-    )
-    assert model.status_code == dataset.status_code == 201
-    return {"teacher_model_id": model.json()["id"], "dataset_id": dataset.json()["id"]}
 
 
 @pytest.mark.parametrize(
