@@ -800,8 +800,7 @@ def _student_on_test(
     if not path.exists():
         outputs = predict(student, inputs, 512, None).cpu().numpy()
         return ScoredSide(outputs, "torch", "logits" if task == "classification" else "values")
-    onnx_file = OnnxFile(path)
-    onnx_file.output = _student_output(onnx_file, teacher)
+    onnx_file = OnnxFile(path, output=_student_output(path, teacher))
     outputs = onnx_file.predict({name: value.numpy() for name, value in inputs.items()})
     kind = "values"
     if task == "classification":
@@ -810,17 +809,28 @@ def _student_on_test(
     return ScoredSide(outputs, "onnxruntime", kind, onnx_file)
 
 
-def _student_output(onnx_file: OnnxFile, teacher: TeacherRuntime) -> str:
-    """The student output that stands for the teacher's: same name, else the first float one."""
-    zipmap = teacher.signature.extra.get("zipmap")
-    wanted = [zipmap["tensor"]] if zipmap else []
-    wanted += [teacher.signature.output or "", "outputs"]
-    outputs = onnx_file.session.get_outputs()
-    names = [o.name for o in outputs]
-    for name in wanted:
+def _student_output(path: Path, teacher: TeacherRuntime) -> str:
+    """The student tensor that stands for the teacher's output.
+
+    Where the drop-in student ends in a ZipMap (as a scikit-learn teacher does), the
+    probabilities that feed it; else the output of the teacher's name, else the
+    first float output.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    zipmaps = [n for n in graph.node if n.op_type == "ZipMap"]
+    if zipmaps:
+        return str(zipmaps[0].input[0])
+    names = [o.name for o in graph.output]
+    for name in (teacher.signature.output or "", "outputs"):
         if name in names:
             return name
-    floats = [o.name for o in outputs if o.type in ("tensor(float)", "tensor(double)")]
+    floats = [
+        o.name
+        for o in graph.output
+        if o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+    ]
     return floats[0] if floats else names[0]
 
 

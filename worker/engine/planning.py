@@ -269,7 +269,10 @@ def preflight_warnings(
     the conservative CPU figure, so a GPU worker may finish well within a budget
     warned about here. The engine repeats the check on the student it builds.
     """
-    train_rows = max(1, int(rows * (1.0 - spec.evaluation.validation_split)))
+    held_out = spec.evaluation.validation_split
+    if spec.evaluation.test_dataset_id is None:
+        held_out += spec.evaluation.test_split
+    train_rows = max(1, int(rows * (1.0 - held_out)))
     shape = feature_shape or ([spec.data.max_length] if modality == "text" else [])
     plan = plan_run(
         spec.training,
