@@ -34,6 +34,7 @@ API_ENGINE_MODULES = tuple(
         "errors",
         "signature",
         "inspection",
+        "isolated",
         "compatibility",
         "archive",
         "data",

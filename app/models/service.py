@@ -1,8 +1,9 @@
 """Teacher models: store an upload once the engine has inspected it; read, list, delete.
 
-Inspection reads the file with the engine's torch-free :func:`inspect` (never
-unpickling anything) before the file is kept: a refused or malformed teacher
-leaves no row and no file. Files too large to inspect in the API are kept as
+Inspection reads the file with the engine's torch-free inspection (never
+unpickling anything; a large file in a child process under a memory and time
+budget) before the file is kept: a refused or malformed teacher leaves no row
+and no file. Files too large to inspect in the API are kept as
 ``processing`` and inspected by a worker.
 """
 
@@ -23,7 +24,8 @@ from app.pagination import Cursor
 from app.storage import LocalStorage
 from app.uploads import Upload
 from worker.engine.errors import TeacherInvalid
-from worker.engine.inspection import inspect, screen_teacher
+from worker.engine.inspection import screen_teacher
+from worker.engine.isolated import inspect_isolated
 from worker.engine.signature import TeacherSignature
 
 
@@ -34,7 +36,8 @@ def _columns(signature: TeacherSignature) -> dict[str, Any]:
 INSPECTOR: stored_files.Inspector[TeacherSignature] = stored_files.Inspector(
     kind="models",
     screen=screen_teacher,
-    inspect=inspect,
+    # A large teacher is parsed in a child process under a memory and time budget.
+    inspect=inspect_isolated,
     columns=_columns,
     invalid=TeacherInvalid("the file could not be read as a teacher model"),
 )
