@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, CursorResult, RowMapping, func, select, update
 from sqlalchemy.orm import InstrumentedAttribute
 
+from app.auth.models import Tenant
 from app.datasets.models import Dataset
 from app.db import utcnow
 from app.jobs.models import LEASED, QUEUED, Job, JobArtifact, JobEvent
@@ -55,6 +56,11 @@ class JobRepository(TenantRepository[Job]):
         """A page of the tenant's jobs in ``statuses`` (all when empty), newest first."""
         where = [Job.status.in_(statuses)] if statuses else []
         return self.list_page(tenant_id, limit=limit, after=after, where=where)
+
+    def lock_submissions(self, tenant_id: uuid.UUID) -> None:
+        """Hold the tenant's row until the transaction ends, so that the tenant's submissions
+        count and insert one at a time (PostgreSQL; SQLite has one writer anyway)."""
+        self.session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
 
     def count_in(self, tenant_id: uuid.UUID, statuses: Collection[str]) -> int:
         """How many of the tenant's jobs are in ``statuses``."""

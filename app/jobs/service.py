@@ -172,8 +172,8 @@ def submit_job(
 
 
 def _refuse_over_quota(jobs: JobRepository, tenant: Tenant, max_active_jobs: int) -> None:
-    # Counted, not locked: two racing submissions may pass one over; the quota is to
-    # keep one tenant from filling the queue, not an exact count.
+    # Locked, then counted: of two racing submissions the second counts the first's job.
+    jobs.lock_submissions(tenant.id)
     if jobs.count_in(tenant.id, ACTIVE) >= max_active_jobs:
         raise TooManyRequests(
             f"this tenant already has {max_active_jobs} jobs queued or running, its limit; "

@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -317,3 +319,22 @@ def test_a_tenant_past_its_job_quota_gets_429_while_another_is_served(
         cancelled = httpx.post(f"{jobs}/{first.json()['id']}/cancel", headers=tenants.acme)
         assert cancelled.status_code == 202, cancelled.text
         assert httpx.post(jobs, headers=tenants.acme, json=spec).status_code == 202
+
+
+def test_racing_submissions_never_pass_the_quota(
+    database_url: str, tenants: Tenants, tmp_path: Path
+) -> None:
+    with _serving(database_url, tmp_path, max_active_jobs_per_tenant="2") as server:
+        jobs = f"{server.base_url}/v1/jobs"
+        spec = _job_inputs(server, tenants.acme)
+        barrier = threading.Barrier(8)
+
+        def submit(_: int) -> httpx.Response:
+            barrier.wait(timeout=30)
+            return httpx.post(jobs, headers=tenants.acme, json=spec, timeout=60)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            statuses = sorted(r.status_code for r in pool.map(submit, range(8)))
+        assert statuses == [202, 202] + [429] * 6, statuses
+        listed = httpx.get(jobs, headers=tenants.acme, params={"limit": 100}).json()["data"]
+        assert len(listed) == 2
