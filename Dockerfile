@@ -54,4 +54,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
 # (docker-compose.yml sets it from DISTILL_API_WORKERS). Each process has its own
 # database pool (DISTILL_DATABASE_POOL_SIZE + DISTILL_DATABASE_MAX_OVERFLOW connections).
 ENV WEB_CONCURRENCY=2
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", \
+     "--http", "app.http_protocol:BoundedHeadersProtocol"]

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     #: An upload whose body sends nothing for this long is answered 408 and dropped, so a
     #: client that goes quiet holds no worker thread, file or connection for long.
     body_idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    #: A request whose headers are not all in this long after its first byte (or after the
+    #: connection opened) is answered 408 and its connection closed (app/http_protocol.py).
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    #: A request line and headers over this many bytes are answered 431.
+    max_header_bytes: int = Field(default=64 * 2**10, ge=4 * 2**10, le=2**24)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Uploads up to this size are inspected by the API before it answers; larger ones are
     #: answered ``processing`` and inspected by a worker.

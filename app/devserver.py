@@ -47,6 +47,7 @@ _POLL_SECONDS = 0.2
 #: The production entry points, run by this interpreter so they use the same environment.
 API_COMMAND = [
     *(sys.executable, "-m", "uvicorn", "app.main:app"),
+    *("--http", "app.http_protocol:BoundedHeadersProtocol"),
     *("--timeout-graceful-shutdown", str(API_DRAIN_SECONDS)),
 ]
 WORKER_COMMAND = [

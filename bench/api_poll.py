@@ -407,7 +407,10 @@ def main() -> None:
             "DISTILL_BROKER_URL": f"filesystem://{folder / 'broker'}",
             "DISTILL_WORK_DIR": str(folder / "work"),
         }
-        api_argv = ["app.main:app", "--workers", str(args.api_workers)]
+        api_argv = [
+            *("app.main:app", "--workers", str(args.api_workers)),
+            *("--http", "app.http_protocol:BoundedHeadersProtocol"),
+        ]
         const_argv = ["api_poll:constant_app", "--app-dir", "bench"]
         path = f"/v1/jobs/{job}"
         headers = {"Authorization": auth}

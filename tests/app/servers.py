@@ -55,7 +55,11 @@ def uvicorn_server(env_overrides: dict[str, str], log_path: Path) -> Iterator[Se
     with open(log_path, "wb") as log:
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "app.main:app", "--fd", str(sock.fileno())],
+                [
+                    *(sys.executable, "-m", "uvicorn", "app.main:app"),
+                    *("--http", "app.http_protocol:BoundedHeadersProtocol"),
+                    *("--fd", str(sock.fileno())),
+                ],
                 cwd=REPO,
                 env=env,
                 pass_fds=[sock.fileno()],
