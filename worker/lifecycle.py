@@ -64,3 +64,31 @@ def end_pool_process() -> None:
     if current_process().name.startswith(_POOL_PROCESS):
         logging.shutdown()
         os._exit(TIME_LIMIT_EXIT_STATUS)
+
+
+#: How long past a job's hard time limit the kernel ends its pool process, should the
+#: limit's own thread never get to run (native code that holds the GIL).
+DEADLINE_MARGIN_S = 60
+
+
+def arm_process_deadline(seconds: float) -> bool:
+    """Have the kernel end this pool process ``seconds`` from now (``SIGALRM``, no handler).
+
+    The backstop behind the hard time limit's thread: a signal's default action needs
+    no interpreter, so it ends a process whose native code never releases the GIL. The
+    reconciler then finds the attempt's lease expired past its limit and fails the job
+    with ``time_budget_exceeded``. Only in a prefork pool process's main thread (it runs
+    one job and exits); elsewhere nothing is armed. Whether it was armed.
+    """
+    in_pool = current_process().name.startswith(_POOL_PROCESS)
+    if not in_pool or threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(max(1, int(seconds + 0.999)))
+    return True
+
+
+def disarm_process_deadline() -> None:
+    """Cancel a deadline :func:`arm_process_deadline` set."""
+    if threading.current_thread() is threading.main_thread():
+        signal.alarm(0)

@@ -35,6 +35,8 @@ from app.jobs.models import CANCELLED, CANCELLING, FAILED, LEASED, QUEUED, Job
 from app.jobs.queue import JobQueue
 from app.jobs.repository import JobRepository
 from app.models.repository import ModelRepository
+from worker.engine.spec import JobSpec
+from worker.runner import hard_time_limit_s
 from worker.sessions import worker_sessions
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,25 @@ def _expired_leases(
                 session, job, CANCELLED, from_statuses=LEASED, fence=attempt, event=lost, **cleared
             ):
                 done.cancelled.append(job.id)
+        elif (limit := _past_hard_limit(session, job, settings, now)) is not None:
+            error: dict[str, str | None] = {
+                "code": "time_budget_exceeded",
+                "message": f"the job ran past the worker's hard time limit ({limit:.0f} s: "
+                "training.max_minutes plus the server's grace) and its worker process was "
+                "ended",
+                "field": "training.max_minutes",
+            }
+            if service.change_status(
+                session,
+                job,
+                FAILED,
+                from_statuses=LEASED,
+                fence=attempt,
+                event={**lost, "error": error},
+                error=error,
+                **cleared,
+            ):
+                done.failed.append(job.id)
         elif attempt >= settings.max_attempts:
             error = {
                 "code": "max_attempts_exceeded",
@@ -108,6 +129,19 @@ def _expired_leases(
         ):
             done.requeued.append(job.id)
             after_commit(session, partial(queue.send, job.id))
+
+
+def _past_hard_limit(session: Session, job: Job, settings: Settings, now: datetime) -> float | None:
+    """The attempt's hard time limit in seconds, when the attempt began longer ago than it.
+
+    Such an attempt was ended by its limit (the kernel's deadline, when native code kept
+    the limit's own thread from running): a new attempt would only run into it again.
+    """
+    limit = hard_time_limit_s(JobSpec.model_validate(job.spec), settings)
+    started = JobRepository(session).attempt_started_at(job.id, job.attempt)
+    if started is None or (now - started).total_seconds() <= limit:
+        return None
+    return limit
 
 
 def _unsent(

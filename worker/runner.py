@@ -41,7 +41,13 @@ from app.jobs.repository import JobRepository
 from app.storage import LocalStorage
 from worker.engine.errors import Cancelled, EngineError
 from worker.engine.spec import JobSpec
-from worker.lifecycle import end_pool_process, handback_requested
+from worker.lifecycle import (
+    DEADLINE_MARGIN_S,
+    arm_process_deadline,
+    disarm_process_deadline,
+    end_pool_process,
+    handback_requested,
+)
 from worker.sessions import worker_sessions
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,21 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 1.0
 #: Seconds between checks for a cancellation request.
 CANCEL_CHECK_S = 1.0
+
+
+def capped_spec(spec: JobSpec, settings: Settings) -> JobSpec:
+    """A copy of ``spec`` with its time budget capped by the server's ceiling."""
+    spec = spec.model_copy(deep=True)
+    ceiling = settings.max_job_minutes
+    if ceiling is not None and spec.training.max_minutes > ceiling:
+        spec.training.max_minutes = ceiling
+    return spec
+
+
+def hard_time_limit_s(spec: JobSpec, settings: Settings) -> float:
+    """Seconds one attempt of a job may run: its (capped) time budget plus the server's grace."""
+    minutes = capped_spec(spec, settings).training.max_minutes
+    return minutes * 60.0 + settings.job_time_limit_grace_s
 
 
 class JobLost(Exception):
@@ -209,7 +230,7 @@ class JobRun:
 
     def _time_limit_s(self) -> float:
         """Seconds this attempt may run: its time budget plus the server's grace."""
-        return self._spec().training.max_minutes * 60.0 + self.settings.job_time_limit_grace_s
+        return hard_time_limit_s(self.claim.spec, self.settings)
 
     def _enforce_time_limit(self) -> None:
         """At the hard limit, fail the job (fenced by attempt) and end the process running it.
@@ -308,6 +329,7 @@ class JobRun:
         heartbeat.start()
         self._engine_thread = threading.current_thread()
         threading.Thread(target=self._enforce_time_limit, name="time-limit", daemon=True).start()
+        arm_process_deadline(self._time_limit_s() + DEADLINE_MARGIN_S)
         try:
             try:
                 result = self._run_engine(out)
@@ -336,6 +358,7 @@ class JobRun:
         except JobLost as exc:
             log.warning("%s; stopping without further writes", exc)
         finally:
+            disarm_process_deadline()
             self._stop_heartbeat.set()
             heartbeat.join()
             shutil.rmtree(out, ignore_errors=True)
@@ -365,11 +388,7 @@ class JobRun:
 
     def _spec(self) -> JobSpec:
         """The claimed spec, its time budget capped by the server's ceiling."""
-        spec = self.claim.spec.model_copy(deep=True)
-        ceiling = self.settings.max_job_minutes
-        if ceiling is not None and spec.training.max_minutes > ceiling:
-            spec.training.max_minutes = ceiling
-        return spec
+        return capped_spec(self.claim.spec, self.settings)
 
     def _checkpoints(self) -> Path:
         """This attempt's own checkpoint folder, starting from the latest earlier checkpoint.

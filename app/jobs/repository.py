@@ -114,6 +114,14 @@ class JobRepository(TenantRepository[Job]):
 
     # ------------------------------------------------------------------ across tenants
 
+    def attempt_started_at(self, job_id: uuid.UUID, attempt: int) -> datetime | None:
+        """When attempt ``attempt`` of the job began: its first event (the claim)."""
+        query = select(func.min(JobEvent.created_at)).where(
+            JobEvent.job_id == job_id, JobEvent.attempt == attempt
+        )
+        started: datetime | None = self.session.scalar(query)
+        return started
+
     def expired_leases(self, now: datetime) -> Sequence[Job]:
         """Leased jobs whose lease expired before ``now``, oldest expiry first.
 

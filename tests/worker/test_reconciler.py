@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import utcnow
-from app.jobs.models import Job
+from app.jobs.models import Job, JobEvent
 from app.main import create_app
 from tests.app.conftest import Tenants
 from tests.app.factories import (
@@ -25,7 +25,9 @@ from tests.app.factories import (
     queued_tasks,
     tiny_onnx_classifier,
 )
+from worker.engine.spec import JobSpec
 from worker.reconciler import reconcile
+from worker.runner import hard_time_limit_s
 
 #: Past the reconciler's grace period for messages on their way.
 LATER = timedelta(seconds=Settings().resend_grace_s + 1)
@@ -162,3 +164,52 @@ def test_uploads_left_processing_are_inspected_again_and_their_jobs_wait(
     tasks = queued_tasks(broker_folder(deferring))
     assert sorted(args[0] for _, args in tasks) == ["datasets", "models"]
     assert waiting["status"] == "queued"
+
+
+def test_an_attempt_lost_past_its_hard_time_limit_fails_the_job_instead_of_rerunning(
+    client: TestClient,
+    tenants: Tenants,
+    job_of: Callable[[], str],
+    engine: sa.Engine,
+    settings: Settings,
+) -> None:
+    # What the kernel's deadline leaves when native code kept the limit's thread from
+    # running: the pool process is gone, the lease runs out, nothing was written.
+    past, within = job_of(), job_of()
+    empty_broker(settings)
+    started = utcnow()
+    for job_id in (past, within):
+        set_job(engine, job_id, status="running", lease_owner="gone:1", attempt=1)
+        with Session(engine) as session, session.begin():
+            session.add(
+                JobEvent(
+                    job_id=uuid.UUID(job_id), type="status", attempt=1, data={}, created_at=started
+                )
+            )
+    limit = hard_time_limit_s(JobSpec.model_validate(job_spec(engine, past)), settings)
+    now = started + timedelta(seconds=limit + 5)
+    set_job(engine, past, lease_expires_at=now - timedelta(seconds=1))
+    set_job(engine, within, lease_expires_at=now - timedelta(seconds=1))
+    # The other attempt began only a minute ago: an ordinary lost worker.
+    with Session(engine) as session, session.begin():
+        session.execute(
+            update(JobEvent)
+            .where(JobEvent.job_id == uuid.UUID(within))
+            .values(created_at=now - timedelta(minutes=1))
+        )
+
+    done = reconcile(settings, now=now)
+    assert [str(i) for i in done.failed] == [past]
+    assert [str(i) for i in done.requeued] == [within]
+    failed = job(client, tenants, past)
+    assert failed["status"] == "failed", failed
+    assert failed["error"]["code"] == "time_budget_exceeded"
+    assert failed["error"]["field"] == "training.max_minutes"
+    assert f"{limit:.0f} s" in failed["error"]["message"]
+
+
+def job_spec(engine: sa.Engine, job_id: str) -> dict[str, Any]:
+    with Session(engine) as session:
+        found = session.get(Job, uuid.UUID(job_id))
+        assert found is not None
+        return dict(found.spec)

@@ -8,6 +8,9 @@ within seconds, and past the worker's hard time limit the job fails with
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +26,10 @@ from onnx import TensorProto, helper, numpy_helper
 from app.config import Settings
 from app.db import build_engine
 from tests.app.conftest import Tenants
-from tests.app.databases import fresh_database
+from tests.app.databases import REPO, fresh_database
 from tests.app.factories import npz_dataset, tiny_onnx_classifier
 from tests.app.servers import celery_worker, wait_until
+from worker.lifecycle import arm_process_deadline
 
 pytestmark = pytest.mark.slow
 
@@ -186,3 +190,38 @@ def test_hard_time_limit_fails_the_job_and_frees_the_worker(
         )
         assert done["status"] == "succeeded", done
         print(f"next job succeeded {time.monotonic() - started:.1f} s after submission")
+
+
+_GIL_HOLDER = """
+import ctypes, sys
+from billiard.process import current_process
+from worker.lifecycle import arm_process_deadline
+
+current_process().name = sys.argv[1]
+print(arm_process_deadline(1.0), flush=True)
+# libc's sleep through PyDLL: native code that keeps the GIL for 60 s.
+ctypes.PyDLL(None).sleep(60)
+print("survived", flush=True)
+"""
+
+
+def test_the_kernel_deadline_ends_a_pool_process_whose_native_code_keeps_the_gil() -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", _GIL_HOLDER, "ForkPoolWorker-1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
+    took = time.monotonic() - started
+    assert done.stdout.strip() == "True", done
+    assert done.returncode == -signal.SIGALRM, done
+    assert took < 10, took
+
+
+def test_outside_a_pool_process_no_deadline_is_armed() -> None:
+    # Ending the process would end a whole worker (or this test run).
+    handler = signal.getsignal(signal.SIGALRM)
+    assert arm_process_deadline(1.0) is False
+    assert signal.getsignal(signal.SIGALRM) is handler
