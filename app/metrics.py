@@ -22,10 +22,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.jobs.events import shared_reads_of
 from app.jobs.models import STATUSES
 from app.jobs.repository import JobRepository
 
@@ -108,6 +109,28 @@ class _JobsCollector:
         return GaugeMetricFamily("distillery_jobs", "Jobs in each status.", labels=["status"])
 
 
+class _EventStreamReads:
+    """``distillery_event_stream_reads_total``: database reads made for event streams
+    (shared by the streams of a job that wake together, see :mod:`app.jobs.events`)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family(0)
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._family(shared_reads_of(self.app).reads)
+
+    @staticmethod
+    def _family(value: int) -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "distillery_event_stream_reads",
+            "Database reads of job events made for Server-Sent Event streams.",
+            value=value,
+        )
+
+
 def install_metrics(app: FastAPI) -> None:
     """Measure ``app``'s requests and serve them, with jobs by status, at ``GET /metrics``.
 
@@ -131,6 +154,7 @@ def install_metrics(app: FastAPI) -> None:
         registry=registry,
     )
     registry.register(_JobsCollector(app))
+    registry.register(_EventStreamReads(app))
     app.add_middleware(_RequestMetrics, requests=requests, durations=durations)
 
     @app.get(

@@ -6,13 +6,19 @@ the process's :class:`~app.jobs.notifications.JobChangeFeed`, so an idle stream
 costs no query at all; only while the feed is down does it poll every
 ``DISTILL_SSE_POLL_S``. It sends a keep-alive comment when idle, so proxies keep
 the connection open, and ends after the ``terminal`` event.
+
+Streams of one job wake together at its change and would each read the same
+rows: :class:`SharedReads` makes one database read (and one serialisation) of
+a job's events after a given id, whatever the number of streams that ask.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -42,22 +48,59 @@ def format_event(event: JobEvent) -> bytes:
     return f"id: {event.id}\nevent: {event.type}\ndata: {body}\n\n".encode()
 
 
-def _poll(
-    factory: sessionmaker[Session], job_id: uuid.UUID, after: int
-) -> tuple[Sequence[JobEvent], bool]:
+@dataclass(frozen=True)
+class _Read:
+    """Events after an id, each as (id, type, SSE bytes); whether the job has finished."""
+
+    events: list[tuple[int, str, bytes]]
+    finished: bool
+
+
+def _poll(factory: sessionmaker[Session], job_id: uuid.UUID, after: int) -> _Read:
     """Events after ``after``, and whether the job has finished (checked only when none came)."""
     with factory() as session:
         events = JobRepository(session).events_after(job_id, after, _BATCH)
         if events:
-            return events, False
+            return _Read([(e.id, e.type, format_event(e)) for e in events], False)
         status = session.get(Job, job_id)
-        return events, status is None or status.status in TERMINAL
+        return _Read([], status is None or status.status in TERMINAL)
+
+
+class SharedReads:
+    """One database read of a job's events after an id, shared by every stream that asks
+    while it is under way (the streams of a job all wake at once on its change)."""
+
+    def __init__(self) -> None:
+        self._reads: dict[tuple[uuid.UUID, int], asyncio.Future[_Read]] = {}
+        #: Database reads made (for tests and benchmarks).
+        self.reads = 0
+
+    async def read(self, app: Any, job_id: uuid.UUID, after: int) -> _Read:
+        """The job's events after ``after``: joins a read under way, else starts one."""
+        key = (job_id, after)
+        reading = self._reads.get(key)
+        if reading is None:
+            factory: sessionmaker[Session] = app.state.session_factory
+            reading = asyncio.ensure_future(run_database_call(app, _poll, factory, job_id, after))
+            self._reads[key] = reading
+            reading.add_done_callback(lambda _: self._reads.pop(key, None))
+            self.reads += 1
+        # Shielded: one stream that closes must not cancel the read the others wait on.
+        return await asyncio.shield(reading)
+
+
+def shared_reads_of(app: Any) -> SharedReads:
+    """The application's :class:`SharedReads`, made at its first use."""
+    reads: SharedReads | None = getattr(app.state, "event_reads", None)
+    if reads is None:
+        reads = app.state.event_reads = SharedReads()
+    return reads
 
 
 async def event_stream(app: Any, job_id: uuid.UUID, after: int) -> AsyncIterator[bytes]:
     """The job's events after id ``after`` as SSE bytes, until its ``terminal`` event."""
     settings: Settings = app.state.settings
-    factory: sessionmaker[Session] = app.state.session_factory
+    reads = shared_reads_of(app)
     feed = feed_of(app)
     yield b"retry: 2000\n\n"
     last_write = time.monotonic()
@@ -65,18 +108,18 @@ async def event_stream(app: Any, job_id: uuid.UUID, after: int) -> AsyncIterator
     while True:
         if read:
             changed = feed.subscribe(job_id)
-            events, finished = await run_database_call(app, _poll, factory, job_id, after)
-            for event in events:
-                yield format_event(event)
-                after = event.id
-                if event.type == "terminal":
+            found = await reads.read(app, job_id, after)
+            for event_id, event_type, message in found.events:
+                yield message
+                after = event_id
+                if event_type == "terminal":
                     return
-            if finished:
+            if found.finished:
                 # Resumed after the terminal event: nothing more will come.
                 return
-            if events:
+            if found.events:
                 last_write = time.monotonic()
-            if len(events) == _BATCH:
+            if len(found.events) == _BATCH:
                 continue
         left = settings.sse_keepalive_s - (time.monotonic() - last_write)
         if not feed.live:

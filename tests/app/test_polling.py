@@ -225,3 +225,63 @@ def test_a_revoked_key_stops_working_within_the_cache_lifetime(
     )
     assert time.monotonic() - revoked_at < 3
     assert httpx.get(url, headers=tenants.globex).status_code == 404
+
+
+#: Followers of one job's event stream.
+FOLLOWERS = 200
+
+
+def _stream_reads(server: Server) -> float:
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    line = next(x for x in metrics.splitlines() if x.startswith("distillery_event_stream_reads_"))
+    return float(line.split()[-1])
+
+
+async def _follow(port: int, request: bytes, ready: asyncio.Event, ended: list[float]) -> None:
+    """One SSE follower: ``ready`` once its first event came; notes when the terminal came."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**20)
+    writer.write(request)
+    try:
+        while line := await reader.readline():
+            if line.startswith(b"event: "):
+                ready.set()
+            if line.startswith(b"event: terminal"):
+                ended.append(time.monotonic())
+                return
+    finally:
+        writer.close()
+
+
+def test_the_streams_of_one_job_share_one_read_per_change(
+    server: Server, tenants: Tenants, engine: sa.Engine
+) -> None:
+    job_id = queued_job(engine, "acme")
+    port = int(server.base_url.rsplit(":", 1)[1])
+    request = (
+        f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: {tenants.acme['Authorization']}\r\nAccept: text/event-stream\r\n\r\n"
+    ).encode()
+
+    async def follow_all() -> tuple[float, float, list[float], float]:
+        ended: list[float] = []
+        readies = [asyncio.Event() for _ in range(FOLLOWERS)]
+        tasks = [asyncio.create_task(_follow(port, request, r, ended)) for r in readies]
+        async with asyncio.timeout(120):
+            await asyncio.gather(*(ready.wait() for ready in readies))
+        before = await asyncio.to_thread(_stream_reads, server)
+        await asyncio.to_thread(finish_job, engine, job_id, FAILED)
+        finished_at = time.monotonic()
+        async with asyncio.timeout(60):
+            await asyncio.gather(*tasks)
+        after = await asyncio.to_thread(_stream_reads, server)
+        return before, after, ended, finished_at
+
+    before, after, ended, finished_at = asyncio.run(follow_all())
+    delays = sorted(t - finished_at for t in ended)
+    print(
+        f"{len(ended)} followers: {after - before:.0f} reads for the change; terminal p50 "
+        f"{1000 * delays[len(delays) // 2]:.0f} ms, max {1000 * delays[-1]:.0f} ms"
+    )
+    assert len(ended) == FOLLOWERS
+    # One read per change (a follower that woke late may make one more), not one per stream.
+    assert after - before <= 5, (before, after)
