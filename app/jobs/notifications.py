@@ -2,7 +2,7 @@
 
 Long polls (``GET /v1/jobs/{id}?wait=S``) and event streams wait on
 :meth:`JobChangeFeed.subscribe` instead of querying the database in a loop.
-Every write that appends to a job's event log calls :func:`announce_job_change`:
+Every write of a job's row or event log calls :func:`announce_job_change`:
 on PostgreSQL a ``NOTIFY`` sent when the transaction commits, which one thread per
 API process receives with ``LISTEN``. SQLite has no notifications: the embedded
 feed reads the new rows of the event log every ``DISTILL_SSE_POLL_S`` instead,
@@ -16,6 +16,8 @@ import logging
 import threading
 import uuid
 import weakref
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -24,6 +26,7 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from app.db import after_commit
 from app.jobs.models import JobEvent
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,31 @@ def announce_job_change(session: Session, job_id: uuid.UUID) -> None:
         session.execute(
             text("SELECT pg_notify(:channel, :job)"), {"channel": CHANNEL, "job": str(job_id)}
         )
+    # This process's feeds forget the job's version at once: its own writes are seen by
+    # its next read, without waiting for the notification to come round.
+    after_commit(session, partial(_forget_everywhere, str(job_id)))
+
+
+#: The feeds of this process (one per application).
+_FEEDS: weakref.WeakSet[JobChangeFeed] = weakref.WeakSet()
+
+
+def _forget_everywhere(job_id: str) -> None:
+    for feed in list(_FEEDS):
+        feed.forget(job_id)
+
+
+#: Job versions a feed remembers at most (past it, it starts afresh).
+MAX_VERSIONS = 100_000
+
+
+@dataclass(frozen=True)
+class _Version:
+    """A job's ``(etag, status)`` for its tenant, true until ``change`` is set."""
+
+    tenant_id: uuid.UUID
+    version: tuple[str, str]
+    change: asyncio.Event
 
 
 class JobChangeFeed:
@@ -61,6 +89,11 @@ class JobChangeFeed:
             weakref.WeakValueDictionary()
         )
         self.live = False
+        #: Whether every write of a job row is heard (PostgreSQL's NOTIFY, sent by each
+        #: update of a job), so a remembered version stays true until the job's change.
+        self.exact = False
+        self._versions: dict[str, _Version] = {}
+        _FEEDS.add(self)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._task: asyncio.Task[None] | None = None
@@ -87,6 +120,35 @@ class JobChangeFeed:
         for change in changes:
             change.set()
 
+    def remember(
+        self,
+        job_id: uuid.UUID,
+        tenant_id: uuid.UUID,
+        version: tuple[str, str],
+        change: asyncio.Event,
+    ) -> None:
+        """Keep the job's ``(etag, status)`` as read after subscribing to ``change``: it holds
+        until ``change`` is set. Only an exact feed remembers."""
+        if not (self.exact and self.live) or change.is_set():
+            return
+        if len(self._versions) >= MAX_VERSIONS:
+            self._versions.clear()
+        self._versions[str(job_id)] = _Version(tenant_id, version, change)
+
+    def forget(self, job_id: str) -> None:
+        """Drop the job's remembered version (safe from any thread)."""
+        self._versions.pop(job_id, None)
+
+    def recall(self, job_id: uuid.UUID, tenant_id: uuid.UUID) -> tuple[str, str] | None:
+        """The tenant's job's ``(etag, status)`` if nothing changed it since it was read."""
+        found = self._versions.get(str(job_id))
+        if found is None or found.tenant_id != tenant_id:
+            return None
+        if found.change.is_set() or not (self.exact and self.live):
+            self._versions.pop(str(job_id), None)
+            return None
+        return found.version
+
     @property
     def waiting(self) -> int:
         """How many jobs have a waiter."""
@@ -101,6 +163,7 @@ class JobChangeFeed:
             self._thread = threading.Thread(
                 target=self._listen, args=(dsn, loop), name="job-change-listener", daemon=True
             )
+            self.exact = True
             self._thread.start()
         else:
             self._task = loop.create_task(self._tail(engine, poll_s))

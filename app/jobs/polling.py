@@ -2,7 +2,10 @@
 
 A poll holds a database connection only for the one query of each read (in a
 ``reads`` thread, see :func:`app.db.run_database_call`); while it waits it holds
-nothing but a subscription to the process's :class:`JobChangeFeed`.
+nothing but a subscription to the process's :class:`JobChangeFeed`. On
+PostgreSQL, whose feed hears every write of a job, the feed also remembers each
+job's ETag as last read, until its next change: a conditional poll of an
+unchanged job is answered 304 without a query.
 """
 
 from __future__ import annotations
@@ -57,7 +60,13 @@ async def poll_job(
         # Subscribed before reading: a change between the read and the wait still wakes us.
         changed = feed.subscribe(ident)
         full = seen is None and if_none_match is None
-        view = await _read(app, tenant_id, job_id, full=full)
+        known = None if full else feed.recall(ident, tenant_id)
+        if known is not None:
+            # Unchanged since a read of this process: no query for a conditional poll.
+            view = service.JobView(*known)
+        else:
+            view = await _read(app, tenant_id, job_id, full=full)
+            feed.remember(ident, tenant_id, (view.etag, view.status), changed)
         if view.body is not None:
             if wait_s <= 0 or view.status in TERMINAL:
                 return view

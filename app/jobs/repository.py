@@ -105,7 +105,11 @@ class JobRepository(TenantRepository[Job]):
             query = query.where(Job.attempt == fence)
         result = self.session.execute(query.values(updated_at=utcnow(), **values))
         assert isinstance(result, CursorResult)
-        return result.rowcount == 1
+        changed = result.rowcount == 1
+        if changed:
+            # Every write of the row, a lease renewal included, changes the job's ETag.
+            announce_job_change(self.session, job_id)
+        return changed
 
     def lock(self, job_id: uuid.UUID) -> None:
         """Take the job row's lock until the transaction ends, for an event with no state
