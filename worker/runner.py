@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
+from app.datasets.models import Dataset
 from app.db import after_rollback, utcnow
 from app.jobs import service
 from app.jobs.models import (
@@ -38,6 +39,7 @@ from app.jobs.models import (
     Job,
 )
 from app.jobs.repository import JobRepository
+from app.models.models import TeacherModel
 from app.storage import LocalStorage
 from worker.engine.errors import Cancelled, EngineError
 from worker.engine.spec import JobSpec
@@ -65,6 +67,8 @@ class Claim:
     spec: JobSpec
     teacher_path: Path
     dataset_path: Path
+    #: The dataset reported on instead of a test split, if the spec names one.
+    test_dataset_path: Path | None = None
 
 
 def worker_identity() -> str:
@@ -97,20 +101,30 @@ def _claim(
             log.info("job %s is %s: nothing to run", job_id, job and job.status)
             return None
         teacher, dataset = service.job_inputs(session, job)
-        if teacher is None or dataset is None:
+        test_set = service.job_test_set(session, job)
+        if teacher is None or dataset is None or service.lost_test_set(job, test_set):
             service.fail_queued(
-                session, job, code="input_missing", message="the teacher or dataset was deleted"
+                session,
+                job,
+                code="input_missing",
+                message="the teacher, dataset or test dataset was deleted",
             )
             return None
-        for row, what in ((teacher, "model"), (dataset, "dataset")):
+        inputs: list[tuple[TeacherModel | Dataset, str]] = [
+            (teacher, "model"),
+            (dataset, "dataset"),
+        ]
+        if test_set is not None:
+            inputs.append((test_set, "dataset"))
+        for row, what in inputs:
             if row.status == "invalid":
                 reason = service.invalid_reason(row)
                 service.fail_queued(
                     session, job, code=f"{what}_invalid", message=f"the {what} is invalid: {reason}"
                 )
                 return None
-        if "processing" in (teacher.status, dataset.status):
-            # Sent again once both are inspected.
+        if any(row.status == "processing" for row, _ in inputs):
+            # Sent again once all are inspected.
             return None
         claimed = service.change_status(
             session,
@@ -131,6 +145,7 @@ def _claim(
             spec=JobSpec.model_validate(job.spec),
             teacher_path=storage.path(teacher.storage_key),
             dataset_path=storage.path(dataset.storage_key),
+            test_dataset_path=storage.path(test_set.storage_key) if test_set else None,
         )
 
 
@@ -356,6 +371,7 @@ class JobRun:
             device=self.settings.device,
             cache_dir=self.settings.work_dir / "cache",
             checkpoint_dir=self._checkpoints(),
+            test_dataset_path=self.claim.test_dataset_path,
             callbacks=Callbacks(
                 on_progress=self.on_progress,
                 on_event=self.on_event,
