@@ -376,6 +376,8 @@ class JobRun:
                 on_progress=self.on_progress,
                 on_event=self.on_event,
                 should_cancel=self.should_cancel,
+                # A cancelled job keeps its best student; a hand-back stops to be resumed.
+                cancel_keeps_student=lambda: not handback_requested.is_set(),
             ),
         )
 

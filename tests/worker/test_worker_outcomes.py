@@ -107,3 +107,53 @@ def test_a_job_reports_on_the_uploaded_test_set(
     assert split["test_rows"] == TEST_ROWS, split
     # Every transfer row trains or validates: none is held out for the test.
     assert split["train_rows"] + split["validation_rows"] == 120, split
+
+
+def logged(client: TestClient, tenants: Tenants, job_id: str, kind: str) -> bool:
+    page = client.get(
+        f"/v1/jobs/{job_id}/events", headers=tenants.acme, params={"limit": 1000}
+    ).json()
+    return any(e["type"] == kind for e in page["data"])
+
+
+def test_a_job_cancelled_mid_training_keeps_its_best_student(
+    client: TestClient, tenants: Tenants, settings: Settings, tmp_path: Path
+) -> None:
+    teacher = upload(client, tenants, "models", "t.onnx", tiny_onnx_classifier())
+    transfer = upload(client, tenants, "datasets", "d.npz", npz_dataset(rows=120))
+    spec = {
+        "teacher_model_id": teacher,
+        "dataset_id": transfer,
+        "training": {"epochs": 5000, "batch_size": 8, "max_minutes": 10},
+    }
+    submitted = client.post("/v1/jobs", headers=tenants.acme, json=spec)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    with celery_worker(worker_env(settings), tmp_path / "worker.log"):
+        wait_until(lambda: logged(client, tenants, job_id, "evaluation"), "a validation", JOB_S)
+        asked = time.monotonic()
+        response = client.post(f"/v1/jobs/{job_id}/cancel", headers=tenants.acme)
+        assert response.json()["status"] == "cancelling", response.text
+        done = wait_until(lambda: ended(client, tenants, job_id), "the job to end", 60)
+        took = time.monotonic() - asked
+    assert took < CANCEL_BOUND_S, f"cancellation took {took:.1f} s"
+    assert done["status"] == "cancelled", done
+    assert done["partial"] is True and done["stop_reason"] == "cancelled", done
+    assert done["error"] is None
+    files = downloaded_artifacts(client, tenants, job_id)
+    assert {
+        "student.onnx",
+        "student.safetensors",
+        "student_config.json",
+        "metrics.json",
+        "model_card.md",
+        "training_curves.png",
+    } <= files.keys()
+    metrics = json.loads(files["metrics.json"])
+    assert metrics["partial"] is True and metrics["training"]["stop_reason"] == "cancelled"
+    assert metrics == done["metrics"]
+    page = client.get(f"/v1/jobs/{job_id}/events", headers=tenants.acme, params={"limit": 1000})
+    terminal = page.json()["data"][-1]
+    assert terminal["type"] == "terminal" and terminal["data"]["status"] == "cancelled"
+    assert "student.onnx" in terminal["data"]["artifacts"]
+    print(f"cancelled with its student {took:.2f} s after the request")
