@@ -538,6 +538,35 @@ def test_a_cancellation_that_keeps_the_student_exports_the_best_validated_one(
     assert outputs.shape == (len(split_digits["x_test"]), 10) and np.isfinite(outputs).all()
 
 
+def test_a_cancellation_during_the_baseline_keeps_the_student_without_it(
+    tmp_path: Path, mlp_teacher: Path, split_digits: dict[str, np.ndarray]
+) -> None:
+    data = write_npz(tmp_path / "t.npz", split_digits["x"][:300], split_digits["y"][:300])
+    spec = DistillationSpec(
+        training=TrainingSpec(**training(epochs=2)), evaluation=EvaluationSpec(baseline=True)
+    )
+    stage = {"now": ""}
+
+    def note_stage(kind: str, data: dict[str, Any]) -> None:
+        if kind == "stage":
+            stage["now"] = str(data.get("stage"))
+
+    result = run(
+        spec,
+        teacher_path=mlp_teacher,
+        dataset_path=data,
+        out_dir=tmp_path / "out",
+        callbacks=Callbacks(
+            on_event=note_stage,
+            should_cancel=lambda: stage["now"] == "baseline",
+            cancel_keeps_student=lambda: True,
+        ),
+    )
+    assert result.stop_reason == "cancelled" and result.partial
+    assert result.metrics["partial"] is True and result.metrics.get("baseline") is None
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= ARTIFACTS
+
+
 def test_a_cancellation_before_any_validation_leaves_no_student(
     tmp_path: Path, mlp_teacher: Path, split_digits: dict[str, np.ndarray]
 ) -> None:
