@@ -454,8 +454,13 @@ def release_waiting_jobs(session: Session, send: SendJob, row: TeacherModel | Da
     for job in JobRepository(session).queued_using(row):
         if row.status == "invalid":
             reason = invalid_reason(row)
+            as_test_set = isinstance(row, Dataset) and job.test_dataset_id == row.id
             fail_queued(
-                session, job, code=f"{what}_invalid", message=f"the {what} is invalid: {reason}"
+                session,
+                job,
+                code=f"{what}_invalid",
+                message=f"the {'test ' if as_test_set else ''}{what} is invalid: {reason}",
+                field=TEST_SET_FIELD if as_test_set else None,
             )
             continue
         teacher, dataset = job_inputs(session, job)

@@ -7,9 +7,11 @@ reads the messages the API and the task send from the filesystem broker folder.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -169,3 +171,34 @@ def test_a_job_waits_for_its_test_set_and_fails_if_it_does_not_fit(
     assert sorted(queued_job_ids(broker_folder(deferring))) == sorted(
         [jobs[0]["id"], jobs[1]["id"], jobs[0]["id"]]
     )
+
+
+def test_an_invalid_test_set_fails_the_job_waiting_for_it_naming_the_field(
+    api: TestClient, tenants: Tenants, deferring: Settings
+) -> None:
+    model = upload(api, tenants, "models", tiny_onnx_classifier())
+    dataset = upload(api, tenants, "datasets", npz_dataset())
+    inspect_input("models", model["id"], deferring)
+    inspect_input("datasets", dataset["id"], deferring)
+    # An .npz with no ``inputs`` array.
+    buffer = io.BytesIO()
+    np.savez(buffer, features=np.zeros((8, 4), np.float32))
+    broken = upload(api, tenants, "datasets", buffer.getvalue())
+    assert broken["status"] == "processing"
+    spec = {
+        "teacher_model_id": model["id"],
+        "dataset_id": dataset["id"],
+        "evaluation": {"test_dataset_id": broken["id"]},
+    }
+    job = api.post("/v1/jobs", headers=tenants.acme, json=spec).json()
+    inspect_input("datasets", broken["id"], deferring)
+    failed = api.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
+    assert failed["status"] == "failed", failed
+    assert failed["error"]["code"] == "dataset_invalid"
+    assert failed["error"]["field"] == "evaluation.test_dataset_id"
+    assert "test dataset" in failed["error"]["message"]
+    # Known to be invalid now: refused at submission, naming the field.
+    refused = assert_problem(
+        api.post("/v1/jobs", headers=tenants.acme, json=spec), 422, "dataset_invalid"
+    )
+    assert refused["errors"][0]["field"] == "body.evaluation.test_dataset_id"
