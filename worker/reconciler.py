@@ -171,10 +171,10 @@ def _unsent(
 def _inputs_ready(session: Session, job: Job) -> bool:
     """Whether a worker could start the job now (else an inspection will release it)."""
     teacher, dataset = service.job_inputs(session, job)
+    test_set = service.job_test_set(session, job)
     # A job with a deleted or invalid input is failed by the worker's claim: send it.
-    return not (
-        (teacher is not None and teacher.status == "processing")
-        or (dataset is not None and dataset.status == "processing")
+    return not any(
+        row is not None and row.status == "processing" for row in (teacher, dataset, test_set)
     )
 
 

@@ -60,6 +60,10 @@ class Job(TenantOwned, Base):
     dataset_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("datasets.id", ondelete="SET NULL"), index=True
     )
+    #: The dataset reported on instead of a test split (``evaluation.test_dataset_id``).
+    test_dataset_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("datasets.id", ondelete="SET NULL"), index=True
+    )
     status: Mapped[str] = mapped_column(String(16), default=QUEUED)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     task: Mapped[str | None] = mapped_column(String(16))

@@ -13,8 +13,16 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, CursorResult, RowMapping, func, select, update
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    CursorResult,
+    RowMapping,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from app.auth.models import Tenant
 from app.datasets.models import Dataset
@@ -26,9 +34,12 @@ from app.pagination import Cursor
 from app.repository import TenantRepository
 
 
-def _input_column(used: TeacherModel | Dataset) -> InstrumentedAttribute[uuid.UUID | None]:
-    """The column through which a job references the model or dataset ``used``."""
-    return Job.teacher_model_id if isinstance(used, TeacherModel) else Job.dataset_id
+def _uses(used: TeacherModel | Dataset) -> ColumnElement[bool]:
+    """Jobs that reference the model or dataset ``used``: a dataset as their transfer set or
+    as their test set."""
+    if isinstance(used, TeacherModel):
+        return Job.teacher_model_id == used.id
+    return or_(Job.dataset_id == used.id, Job.test_dataset_id == used.id)
 
 
 class JobRepository(TenantRepository[Job]):
@@ -69,16 +80,14 @@ class JobRepository(TenantRepository[Job]):
 
     def queued_using(self, used: TeacherModel | Dataset) -> Sequence[Job]:
         """Queued jobs that reference the model or dataset ``used`` (all of its tenant)."""
-        column = _input_column(used)
         return self.session.scalars(
-            select(Job).where(column == used.id, Job.status == QUEUED).order_by(Job.created_at)
+            select(Job).where(_uses(used), Job.status == QUEUED).order_by(Job.created_at)
         ).all()
 
     def any_using(self, used: TeacherModel | Dataset, statuses: Collection[str]) -> bool:
         """Whether a job in one of ``statuses`` references the model or dataset ``used``."""
-        column = _input_column(used)
         found = self.session.scalars(
-            select(Job.id).where(column == used.id, Job.status.in_(statuses)).limit(1)
+            select(Job.id).where(_uses(used), Job.status.in_(statuses)).limit(1)
         ).first()
         return found is not None
 

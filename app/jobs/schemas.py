@@ -74,13 +74,19 @@ class JobOut(BaseModel):
     status: JobStatus
     teacher_model_id: uuid.UUID | None
     dataset_id: uuid.UUID | None
+    test_dataset_id: uuid.UUID | None = Field(
+        default=None,
+        description="the dataset reported on instead of a test split "
+        "(evaluation.test_dataset_id); null when none, or once it is deleted",
+    )
     task: Literal["classification", "regression", "embedding"] | None
     attempt: int = Field(description="how many times a worker has started this job")
     progress: JobProgress | None
     metrics: dict[str, Any] | None
     error: JobError | None
     stop_reason: str | None = Field(
-        description="completed, early_stopping, max_steps or time_budget once training ended"
+        description="completed, early_stopping, max_steps, time_budget or cancelled once "
+        "training ended"
     )
     partial: bool = Field(
         description="the student is the best one found before a time limit or a cancellation"

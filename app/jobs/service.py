@@ -55,7 +55,7 @@ from app.pagination import Cursor, Page
 from app.storage import StoredObject
 from app.webhooks import service as webhooks
 from worker.engine import planning
-from worker.engine.compatibility import DataFacts, check_job
+from worker.engine.compatibility import TEST_SET_FIELD, DataFacts, check_job, check_test_set
 from worker.engine.errors import EngineError
 from worker.engine.signature import TeacherSignature
 from worker.engine.spec import JobSpec
@@ -104,6 +104,18 @@ def job_inputs(session: Session, job: Job) -> tuple[TeacherModel | None, Dataset
     return teacher, dataset
 
 
+def job_test_set(session: Session, job: Job) -> Dataset | None:
+    """The dataset the job reports on instead of a test split (``None`` for none, or one
+    deleted since: compare with the spec's ``evaluation.test_dataset_id``)."""
+    return session.get(Dataset, job.test_dataset_id) if job.test_dataset_id else None
+
+
+def lost_test_set(job: Job, test_set: Dataset | None) -> bool:
+    """Whether the job's spec names a test set that is gone (deleted since)."""
+    named = (job.spec.get("evaluation") or {}).get("test_dataset_id")
+    return named is not None and test_set is None
+
+
 def submit_job(
     session: Session,
     send: SendJob,
@@ -138,13 +150,14 @@ def submit_job(
             return _replay(existing, digest), False
     if max_active_jobs is not None:
         _refuse_over_quota(jobs, tenant, max_active_jobs)
-    teacher, dataset, task = _submitted_inputs(session, tenant, spec)
+    teacher, dataset, test_set, task = _submitted_inputs(session, tenant, spec)
     job = Job(
         warnings=preflight_warnings(spec, teacher, dataset) if task is not None else None,
         id=uuid.uuid4(),
         tenant_id=tenant.id,
         teacher_model_id=teacher.id,
         dataset_id=dataset.id,
+        test_dataset_id=test_set.id if test_set is not None else None,
         status=QUEUED,
         spec=spec.model_dump(mode="json"),
         task=task,
@@ -185,9 +198,11 @@ def _refuse_over_quota(jobs: JobRepository, tenant: Tenant, max_active_jobs: int
 
 def _submitted_inputs(
     session: Session, tenant: Tenant, spec: JobSpec
-) -> tuple[TeacherModel | Dataset, TeacherModel | Dataset, str | None]:
-    """The spec's teacher and dataset (422 if missing or invalid), and the job's task once both
-    are inspected (``None`` while either is ``processing``)."""
+) -> tuple[
+    TeacherModel | Dataset, TeacherModel | Dataset, TeacherModel | Dataset | None, str | None
+]:
+    """The spec's teacher, dataset and test set if it names one (422 if missing or invalid),
+    and the job's task once all are inspected (``None`` while one is ``processing``)."""
     teacher = _input(
         ModelRepository(session).lookup(tenant.id, spec.teacher_model_id),
         field="teacher_model_id",
@@ -200,20 +215,44 @@ def _submitted_inputs(
         what="dataset",
         given=spec.dataset_id,
     )
-    if teacher.status != "ready" or dataset.status != "ready":
-        return teacher, dataset, None
-    assert isinstance(teacher, TeacherModel) and isinstance(dataset, Dataset)
-    return teacher, dataset, _check(spec, teacher, dataset)
-
-
-def _check(spec: JobSpec, teacher: TeacherModel, dataset: Dataset) -> str:
-    assert teacher.signature is not None and dataset.summary is not None
-    try:
-        return check_job(
-            spec,
-            TeacherSignature.from_dict(teacher.signature),
-            DataFacts.from_summary(dataset.summary),
+    test_set = None
+    given = spec.evaluation.test_dataset_id
+    if given is not None:
+        test_set = _input(
+            DatasetRepository(session).lookup(tenant.id, given),
+            field=TEST_SET_FIELD,
+            what="dataset",
+            given=given,
         )
+        if test_set.id == dataset.id:
+            raise _body_error(
+                "evaluation.test_dataset_id names the transfer set itself; the test set must "
+                "be a dataset of other rows, or leave it out to hold out a test split",
+                code="test_set_is_transfer_set",
+                field=TEST_SET_FIELD,
+            )
+    inputs = (teacher, dataset) if test_set is None else (teacher, dataset, test_set)
+    if any(row.status != "ready" for row in inputs):
+        return teacher, dataset, test_set, None
+    assert isinstance(teacher, TeacherModel) and isinstance(dataset, Dataset)
+    assert test_set is None or isinstance(test_set, Dataset)
+    return teacher, dataset, test_set, _check(spec, teacher, dataset, test_set)
+
+
+def _check(
+    spec: JobSpec, teacher: TeacherModel, dataset: Dataset, test_set: Dataset | None = None
+) -> str:
+    """The engine's checks of the job on its inputs' descriptions (422 naming the field at
+    fault); returns the task."""
+    assert teacher.signature is not None and dataset.summary is not None
+    signature = TeacherSignature.from_dict(teacher.signature)
+    facts = DataFacts.from_summary(dataset.summary)
+    try:
+        task = check_job(spec, signature, facts)
+        if test_set is not None:
+            assert test_set.summary is not None
+            check_test_set(signature, facts, DataFacts.from_summary(test_set.summary))
+        return task
     except EngineError as exc:
         raise _body_error(exc.message, code=exc.code, field=exc.field or "spec") from None
 
@@ -415,19 +454,25 @@ def release_waiting_jobs(session: Session, send: SendJob, row: TeacherModel | Da
     for job in JobRepository(session).queued_using(row):
         if row.status == "invalid":
             reason = invalid_reason(row)
+            as_test_set = isinstance(row, Dataset) and job.test_dataset_id == row.id
             fail_queued(
-                session, job, code=f"{what}_invalid", message=f"the {what} is invalid: {reason}"
+                session,
+                job,
+                code=f"{what}_invalid",
+                message=f"the {'test ' if as_test_set else ''}{what} is invalid: {reason}",
+                field=TEST_SET_FIELD if as_test_set else None,
             )
             continue
         teacher, dataset = job_inputs(session, job)
-        if teacher is None or dataset is None:
+        test_set = job_test_set(session, job)
+        if teacher is None or dataset is None or lost_test_set(job, test_set):
             continue
-        if teacher.status != "ready" or dataset.status != "ready":
-            # The other input's inspection releases the job when it ends.
+        if any(r.status != "ready" for r in (teacher, dataset, test_set) if r is not None):
+            # The other inputs' inspections release the job when they end.
             continue
         try:
             spec = JobSpec.model_validate(job.spec)
-            job.task = _check(spec, teacher, dataset)
+            job.task = _check(spec, teacher, dataset, test_set)
             job.warnings = preflight_warnings(spec, teacher, dataset)
         except Unprocessable as exc:
             field = exc.errors[0].field.removeprefix("body.") if exc.errors else None

@@ -7,9 +7,11 @@ reads the messages the API and the task send from the filesystem broker folder.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -129,3 +131,74 @@ def test_a_released_job_that_does_not_fit_fails_with_the_engine_code(
     assert failed["error"]["code"] == "dataset_invalid"
     assert failed["error"]["field"] == "dataset_id"
     assert queued_job_ids(broker_folder(deferring)) == [job["id"]]  # not sent again
+
+
+def test_a_job_waits_for_its_test_set_and_fails_if_it_does_not_fit(
+    api: TestClient, tenants: Tenants, deferring: Settings
+) -> None:
+    model = upload(api, tenants, "models", tiny_onnx_classifier(features=4))
+    dataset = upload(api, tenants, "datasets", npz_dataset(features=4))
+    inspect_input("models", model["id"], deferring)
+    inspect_input("datasets", dataset["id"], deferring)
+    fits, wrong = (upload(api, tenants, "datasets", npz_dataset(features=f)) for f in (4, 5))
+    assert fits["status"] == wrong["status"] == "processing"
+    jobs = [
+        api.post(
+            "/v1/jobs",
+            headers=tenants.acme,
+            json={
+                "teacher_model_id": model["id"],
+                "dataset_id": dataset["id"],
+                "evaluation": {"test_dataset_id": test_set["id"]},
+            },
+        ).json()
+        for test_set in (fits, wrong)
+    ]
+    assert [j["task"] for j in jobs] == [None, None]
+    # Not claimed while the test set is inspected.
+    execute_job(jobs[0]["id"], deferring)
+    waiting = api.get(f"/v1/jobs/{jobs[0]['id']}", headers=tenants.acme).json()
+    assert waiting["status"] == "queued" and waiting["attempt"] == 0
+
+    inspect_input("datasets", fits["id"], deferring)
+    inspect_input("datasets", wrong["id"], deferring)
+    released, failed = (api.get(f"/v1/jobs/{j['id']}", headers=tenants.acme).json() for j in jobs)
+    assert released["status"] == "queued" and released["task"] == "classification"
+    assert failed["status"] == "failed", failed
+    assert failed["error"]["code"] == "dataset_invalid"
+    assert failed["error"]["field"] == "evaluation.test_dataset_id"
+    # Sent once at submission, and the fitting one again once released.
+    assert sorted(queued_job_ids(broker_folder(deferring))) == sorted(
+        [jobs[0]["id"], jobs[1]["id"], jobs[0]["id"]]
+    )
+
+
+def test_an_invalid_test_set_fails_the_job_waiting_for_it_naming_the_field(
+    api: TestClient, tenants: Tenants, deferring: Settings
+) -> None:
+    model = upload(api, tenants, "models", tiny_onnx_classifier())
+    dataset = upload(api, tenants, "datasets", npz_dataset())
+    inspect_input("models", model["id"], deferring)
+    inspect_input("datasets", dataset["id"], deferring)
+    # An .npz with no ``inputs`` array.
+    buffer = io.BytesIO()
+    np.savez(buffer, features=np.zeros((8, 4), np.float32))
+    broken = upload(api, tenants, "datasets", buffer.getvalue())
+    assert broken["status"] == "processing"
+    spec = {
+        "teacher_model_id": model["id"],
+        "dataset_id": dataset["id"],
+        "evaluation": {"test_dataset_id": broken["id"]},
+    }
+    job = api.post("/v1/jobs", headers=tenants.acme, json=spec).json()
+    inspect_input("datasets", broken["id"], deferring)
+    failed = api.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
+    assert failed["status"] == "failed", failed
+    assert failed["error"]["code"] == "dataset_invalid"
+    assert failed["error"]["field"] == "evaluation.test_dataset_id"
+    assert "test dataset" in failed["error"]["message"]
+    # Known to be invalid now: refused at submission, naming the field.
+    refused = assert_problem(
+        api.post("/v1/jobs", headers=tenants.acme, json=spec), 422, "dataset_invalid"
+    )
+    assert refused["errors"][0]["field"] == "body.evaluation.test_dataset_id"

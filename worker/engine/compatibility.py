@@ -139,6 +139,41 @@ def check_labels(
         )
 
 
+#: The spec field a caller's test set is named by.
+TEST_SET_FIELD = "evaluation.test_dataset_id"
+
+
+def check_test_set(signature: TeacherSignature, transfer: DataFacts, test: DataFacts) -> None:
+    """A caller's test set must read like the transfer set: the same modality and per-sample
+    shape (only the rank for image folders, which are resized), and the teacher must read it.
+
+    Raises :class:`DatasetInvalid` naming ``evaluation.test_dataset_id``.
+    """
+    if test.modality != transfer.modality:
+        raise DatasetInvalid(
+            f"the test set is {test.modality} but the transfer set is {transfer.modality}",
+            field=TEST_SET_FIELD,
+        )
+    if test.feature_shape is not None and transfer.feature_shape is not None:
+        same = (
+            len(test.feature_shape) == len(transfer.feature_shape)
+            if test.resizable or transfer.resizable
+            else test.feature_shape == transfer.feature_shape
+        )
+        if not same:
+            raise DatasetInvalid(
+                f"the test set's samples have shape {list(test.feature_shape)}, the transfer "
+                f"set's {list(transfer.feature_shape)}",
+                field=TEST_SET_FIELD,
+            )
+    try:
+        check_fits(signature, test)
+    except DatasetInvalid as exc:
+        raise DatasetInvalid(
+            exc.message.replace("the transfer set's", "the test set's"), field=TEST_SET_FIELD
+        ) from None
+
+
 #: The most parameters any student may have, whatever its budget: 1 GiB of fp32 weights
 #: (about 4 GiB with gradients and optimizer state).
 MAX_STUDENT_PARAMETERS = 250_000_000

@@ -39,7 +39,7 @@ from worker.engine import evaluation, export, report
 from worker.engine.compatibility import DataFacts, check_fits, check_labels, resolve_task
 from worker.engine.data import TransferSet, load_transfer_set, tokenize
 from worker.engine.data.splitting import split_three
-from worker.engine.errors import TeacherIncompatible
+from worker.engine.errors import Cancelled, TeacherIncompatible
 from worker.engine.evaluation import OnnxFile
 from worker.engine.export import sha256_file
 from worker.engine.losses import LabelsOnlyLoss, build_loss
@@ -115,7 +115,8 @@ class RunResult:
 
     ``metrics`` is ``metrics.json``; ``deployable`` repeats its
     ``verdict.deployable``. ``partial`` is True when training stopped at its time
-    budget: the best student so far was still exported and evaluated.
+    budget or on a cancellation that keeps the student (``stop_reason``
+    ``cancelled``): the best student so far was still exported and evaluated.
     """
 
     task: str
@@ -199,6 +200,9 @@ class TrainedStudent:
     data: TrainingData
 
 
+#: How training may stop short and still export its best student: the report is partial.
+PARTIAL_STOPS = ("time_budget", "cancelled")
+
 #: Training rows the teacher runs on to fit the student's preprocessing when it runs online.
 PREPROCESSING_SAMPLE_ROWS = 4096
 
@@ -274,11 +278,18 @@ def _distil(
     )
     # "auto" (None): the labels-only baseline runs whenever there are labels to train it on.
     wants_baseline = spec.evaluation.baseline
-    baseline = (
-        _train_baseline(spec, design, data, targets, device, callbacks)
-        if wants_baseline or (wants_baseline is None and design.has_labels)
-        else None
-    )
+    try:
+        baseline = (
+            _train_baseline(spec, design, data, targets, device, callbacks)
+            if (wants_baseline or (wants_baseline is None and design.has_labels))
+            and trained.result.stop_reason != "cancelled"
+            else None
+        )
+    except Cancelled:
+        if not callbacks.keeps_student_on_cancel():
+            raise
+        # Cancelled while the baseline trained: the student is reported without it.
+        baseline, trained.result.stop_reason = None, "cancelled"
     _export(spec, teacher, data, trained, paths.out, callbacks)
     metrics = _evaluate(spec, teacher, data, targets, trained, baseline, device, paths, callbacks)
     metrics["parity"] = _parity(teacher, data, paths.out)
@@ -743,7 +754,7 @@ def _evaluate(
         extra={
             "split": _split_summary(data, reference),
             "device": str(device),
-            "partial": result.stop_reason == "time_budget",
+            "partial": result.stop_reason in PARTIAL_STOPS,
             "training": _training_summary(spec, task, teacher, result),
             "intervals": _intervals(task, runs, reference, spec.training.seed),
             "runtime": {
@@ -1112,7 +1123,7 @@ def _report(
         metrics=metrics,
         artifacts=artifacts,
         stop_reason=result.stop_reason,
-        partial=result.stop_reason == "time_budget",
+        partial=result.stop_reason in PARTIAL_STOPS,
         steps=result.steps,
         resumed_from=result.resumed_from,
         deployable=bool(metrics["verdict"]["deployable"]),

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -447,6 +448,7 @@ def test_an_interrupted_job_resumes_to_the_same_student(
         calls["n"] += calls["training"]
         return calls["n"] > 17
 
+    # Without cancel_keeps_student a cancellation is an interruption: Cancelled, to be resumed.
     with pytest.raises(Cancelled):
         run(
             spec,
@@ -476,6 +478,114 @@ def test_an_interrupted_job_resumes_to_the_same_student(
     for key in ("accuracy", "f1_macro"):
         assert resumed.metrics["student"][key] == whole.metrics["student"][key]
     assert resumed.metrics["fidelity"] == whole.metrics["fidelity"]
+
+
+def cancel_after(steps: int) -> tuple[Callable[[str, dict[str, Any]], None], Callable[[], bool]]:
+    """(on_event, should_cancel) that ask the run to stop before training step ``steps`` + 1."""
+    calls = {"n": 0, "training": 0}
+
+    def note_stage(kind: str, data: dict[str, Any]) -> None:
+        if kind == "stage":
+            calls["training"] = int(data.get("stage") == "training")
+
+    def should_cancel() -> bool:
+        # The teacher pass asks too; the training loop asks once before each step.
+        calls["n"] += calls["training"]
+        return calls["n"] > steps
+
+    return note_stage, should_cancel
+
+
+def test_a_cancellation_that_keeps_the_student_exports_the_best_validated_one(
+    tmp_path: Path, mlp_teacher: Path, split_digits: dict[str, np.ndarray]
+) -> None:
+    data = write_npz(tmp_path / "t.npz", split_digits["x"][:500], split_digits["y"][:500])
+    spec = DistillationSpec(training=TrainingSpec(**training(epochs=6)))
+    note_stage, should_cancel = cancel_after(8)
+    result = run(
+        spec,
+        teacher_path=mlp_teacher,
+        dataset_path=data,
+        out_dir=tmp_path / "out",
+        checkpoint_dir=tmp_path / "ckpt",
+        callbacks=Callbacks(
+            on_event=note_stage, should_cancel=should_cancel, cancel_keeps_student=lambda: True
+        ),
+    )
+    assert result.stop_reason == "cancelled" and result.partial and result.steps == 8
+    metrics = result.metrics
+    validate_metrics(metrics)
+    assert metrics["partial"] is True and metrics["training"]["stop_reason"] == "cancelled"
+    # Validated at the end of the first epoch, then trained two steps more.
+    best_step = metrics["training"]["best_step"]
+    assert best_step is not None and 0 < best_step < 8
+    assert metrics.get("baseline") is None  # the transfer set is labelled: cancelled, not run
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= ARTIFACTS
+    assert "cancelled" in (tmp_path / "out" / "model_card.md").read_text()
+
+    # The exported weights are the best validated ones, not those of the last step.
+    from safetensors.numpy import load_file
+
+    checkpoint = tmp_path / "ckpt" / (tmp_path / "ckpt" / "latest").read_text().strip()
+    exported = load_file(tmp_path / "out" / "student.safetensors")
+    best, last = (load_file(checkpoint / f) for f in ("best.safetensors", "student.safetensors"))
+    assert exported.keys() == best.keys()
+    for name, value in exported.items():
+        np.testing.assert_array_equal(value, best[name], err_msg=name)
+    assert any(not np.array_equal(value, last[name]) for name, value in exported.items())
+
+    outputs = onnx_predict(tmp_path / "out" / "student.onnx", split_digits["x_test"])
+    assert outputs.shape == (len(split_digits["x_test"]), 10) and np.isfinite(outputs).all()
+
+
+def test_a_cancellation_during_the_baseline_keeps_the_student_without_it(
+    tmp_path: Path, mlp_teacher: Path, split_digits: dict[str, np.ndarray]
+) -> None:
+    data = write_npz(tmp_path / "t.npz", split_digits["x"][:300], split_digits["y"][:300])
+    spec = DistillationSpec(
+        training=TrainingSpec(**training(epochs=2)), evaluation=EvaluationSpec(baseline=True)
+    )
+    stage = {"now": ""}
+
+    def note_stage(kind: str, data: dict[str, Any]) -> None:
+        if kind == "stage":
+            stage["now"] = str(data.get("stage"))
+
+    result = run(
+        spec,
+        teacher_path=mlp_teacher,
+        dataset_path=data,
+        out_dir=tmp_path / "out",
+        callbacks=Callbacks(
+            on_event=note_stage,
+            should_cancel=lambda: stage["now"] == "baseline",
+            cancel_keeps_student=lambda: True,
+        ),
+    )
+    assert result.stop_reason == "cancelled" and result.partial
+    assert result.metrics["partial"] is True and result.metrics.get("baseline") is None
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= ARTIFACTS
+
+
+def test_a_cancellation_before_any_validation_leaves_no_student(
+    tmp_path: Path, mlp_teacher: Path, split_digits: dict[str, np.ndarray]
+) -> None:
+    from worker.engine.errors import Cancelled
+
+    data = write_npz(tmp_path / "t.npz", split_digits["x"][:500], split_digits["y"][:500])
+    spec = DistillationSpec(training=TrainingSpec(**training(epochs=6)))
+    note_stage, should_cancel = cancel_after(2)
+    with pytest.raises(Cancelled):
+        run(
+            spec,
+            teacher_path=mlp_teacher,
+            dataset_path=data,
+            out_dir=tmp_path / "out",
+            callbacks=Callbacks(
+                on_event=note_stage, should_cancel=should_cancel, cancel_keeps_student=lambda: True
+            ),
+        )
+    assert not (tmp_path / "out" / "student.onnx").exists()
 
 
 def test_a_teacher_with_a_hidden_softmax_is_read_in_log_space(

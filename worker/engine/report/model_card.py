@@ -120,7 +120,15 @@ def _how(task: str, metrics: Mapping[str, Any], spec: Mapping[str, Any]) -> list
             f"stopped: {_cell(training_run.get('stop_reason'))}"
         )
     if metrics.get("partial"):
-        lines.append("- **partial**: training stopped at its time budget before finishing.")
+        why = (
+            "it was cancelled"
+            if training_run.get("stop_reason") == "cancelled"
+            else ("its time budget")
+        )
+        lines.append(
+            f"- **partial**: training stopped at {why} before finishing; this is the best "
+            "student validated before then."
+        )
     return lines
 
 

@@ -45,7 +45,7 @@ class TrainResult:
     steps: int
     best_step: int | None
     best_score: float | None
-    stop_reason: str  # completed | early_stopping | time_budget | max_steps
+    stop_reason: str  # completed | early_stopping | time_budget | max_steps | cancelled
     resumed_from: int | None
     seconds: float
     samples_per_s: float
@@ -189,7 +189,7 @@ class Trainer:
         while self.state.step < self.plan.total_steps:
             epoch = self.state.step // self.plan.steps_per_epoch
             self._train_epoch(epoch)
-            if self.stop_reason == "time_budget":
+            if self.stop_reason in ("time_budget", "cancelled"):
                 return
             if self.progress.pending:
                 self._report_progress(epoch)
@@ -207,7 +207,8 @@ class Trainer:
         for position in range(first, self.plan.steps_per_epoch):
             if self.state.step >= self.plan.total_steps:
                 return
-            self._stop_if_cancelled()
+            if self._stop_if_cancelled():
+                return
             if self._out_of_time():
                 self.stop_reason = "time_budget"
                 # The run can be taken up again from here with a larger budget.
@@ -240,10 +241,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ stops
 
-    def _stop_if_cancelled(self) -> None:
-        if self.callbacks.cancelled():
-            self._checkpoint()
-            raise Cancelled(f"stopped at step {self.state.step}, after a checkpoint")
+    def _stop_if_cancelled(self) -> bool:
+        """On a cancellation, checkpoint, then raise :class:`Cancelled` (to be resumed) or,
+        when the caller keeps the student and one was validated, end training here (True)."""
+        if not self.callbacks.cancelled():
+            return False
+        self._checkpoint()
+        if self.best is not None and self.callbacks.keeps_student_on_cancel():
+            self.stop_reason = "cancelled"
+            return True
+        raise Cancelled(f"stopped at step {self.state.step}, after a checkpoint")
 
     def _elapsed_s(self) -> float:
         return self.elapsed_before + time.monotonic() - self.started
