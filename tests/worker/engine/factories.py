@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -255,6 +257,113 @@ def _full_batch_mlp(
         loss.backward()
         opt.step()
     return model.eval()
+
+
+class DigitCNN:
+    """A BatchNorm CNN trained to full quality on 8x8 digit images, as an image user uploads it.
+
+    The teacher trains on the first :attr:`TRAIN_ROWS` of the shuffled digits and is
+    exported by PyTorch's current exporter (input ``image``, NCHW float32; output
+    ``logits``; weights in ``teacher.onnx.data`` beside the graph). Its transfer set is
+    those same rows as a zip of PNG folders, one per class; the other rows are held out
+    from both the teacher and the engine.
+    """
+
+    TRAIN_ROWS = 1300
+    EPOCHS = 20
+
+    def __init__(self, folder: Path) -> None:
+        import torch
+
+        self.folder = folder
+        x, y = digits()
+        order = np.random.default_rng(0).permutation(len(x))
+        images, labels = x[order].reshape(-1, 1, 8, 8), y[order]
+        rows = self.TRAIN_ROWS
+        self.train_images, self.train_labels = images[:rows], labels[:rows]
+        self.held_out_images, self.held_out_labels = images[rows:], labels[rows:]
+        self.module = self._train(self.train_images, self.train_labels)
+        self.teacher = export_onnx(
+            self.module,
+            (torch.from_numpy(images[:2]),),
+            folder / "teacher.onnx",
+            input_names=["image"],
+            output_names=["logits"],
+        )
+        self.transfer_zip = write_image_folders_zip(
+            folder / "transfer.zip", self.train_images[:, 0], self.train_labels
+        )
+
+    def bundle(self, dest: Path) -> Path:
+        """The teacher's graph and its weights file as one zip, as the API takes them."""
+        files: dict[str, bytes | Path] = {
+            "teacher.onnx": self.teacher,
+            "teacher.onnx.data": external_data(self.teacher),
+        }
+        return zip_files(dest, files)
+
+    @classmethod
+    def _train(cls, images: np.ndarray, labels: np.ndarray) -> nn.Sequential:
+        """Three conv-BN-ReLU stages, two max-pools and an MLP head; AdamW, one-cycle."""
+        import torch
+        from torch import nn
+
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            *(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()),
+            *(nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2)),
+            *(nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2)),
+            *(nn.Flatten(), nn.Linear(64 * 2 * 2, 128), nn.ReLU(), nn.Linear(128, 10)),
+        )
+        batches = -(-len(images) // 64)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, 3e-3, total_steps=cls.EPOCHS * batches
+        )
+        xt, yt = torch.from_numpy(images), torch.from_numpy(labels)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(cls.EPOCHS):
+            for rows in torch.randperm(len(xt), generator=generator).split(64):
+                loss = nn.functional.cross_entropy(model(xt[rows]), yt[rows])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        return model.eval()
+
+
+_DIGIT_CNN: list[DigitCNN] = []
+
+
+def digit_cnn() -> DigitCNN:
+    """The shared :class:`DigitCNN`: trained and exported on first use, removed at exit."""
+    if not _DIGIT_CNN:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="distillery-digit-cnn-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        with one_torch_thread():
+            _DIGIT_CNN.append(DigitCNN(folder))
+    return _DIGIT_CNN[0]
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one intra-op thread inside the block.
+
+    Small models train many times faster so on a CPU shared with other processes:
+    two threads contending for two busy cores made a small CNN's steps 15 times slower.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 _ZOO: list[TeacherZoo] = []

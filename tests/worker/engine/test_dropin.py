@@ -7,8 +7,10 @@ feed dict the teacher takes, on rows neither the teacher nor the engine saw.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,20 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from tests.worker.engine.factories import digits, export_onnx, train_mlp_teacher, write_npz
+from tests.worker.engine.factories import (
+    digit_cnn,
+    digits,
+    export_onnx,
+    one_torch_thread,
+    train_mlp_teacher,
+    write_npz,
+)
+from worker.engine.data import load_transfer_set
+from worker.engine.data.splitting import split_three
 from worker.engine.export import load_student
 from worker.engine.pipeline import run
 from worker.engine.spec import DistillationSpec
+from worker.engine.students import CNNStudent
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -266,3 +278,166 @@ def test_torch_teacher_names_and_float64_dtype_are_kept_and_logits_stay_logits(
     parity = result.metrics["parity"]
     assert parity["names_matched"] and parity["dtypes_matched"]
     assert parity["rows"] == result.metrics["split"]["test_rows"] > 0
+
+
+# --------------------------------------------------------------------------- image teacher
+
+
+def _one_thread_session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def batch1_latency_ms(
+    teacher_path: Path, student_path: Path, feed: dict[str, np.ndarray], runs: int = 400
+) -> tuple[float, float]:
+    """Median batch-1 latency (ms) of teacher and student, one thread each, runs interleaved
+    so that a busy machine slows both alike."""
+    sessions = [_one_thread_session(teacher_path), _one_thread_session(student_path)]
+    for session in sessions:
+        for _ in range(30):
+            session.run(None, feed)
+    times: list[list[float]] = [[], []]
+    for _ in range(runs):
+        for session, taken in zip(sessions, times, strict=True):
+            start = time.perf_counter()
+            session.run(None, feed)
+            taken.append(time.perf_counter() - start)
+    teacher_ms, student_ms = (1000 * float(np.median(taken)) for taken in times)
+    return teacher_ms, student_ms
+
+
+def onnx_size(path: Path) -> tuple[int, int]:
+    """(weights held in initializers, bytes of the graph file and its external data)."""
+    import onnx
+
+    model = onnx.load(str(path))  # loads external data from beside the graph
+    weights = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    data = path.with_name(path.name + ".data")
+    return weights, path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def plain_cnn_on_probabilities(
+    images: np.ndarray, probabilities: np.ndarray, channels: list[int], epochs: int, batch: int
+) -> nn.Module:
+    """The student's CNN trained the plain way: images standardised per channel,
+    cross-entropy to the teacher's probabilities, every transfer row, the last step kept."""
+    torch.manual_seed(0)
+    mean = images.mean(axis=(0, 2, 3), keepdims=True)[0]
+    scale = images.std(axis=(0, 2, 3), keepdims=True)[0] + 1e-12
+    body = CNNStudent(images.shape[1], channels, probabilities.shape[1])
+    optimizer = torch.optim.AdamW(body.parameters(), lr=1e-3)
+    xt = torch.from_numpy(((images - mean) / scale).astype(np.float32))
+    pt = torch.from_numpy(probabilities.astype(np.float32))
+    for _ in range(epochs):
+        for rows in torch.randperm(len(xt)).split(batch):
+            log_probs = nn.functional.log_softmax(body(xt[rows]), dim=-1)
+            loss = -(pt[rows] * log_probs).sum(-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    body.eval()
+
+    class Standardised(nn.Module):
+        def forward(self, rows: torch.Tensor) -> torch.Tensor:
+            return body((rows - torch.from_numpy(mean)) / torch.from_numpy(scale))
+
+    return Standardised().eval()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))
+
+
+def engine_test_rows(transfer_zip: Path, spec: DistillationSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The transfer set's test split as the engine reads and splits it: (images, labels)."""
+    transfer_set = load_transfer_set(transfer_zip, spec.data)
+    evaluation = spec.evaluation
+    _, _, test = split_three(
+        transfer_set, evaluation.validation_split, evaluation.test_split, spec.training.seed
+    )
+    assert test is not None and test.labels is not None
+    return test.arrays["inputs"], test.labels
+
+
+def test_image_cnn_student_through_the_cli_on_the_defaults_is_a_drop_in_within_a_point(
+    tmp_path: Path,
+) -> None:
+    case = digit_cnn()
+    teacher_path = case.teacher
+    (tmp_path / "spec.json").write_text(
+        json.dumps(
+            {
+                "teacher": {"path": str(teacher_path)},
+                "dataset": {"path": str(case.transfer_zip)},
+                "training": {"checkpoint_every_minutes": None},
+            }
+        )
+    )
+    out = tmp_path / "out"
+    # A student this small trains fastest on one thread of a CPU shared with other jobs.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.engine", "run", "spec.json", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    student_path = out / "student.onnx"
+    teacher, student = _session(teacher_path), _session(student_path)
+    assert _signature(student) == _signature(teacher)
+    assert teacher.get_inputs()[0].name == "image"
+    x_test, y_test = case.held_out_images, case.held_out_labels
+    feed = {"image": x_test}
+    teacher_accuracy = float(np.mean(teacher.run(None, feed)[0].argmax(1) == y_test))
+    student_accuracy = float(np.mean(student.run(None, feed)[0].argmax(1) == y_test))
+
+    config = json.loads((out / "student_config.json").read_text())
+    assert config["architecture"] == "cnn" and config["input_names"] == ["inputs"]
+    train_logits = teacher.run(None, {"image": case.train_images})[0]
+    with one_torch_thread():
+        plain = plain_cnn_on_probabilities(
+            case.train_images, softmax(train_logits), config["channels"], 60, 64
+        )
+    with torch.no_grad():
+        plain_class = plain(torch.from_numpy(x_test)).argmax(1).numpy()
+    plain_accuracy = float(np.mean(plain_class == y_test))
+
+    one = {"image": x_test[:1]}
+    teacher_ms, student_ms = batch1_latency_ms(teacher_path, student_path, one)
+    teacher_weights, teacher_bytes = onnx_size(teacher_path)
+    student_weights, student_bytes = onnx_size(student_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(
+        f"held-out accuracy ({len(y_test)} images): teacher {teacher_accuracy:.4f} "
+        f"student {student_accuracy:.4f} plain {plain_accuracy:.4f}; batch-1 latency "
+        f"teacher {teacher_ms:.4f} ms student {student_ms:.4f} ms; weights {teacher_weights} "
+        f"vs {student_weights}, bytes {teacher_bytes} vs {student_bytes}; channels "
+        f"{config['channels']}; steps {metrics['training']['steps']} in "
+        f"{metrics['training']['seconds']:.1f} s"
+    )
+    assert teacher_accuracy >= 0.97, teacher_accuracy
+    assert student_accuracy >= teacher_accuracy - 0.01, (student_accuracy, teacher_accuracy)
+    # The engine keeps what a plain loop on the same architecture and targets gets.
+    assert student_accuracy >= plain_accuracy - 0.015, (student_accuracy, plain_accuracy)
+    assert student_ms < teacher_ms, (student_ms, teacher_ms)
+    assert student_weights < teacher_weights and student_bytes < teacher_bytes
+
+    # metrics.json says what the files do on the engine's own test rows.
+    spec = DistillationSpec.model_validate({"training": {"checkpoint_every_minutes": None}})
+    rows, labels = engine_test_rows(case.transfer_zip, spec)
+    assert metrics["split"]["test_rows"] == len(labels)
+    for side, session in (("teacher", teacher), ("student", student)):
+        scored = float(np.mean(session.run(None, {"image": rows})[0].argmax(1) == labels))
+        assert metrics[side]["accuracy"] == pytest.approx(scored, abs=1e-9), side
+    assert metrics["verdict"]["deployable"] is True, metrics["verdict"]
+    assert metrics["speedup"] > 1.0 and metrics["compression"] > 1.0
+    assert metrics["student"]["parameters"] < metrics["teacher"]["parameters"]
+    parity = metrics["parity"]
+    assert parity["names_matched"] and parity["dtypes_matched"]
