@@ -64,16 +64,17 @@ def _forget_everywhere(job_id: str) -> None:
         feed.forget(job_id)
 
 
-#: Job versions a feed remembers at most (past it, it starts afresh).
-MAX_VERSIONS = 100_000
+#: Job versions a feed remembers at most (past it, it starts afresh); with their JSON, a
+#: few KiB each.
+MAX_VERSIONS = 20_000
 
 
 @dataclass(frozen=True)
 class _Version:
-    """A job's ``(etag, status)`` for its tenant, true until ``change`` is set."""
+    """A job's ``(etag, status, JSON or None)`` for its tenant, true until ``change`` is set."""
 
     tenant_id: uuid.UUID
-    version: tuple[str, str]
+    version: tuple[str, str, bytes | None]
     change: asyncio.Event
 
 
@@ -124,28 +125,38 @@ class JobChangeFeed:
         self,
         job_id: uuid.UUID,
         tenant_id: uuid.UUID,
-        version: tuple[str, str],
+        version: tuple[str, str, bytes | None],
         change: asyncio.Event,
     ) -> None:
-        """Keep the job's ``(etag, status)`` as read after subscribing to ``change``: it holds
-        until ``change`` is set. Only an exact feed remembers."""
+        """Keep the job's ``(etag, status, JSON)`` as read after subscribing to ``change`` (the
+        JSON None for a version-only read): it holds until ``change`` is set. Only an exact
+        feed remembers."""
         if not (self.exact and self.live) or change.is_set():
             return
+        key = str(job_id)
+        known = self._versions.get(key)
+        if version[2] is None and known is not None and known.version[:2] == version[:2]:
+            version = known.version  # the same version, JSON already known
         if len(self._versions) >= MAX_VERSIONS:
             self._versions.clear()
-        self._versions[str(job_id)] = _Version(tenant_id, version, change)
+        self._versions[key] = _Version(tenant_id, version, change)
 
     def forget(self, job_id: str) -> None:
         """Drop the job's remembered version (safe from any thread)."""
         self._versions.pop(job_id, None)
 
-    def recall(self, job_id: uuid.UUID, tenant_id: uuid.UUID) -> tuple[str, str] | None:
-        """The tenant's job's ``(etag, status)`` if nothing changed it since it was read."""
+    def recall(
+        self, job_id: uuid.UUID, tenant_id: uuid.UUID, *, full: bool
+    ) -> tuple[str, str, bytes | None] | None:
+        """The tenant's job's ``(etag, status, JSON)`` if nothing changed it since it was
+        read (and its JSON was read, when ``full``)."""
         found = self._versions.get(str(job_id))
         if found is None or found.tenant_id != tenant_id:
             return None
         if found.change.is_set() or not (self.exact and self.live):
             self._versions.pop(str(job_id), None)
+            return None
+        if full and found.version[2] is None:
             return None
         return found.version
 

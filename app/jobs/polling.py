@@ -4,12 +4,13 @@ A poll holds a database connection only for the one query of each read (in a
 ``reads`` thread, see :func:`app.db.run_database_call`); while it waits it holds
 nothing but a subscription to the process's :class:`JobChangeFeed`. On
 PostgreSQL, whose feed hears every write of a job, the feed also remembers each
-job's ETag as last read, until its next change: a conditional poll of an
-unchanged job is answered 304 without a query.
+job's ETag and JSON as last read, until its next change: a poll of an
+unchanged job, conditional or not, is answered without a query.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from functools import partial
@@ -60,19 +61,13 @@ async def poll_job(
         # Subscribed before reading: a change between the read and the wait still wakes us.
         changed = feed.subscribe(ident)
         full = seen is None and if_none_match is None
-        known = None if full else feed.recall(ident, tenant_id)
-        if known is not None:
-            # Unchanged since a read of this process: no query for a conditional poll.
-            view = service.JobView(*known)
-        else:
-            view = await _read(app, tenant_id, job_id, full=full)
-            feed.remember(ident, tenant_id, (view.etag, view.status), changed)
+        view = await _view(app, tenant_id, job_id, changed, full=full)
         if view.body is not None:
             if wait_s <= 0 or view.status in TERMINAL:
                 return view
             seen = view
         elif not etag_matches(if_none_match if seen is None else seen.etag, view.etag):
-            return await _read(app, tenant_id, job_id, full=True)
+            return await _view(app, tenant_id, job_id, changed, full=True)
         left = deadline - time.monotonic()
         if left <= 0 or view.status in TERMINAL:
             return seen or view
@@ -80,6 +75,23 @@ async def poll_job(
             left = min(left, settings.sse_poll_s)
         with anyio.move_on_after(left):
             await changed.wait()
+
+
+async def _view(
+    app: Any, tenant_id: uuid.UUID, job_id: str, changed: asyncio.Event, *, full: bool
+) -> service.JobView:
+    """The job as remembered by the feed when it has not changed since, else as read now
+    (and remembered until its next change). ``changed`` was subscribed to before."""
+    feed = feed_of(app)
+    ident = service.parse_job_id(job_id)
+    known = feed.recall(ident, tenant_id, full=full)
+    if known is not None:
+        # Unchanged since a read of this process: no query.
+        etag, status, body = known
+        return service.JobView(etag, status, body if full else None)
+    view = await _read(app, tenant_id, job_id, full=full)
+    feed.remember(ident, tenant_id, (view.etag, view.status, view.body), changed)
+    return view
 
 
 async def _read(app: Any, tenant_id: uuid.UUID, job_id: str, *, full: bool) -> service.JobView:
