@@ -250,14 +250,15 @@ def _quantized(task: str, metrics: Mapping[str, Any], spec: Mapping[str, Any]) -
     label = _METRIC_LABELS.get(metric, metric)
     fidelity = entry.get("fidelity") or {}
     measure = "agreement" if fidelity.get("agreement") is not None else "cosine"
+    what = "int8 weights and activations" if entry.get("method") == "static" else "int8 weights"
     return [
         *head,
-        f"`student.int8.onnx` ({_cell(entry.get('method'))} quantization, int8 weights): "
+        f"`student.int8.onnx` ({_cell(entry.get('method'))} quantization, {what}): "
         f"{_cell(entry.get('file_bytes'))} bytes vs {_cell(student.get('file_bytes'))} for "
         f"`student.onnx` ({_cell(entry.get('file_bytes_vs_fp32'))}× smaller, "
         f"{_cell(entry.get('compression_by_file_bytes'))}× smaller than the teacher's file); "
         f"{label} {_cell(entry.get(metric))} vs {_cell(student.get(metric))} "
-        f"({_cell(entry.get('metric_delta_vs_fp32'))}); "
+        f"(change {_cell(entry.get('metric_delta_vs_fp32'))}); "
         f"{_FIDELITY_LABELS.get(measure, measure)} {_cell(fidelity.get(measure))}; "
         f"onnxruntime latency, batch 1: {_cell(entry.get('onnxruntime_latency_ms'))} ms vs "
         f"{_cell(student.get('onnxruntime_latency_ms'))} ms "
