@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from worker.engine.report import write_model_card
 
@@ -172,8 +173,10 @@ def test_model_card_sets_the_int8_student_beside_the_fp32_one(tmp_path: Path) ->
         "metric_delta_vs_fp32": -0.0028,
         "speedup_vs_fp32": 0.81,
     }
-    student = {**METRICS["student"], "file_bytes": 45_115, "onnxruntime_latency_ms": 0.0098}
-    metrics = {**METRICS, "student": student, "quantized": {"int8": int8}}
+    fp32 = METRICS["student"]
+    assert isinstance(fp32, dict)
+    student = {**fp32, "file_bytes": 45_115, "onnxruntime_latency_ms": 0.0098}
+    metrics: dict[str, Any] = {**METRICS, "student": student, "quantized": {"int8": int8}}
     spec = {"export": {"formats": ["onnx"], "quantize": ["int8"]}}
     text = write_model_card(
         tmp_path / "card.md", metrics, spec, {"format": "onnx"}, {"architecture": "mlp"}
