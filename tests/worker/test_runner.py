@@ -95,7 +95,7 @@ def test_a_job_runs_to_success_with_checksummed_artifacts(
     settings: Settings,
     storage: LocalStorage,
 ) -> None:
-    job = submit(training={"epochs": 3, "batch_size": 32})
+    job = submit(training={"epochs": 3, "batch_size": 32}, export={"quantize": ["int8"]})
     execute_job(job["id"], settings)
 
     done = client.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
@@ -103,11 +103,13 @@ def test_a_job_runs_to_success_with_checksummed_artifacts(
     assert done["attempt"] == 1 and done["error"] is None and done["partial"] is False
     assert done["progress"]["fraction"] == 1.0 and done["stop_reason"] == "completed"
     validate_metrics(done["metrics"])
+    assert done["metrics"]["quantized"]["int8"]["file_bytes"] > 0
 
     artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts", headers=tenants.acme).json()["data"]
     names = {a["name"] for a in artifacts}
     assert names == {
         "student.onnx",
+        "student.int8.onnx",
         "student.safetensors",
         "student_config.json",
         "metrics.json",
@@ -136,11 +138,11 @@ def test_a_job_runs_to_success_with_checksummed_artifacts(
     assert {"stage", "progress", "evaluation"} <= set(kinds)
     assert log[-1]["data"]["status"] == "succeeded"
     assert all(e["attempt"] == 1 for e in log[1:])
-    # The work folder is gone; the store holds the inputs and the six artifacts.
+    # The work folder is gone; the store holds the inputs and the seven artifacts.
     assert not (settings.work_dir / "jobs").exists() or not any(
         (settings.work_dir / "jobs").iterdir()
     )
-    assert len(storage.files()) == 2 + 6
+    assert len(storage.files()) == 2 + 7
 
     # A second delivery of the same message changes nothing.
     execute_job(job["id"], settings)

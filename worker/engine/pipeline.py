@@ -12,9 +12,9 @@ the stages below, each a function of its own, in this order:
 4. :func:`_design_student`: the student and the loss it trains with;
 5. :func:`_train_student`, and :func:`_train_baseline` when the transfer set has
    labels (or the spec asks);
-6. :func:`_export`: the student's files;
-7. :func:`_evaluate`: teacher and student (and baseline) on the test rows, run from
-   the exported files in onnxruntime where there are files, and the verdict;
+6. :func:`_export`: the student's files, and its int8 version when the spec asks;
+7. :func:`_evaluate`: teacher and student (and baseline, and int8 student) on the test
+   rows, run from the exported files in onnxruntime where there are files, and the verdict;
 8. :func:`_write_reports` and :func:`_report`: metrics, card, curves, and what the
    caller gets back.
 """
@@ -41,7 +41,7 @@ from worker.engine.data import TransferSet, load_transfer_set, tokenize
 from worker.engine.data.splitting import split_three
 from worker.engine.errors import Cancelled, TeacherIncompatible
 from worker.engine.evaluation import OnnxFile
-from worker.engine.export import sha256_file
+from worker.engine.export import Quantized, sha256_file
 from worker.engine.losses import LabelsOnlyLoss, build_loss
 from worker.engine.preprocessing import fit_preprocessing, standardised_loss, wrap_student
 from worker.engine.signature import TeacherSignature
@@ -76,6 +76,7 @@ __all__ = [
 #: Media types of the artifacts every job ends with.
 ARTIFACT_MEDIA_TYPES: dict[str, str] = {
     "student.onnx": "application/onnx",
+    "student.int8.onnx": "application/onnx",
     "student.safetensors": "application/octet-stream",
     "student_config.json": "application/json",
     "metrics.json": "application/json",
@@ -276,26 +277,42 @@ def _distil(
     trained = _train_student(
         spec, teacher, design, data, targets, device, paths.checkpoints, callbacks
     )
-    # "auto" (None): the labels-only baseline runs whenever there are labels to train it on.
-    wants_baseline = spec.evaluation.baseline
-    try:
-        baseline = (
-            _train_baseline(spec, design, data, targets, device, callbacks)
-            if (wants_baseline or (wants_baseline is None and design.has_labels))
-            and trained.result.stop_reason != "cancelled"
-            else None
-        )
-    except Cancelled:
-        if not callbacks.keeps_student_on_cancel():
-            raise
-        # Cancelled while the baseline trained: the student is reported without it.
-        baseline, trained.result.stop_reason = None, "cancelled"
-    _export(spec, teacher, data, trained, paths.out, callbacks)
-    metrics = _evaluate(spec, teacher, data, targets, trained, baseline, device, paths, callbacks)
+    baseline = _baseline_unless_cancelled(spec, design, data, targets, trained, device, callbacks)
+    quantized = _export(spec, teacher, data, trained, paths.out, callbacks)
+    metrics = _evaluate(
+        spec, teacher, data, targets, trained, baseline, device, paths, callbacks, quantized
+    )
     metrics["parity"] = _parity(teacher, data, paths.out)
     metrics["provenance"] = _provenance(spec, teacher, paths, device, provenance)
     artifacts = _write_reports(spec, teacher.signature, trained, metrics, paths.out)
     return _report(data.task, metrics, artifacts, trained.result)
+
+
+def _baseline_unless_cancelled(
+    spec: DistillationSpec,
+    design: StudentDesign,
+    data: FittedData,
+    targets: TeacherTargets,
+    trained: TrainedStudent,
+    device: torch.device,
+    callbacks: Callbacks,
+) -> TrainResult | None:
+    """The labels-only baseline, when asked or (``None``, the default) when there are labels;
+    none once the run was cancelled, and none if it is cancelled while the baseline trains
+    and the caller keeps the student on cancellation."""
+    wants_baseline = spec.evaluation.baseline
+    if not (wants_baseline or (wants_baseline is None and design.has_labels)):
+        return None
+    if trained.result.stop_reason == "cancelled":
+        return None
+    try:
+        return _train_baseline(spec, design, data, targets, device, callbacks)
+    except Cancelled:
+        if not callbacks.keeps_student_on_cancel():
+            raise
+        # Cancelled while the baseline trained: the student is reported without it.
+        trained.result.stop_reason = "cancelled"
+        return None
 
 
 # --------------------------------------------------------------------------- the transfer set
@@ -720,8 +737,13 @@ def _evaluate(
     device: torch.device,
     paths: JobPaths,
     callbacks: Callbacks,
+    quantized: dict[str, Quantized | None] | None = None,
 ) -> dict[str, Any]:
-    """Teacher, student (and baseline) on the test rows, against the same reference."""
+    """Teacher, student (and baseline) on the test rows, against the same reference.
+
+    Each quantized student of ``quantized`` (None where its quantization failed) is
+    scored beside the student, by the same harness, under ``quantized``.
+    """
     callbacks.event("stage", {"stage": "evaluation"})
     task, result, test = data.task, trained.result, data.test
     inputs = to_tensors(test.arrays, torch.device("cpu"))
@@ -743,6 +765,18 @@ def _evaluate(
         )
         _settle_speed({"baseline": sides["baseline"]}, None, None, test.arrays)
     runs = {"teacher": teacher_run, "student": student_run, "baseline": baseline_run}
+    quantized_sides = (
+        {
+            name: _quantized_side(
+                task, found, teacher, teacher_run, student_run, sides["student"], reference, test
+            )
+            if found is not None
+            else None
+            for name, found in quantized.items()
+        }
+        if quantized
+        else None
+    )
     metrics = evaluation.build_metrics(
         task=task,
         teacher=sides["teacher"],
@@ -751,6 +785,7 @@ def _evaluate(
             student_run.outputs, teacher_run.outputs, task, teacher_run.kind, student_run.kind
         ),
         baseline=sides.get("baseline"),
+        quantized=quantized_sides,
         extra={
             "split": _split_summary(data, reference),
             "device": str(device),
@@ -818,6 +853,41 @@ def _student_on_test(
         # A drop-in student gives probabilities where the teacher does.
         kind = "probabilities" if looks_like_probabilities(outputs) else "logits"
     return ScoredSide(outputs, "onnxruntime", kind, onnx_file)
+
+
+def _quantized_side(
+    task: str,
+    quantized: Quantized,
+    teacher: TeacherRuntime,
+    teacher_run: ScoredSide,
+    student_run: ScoredSide,
+    student_side: dict[str, Any],
+    reference: Reference,
+    test: TransferSet,
+) -> dict[str, Any]:
+    """A quantized ``student.onnx`` on the test rows, in onnxruntime like the student file.
+
+    Its task metrics, fidelity to the teacher and onnxruntime speed come from the same
+    harness as the fp32 student's; where the fp32 student's onnxruntime speed was not
+    measured (a teacher run in torch), it is measured here too, so the two compare.
+    """
+    path = quantized.path
+    onnx_file = OnnxFile(path, output=_student_output(path, teacher))
+    outputs = onnx_file.predict(test.arrays)
+    kind = "values"
+    if task == "classification":
+        kind = "probabilities" if looks_like_probabilities(outputs) else "logits"
+    if "onnxruntime_latency_ms" not in student_side and student_run.onnx is not None:
+        student_side.update(student_run.onnx.speed(test.arrays))
+    return {
+        **evaluation.task_metrics(task, outputs[reference.rows], reference.values),
+        "file_bytes": quantized.file_bytes,
+        "method": quantized.method,
+        "preprocessed": quantized.preprocessed,
+        "fidelity": evaluation.fidelity(outputs, teacher_run.outputs, task, teacher_run.kind, kind),
+        "runtime": "onnxruntime",
+        **onnx_file.speed(test.arrays),
+    }
 
 
 def _student_output(path: Path, teacher: TeacherRuntime) -> str:
@@ -1021,10 +1091,12 @@ def _export(
     trained: TrainedStudent,
     out: Path,
     callbacks: Callbacks,
-) -> None:
+) -> dict[str, Quantized | None]:
     """Write the student in the spec's formats, and ``student_config.json`` that rebuilds it.
 
     For an ONNX teacher, ``student.onnx`` is a drop-in: the teacher's inputs and outputs.
+    Returns the quantized students the spec asks for (``int8``: ``student.int8.onnx``),
+    None where quantization failed: a warning, not a failed job.
     """
     callbacks.event("stage", {"stage": "export"})
     student = trained.result.student.cpu().eval()
@@ -1035,10 +1107,31 @@ def _export(
         teacher_graph = _teacher_graph(teacher)
         if teacher_graph is not None:
             _export_dropin(teacher_graph, teacher.signature, student, data, out / "student.onnx")
+    quantized: dict[str, Quantized | None] = {}
+    if "int8" in spec.export.quantize and (out / "student.onnx").exists():
+        quantized["int8"] = _quantize_int8(data, out / "student.onnx", callbacks)
     if "safetensors" in formats:
         export.export_safetensors(student, out / "student.safetensors", out / "student_config.json")
     else:
         (out / "student_config.json").write_text(json.dumps(student.config, indent=2))
+    return quantized
+
+
+def _quantize_int8(data: FittedData, path: Path, callbacks: Callbacks) -> Quantized | None:
+    """``student.int8.onnx`` from ``path``, calibrated on training rows; None on failure."""
+    rows = {name: array[: export.CALIBRATION_ROWS] for name, array in data.train.arrays.items()}
+    try:
+        return export.quantize_int8(path, rows)
+    except Exception as exc:  # a failed quantization must not fail the job
+        callbacks.event(
+            "warning",
+            {
+                "code": "quantization_failed",
+                "message": f"student.int8.onnx was not written: {exc}",
+                "field": "export.quantize",
+            },
+        )
+        return None
 
 
 def _teacher_graph(teacher: TeacherRuntime) -> Path | None:
@@ -1108,9 +1201,9 @@ def _artifacts_in(out: Path) -> list[Artifact]:
         if (out / name).exists()
     ]
     # A large ONNX student keeps its weights beside it, in a file of their own.
-    external_data = out / "student.onnx.data"
-    if external_data.exists():
-        artifacts.append(Artifact.of(external_data, "application/octet-stream"))
+    for name in ("student.onnx.data", "student.int8.onnx.data"):
+        if (out / name).exists():
+            artifacts.append(Artifact.of(out / name, "application/octet-stream"))
     return artifacts
 
 

@@ -33,6 +33,8 @@ Architecture = Literal[BuiltinArchitecture, "auto"]
 #: Each is a loss of the same name in ``losses.LOSSES``.
 MethodName = Literal["kd", "mse", "mae", "cosine", "hint"]
 ExportFormat = Literal["onnx", "safetensors"]
+#: Quantized versions of ``student.onnx`` an export may add.
+QuantizeFormat = Literal["int8"]
 
 #: The loss each task gets when ``method.name`` is left out.
 DEFAULT_METHOD: dict[str, MethodName] = {
@@ -249,13 +251,27 @@ class ExportSpec(_Strict):
     formats: list[ExportFormat] = Field(
         default_factory=lambda: list[ExportFormat](["onnx", "safetensors"]), min_length=1
     )
+    quantize: list[QuantizeFormat] = Field(
+        default_factory=list,
+        description="Quantized students written beside student.onnx: int8 writes "
+        "student.int8.onnx (int8 weights; convolution students also int8 activations, "
+        "calibrated on transfer-set rows), evaluated like student.onnx under metrics.json's "
+        "quantized. Needs onnx in formats. A quantization that fails is a warning, not a "
+        "failed job.",
+    )
 
-    @field_validator("formats")
+    @field_validator("formats", "quantize")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
-            raise ValueError("formats must not repeat")
+            raise ValueError("must not repeat")
         return v
+
+    @model_validator(mode="after")
+    def _quantize_needs_onnx(self) -> ExportSpec:
+        if self.quantize and "onnx" not in self.formats:
+            raise ValueError("quantize needs onnx in formats: it quantizes student.onnx")
+        return self
 
 
 class DataSpec(_Strict):

@@ -11,6 +11,7 @@ from sklearn import metrics as skm
 
 from worker.engine.evaluation import (
     FIDELITY_KEYS,
+    TASK_METRICS,
     build_metrics,
     classification_metrics,
     embedding_metrics,
@@ -375,3 +376,46 @@ def test_measure_speed_and_module_bytes() -> None:
     assert set(speed) == {"latency_ms", "throughput"}
     assert speed["latency_ms"] > 0 and speed["throughput"] > 0
     assert module_bytes(module) == (4 * 2 + 2) * 4
+
+
+def test_quantized_students_get_their_comparisons_and_are_validated() -> None:
+    fid = dict.fromkeys(FIDELITY_KEYS, 0.5)
+    teacher = {**_side(0.97, 100_000, 2.0), "file_bytes": 400_000}
+    student = {**_side(0.95, 10_000, 0.5), "file_bytes": 40_000, "onnxruntime_latency_ms": 0.02}
+    scores = _side(0.94, 10_000, 0.5)
+    int8 = {
+        **{k: scores[k] for k in TASK_METRICS["classification"]},
+        "file_bytes": 12_500,
+        "method": "dynamic",
+        "fidelity": {"agreement": 0.98},
+        "onnxruntime_latency_ms": 0.01,
+        "onnxruntime_throughput": 5e5,
+    }
+    metrics = build_metrics(
+        "classification", teacher, student, fid, None, EXTRA, quantized={"int8": int8}
+    )
+    entry = metrics["quantized"]["int8"]
+    assert entry["compression_by_file_bytes"] == pytest.approx(32.0)
+    assert entry["file_bytes_vs_fp32"] == pytest.approx(3.2)
+    assert entry["metric_delta_vs_fp32"] == pytest.approx(-0.01)
+    assert entry["speedup_vs_fp32"] == pytest.approx(2.0)
+    assert entry["primary_metric"] == "accuracy"
+    assert set(FIDELITY_KEYS) <= set(entry["fidelity"]) and entry["fidelity"]["agreement"] == 0.98
+    validate_metrics(json.loads(json.dumps(metrics)))
+    # Not asked for: null; asked for and failed: a null entry.
+    assert build_metrics("classification", teacher, student, fid, None, EXTRA)["quantized"] is None
+    failed = build_metrics(
+        "classification", teacher, student, fid, None, EXTRA, quantized={"int8": None}
+    )
+    assert failed["quantized"] == {"int8": None}
+    validate_metrics(failed)
+    # An int8 entry must carry the task's metrics and the figures the schema names.
+    for missing in ("accuracy", "file_bytes", "fidelity", "onnxruntime_latency_ms"):
+        broken = json.loads(json.dumps(metrics))
+        del broken["quantized"]["int8"][missing]
+        with pytest.raises(ValueError, match=f"quantized.int8.{missing}: required"):
+            validate_metrics(broken)
+    with pytest.raises(ValueError, match="not allowed"):
+        validate_metrics({**metrics, "quantized": {"int4": None}})
+    with pytest.raises(ValueError, match="computed keys"):
+        build_metrics("classification", teacher, student, fid, None, {**EXTRA, "quantized": {}})

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -35,6 +36,7 @@ from worker.engine.spec import (
     DataSpec,
     DistillationSpec,
     EvaluationSpec,
+    ExportSpec,
     LossTerm,
     MethodSpec,
     StudentSpec,
@@ -410,7 +412,9 @@ def test_cnn_teacher_on_images_distils_to_a_cnn_student(
     cnn = SmallCNN.train(images, split_digits["y"], epochs=8)
     teacher = export_onnx(cnn, (torch.from_numpy(images[:2]),), tmp_path / "cnn.onnx")
     data = write_npz(tmp_path / "images.npz", images, split_digits["y"])
-    spec = DistillationSpec(training=TrainingSpec(**training(epochs=15)))
+    spec = DistillationSpec(
+        training=TrainingSpec(**training(epochs=15)), export=ExportSpec(quantize=["int8"])
+    )
     result = run(spec, teacher_path=teacher, dataset_path=data, out_dir=tmp_path / "out")
     config = json.loads((tmp_path / "out" / "student_config.json").read_text())
     assert config["architecture"] == "cnn"
@@ -421,6 +425,15 @@ def test_cnn_teacher_on_images_distils_to_a_cnn_student(
         == split_digits["y_test"]
     ).mean()
     assert student_acc > 0.85
+    # The int8 CNN is quantized statically (QDQ, calibrated on training rows) and keeps
+    # the fp32 student's accuracy on the held-out images.
+    int8_path = tmp_path / "out" / "student.int8.onnx"
+    int8_acc = (onnx_predict(int8_path, test_images).argmax(1) == split_digits["y_test"]).mean()
+    assert abs(int8_acc - student_acc) <= 0.02
+    int8 = result.metrics["quantized"]["int8"]
+    assert int8["method"] == "static"
+    assert int8["file_bytes"] == int8_path.stat().st_size
+    assert {n.op_type for n in onnx.load(int8_path).graph.node} >= {"QuantizeLinear", "Conv"}
 
 
 def test_an_interrupted_job_resumes_to_the_same_student(

@@ -93,6 +93,8 @@ _COMPUTED_KEYS = (
 )
 #: Keys ``extra`` must give.
 _GIVEN_KEYS = ("split", "device", "intervals", "runtime")
+#: Computed too, but optional in the schema: quantized students, null when none was asked.
+_QUANTIZED_KEY = "quantized"
 
 
 def _compressions(teacher: Mapping[str, Any], student: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,6 +111,36 @@ def _compressions(teacher: Mapping[str, Any], student: Mapping[str, Any]) -> dic
     }
 
 
+def _quantized_entry(
+    task: str,
+    teacher: Mapping[str, Any],
+    student: Mapping[str, Any],
+    entry: Mapping[str, Any] | None,
+) -> dict[str, Any] | None:
+    """One quantized student with its comparisons to the teacher and the fp32 student."""
+    if entry is None:
+        return None
+    metric = PRIMARY_METRIC[task][0]
+    fidelity = dict(entry.get("fidelity") or {})
+    quantized, fp32 = entry.get(metric), student.get(metric)
+    delta = (
+        json_number(quantized - fp32)
+        if isinstance(quantized, int | float) and isinstance(fp32, int | float)
+        else None
+    )
+    return {
+        **entry,
+        "fidelity": {**{k: fidelity.get(k) for k in FIDELITY_KEYS}, **fidelity},
+        "compression_by_file_bytes": _ratio(teacher.get("file_bytes"), entry.get("file_bytes")),
+        "file_bytes_vs_fp32": _ratio(student.get("file_bytes"), entry.get("file_bytes")),
+        "primary_metric": metric,
+        "metric_delta_vs_fp32": delta,
+        "speedup_vs_fp32": _ratio(
+            student.get("onnxruntime_latency_ms"), entry.get("onnxruntime_latency_ms")
+        ),
+    }
+
+
 def build_metrics(
     task: str,
     teacher: Mapping[str, Any],
@@ -117,6 +149,7 @@ def build_metrics(
     baseline: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     accept: Mapping[str, Any] | None = None,
+    quantized: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
     """The ``metrics.json`` object, validated against :data:`METRICS_SCHEMA`.
 
@@ -129,16 +162,22 @@ def build_metrics(
     Computed: ``compression`` (teacher / student parameters, or bytes when the teacher
     has none; ``compression_basis`` says which), ``compression_by_parameters`` and
     ``compression_by_file_bytes``; ``speedup`` (teacher / student batch-1 latency);
-    with a baseline, ``distillation_helped`` and ``baseline_comparison`` (text); and
-    ``verdict`` (:func:`~worker.engine.evaluation.verdict.decide` under ``accept``,
-    whose missing keys take :class:`~worker.engine.spec.AcceptSpec`'s defaults).
+    with a baseline, ``distillation_helped`` and ``baseline_comparison`` (text);
+    ``quantized``: each quantized student of ``quantized`` (``int8``: its task metrics,
+    ``file_bytes``, ``fidelity``, ``onnxruntime_latency_ms`` and ``onnxruntime_throughput``;
+    None where its quantization failed) with ``compression_by_file_bytes`` (teacher file /
+    quantized file), ``file_bytes_vs_fp32``, ``metric_delta_vs_fp32`` (quantized minus
+    fp32 student, in the primary metric) and ``speedup_vs_fp32`` (onnxruntime batch-1
+    latency), or None when none was asked; and ``verdict``
+    (:func:`~worker.engine.evaluation.verdict.decide` under ``accept``, whose missing keys
+    take :class:`~worker.engine.spec.AcceptSpec`'s defaults).
     """
     from worker.engine.spec import AcceptSpec
 
     extra = _plain(dict(extra or {}))
     teacher, student, fidelity = _plain(teacher), _plain(student), _plain(fidelity)
     baseline = _plain(baseline) if baseline is not None else None
-    clash = extra.keys() & set(_COMPUTED_KEYS)
+    clash = extra.keys() & {*_COMPUTED_KEYS, _QUANTIZED_KEY}
     if clash:
         raise ValueError(f"extra may not set computed keys: {sorted(clash)}")
     fidelity_keys = {k: fidelity.get(k) for k in FIDELITY_KEYS}
@@ -158,6 +197,14 @@ def build_metrics(
         "baseline_comparison": comparison,
         "partial": False,
         **extra,
+        _QUANTIZED_KEY: (
+            {
+                name: _quantized_entry(task, teacher, student, entry)
+                for name, entry in _plain(dict(quantized)).items()
+            }
+            if quantized is not None
+            else None
+        ),
     }
     criteria = AcceptSpec.model_validate(dict(accept or {})).model_dump()
     metrics["verdict"] = decide(task, metrics, criteria)
@@ -199,6 +246,41 @@ _INTERVAL: dict[str, Any] = {
 }
 
 
+#: What every quantized student carries (beside the task metrics of its task).
+QUANTIZED_KEYS = (
+    "file_bytes",
+    "fidelity",
+    "onnxruntime_latency_ms",
+    "onnxruntime_throughput",
+    "compression_by_file_bytes",
+    "metric_delta_vs_fp32",
+)
+
+
+def _quantized_schema() -> dict[str, Any]:
+    return {
+        "type": ["object", "null"],
+        "required": list(QUANTIZED_KEYS),
+        "properties": {
+            "file_bytes": {"type": "integer", "minimum": 0},
+            "fidelity": {
+                "type": "object",
+                "required": list(FIDELITY_KEYS),
+                "properties": {k: _NUMBER_OR_NULL for k in FIDELITY_KEYS},
+            },
+            "onnxruntime_latency_ms": {"type": ["number", "null"], "minimum": 0},
+            "onnxruntime_throughput": {"type": ["number", "null"], "minimum": 0},
+            "compression_by_file_bytes": {"type": ["number", "null"], "minimum": 0},
+            "file_bytes_vs_fp32": {"type": ["number", "null"], "minimum": 0},
+            "metric_delta_vs_fp32": _NUMBER_OR_NULL,
+            "speedup_vs_fp32": {"type": ["number", "null"], "minimum": 0},
+            "method": {"enum": ["dynamic", "static"]},
+            **{m: _NUMBER_OR_NULL for keys in TASK_METRICS.values() for m in keys},
+        },
+        "additionalProperties": True,
+    }
+
+
 def _task_rule(task: str) -> dict[str, Any]:
     keys = list(TASK_METRICS[task])
     return {
@@ -208,6 +290,9 @@ def _task_rule(task: str) -> dict[str, Any]:
                 "teacher": {"required": keys},
                 "student": {"required": keys},
                 "baseline": {"required": keys},
+                "quantized": {
+                    "properties": {"int8": {"required": keys}},
+                },
             }
         },
     }
@@ -276,6 +361,11 @@ METRICS_SCHEMA: dict[str, Any] = {
         },
         "device": {"type": "string"},
         "partial": {"type": "boolean"},
+        "quantized": {
+            "type": ["object", "null"],
+            "properties": {"int8": _quantized_schema()},
+            "additionalProperties": False,
+        },
     },
     "additionalProperties": True,
     "allOf": [_task_rule(t) for t in TASKS],

@@ -240,6 +240,40 @@ def _fidelity(metrics: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _quantized(task: str, metrics: Mapping[str, Any], spec: Mapping[str, Any]) -> list[str]:
+    """The int8 student beside the fp32 one; nothing when the spec asked for none."""
+    asked = (spec.get("export") or {}).get("quantize") or []
+    if "int8" not in asked:
+        return []
+    head = ["### int8 student", ""]
+    entry = (metrics.get("quantized") or {}).get("int8")
+    if not isinstance(entry, Mapping):
+        return [
+            *head,
+            "int8 quantization was asked for but failed (see the job's warnings): there is "
+            "no `student.int8.onnx`.",
+        ]
+    student = metrics.get("student") or {}
+    metric = str(entry.get("primary_metric") or (_TASK_METRICS.get(task) or ["accuracy"])[0])
+    label = _METRIC_LABELS.get(metric, metric)
+    fidelity = entry.get("fidelity") or {}
+    measure = "agreement" if fidelity.get("agreement") is not None else "cosine"
+    what = "int8 weights and activations" if entry.get("method") == "static" else "int8 weights"
+    return [
+        *head,
+        f"`student.int8.onnx` ({_cell(entry.get('method'))} quantization, {what}): "
+        f"{_cell(entry.get('file_bytes'))} bytes vs {_cell(student.get('file_bytes'))} for "
+        f"`student.onnx` ({_cell(entry.get('file_bytes_vs_fp32'))}× smaller, "
+        f"{_cell(entry.get('compression_by_file_bytes'))}× smaller than the teacher's file); "
+        f"{label} {_cell(entry.get(metric))} vs {_cell(student.get(metric))} "
+        f"(change {_cell(entry.get('metric_delta_vs_fp32'))}); "
+        f"{_FIDELITY_LABELS.get(measure, measure)} {_cell(fidelity.get(measure))}; "
+        f"onnxruntime latency, batch 1: {_cell(entry.get('onnxruntime_latency_ms'))} ms vs "
+        f"{_cell(student.get('onnxruntime_latency_ms'))} ms "
+        f"({_cell(entry.get('speedup_vs_fp32'))}× speedup), on the same test rows.",
+    ]
+
+
 def _baseline_comparison(metrics: Mapping[str, Any]) -> list[str]:
     """Whether distillation beat the labels-only baseline; nothing without a baseline run."""
     if not metrics.get("baseline_comparison"):
@@ -307,6 +341,8 @@ def _files(spec: Mapping[str, Any], student_config: Mapping[str, Any]) -> list[s
             + ", ".join(f"`{name}`" for name in student_config.get("input_names", []))
             + ", output `outputs` (dynamic batch axis)."
         )
+    if "onnx" in formats and "int8" in ((spec.get("export") or {}).get("quantize") or []):
+        lines.append("- `student.int8.onnx`: the same inputs and outputs, int8 weights.")
     if "safetensors" in formats:
         lines.append("- `student.safetensors`: the weights.")
     return [
@@ -335,6 +371,7 @@ def write_model_card(
         _decision(metrics),
         _results(task, metrics),
         _fidelity(metrics),
+        _quantized(task, metrics, spec),
         _baseline_comparison(metrics),
         _what_was_distilled(metrics, teacher_signature, student_config),
         _how(task, metrics, spec),

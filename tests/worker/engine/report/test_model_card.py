@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from worker.engine.report import write_model_card
 
@@ -157,3 +158,38 @@ def test_model_card_without_baseline_or_onnx(tmp_path: Path) -> None:
     assert "the teacher's outputs" in text and "**partial**" in text
     assert "Did distillation help" not in text and "temperature" not in text
     assert "student.onnx" not in text and "labels-only" not in text
+
+
+def test_model_card_sets_the_int8_student_beside_the_fp32_one(tmp_path: Path) -> None:
+    int8 = {
+        "accuracy": 0.9583,
+        "file_bytes": 13_252,
+        "method": "dynamic",
+        "fidelity": {"agreement": 0.9694, "cosine": None},
+        "onnxruntime_latency_ms": 0.0121,
+        "compression_by_file_bytes": 26.18,
+        "file_bytes_vs_fp32": 3.404,
+        "primary_metric": "accuracy",
+        "metric_delta_vs_fp32": -0.0028,
+        "speedup_vs_fp32": 0.81,
+    }
+    fp32 = METRICS["student"]
+    assert isinstance(fp32, dict)
+    student = {**fp32, "file_bytes": 45_115, "onnxruntime_latency_ms": 0.0098}
+    metrics: dict[str, Any] = {**METRICS, "student": student, "quantized": {"int8": int8}}
+    spec = {"export": {"formats": ["onnx"], "quantize": ["int8"]}}
+    text = write_model_card(
+        tmp_path / "card.md", metrics, spec, {"format": "onnx"}, {"architecture": "mlp"}
+    ).read_text()
+    assert "### int8 student" in text
+    line = next(row for row in text.splitlines() if row.startswith("`student.int8.onnx`"))
+    for figure in ("13,252 bytes", "45,115", "3.404×", "26.18×", "0.9583 vs 0.9611", "-0.0028"):
+        assert figure in line
+    assert "0.9694" in line and "0.0121 ms vs 0.0098 ms" in line and "dynamic" in line
+    assert "- `student.int8.onnx`" in text
+    # Asked for but not written: the card says so; not asked for: not a word.
+    failed = {**metrics, "quantized": {"int8": None}}
+    text = write_model_card(tmp_path / "card.md", failed, spec, {}, {}).read_text()
+    assert "int8 quantization was asked for but failed" in text
+    text = write_model_card(tmp_path / "card.md", METRICS, {}, {}, {}).read_text()
+    assert "int8" not in text
