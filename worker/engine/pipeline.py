@@ -27,7 +27,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -780,6 +780,11 @@ def _climb_ladder(
     if not rungs:
         return None
     chosen = ladder.choose(data.task, rungs)
+    # The job resumed where any rung took up a checkpoint: it says so whichever rung is kept.
+    resumed = next((t.result.resumed_from for t in trained_rungs if t.result.resumed_from), None)
+    kept = trained_rungs[chosen]
+    if resumed is not None and kept.result.resumed_from is None:
+        kept = TrainedStudent(replace(kept.result, resumed_from=resumed), kept.data)
     section = {
         "rungs": rungs,
         "chosen": chosen,
@@ -800,7 +805,7 @@ def _climb_ladder(
                 f"rows; kept the one with the best fidelity ({rungs[chosen]['hidden_sizes']})",
             },
         )
-    return LadderClimb(designs[chosen], trained_rungs[chosen], section)
+    return LadderClimb(designs[chosen], kept, section)
 
 
 def _rung_design(

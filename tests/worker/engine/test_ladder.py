@@ -138,12 +138,21 @@ def forest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from sklearn.datasets import make_classification
     from sklearn.ensemble import RandomForestClassifier
 
+    # Two well-separated classes: a smooth boundary a forest approximates with many trees.
     x, y = make_classification(
-        n_samples=4000, n_features=20, n_informative=10, n_classes=3, random_state=0
+        n_samples=3000,
+        n_features=8,
+        n_informative=3,
+        n_redundant=0,
+        n_classes=2,
+        n_clusters_per_class=1,
+        flip_y=0.0,
+        class_sep=2.0,
+        random_state=0,
     )
     x = x.astype(np.float32)
-    teacher_rows, transfer_rows = slice(0, 1600), slice(1600, 3400)
-    model = RandomForestClassifier(n_estimators=200, random_state=0, n_jobs=1)
+    teacher_rows, transfer_rows, held_out = slice(0, 1200), slice(1200, 2550), slice(2550, None)
+    model = RandomForestClassifier(n_estimators=300, random_state=0, n_jobs=1)
     model.fit(x[teacher_rows], y[teacher_rows])
     folder = tmp_path_factory.mktemp("forest")
     path = folder / "forest.onnx"
@@ -157,8 +166,8 @@ def forest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {
         "path": path,
         "transfer": write_npz(folder / "transfer.npz", x[transfer_rows]),
-        "x_held_out": x[3400:],
-        "y_held_out": y[3400:],
+        "x_held_out": x[held_out],
+        "y_held_out": y[held_out],
     }
 
 
@@ -197,7 +206,6 @@ def test_the_ladder_keeps_a_small_student_as_accurate_and_faster_than_the_forest
     assert result.metrics["student"]["parameters"] == rungs[chosen]["parameters"]
 
     # Scored here, in onnxruntime, on rows nothing chose with.
-    feed = {"X": forest["x_held_out"]}
     teacher = ort.InferenceSession(str(forest["path"]), providers=["CPUExecutionProvider"])
     student_path = tmp_path / "out" / "student.onnx"
     student = ort.InferenceSession(str(student_path), providers=["CPUExecutionProvider"])
@@ -246,3 +254,20 @@ def test_a_latency_bound_no_rung_meets_is_flagged_and_the_verdict_says_so(
     assert verdict["deployable"] is False and result.deployable is False
     assert verdict["criteria"]["max_latency_ms"]["met"] is False
     assert any(r.startswith("missed") and "[max_latency_ms]" in r for r in verdict["reasons"])
+
+
+def test_the_event_log_serves_ladder_rung_events() -> None:
+    from datetime import UTC, datetime
+
+    from app.jobs.schemas import JobEventOut
+
+    event = JobEventOut.model_validate(
+        {
+            "id": 1,
+            "type": "ladder_rung",
+            "attempt": 1,
+            "data": {"rung": 0, "rungs": 5, **_section()["rungs"][0]},
+            "created_at": datetime.now(UTC),
+        }
+    )
+    assert event.type == "ladder_rung"
