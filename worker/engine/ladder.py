@@ -35,6 +35,10 @@ MIN_RUNG_WIDTH = 8
 #: small rung either meets the criteria within it or is passed over for the next one; the
 #: top rung, the student ``auto`` designs alone, keeps the usual floor.
 MIN_RUNG_STEPS = MIN_STEPS_SMALL // 3
+#: The fewest validation rows a ladder is judged on. On fewer, one row is a few points of
+#: agreement: a tiny rung can meet the criteria by luck (40 rows, one miss allowed) and
+#: fall several points short on new rows, so the job trains the one ``auto`` student.
+MIN_VALIDATION_ROWS = 100
 #: The fidelity figure each task ranks rungs by when none meets the criteria.
 RANKING_FIDELITY = {
     "classification": "agreement",
@@ -43,14 +47,17 @@ RANKING_FIDELITY = {
 }
 
 
-def applies(spec: DistillationSpec, modality: str, online: bool) -> bool:
+def applies(
+    spec: DistillationSpec, modality: str, online: bool, validation_rows: int = MIN_VALIDATION_ROWS
+) -> bool:
     """Whether this job trains a ladder instead of one student.
 
     It does under ``architecture: "auto"`` for a tabular transfer set (an MLP) when no
     size is asked for: ``hidden_sizes`` and an explicitly given ``compression`` each ask
     for one size; ``max_parameters`` is an upper bound and only caps the top rung. The
     rungs share the cached teacher pass, so a teacher run online every step trains one
-    student.
+    student; and they are judged on the validation rows, so too few of those
+    (:data:`MIN_VALIDATION_ROWS`) train one student too.
     """
     student = spec.student
     return (
@@ -59,6 +66,7 @@ def applies(spec: DistillationSpec, modality: str, online: bool) -> bool:
         and not student.hidden_sizes
         and "compression" not in student.model_fields_set
         and not online
+        and validation_rows >= MIN_VALIDATION_ROWS
     )
 
 

@@ -276,7 +276,7 @@ def _distil(
     targets = _teacher_targets(spec, teacher, data, device, paths.cache, callbacks)
     design = _design_student(spec, teacher, data, targets)
     climb = None
-    if ladder.applies(spec, data.transfer_set.modality, targets.online):
+    if ladder.applies(spec, data.transfer_set.modality, targets.online, len(data.validation)):
         climb = _climb_ladder(spec, teacher, design, data, targets, device, paths, callbacks)
     if climb is not None:
         design, trained = climb.design, climb.trained

@@ -45,6 +45,8 @@ def test_applies_to_auto_tabular_students_without_an_asked_size() -> None:
     assert not ladder.applies(spec(architecture="mlp"), "tabular", online=False)
     assert not ladder.applies(spec(), "image", online=False)
     assert not ladder.applies(spec(), "tabular", online=True)
+    # Too few validation rows to tell the rungs apart.
+    assert not ladder.applies(spec(), "tabular", online=False, validation_rows=40)
 
 
 def _rung(met: bool, fidelity: float) -> dict[str, Any]:
@@ -152,7 +154,7 @@ def forest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     x = x.astype(np.float32)
     teacher_rows, transfer_rows, held_out = slice(0, 1200), slice(1200, 2550), slice(2550, None)
-    model = RandomForestClassifier(n_estimators=300, random_state=0, n_jobs=1)
+    model = RandomForestClassifier(n_estimators=500, random_state=0, n_jobs=1)
     model.fit(x[teacher_rows], y[teacher_rows])
     folder = tmp_path_factory.mktemp("forest")
     path = folder / "forest.onnx"
@@ -235,15 +237,19 @@ def test_the_ladder_keeps_a_small_student_as_accurate_and_faster_than_the_forest
 def test_a_latency_bound_no_rung_meets_is_flagged_and_the_verdict_says_so(
     tmp_path: Path, forest: dict[str, Any]
 ) -> None:
-    # max_parameters caps the top rung, so the whole (failing) climb stays short.
-    spec = {"student": {"max_latency_ms": 1e-6, "max_parameters": 3000}}
+    # max_parameters caps the top rung and max_steps every rung: the failing climb stays short.
+    spec = {
+        "student": {"max_latency_ms": 1e-6, "max_parameters": 1000},
+        "training": {"max_steps": 200, "checkpoint_every_minutes": None},
+    }
     result, _ = _run(forest, tmp_path / "out", spec)
     section = result.metrics["ladder"]
     rungs = section["rungs"]
     assert section["met_criteria"] is False
     assert not any(rung["met_criteria"] for rung in rungs)
     assert len(rungs) == len(section["planned_hidden_sizes"]), "no rung met: all were tried"
-    assert rungs[-1]["parameters"] <= 3000
+    assert rungs[-1]["parameters"] <= 1000
+    assert all(rung["steps"] <= 200 for rung in rungs)
     best = max(rung["validation"]["fidelity"]["value"] for rung in rungs)
     assert rungs[section["chosen"]]["validation"]["fidelity"]["value"] == best
     assert all(
