@@ -106,7 +106,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench-ladder-"))
     try:
         teacher, transfer = forest_job(folder, args.samples, args.trees)
-        jobs = {
+        jobs: dict[str, dict[str, Any]] = {
             "single": {"student": {"compression": 10}},
             "ladder": {},
             "full": {"student": {"max_latency_ms": 1e-6}},
