@@ -57,7 +57,9 @@ def applies(
     for one size; ``max_parameters`` is an upper bound and only caps the top rung. The
     rungs share the cached teacher pass, so a teacher run online every step trains one
     student; and they are judged on the validation rows, so too few of those
-    (:data:`MIN_VALIDATION_ROWS`) train one student too.
+    (:data:`MIN_VALIDATION_ROWS`) train one student too. The rungs' plans keep the ladder
+    within a few students' time (lower floors, early stopping), so explicit
+    ``training.epochs``, which every rung would run in full, train one student.
     """
     student = spec.student
     return (
@@ -66,6 +68,7 @@ def applies(
         and not student.hidden_sizes
         and "compression" not in student.model_fields_set
         and not online
+        and spec.training.epochs == "auto"
         and validation_rows >= MIN_VALIDATION_ROWS
     )
 

@@ -45,6 +45,8 @@ def test_applies_to_auto_tabular_students_without_an_asked_size() -> None:
     assert not ladder.applies(spec(architecture="mlp"), "tabular", online=False)
     assert not ladder.applies(spec(), "image", online=False)
     assert not ladder.applies(spec(), "tabular", online=True)
+    explicit_epochs = DistillationSpec.model_validate({"training": {"epochs": 30}})
+    assert not ladder.applies(explicit_epochs, "tabular", online=False)
     # Too few validation rows to tell the rungs apart.
     assert not ladder.applies(spec(), "tabular", online=False, validation_rows=40)
 
