@@ -15,6 +15,7 @@ EventType = Literal[
     "progress",
     "evaluation",
     "baseline_evaluation",
+    "ladder_rung",
     "checkpoint",
     "resumed",
     "warning",

@@ -22,10 +22,12 @@ the stages below, each a function of its own, in this order:
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,17 +37,18 @@ import torch
 from torch import nn
 
 import worker.engine.components  # noqa: F401 - registers every built-in teacher runtime and student
-from worker.engine import evaluation, export, report
+from worker.engine import evaluation, export, ladder, report
 from worker.engine.compatibility import DataFacts, check_fits, check_labels, resolve_task
 from worker.engine.data import TransferSet, load_transfer_set, tokenize
 from worker.engine.data.splitting import split_three
 from worker.engine.errors import Cancelled, TeacherIncompatible
 from worker.engine.evaluation import OnnxFile
+from worker.engine.evaluation.verdict import ACCEPT_METRIC
 from worker.engine.export import Quantized, sha256_file
 from worker.engine.losses import LabelsOnlyLoss, build_loss
 from worker.engine.preprocessing import fit_preprocessing, standardised_loss, wrap_student
 from worker.engine.signature import TeacherSignature
-from worker.engine.spec import DistillationSpec
+from worker.engine.spec import DistillationSpec, StudentSpec
 from worker.engine.students import StudentContext, build_student, count_parameters, rebuild_student
 from worker.engine.teachers import TeacherRuntime, load_teacher
 from worker.engine.training import (
@@ -56,6 +59,7 @@ from worker.engine.training import (
     cached_teacher_outputs,
     compute_teacher_outputs,
     keep_on_device_if_small,
+    latest_checkpoint,
     plan_for_data,
     predict,
     resolve_device,
@@ -82,6 +86,8 @@ ARTIFACT_MEDIA_TYPES: dict[str, str] = {
     "metrics.json": "application/json",
     "model_card.md": "text/markdown; charset=utf-8",
     "training_curves.png": "image/png",
+    # Only when a student ladder ran (tabular ``auto`` students).
+    "student_ladder.png": "image/png",
 }
 
 
@@ -274,9 +280,15 @@ def _distil(
     data = _fit_transfer_set(spec, teacher, transfer_set, callbacks, test_set)
     targets = _teacher_targets(spec, teacher, data, device, paths.cache, callbacks)
     design = _design_student(spec, teacher, data, targets)
-    trained = _train_student(
-        spec, teacher, design, data, targets, device, paths.checkpoints, callbacks
-    )
+    climb = None
+    if ladder.applies(spec, data.transfer_set.modality, targets.online, len(data.validation)):
+        climb = _climb_ladder(spec, teacher, design, data, targets, device, paths, callbacks)
+    if climb is not None:
+        design, trained = climb.design, climb.trained
+    else:
+        trained = _train_student(
+            spec, teacher, design, data, targets, device, paths.checkpoints, callbacks
+        )
     baseline = _baseline_unless_cancelled(spec, design, data, targets, trained, device, callbacks)
     quantized = _export(spec, teacher, data, trained, paths.out, callbacks)
     metrics = _evaluate(
@@ -284,6 +296,8 @@ def _distil(
     )
     metrics["parity"] = _parity(teacher, data, paths.out)
     metrics["provenance"] = _provenance(spec, teacher, paths, device, provenance)
+    metrics["ladder"] = climb.section if climb is not None else None
+    evaluation.validate_metrics(metrics)
     artifacts = _write_reports(spec, teacher.signature, trained, metrics, paths.out)
     return _report(data.task, metrics, artifacts, trained.result)
 
@@ -525,9 +539,16 @@ def _read_output_kind(
 
 
 def _design_student(
-    spec: DistillationSpec, teacher: TeacherRuntime, data: FittedData, targets: TeacherTargets
+    spec: DistillationSpec,
+    teacher: TeacherRuntime,
+    data: FittedData,
+    targets: TeacherTargets,
+    student_spec: StudentSpec | None = None,
 ) -> StudentDesign:
-    """The student the spec asks for, sized against the teacher, and the loss it trains with."""
+    """The student the spec asks for, sized against the teacher, and the loss it trains with.
+
+    ``student_spec`` stands in for ``spec.student`` (a rung of the student ladder).
+    """
     signature = teacher.signature
     first_input = next(iter(data.transfer_set.arrays.values()))
     context = StudentContext(
@@ -544,7 +565,7 @@ def _design_student(
     preprocessing = fit_preprocessing(
         data.task, data.train.arrays, _train_teacher_outputs(teacher, data, targets)
     )
-    student = wrap_student(build_student(spec.student, context), preprocessing)
+    student = wrap_student(build_student(student_spec or spec.student, context), preprocessing)
     labels = data.train.labels
     has_labels = labels is not None and bool(_labeled(labels).any())
     loss_fn = build_loss(
@@ -701,6 +722,368 @@ def _reference_targets(task: str, labels: np.ndarray, output_dim: int) -> torch.
     return torch.from_numpy(labels.astype(np.float32).reshape(len(labels), -1))
 
 
+# --------------------------------------------------------------------------- the student ladder
+
+
+@dataclass
+class LadderClimb:
+    """The rung the ladder chose (its design and training) and ``metrics.json``'s ``ladder``."""
+
+    design: StudentDesign
+    trained: TrainedStudent
+    section: dict[str, Any]
+
+
+def _accept(spec: DistillationSpec) -> dict[str, Any]:
+    """``evaluation.accept`` with ``student.max_latency_ms`` folded in (the tighter bound wins)."""
+    accept = spec.evaluation.accept.model_dump()
+    bound = spec.student.max_latency_ms
+    if bound is not None:
+        given = accept.get("max_latency_ms")
+        accept["max_latency_ms"] = bound if given is None else min(float(given), bound)
+    return accept
+
+
+def _climb_ladder(
+    spec: DistillationSpec,
+    teacher: TeacherRuntime,
+    top: StudentDesign,
+    data: FittedData,
+    targets: TeacherTargets,
+    device: torch.device,
+    paths: JobPaths,
+    callbacks: Callbacks,
+) -> LadderClimb | None:
+    """Train MLPs from tiny up to ``top`` (the one ``auto`` designs), smallest first, and keep
+    the first that meets the criteria on the validation rows (see :mod:`worker.engine.ladder`).
+
+    None when ``top`` is too narrow to leave a smaller rung: the job trains ``top`` alone.
+    """
+    hidden = top.config.get("hidden_sizes") or []
+    if top.config.get("architecture") != "mlp" or len(set(hidden)) != 1:
+        return None
+    widths = ladder.rung_widths(int(hidden[0]))
+    if len(widths) < 2:
+        return None
+    started = time.monotonic()
+    designs = [_rung_design(spec, teacher, data, targets, top, width) for width in widths]
+    callbacks.event(
+        "stage",
+        {
+            "stage": "training",
+            "student": "mlp",
+            "student_parameters": count_parameters(top.student),
+            "teacher_backend": teacher.backend,
+            "ladder": [design.config["hidden_sizes"] for design in designs],
+        },
+    )
+    judge = _RungJudge(spec, teacher, data, targets, device, paths.work / "ladder")
+    rungs: list[dict[str, Any]] = []
+    trained_rungs: list[TrainedStudent] = []
+    stopped = "all_rungs"
+    for index, design in enumerate(designs):
+        remaining = spec.training.max_minutes - (time.monotonic() - started) / 60.0
+        if remaining <= 0:
+            stopped = "time_budget"
+            break
+        rung_started = time.monotonic()
+        is_top = index == len(designs) - 1
+        minutes = remaining if is_top else ladder.rung_minutes(remaining, len(designs) - index)
+        trained = _train_rung(
+            spec, teacher, designs, index, data, targets, device, paths, callbacks, minutes
+        )
+        rung = judge.measure(index, design, trained)
+        rung.update(
+            steps=trained.result.steps,
+            stop_reason=trained.result.stop_reason,
+            training_seconds=round(trained.result.seconds, 3),
+            seconds=round(time.monotonic() - rung_started, 3),
+        )
+        rungs.append(rung)
+        trained_rungs.append(trained)
+        callbacks.event("ladder_rung", {"rung": index, "rungs": len(designs), **rung})
+        if trained.result.stop_reason == "cancelled":
+            stopped = "cancelled"  # the caller keeps what the climb has so far
+            break
+        if rung["met_criteria"]:
+            stopped = "met_criteria"
+            break
+    if not rungs:
+        return None
+    chosen = ladder.choose(data.task, rungs)
+    # The job resumed where any rung took up a checkpoint: it says so whichever rung is kept.
+    resumed = next((t.result.resumed_from for t in trained_rungs if t.result.resumed_from), None)
+    kept = trained_rungs[chosen]
+    if resumed is not None and kept.result.resumed_from is None:
+        kept = TrainedStudent(replace(kept.result, resumed_from=resumed), kept.data)
+    if stopped == "cancelled":
+        kept = TrainedStudent(replace(kept.result, stop_reason="cancelled"), kept.data)
+    section = {
+        "rungs": rungs,
+        "chosen": chosen,
+        "basis": "validation",
+        "met_criteria": bool(rungs[chosen]["met_criteria"]),
+        "planned_hidden_sizes": [design.config["hidden_sizes"] for design in designs],
+        "stopped": stopped,
+        "seconds": round(time.monotonic() - started, 3),
+        "teacher": judge.teacher_figures(),
+        "criteria": judge.accept,
+    }
+    if not section["met_criteria"]:
+        callbacks.event(
+            "warning",
+            {
+                "code": "ladder_criteria_unmet",
+                "message": f"no rung of the student ladder met the criteria on the validation "
+                f"rows; kept the one with the best fidelity ({rungs[chosen]['hidden_sizes']})",
+            },
+        )
+    return LadderClimb(designs[chosen], kept, section)
+
+
+def _rung_design(
+    spec: DistillationSpec,
+    teacher: TeacherRuntime,
+    data: FittedData,
+    targets: TeacherTargets,
+    top: StudentDesign,
+    width: int,
+) -> StudentDesign:
+    """The rung of ``width``: ``top`` itself at its own width, else an MLP of that width."""
+    if [width, width] == top.config.get("hidden_sizes"):
+        return top
+    # Seeded per rung: a rung starts the same way whichever rungs came before it.
+    torch.manual_seed(spec.training.seed)
+    rung_spec = spec.student.model_copy(update={"hidden_sizes": [width, width]})
+    return _design_student(spec, teacher, data, targets, rung_spec)
+
+
+def _train_rung(
+    spec: DistillationSpec,
+    teacher: TeacherRuntime,
+    designs: list[StudentDesign],
+    index: int,
+    data: FittedData,
+    targets: TeacherTargets,
+    device: torch.device,
+    paths: JobPaths,
+    callbacks: Callbacks,
+    minutes: float,
+) -> TrainedStudent:
+    """One rung on its share of the time budget, with its own (lower, below the top) floor.
+
+    Rungs share the job's checkpoint folder: a checkpoint of this rung resumes it, one of a
+    later rung is left alone (this rung trains without checkpoints: it is retrained the same
+    way), one of an earlier rung is not resumed.
+    """
+    design = designs[index]
+    is_top = index == len(designs) - 1
+    training = spec.training.model_copy(update={"max_minutes": minutes})
+    training_data = _training_data(design, data, targets, teacher)
+    keep_on_device_if_small(training_data, device)
+    parameters = count_parameters(design.student)
+    plan = plan_for_data(
+        training,
+        training_data,
+        design.student,
+        device,
+        min_steps=ladder.rung_min_steps(parameters, is_top),
+    )
+    for warning in plan.warnings:
+        callbacks.event("warning", {**warning.to_dict(), "rung": index})
+    owner = _checkpoint_rung(paths.checkpoints, designs)
+    checkpoint_dir = paths.checkpoints if owner is None or owner <= index else None
+
+    def progress(row: dict[str, Any]) -> None:
+        callbacks.progress({**row, "rung": index})
+
+    result = train(
+        student=design.student,
+        loss_fn=design.loss_fn,
+        data=training_data,
+        spec=training,
+        task=data.task,
+        teacher_output_kind=targets.output_kind,
+        device=device,
+        callbacks=Callbacks(progress, callbacks.on_event, callbacks.should_cancel),
+        checkpoint_dir=checkpoint_dir,
+        resume=owner == index,
+        plan=plan,
+    )
+    return TrainedStudent(result, training_data)
+
+
+def _checkpoint_rung(checkpoint_dir: Path | None, designs: list[StudentDesign]) -> int | None:
+    """The rung whose weights the latest checkpoint in ``checkpoint_dir`` holds, if any."""
+    checkpoint = latest_checkpoint(checkpoint_dir)
+    if checkpoint is None:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "student.safetensors"), framework="pt") as weights:
+        names: list[str] = weights.keys()
+        shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in names}
+    for index, design in enumerate(designs):
+        state = design.student.state_dict()
+        if shapes == {key: tuple(value.shape) for key, value in state.items()}:
+            return index
+    return None
+
+
+class _RungJudge:
+    """A trained rung measured on the VALIDATION rows and held to the acceptance criteria.
+
+    Figures as the verdict reads them, from the rung's exported file in onnxruntime (a
+    drop-in, as the job's ``student.onnx`` will be, where the teacher is an ONNX file):
+    the task metric against the teacher's, fidelity to the teacher's cached outputs,
+    batch-1 latency (onnxruntime where the teacher runs there too, else torch, as the
+    verdict compares them), parameters and bytes.
+    """
+
+    def __init__(
+        self,
+        spec: DistillationSpec,
+        teacher: TeacherRuntime,
+        data: FittedData,
+        targets: TeacherTargets,
+        device: torch.device,
+        folder: Path,
+    ) -> None:
+        self.task, self.teacher, self.data, self.targets = data.task, teacher, data, targets
+        self.device, self.folder = device, folder
+        self.accept = _accept(spec)
+        self.metric = ACCEPT_METRIC[data.task]
+        self.fidelity_name = ladder.RANKING_FIDELITY[data.task]
+        validation = data.validation
+        self.reference = _reference(data.task, validation.labels, targets.validation)
+        rows = self.reference.rows
+        self.teacher_metrics = evaluation.task_metrics(
+            data.task, targets.validation[rows], self.reference.values
+        )
+        self.inputs = to_tensors({k: v[:1] for k, v in validation.arrays.items()}, device)
+        teacher_file = _teacher_onnx_file(teacher)
+        self.runtime = "onnxruntime" if teacher_file is not None else "torch"
+        if teacher_file is not None:
+            self.teacher_latency = teacher_file.latency_ms(validation.arrays)
+        else:
+            self.teacher_latency = evaluation.measure_latency(teacher.predict, self.inputs, device)
+
+    def teacher_figures(self) -> dict[str, Any]:
+        """The teacher's side of every rung's comparison."""
+        return {
+            "metric": {"name": self.metric, "value": self.teacher_metrics.get(self.metric)},
+            "latency_ms": self.teacher_latency,
+            "latency_runtime": self.runtime,
+            "parameters": self.teacher.signature.parameters,
+            "bytes": self.teacher.signature.bytes,
+        }
+
+    def measure(self, index: int, design: StudentDesign, trained: TrainedStudent) -> dict[str, Any]:
+        """The rung's figures, whether it met the criteria, and every criterion's reason."""
+        student = trained.result.student.cpu().eval()
+        folder = self.folder / f"rung-{index}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "student.onnx"
+        example = {name: value[:2].cpu() for name, value in trained.data.val.items()}
+        export.export_onnx(student, example, path)
+        teacher_graph = _teacher_graph(self.teacher)
+        if teacher_graph is not None:
+            _export_dropin(teacher_graph, self.teacher.signature, student, self.data, path)
+        onnx_file = OnnxFile(path, output=_student_output(path, self.teacher))
+        arrays = self.data.validation.arrays
+        outputs = onnx_file.predict(arrays)
+        kind = "values"
+        if self.task == "classification":
+            kind = "probabilities" if looks_like_probabilities(outputs) else "logits"
+        rows = self.reference.rows
+        metrics = evaluation.task_metrics(self.task, outputs[rows], self.reference.values)
+        fidelity = evaluation.fidelity(
+            outputs, self.targets.validation, self.task, self.targets.output_kind, kind
+        )
+        onnx_latency = onnx_file.latency_ms(arrays)
+        student.to(self.device)
+        latency = onnx_latency
+        if self.runtime == "torch":
+            latency = evaluation.measure_latency(lambda b: student(**b), self.inputs, self.device)
+        figures = self._figures(metrics, fidelity, latency, student)
+        verdict = evaluation.decide(self.task, figures, self.accept)
+        file_bytes = path.stat().st_size
+        external = path.with_name(path.name + ".data")
+        if external.exists():
+            file_bytes += external.stat().st_size
+        return {
+            "hidden_sizes": list(design.config["hidden_sizes"]),
+            "parameters": figures["student"]["parameters"],
+            "bytes": figures["student"]["bytes"],
+            "file_bytes": file_bytes,
+            "onnxruntime_latency_ms": onnx_latency,
+            "latency_ms": latency,
+            "latency_runtime": self.runtime,
+            "speedup": figures["speedup"],
+            "compression": figures["compression"],
+            "validation": {
+                "rows": len(rows),
+                "reference": self.reference.name,
+                "metric": {
+                    "name": self.metric,
+                    "value": metrics.get(self.metric),
+                    "teacher": self.teacher_metrics.get(self.metric),
+                },
+                "fidelity": {"name": self.fidelity_name, "value": fidelity[self.fidelity_name]},
+                "fidelity_all": fidelity,
+            },
+            "met_criteria": bool(verdict["deployable"]),
+            "reasons": verdict["reasons"],
+        }
+
+    def _figures(
+        self,
+        metrics: dict[str, Any],
+        fidelity: dict[str, Any],
+        latency: float,
+        student: nn.Module,
+    ) -> dict[str, Any]:
+        """The figures :func:`evaluation.decide` reads, for the rung on the validation rows."""
+        signature = self.teacher.signature
+        parameters = count_parameters(student)
+        size = evaluation.module_bytes(student)
+        by_parameters = signature.parameters > 0 and parameters > 0
+        compression = (
+            signature.parameters / parameters
+            if by_parameters
+            else signature.bytes / size
+            if signature.bytes > 0 and size > 0
+            else None
+        )
+        speedup = self.teacher_latency / latency if latency > 0 else None
+        return {
+            "teacher": {**self.teacher_metrics, "latency_ms": self.teacher_latency},
+            "student": {
+                **metrics,
+                "latency_ms": latency,
+                "parameters": parameters,
+                "bytes": size,
+            },
+            "fidelity": fidelity,
+            "speedup": speedup if speedup is None or math.isfinite(speedup) else None,
+            "compression": compression,
+            "compression_basis": "parameters" if by_parameters else "bytes",
+        }
+
+
+def _teacher_onnx_file(teacher: TeacherRuntime) -> OnnxFile | None:
+    """The teacher's own ONNX file in onnxruntime, as :func:`_teacher_on_test` runs it."""
+    graph_path = getattr(teacher, "graph_path", None)
+    if graph_path is None:
+        return None
+    zipmap = teacher.signature.extra.get("zipmap")
+    output = zipmap["tensor"] if zipmap else teacher.signature.output
+    try:
+        return OnnxFile(graph_path, output=output)
+    except Exception:  # onnxruntime raises its own exception types
+        return None
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -798,7 +1181,7 @@ def _evaluate(
                 "onnxruntime_threads": evaluation.THREADS,
             },
         },
-        accept=spec.evaluation.accept.model_dump(),
+        accept=_accept(spec),
     )
     callbacks.event("evaluation", {"final": True, "metrics": metrics})
     return metrics
@@ -1190,6 +1573,8 @@ def _write_reports(
         # The teacher agrees with itself: the line its student is climbing towards.
         teacher_reference={"val/agreement": 1.0, "val/cosine": 1.0, "val/output_mse": 0.0},
     )
+    if metrics.get("ladder"):
+        report.plot_student_ladder(out / "student_ladder.png", metrics["ladder"])
     return _artifacts_in(out)
 
 

@@ -135,10 +135,15 @@ def plan_run(
     student_parameters: int,
     positions: int = 1,
     device: str = "cpu",
+    min_steps: int | None = None,
 ) -> RunPlan:
-    """The plan for ``rows`` training rows and a student of ``student_parameters``."""
+    """The plan for ``rows`` training rows and a student of ``student_parameters``.
+
+    ``min_steps`` replaces the floor of steps for the student's size (a ladder's small
+    rungs take a lower one).
+    """
     per_epoch = steps_per_epoch(rows, spec.batch_size)
-    floor = min_steps_for(student_parameters)
+    floor = min_steps if min_steps is not None else min_steps_for(student_parameters)
     step_s = seconds_per_step(student_parameters, min(spec.batch_size, rows), positions, device)
     budget_steps = max(per_epoch, int(BUDGET_SHARE * spec.max_minutes * 60.0 / step_s))
     if spec.epochs == "auto":

@@ -91,6 +91,14 @@ class StudentSpec(_Strict):
     )
     cell: Literal["gru", "lstm"] = Field(default="gru", description="rnn: recurrent cell.")
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    max_latency_ms: Annotated[float, Field(gt=0.0)] | None = Field(
+        default=None,
+        description="Upper bound on the student's batch-1 latency in milliseconds, in "
+        "onnxruntime on the worker's device (the exported file; torch where the teacher has "
+        "no ONNX file to compare with). The student ladder of tabular auto students keeps the "
+        "smallest rung within it; the verdict holds the chosen student to it as to "
+        "evaluation.accept.max_latency_ms (the tighter of the two).",
+    )
     init_from_teacher: bool = Field(
         default=True,
         description="transformers teachers: initialise the student from a subset of the "

@@ -196,6 +196,8 @@ def build_metrics(
         "distillation_helped": helped,
         "baseline_comparison": comparison,
         "partial": False,
+        # The student ladder (worker.engine.ladder) when one ran; the pipeline sets it.
+        "ladder": None,
         **extra,
         _QUANTIZED_KEY: (
             {
@@ -298,6 +300,62 @@ def _task_rule(task: str) -> dict[str, Any]:
     }
 
 
+#: One rung of the student ladder, judged on the validation rows.
+_RUNG: dict[str, Any] = {
+    "type": "object",
+    "required": [
+        "hidden_sizes",
+        "parameters",
+        "file_bytes",
+        "onnxruntime_latency_ms",
+        "validation",
+        "steps",
+        "seconds",
+        "met_criteria",
+        "reasons",
+    ],
+    "properties": {
+        "hidden_sizes": {"type": "array"},
+        "parameters": {"type": "integer", "minimum": 0},
+        "file_bytes": {"type": "integer", "minimum": 0},
+        "onnxruntime_latency_ms": {"type": ["number", "null"], "minimum": 0},
+        "latency_ms": {"type": ["number", "null"], "minimum": 0},
+        "validation": {
+            "type": "object",
+            "required": ["metric", "fidelity"],
+            "properties": {
+                "metric": {
+                    "type": "object",
+                    "required": ["name", "value"],
+                    "properties": {"name": {"type": "string"}, "value": _NUMBER_OR_NULL},
+                },
+                "fidelity": {
+                    "type": "object",
+                    "required": ["name", "value"],
+                    "properties": {"name": {"type": "string"}, "value": _NUMBER_OR_NULL},
+                },
+            },
+        },
+        "steps": {"type": "integer", "minimum": 0},
+        "seconds": {"type": "number", "minimum": 0},
+        "met_criteria": {"type": "boolean"},
+        "reasons": {"type": "array"},
+    },
+}
+#: ``ladder``: null when one student was trained; the rungs, the chosen one's index and the
+#: split it was chosen on (always ``validation``) when a ladder ran. Optional, for
+#: metrics.json files written before it.
+LADDER_SCHEMA: dict[str, Any] = {
+    "type": ["object", "null"],
+    "required": ["rungs", "chosen", "basis", "met_criteria"],
+    "properties": {
+        "rungs": {"type": "array", "items": _RUNG},
+        "chosen": {"type": "integer", "minimum": 0},
+        "basis": {"const": "validation"},
+        "met_criteria": {"type": "boolean"},
+    },
+}
+
 #: JSON Schema (draft 2020-12) of ``metrics.json``; the service tests reuse it.
 METRICS_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -366,6 +424,7 @@ METRICS_SCHEMA: dict[str, Any] = {
             "properties": {"int8": _quantized_schema()},
             "additionalProperties": False,
         },
+        "ladder": LADDER_SCHEMA,
     },
     "additionalProperties": True,
     "allOf": [_task_rule(t) for t in TASKS],
@@ -399,6 +458,9 @@ def _schema_errors(value: Any, schema: Mapping[str, Any], at: str) -> list[str]:
         errors.append(f"{at}: expected one of {schema['enum']}, got {value!r}")
     if "minimum" in schema and _TYPES["number"](value) and value < schema["minimum"]:
         errors.append(f"{at}: {value} is below {schema['minimum']}")
+    if isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            errors += _schema_errors(item, schema["items"], f"{at}[{index}]")
     if isinstance(value, dict):
         errors += [f"{at}.{k}: required" for k in schema.get("required", []) if k not in value]
         props = schema.get("properties", {})
@@ -416,6 +478,17 @@ def _schema_errors(value: Any, schema: Mapping[str, Any], at: str) -> list[str]:
 
 def validate_metrics(obj: Any) -> None:
     """Raise ValueError naming every place where ``obj`` does not match METRICS_SCHEMA."""
-    errors = _schema_errors(obj, METRICS_SCHEMA, "metrics")
+    errors = _schema_errors(obj, METRICS_SCHEMA, "metrics") + _ladder_errors(obj)
     if errors:
         raise ValueError("metrics.json does not match its schema: " + "; ".join(errors))
+
+
+def _ladder_errors(obj: Any) -> list[str]:
+    """What the schema cannot say about ``ladder``: its chosen index names one of its rungs."""
+    ladder = obj.get("ladder") if isinstance(obj, dict) else None
+    if not isinstance(ladder, dict):
+        return []
+    rungs, chosen = ladder.get("rungs"), ladder.get("chosen")
+    if isinstance(rungs, list) and isinstance(chosen, int) and not 0 <= chosen < len(rungs):
+        return [f"metrics.ladder.chosen: {chosen} is not the index of one of {len(rungs)} rungs"]
+    return []

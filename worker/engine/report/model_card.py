@@ -143,6 +143,58 @@ def _decision(metrics: Mapping[str, Any]) -> list[str]:
     return [*lines, "", "Judged on test rows that no training step or choice saw."]
 
 
+def _ladder(metrics: Mapping[str, Any]) -> list[str]:
+    """The student ladder: every rung trained, its validation figures, the chosen one marked."""
+    ladder = metrics.get("ladder")
+    if not isinstance(ladder, Mapping) or not ladder.get("rungs"):
+        return []
+    chosen = ladder.get("chosen")
+    rungs = list(ladder["rungs"])
+    first = rungs[0].get("validation") or {}
+    metric = (first.get("metric") or {}).get("name", "metric")
+    fidelity = (first.get("fidelity") or {}).get("name", "fidelity")
+    teacher = ladder.get("teacher") or {}
+    met = ladder.get("met_criteria")
+    lines = [
+        "## Student ladder",
+        "",
+        f"{len(rungs)} student sizes were trained, smallest first, on the one teacher pass, and "
+        "judged on the validation rows (never the test rows) against the criteria; "
+        + (
+            "the smallest that met them was kept."
+            if met
+            else "**none met them**, so the one with the best validation fidelity was kept."
+        ),
+        "",
+        f"| | hidden sizes | parameters | file bytes | {metric} (validation) | "
+        f"{fidelity} (validation) | latency, batch 1 (ms) | steps | seconds | met criteria |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for index, rung in enumerate(rungs):
+        validation = rung.get("validation") or {}
+        mark = "**chosen**" if index == chosen else ""
+        sizes = " × ".join(str(size) for size in rung.get("hidden_sizes") or [])
+        lines.append(
+            f"| {mark} | {sizes} | {_cell(rung.get('parameters'))} | "
+            f"{_cell(rung.get('file_bytes'))} | "
+            f"{_cell((validation.get('metric') or {}).get('value'))} | "
+            f"{_cell((validation.get('fidelity') or {}).get('value'))} | "
+            f"{_cell(rung.get('latency_ms', rung.get('onnxruntime_latency_ms')))} | "
+            f"{_cell(rung.get('steps'))} | {_cell(rung.get('seconds'))} | "
+            f"{_cell(rung.get('met_criteria'))} |"
+        )
+    lines += [
+        "",
+        f"The teacher on the same validation rows: {metric} "
+        f"{_cell((teacher.get('metric') or {}).get('value'))}, latency "
+        f"{_cell(teacher.get('latency_ms'))} ms ({_cell(teacher.get('latency_runtime'))}).",
+    ]
+    if chosen is not None and 0 <= chosen < len(rungs):
+        missed = [r for r in rungs[chosen].get("reasons") or [] if str(r).startswith("missed")]
+        lines += [f"- chosen rung {r}" for r in missed]
+    return [*lines, "", "![student ladder](student_ladder.png)"]
+
+
 def _rows(split: Mapping[str, Any]) -> str:
     source = (
         "a test set given with the job"
@@ -369,6 +421,7 @@ def write_model_card(
     sections = [
         _title(task, teacher_signature, student_config),
         _decision(metrics),
+        _ladder(metrics),
         _results(task, metrics),
         _fidelity(metrics),
         _quantized(task, metrics, spec),

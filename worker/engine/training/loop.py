@@ -96,9 +96,16 @@ def train(
 
 
 def plan_for_data(
-    spec: TrainingSpec, data: TrainingData, student: nn.Module, device: torch.device
+    spec: TrainingSpec,
+    data: TrainingData,
+    student: nn.Module,
+    device: torch.device,
+    min_steps: int | None = None,
 ) -> RunPlan:
-    """The run plan for ``student`` on ``data``: its rows, its size and its input positions."""
+    """The run plan for ``student`` on ``data``: its rows, its size and its input positions.
+
+    ``min_steps`` replaces the floor of steps for the student's size.
+    """
     first = next(iter(data.train.values()))
     if first.ndim == 2 and not first.is_floating_point():
         positions = int(first.shape[1])  # token ids
@@ -112,6 +119,7 @@ def plan_for_data(
         student_parameters=sum(p.numel() for p in student.parameters()),
         positions=positions,
         device=device.type,
+        min_steps=min_steps,
     )
 
 

@@ -1,0 +1,281 @@
+"""The student ladder: tabular ``auto`` students sized by evidence on the validation rows.
+
+The end-to-end tests distil a fully trained random forest (skl2onnx) on rows it never
+saw, and score the exported ``student.onnx`` and the teacher in onnxruntime on
+held-out rows that neither training nor any choice used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests.worker.engine.factories import write_npz
+from worker.engine import ladder
+from worker.engine.evaluation import FIDELITY_KEYS, OnnxFile, build_metrics, validate_metrics
+from worker.engine.pipeline import run
+from worker.engine.report import plot_student_ladder, write_model_card
+from worker.engine.spec import DistillationSpec
+from worker.engine.training import Callbacks
+
+# --------------------------------------------------------------------------- decisions
+
+
+def test_rung_widths_are_geometric_distinct_and_end_at_the_auto_width() -> None:
+    assert ladder.rung_widths(700) == [8, 24, 75, 229, 700]
+    assert ladder.rung_widths(12) == [8, 9, 10, 11, 12]
+    assert ladder.rung_widths(8) == [8]
+    assert ladder.rung_widths(5) == [5]
+
+
+def test_applies_to_auto_tabular_students_without_an_asked_size() -> None:
+    def spec(**student: Any) -> DistillationSpec:
+        return DistillationSpec.model_validate({"student": student})
+
+    assert ladder.applies(spec(), "tabular", online=False)
+    # max_parameters is an upper bound: it caps the top rung and keeps the ladder.
+    assert ladder.applies(spec(max_parameters=5000), "tabular", online=False)
+    assert not ladder.applies(spec(compression=10), "tabular", online=False)
+    assert not ladder.applies(spec(hidden_sizes=[32, 32]), "tabular", online=False)
+    assert not ladder.applies(spec(architecture="mlp"), "tabular", online=False)
+    assert not ladder.applies(spec(), "image", online=False)
+    assert not ladder.applies(spec(), "tabular", online=True)
+    explicit_epochs = DistillationSpec.model_validate({"training": {"epochs": 30}})
+    assert not ladder.applies(explicit_epochs, "tabular", online=False)
+    # Too few validation rows to tell the rungs apart.
+    assert not ladder.applies(spec(), "tabular", online=False, validation_rows=40)
+
+
+def _rung(met: bool, fidelity: float) -> dict[str, Any]:
+    return {"met_criteria": met, "validation": {"fidelity": {"value": fidelity}}}
+
+
+def test_choose_takes_the_smallest_that_met_else_the_best_fidelity() -> None:
+    assert ladder.choose("classification", [_rung(False, 0.9), _rung(True, 0.96)]) == 1
+    assert ladder.choose("classification", [_rung(True, 0.95), _rung(True, 0.99)]) == 0
+    none_met = [_rung(False, 0.9), _rung(False, 0.94), _rung(False, 0.94), _rung(False, 0.93)]
+    assert ladder.choose("classification", none_met) == 1
+
+
+def test_small_rungs_take_a_lower_floor_of_steps_the_top_the_usual() -> None:
+    assert ladder.rung_min_steps(2_000, top=False) == ladder.MIN_RUNG_STEPS
+    assert ladder.rung_min_steps(2_000, top=True) == 1500
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _section() -> dict[str, Any]:
+    def rung(width: int, met: bool, agreement: float, latency: float) -> dict[str, Any]:
+        return {
+            "hidden_sizes": [width, width],
+            "parameters": width * width + 40 * width,
+            "file_bytes": 4 * (width * width + 40 * width) + 900,
+            "onnxruntime_latency_ms": latency,
+            "latency_ms": latency,
+            "validation": {
+                "metric": {"name": "accuracy", "value": agreement, "teacher": 1.0},
+                "fidelity": {"name": "agreement", "value": agreement},
+            },
+            "steps": 500,
+            "seconds": 2.5,
+            "met_criteria": met,
+            "reasons": ["missed: x"] if not met else ["met: x"],
+        }
+
+    return {
+        "rungs": [rung(8, False, 0.9, 0.01), rung(24, True, 0.97, 0.012)],
+        "chosen": 1,
+        "basis": "validation",
+        "met_criteria": True,
+        "teacher": {"metric": {"name": "accuracy", "value": 1.0}, "latency_ms": 0.03},
+        "criteria": {"max_latency_ms": 0.02},
+    }
+
+
+def test_the_ladder_section_is_checked_by_the_schema() -> None:
+    from tests.worker.engine.test_evaluation import EXTRA, _side
+
+    fidelity = dict.fromkeys(FIDELITY_KEYS, 0.9)
+    metrics = build_metrics(
+        "classification", _side(0.97, 100_000, 2.0), _side(0.95, 1_000, 0.5), fidelity, None, EXTRA
+    )
+    assert metrics["ladder"] is None
+    validate_metrics({**metrics, "ladder": _section()})
+    with pytest.raises(ValueError, match=r"ladder\.chosen"):
+        validate_metrics({**metrics, "ladder": {**_section(), "chosen": 2}})
+    broken = _section()
+    del broken["rungs"][0]["met_criteria"]
+    with pytest.raises(ValueError, match=r"ladder\.rungs\[0\]\.met_criteria"):
+        validate_metrics({**metrics, "ladder": broken})
+    with pytest.raises(ValueError, match=r"ladder\.basis"):
+        validate_metrics({**metrics, "ladder": {**_section(), "basis": "test"}})
+
+
+def test_the_card_shows_the_ladder_after_the_verdict_and_the_png_is_written(
+    tmp_path: Path,
+) -> None:
+    from tests.worker.engine.report.test_model_card import METRICS
+
+    card = write_model_card(
+        tmp_path / "model_card.md", {**METRICS, "ladder": _section()}, {}, {}, {}
+    ).read_text()
+    assert card.index("## Verdict") < card.index("## Student ladder") < card.index("## Results")
+    rows = [line for line in card.splitlines() if line.startswith("| **chosen**")]
+    assert len(rows) == 1 and "24 × 24" in rows[0]
+    png = plot_student_ladder(tmp_path / "student_ladder.png", _section())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def forest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A random forest fully trained on its own rows; unlabelled transfer rows; held-out rows."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import make_classification
+    from sklearn.ensemble import RandomForestClassifier
+
+    # Two well-separated classes: a smooth boundary a forest approximates with many trees.
+    x, y = make_classification(
+        n_samples=3000,
+        n_features=8,
+        n_informative=3,
+        n_redundant=0,
+        n_classes=2,
+        n_clusters_per_class=1,
+        flip_y=0.0,
+        class_sep=2.0,
+        random_state=0,
+    )
+    x = x.astype(np.float32)
+    teacher_rows, transfer_rows, held_out = slice(0, 1200), slice(1200, 2550), slice(2550, None)
+    model = RandomForestClassifier(n_estimators=500, random_state=0, n_jobs=1)
+    model.fit(x[teacher_rows], y[teacher_rows])
+    folder = tmp_path_factory.mktemp("forest")
+    path = folder / "forest.onnx"
+    onx = to_onnx(
+        model,
+        x[:1],
+        options={id(model): {"zipmap": False}},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    path.write_bytes(onx.SerializeToString())
+    return {
+        "path": path,
+        "transfer": write_npz(folder / "transfer.npz", x[transfer_rows]),
+        "x_held_out": x[held_out],
+        "y_held_out": y[held_out],
+    }
+
+
+def _run(forest: dict[str, Any], out: Path, spec: dict[str, Any]) -> tuple[Any, list[Any]]:
+    events: list[Any] = []
+    result = run(
+        DistillationSpec.model_validate(spec),
+        teacher_path=forest["path"],
+        dataset_path=forest["transfer"],
+        out_dir=out,
+        callbacks=Callbacks(on_event=lambda kind, data: events.append((kind, data))),
+    )
+    return result, events
+
+
+def test_the_ladder_keeps_a_small_student_as_accurate_and_faster_than_the_forest(
+    tmp_path: Path, forest: dict[str, Any]
+) -> None:
+    # The product's defaults.
+    result, events = _run(forest, tmp_path / "out", {})
+    section = result.metrics["ladder"]
+    rungs = section["rungs"]
+    chosen = section["chosen"]
+    assert section["basis"] == "validation"
+    # The smallest rung that met the criteria: every smaller one missed them.
+    assert section["met_criteria"] and rungs[chosen]["met_criteria"]
+    assert not any(rung["met_criteria"] for rung in rungs[:chosen])
+    assert len(rungs) == chosen + 1, "the climb stops at the first rung that meets them"
+    assert [data["rung"] for kind, data in events if kind == "ladder_rung"] == list(
+        range(len(rungs))
+    )
+    top = section["planned_hidden_sizes"][-1]
+    assert rungs[chosen]["hidden_sizes"] != top, "a smaller student than auto alone designs"
+    config = json.loads((tmp_path / "out" / "student_config.json").read_text())
+    assert config["hidden_sizes"] == rungs[chosen]["hidden_sizes"]
+    assert result.metrics["student"]["parameters"] == rungs[chosen]["parameters"]
+
+    # Scored here, in onnxruntime, on rows nothing chose with.
+    teacher = ort.InferenceSession(str(forest["path"]), providers=["CPUExecutionProvider"])
+    student_path = tmp_path / "out" / "student.onnx"
+    student = ort.InferenceSession(str(student_path), providers=["CPUExecutionProvider"])
+    name = teacher.get_inputs()[0].name
+    feed = {name: forest["x_held_out"]}
+    y = forest["y_held_out"]
+    teacher_accuracy = float(np.mean(teacher.run(None, feed)[0] == y))
+    student_accuracy = float(np.mean(student.run(None, feed)[0] == y))
+    teacher_latency = OnnxFile(forest["path"]).latency_ms(feed)
+    student_latency = OnnxFile(student_path).latency_ms(feed)
+    print(
+        f"rungs {[r['hidden_sizes'] for r in rungs]} chosen {chosen}; accuracy teacher "
+        f"{teacher_accuracy:.4f} student {student_accuracy:.4f}; latency ms teacher "
+        f"{teacher_latency:.4f} student {student_latency:.4f}"
+    )
+    assert student_accuracy >= teacher_accuracy - 0.01, (student_accuracy, teacher_accuracy)
+    assert student_latency < teacher_latency, (student_latency, teacher_latency)
+
+    out = tmp_path / "out"
+    card = (out / "model_card.md").read_text()
+    assert "## Student ladder" in card and "**chosen**" in card
+    names = {artifact.name for artifact in result.artifacts}
+    assert "student_ladder.png" in names
+    validate_metrics(json.loads((out / "metrics.json").read_text()))
+
+
+def test_a_latency_bound_no_rung_meets_is_flagged_and_the_verdict_says_so(
+    tmp_path: Path, forest: dict[str, Any]
+) -> None:
+    # max_parameters caps the top rung and max_steps every rung: the failing climb stays short.
+    spec = {
+        "student": {"max_latency_ms": 1e-6, "max_parameters": 1000},
+        "training": {"max_steps": 200, "checkpoint_every_minutes": None},
+    }
+    result, _ = _run(forest, tmp_path / "out", spec)
+    section = result.metrics["ladder"]
+    rungs = section["rungs"]
+    assert section["met_criteria"] is False
+    assert not any(rung["met_criteria"] for rung in rungs)
+    assert len(rungs) == len(section["planned_hidden_sizes"]), "no rung met: all were tried"
+    assert rungs[-1]["parameters"] <= 1000
+    assert all(rung["steps"] <= 200 for rung in rungs)
+    best = max(rung["validation"]["fidelity"]["value"] for rung in rungs)
+    assert rungs[section["chosen"]]["validation"]["fidelity"]["value"] == best
+    assert all(
+        any(r.startswith("missed") and "[max_latency_ms]" in r for r in rung["reasons"])
+        for rung in rungs
+    )
+    verdict = result.metrics["verdict"]
+    assert verdict["deployable"] is False and result.deployable is False
+    assert verdict["criteria"]["max_latency_ms"]["met"] is False
+    assert any(r.startswith("missed") and "[max_latency_ms]" in r for r in verdict["reasons"])
+
+
+def test_the_event_log_serves_ladder_rung_events() -> None:
+    from datetime import UTC, datetime
+
+    from app.jobs.schemas import JobEventOut
+
+    event = JobEventOut.model_validate(
+        {
+            "id": 1,
+            "type": "ladder_rung",
+            "attempt": 1,
+            "data": {"rung": 0, "rungs": 5, **_section()["rungs"][0]},
+            "created_at": datetime.now(UTC),
+        }
+    )
+    assert event.type == "ladder_rung"
