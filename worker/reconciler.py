@@ -88,47 +88,46 @@ def _expired_leases(
             ):
                 done.cancelled.append(job.id)
         elif (limit := _past_hard_limit(session, job, settings, now)) is not None:
-            error: dict[str, str | None] = {
+            failure: dict[str, str | None] = {
                 "code": "time_budget_exceeded",
                 "message": f"the job ran past the worker's hard time limit ({limit:.0f} s: "
                 "training.max_minutes plus the server's grace) and its worker process was "
                 "ended",
                 "field": "training.max_minutes",
             }
-            if service.change_status(
-                session,
-                job,
-                FAILED,
-                from_statuses=LEASED,
-                fence=attempt,
-                event={**lost, "error": error},
-                error=error,
-                **cleared,
-            ):
+            if _fail_lost(session, job, lost, failure):
                 done.failed.append(job.id)
         elif attempt >= settings.max_attempts:
-            error = {
+            failure = {
                 "code": "max_attempts_exceeded",
                 "message": f"the job's worker was lost {attempt} times "
                 f"(DISTILL_MAX_ATTEMPTS is {settings.max_attempts})",
                 "field": None,
             }
-            if service.change_status(
-                session,
-                job,
-                FAILED,
-                from_statuses=LEASED,
-                fence=attempt,
-                event={**lost, "error": error},
-                error=error,
-                **cleared,
-            ):
+            if _fail_lost(session, job, lost, failure):
                 done.failed.append(job.id)
         elif service.change_status(
             session, job, QUEUED, from_statuses=LEASED, fence=attempt, event=lost, **cleared
         ):
             done.requeued.append(job.id)
             after_commit(session, partial(queue.send, job.id))
+
+
+def _fail_lost(
+    session: Session, job: Job, lost: dict[str, Any], error: dict[str, str | None]
+) -> bool:
+    """Fail the job whose lease ran out (fenced by its attempt) with ``error``; whether it did."""
+    return service.change_status(
+        session,
+        job,
+        FAILED,
+        from_statuses=LEASED,
+        fence=job.attempt,
+        event={**lost, "error": error},
+        error=error,
+        lease_owner=None,
+        lease_expires_at=None,
+    )
 
 
 def _past_hard_limit(session: Session, job: Job, settings: Settings, now: datetime) -> float | None:

@@ -24,9 +24,8 @@ from app.config import Settings
 from tests.app.conftest import Tenants
 from tests.app.servers import celery_worker, wait_until
 from tests.worker.engine.factories import digit_cnn
-from tests.worker.test_time_limits import (  # noqa: F401 - fixtures are found by name
-    database_url,
-    engine,
+from tests.worker.postgres import database_url, engine  # noqa: F401 - fixtures, by name
+from tests.worker.test_time_limits import (
     worker_env,
 )
 

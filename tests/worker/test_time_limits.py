@@ -12,23 +12,21 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import pytest
-import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 
 from app.config import Settings
-from app.db import build_engine
 from tests.app.conftest import Tenants
-from tests.app.databases import REPO, fresh_database
+from tests.app.databases import REPO
 from tests.app.factories import npz_dataset, tiny_onnx_classifier
 from tests.app.servers import celery_worker, wait_until
+from tests.worker.postgres import database_url, engine  # noqa: F401 - fixtures, by name
 from worker.lifecycle import arm_process_deadline
 
 pytestmark = pytest.mark.slow
@@ -37,28 +35,6 @@ pytestmark = pytest.mark.slow
 START_S = 120.0
 #: How long a cancelled job may take to end once the request is in.
 CANCEL_BOUND_S = 15.0
-
-
-# Both fixtures are the module's own: a session-scoped engine cached by an earlier module
-# would write the tenants' keys into another database than the one the app reads.
-@pytest.fixture(scope="module")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """PostgreSQL only: the worker process and the in-process API share it."""
-    from alembic import command
-
-    from tests.app.databases import alembic_config
-
-    with fresh_database("postgresql", tmp_path_factory.mktemp("db")) as url:
-        command.upgrade(alembic_config(url), "head")
-        yield url
-
-
-@pytest.fixture(scope="module")
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    """The tests' own engine on the module's database."""
-    engine = build_engine(database_url)
-    yield engine
-    engine.dispose()
 
 
 def forever_classifier(features: int = 4, classes: int = 3) -> bytes:

@@ -7,20 +7,17 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.db import build_engine
 from tests.app.conftest import Tenants
-from tests.app.databases import fresh_database
 from tests.app.factories import npz_dataset, tiny_onnx_classifier
 from tests.app.servers import celery_worker, wait_until
+from tests.worker.postgres import database_url, engine  # noqa: F401 - fixtures, by name
 from tests.worker.test_time_limits import worker_env
 
 pytestmark = pytest.mark.slow
@@ -30,27 +27,6 @@ JOB_S = 90.0
 #: How long a cancelled job may take to end once the request is in.
 CANCEL_BOUND_S = 15.0
 TEST_ROWS = 37
-
-
-# The module's own database, as in test_time_limits: the worker process and the API share it.
-@pytest.fixture(scope="module")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """PostgreSQL only: the worker process and the in-process API share it."""
-    from alembic import command
-
-    from tests.app.databases import alembic_config
-
-    with fresh_database("postgresql", tmp_path_factory.mktemp("db")) as url:
-        command.upgrade(alembic_config(url), "head")
-        yield url
-
-
-@pytest.fixture(scope="module")
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    """The tests' own engine on the module's database."""
-    engine = build_engine(database_url)
-    yield engine
-    engine.dispose()
 
 
 def upload(client: TestClient, tenants: Tenants, kind: str, name: str, data: bytes) -> str:
