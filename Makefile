@@ -36,8 +36,10 @@ typecheck: install
 test: lint
 	$(MAKE) --no-print-directory --jobs=2 --output-sync=line typecheck pytest
 
+# Passive OpenMP waits: torch threads that spin would fight mypy and the worker processes
+# for the cores (worker/engine/__init__.py sets the same for the engine's processes).
 pytest: install
-	$(BIN)/python -m pytest
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest
 
 bench: install
 	$(BIN)/python bench/engine_throughput.py
