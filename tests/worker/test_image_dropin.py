@@ -77,7 +77,7 @@ def test_image_teacher_over_http_on_the_defaults_gives_a_drop_in_student(
 
     log = tmp_path / "worker.log"
     # A student this small trains fastest on one thread of a CPU shared with other jobs.
-    with celery_worker(worker_env(settings, OMP_NUM_THREADS="1"), log):
+    with celery_worker(worker_env(settings), log):
         job = wait_until(finished, "the job to finish", JOB_DEADLINE_S)
     assert job["status"] == "succeeded", (job, log.read_text(errors="replace")[-3000:])
 
