@@ -4,8 +4,7 @@ A random forest (skl2onnx) is trained on its own rows; its transfer set is other
 unlabelled rows of the same synthetic classification task. Three jobs run through
 ``worker.engine.pipeline.run`` with the product's defaults otherwise:
 
-1. single: one student of the size ``auto`` designs (``compression`` 10 given explicitly,
-   which asks for that one size and so trains no ladder);
+1. single: one student of the size ``auto`` designs (``student.ladder`` false);
 2. ladder: the default ladder, which stops at the first rung that meets the criteria;
 3. full: the ladder made to climb every rung (a ``student.max_latency_ms`` no rung can
    meet), the worst case.
@@ -107,7 +106,7 @@ def main() -> None:
     try:
         teacher, transfer = forest_job(folder, args.samples, args.trees)
         jobs: dict[str, dict[str, Any]] = {
-            "single": {"student": {"compression": 10}},
+            "single": {"student": {"ladder": False}},
             "ladder": {},
             "full": {"student": {"max_latency_ms": 1e-6}},
         }

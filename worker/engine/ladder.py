@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from worker.engine.planning import MIN_STEPS_SMALL, min_steps_for
-from worker.engine.spec import DistillationSpec
+from worker.engine.spec import DistillationSpec, StudentSpec
 
 #: Rungs in a full ladder (fewer when the top width is small).
 LADDER_RUNGS = 5
@@ -53,8 +53,8 @@ def applies(
     """Whether this job trains a ladder instead of one student.
 
     It does under ``architecture: "auto"`` for a tabular transfer set (an MLP) when no
-    size is asked for: ``hidden_sizes`` and an explicitly given ``compression`` each ask
-    for one size; ``max_parameters`` is an upper bound and only caps the top rung. The
+    size is asked for: ``hidden_sizes`` and a ``compression`` other than the default each
+    ask for one size; ``max_parameters`` is an upper bound and only caps the top rung. The
     rungs share the cached teacher pass, so a teacher run online every step trains one
     student; and they are judged on the validation rows, so too few of those
     (:data:`MIN_VALIDATION_ROWS`) train one student too. The rungs' plans keep the ladder
@@ -63,10 +63,13 @@ def applies(
     """
     student = spec.student
     return (
-        student.architecture == "auto"
+        student.ladder
+        and student.architecture == "auto"
         and modality == "tabular"
         and not student.hidden_sizes
-        and "compression" not in student.model_fields_set
+        # Compared with the default rather than read from the fields set: a job's spec is
+        # stored whole by the API, so every field of it comes back set.
+        and student.compression == StudentSpec.model_fields["compression"].default
         and not online
         and spec.training.epochs == "auto"
         and validation_rows >= MIN_VALIDATION_ROWS

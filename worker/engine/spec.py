@@ -99,6 +99,13 @@ class StudentSpec(_Strict):
         "smallest rung within it; the verdict holds the chosen student to it as to "
         "evaluation.accept.max_latency_ms (the tighter of the two).",
     )
+    ladder: bool = Field(
+        default=True,
+        description="architecture auto on tabular data with no size asked for (no "
+        "hidden_sizes, compression at its default): train a ladder of up to five MLP widths "
+        "and keep the smallest that meets evaluation.accept on the validation rows; false "
+        "trains one student of the designed size.",
+    )
     init_from_teacher: bool = Field(
         default=True,
         description="transformers teachers: initialise the student from a subset of the "

@@ -40,7 +40,13 @@ def test_applies_to_auto_tabular_students_without_an_asked_size() -> None:
     assert ladder.applies(spec(), "tabular", online=False)
     # max_parameters is an upper bound: it caps the top rung and keeps the ladder.
     assert ladder.applies(spec(max_parameters=5000), "tabular", online=False)
-    assert not ladder.applies(spec(compression=10), "tabular", online=False)
+    # A spec the API stored comes back with every field set: the default compression
+    # still climbs, another asks for one size, and ladder false turns it off.
+    stored = DistillationSpec.model_validate(spec().model_dump())
+    assert "compression" in stored.student.model_fields_set
+    assert ladder.applies(stored, "tabular", online=False)
+    assert not ladder.applies(spec(compression=4), "tabular", online=False)
+    assert not ladder.applies(spec(ladder=False), "tabular", online=False)
     assert not ladder.applies(spec(hidden_sizes=[32, 32]), "tabular", online=False)
     assert not ladder.applies(spec(architecture="mlp"), "tabular", online=False)
     assert not ladder.applies(spec(), "image", online=False)
