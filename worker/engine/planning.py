@@ -135,11 +135,18 @@ def plan_run(
     student_parameters: int,
     positions: int = 1,
     device: str = "cpu",
+    compute_parameters: int | None = None,
 ) -> RunPlan:
-    """The plan for ``rows`` training rows and a student of ``student_parameters``."""
+    """The plan for ``rows`` training rows and a student of ``student_parameters``.
+
+    ``compute_parameters`` (default: all of them) are those a step multiplies
+    with; an embedding table's rows are only read.
+    """
     per_epoch = steps_per_epoch(rows, spec.batch_size)
     floor = min_steps_for(student_parameters)
-    step_s = seconds_per_step(student_parameters, min(spec.batch_size, rows), positions, device)
+    step_s = seconds_per_step(
+        compute_parameters or student_parameters, min(spec.batch_size, rows), positions, device
+    )
     budget_steps = max(per_epoch, int(BUDGET_SHARE * spec.max_minutes * 60.0 / step_s))
     if spec.epochs == "auto":
         epochs, reason = _auto_epochs(spec, per_epoch, floor, budget_steps)
