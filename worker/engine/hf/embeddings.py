@@ -50,14 +50,12 @@ class FactorisedEmbedding(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         """The rows of ``input_ids``: low-rank, corrected for the frequent tokens."""
         low_rank = self.projection(self.tokens(input_ids))
-        slots: Tensor = self.slots
-        return low_rank + self.frequent(slots[input_ids])
+        return low_rank + self.frequent(self.get_buffer("slots")[input_ids])
 
     @property
     def weight(self) -> Tensor:
         """The whole (vocab, hidden) table it stands for (what transformers' helpers read)."""
-        slots: Tensor = self.slots
-        return self.projection(self.tokens.weight) + self.frequent(slots)
+        return self.projection(self.tokens.weight) + self.frequent(self.get_buffer("slots"))
 
     @torch.no_grad()
     def initialise(self, table: Tensor, token_counts: Tensor | None) -> None:
@@ -79,7 +77,8 @@ class FactorisedEmbedding(nn.Module):
         basis = torch.linalg.svd(table * weights, full_matrices=False)[2][: self.rank]
         self.tokens.weight.copy_(table @ basis.T)
         self.projection.weight.copy_(basis.T)
-        self.slots.zero_()  # type: ignore[operator]
+        table_of_slots = self.get_buffer("slots")
+        table_of_slots.zero_()
         self.frequent.weight.zero_()
         if self.frequent_tokens:
             used = int((counts > 0).sum())
@@ -87,7 +86,7 @@ class FactorisedEmbedding(nn.Module):
                 : min(self.frequent_tokens, used)
             ]
             slots = torch.arange(1, len(chosen) + 1, dtype=torch.int64)
-            self.slots[chosen] = slots  # type: ignore[index]
+            table_of_slots[chosen] = slots
             self.frequent.weight[slots] = table[chosen] - self.tokens.weight[chosen] @ basis
 
 

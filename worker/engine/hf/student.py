@@ -55,7 +55,7 @@ def _init_from_teacher(
         mapped[key] = source[key_in_teacher]
     student.load_state_dict(mapped, strict=True)
     if factorised is not None:
-        table = teacher.model.get_input_embeddings().weight
+        table = input_embeddings(teacher.model).get_parameter("weight")
         factorised.initialise(
             table, None if token_counts is None else torch.as_tensor(token_counts)
         )
@@ -63,8 +63,14 @@ def _init_from_teacher(
 
 def _factorised_embedding(encoder: HFEncoder) -> FactorisedEmbedding | None:
     """The encoder's word embeddings when they are factorised, else None."""
-    embeddings = encoder.model.get_input_embeddings()
+    embeddings = input_embeddings(encoder.model)
     return embeddings if isinstance(embeddings, FactorisedEmbedding) else None
+
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The word embeddings of a transformers model."""
+    embeddings: nn.Module = model.get_input_embeddings()  # type: ignore[operator]
+    return embeddings
 
 
 def _module_name(root: nn.Module, module: nn.Module) -> str:
@@ -162,7 +168,7 @@ def _factorised_design(
     layers (ALBERT and small ELECTRAs already factorise theirs).
     """
     config = teacher.hf_config
-    table = teacher.model.get_input_embeddings()
+    table = input_embeddings(teacher.model)
     if not (
         spec.init_from_teacher
         and spec.hidden_size in (None, config.hidden_size)
@@ -230,7 +236,7 @@ def _assemble(
     # Embedding students pool token states here, so a bare model's pooler would never train.
     model = make_model(config, head, pooler=head != "base")
     if word_embeddings is not None:
-        model.set_input_embeddings(  # type: ignore[operator]
+        model.set_input_embeddings(  # type: ignore[operator]  # transformers' PreTrainedModel
             FactorisedEmbedding(
                 int(config.vocab_size),
                 int(word_embeddings["rank"]),
