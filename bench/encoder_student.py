@@ -47,6 +47,7 @@ def main() -> None:
         if args.epochs is not None:
             training["epochs"] = args.epochs
         out = run_job(work, transfer, training)
+        print((work / "engine.log").read_text()[-3000:], file=sys.stderr)
         scored = score(
             out, held_out, work, baseline_texts=None if args.no_baseline else transfer[:2000]
         )

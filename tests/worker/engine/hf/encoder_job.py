@@ -24,6 +24,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+import worker.engine.components  # noqa: F401  (rebuild_student finds hf_encoder)
 from tests.worker.engine.factories import write_jsonl, zip_folder
 from tests.worker.engine.hf.sentences import installed_sentences
 from worker.engine.students import count_parameters, rebuild_student
@@ -72,6 +73,7 @@ def run_job(work: Path, transfer: list[str], training: dict[str, Any]) -> Path:
         env=env,
         timeout=3600,
     )
+    (work / "engine.log").write_text(proc.stderr)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
