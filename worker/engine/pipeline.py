@@ -561,6 +561,7 @@ def _design_student(
         teacher_bytes=signature.bytes,
         vocab_size=len(teacher.tokenizer) if teacher.tokenizer is not None else None,
         teacher=teacher,
+        token_counts=_token_counts(data.train),
     )
     preprocessing = fit_preprocessing(
         data.task, data.train.arrays, _train_teacher_outputs(teacher, data, targets)
@@ -578,6 +579,16 @@ def _design_student(
     )
     config = dict(student.config)  # type: ignore[arg-type]
     return StudentDesign(student, config, standardised_loss(loss_fn, student), has_labels)
+
+
+def _token_counts(train: TransferSet) -> np.ndarray | None:
+    """How often the training rows use each token id (padding left out); None without text."""
+    ids = train.arrays.get("input_ids")
+    if ids is None or train.modality != "text":
+        return None
+    mask = train.arrays.get("attention_mask")
+    used = ids[mask > 0] if mask is not None else ids.ravel()
+    return np.bincount(used.astype(np.int64)).astype(np.int64)
 
 
 def _train_teacher_outputs(

@@ -136,15 +136,19 @@ def plan_run(
     positions: int = 1,
     device: str = "cpu",
     min_steps: int | None = None,
+    compute_parameters: int | None = None,
 ) -> RunPlan:
     """The plan for ``rows`` training rows and a student of ``student_parameters``.
 
     ``min_steps`` replaces the floor of steps for the student's size (a ladder's small
-    rungs take a lower one).
+    rungs take a lower one). ``compute_parameters`` (default: all of them) are those a
+    step multiplies with; an embedding table's rows are only read.
     """
     per_epoch = steps_per_epoch(rows, spec.batch_size)
     floor = min_steps if min_steps is not None else min_steps_for(student_parameters)
-    step_s = seconds_per_step(student_parameters, min(spec.batch_size, rows), positions, device)
+    step_s = seconds_per_step(
+        compute_parameters or student_parameters, min(spec.batch_size, rows), positions, device
+    )
     budget_steps = max(per_epoch, int(BUDGET_SHARE * spec.max_minutes * 60.0 / step_s))
     if spec.epochs == "auto":
         epochs, reason = _auto_epochs(spec, per_epoch, floor, budget_steps)

@@ -37,7 +37,8 @@ class StudentContext:
     """What a builder knows about the teacher and the data.
 
     ``saved_config`` is set by :func:`rebuild_student`: a builder given one must
-    rebuild exactly that student (no budget search, no teacher).
+    rebuild exactly that student (no budget search, no teacher). ``token_counts``
+    (text only): how often the training rows use each token id, (vocab_size,) int64.
     """
 
     task: str
@@ -50,6 +51,7 @@ class StudentContext:
     vocab_size: int | None = None
     teacher: Any = None
     saved_config: dict[str, Any] | None = None
+    token_counts: Any = None
 
 
 StudentBuilder = Callable[[StudentSpec, StudentContext], nn.Module]

@@ -95,7 +95,8 @@ class HuggingFaceTeacher(TeacherRuntime):
         if states.dim() == 3:
             if mask is None:
                 mask = torch.ones(states.shape[:2], device=states.device)
-            return outputs, masked_mean(states, mask).float()
+            # The encoder drops trailing columns no row attends to (see ``trim_padding``).
+            return outputs, masked_mean(states, mask[:, : states.shape[1]]).float()
         return outputs, states.flatten(1).float()
 
 

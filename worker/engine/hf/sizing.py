@@ -159,3 +159,56 @@ def _heads_of_teacher_size(hidden: int, teacher_config: Any) -> int:
     while hidden % heads:
         heads -= 1
     return heads
+
+
+#: The least rank worth factorising word embeddings to; a smaller budget gets a narrower student.
+MIN_EMBEDDING_RANK = 16
+#: The share of a factorised embedding's budget spent on full-width rows of frequent tokens.
+FREQUENT_SHARE = 0.6
+
+
+def choose_factorised_size(
+    spec: StudentSpec,
+    teacher_config: Any,
+    head: Head,
+    teacher_parameters: int,
+    dense_parameters: int,
+    used_tokens: int,
+) -> tuple[int, int, int] | None:
+    """(layers, rank, frequent_tokens) of a teacher-width student with factorised embeddings.
+
+    The student keeps the teacher's width and heads, so every layer it keeps
+    starts from the teacher's, and its word embeddings become a
+    :class:`~worker.engine.hf.embeddings.FactorisedEmbedding`: what the budget
+    leaves after the layers, position embeddings and Dense layers goes
+    :data:`FREQUENT_SHARE` to full-width rows of the transfer set's most used
+    tokens (at most ``used_tokens`` of them) and the rest to the low-rank table.
+    The deepest student (``num_layers`` if given) whose rank is at least
+    :data:`MIN_EMBEDDING_RANK` wins; None when none fits (or nothing bounds it).
+    """
+    from worker.engine.hf.embeddings import factorised_parameters
+
+    budget = _budget(spec, teacher_parameters)
+    if budget is None:
+        return None
+    width = int(teacher_config.hidden_size)
+    vocab = int(teacher_config.vocab_size)
+    teacher_layers = int(teacher_config.num_hidden_layers)
+    depths = (
+        [spec.num_layers]
+        if spec.num_layers is not None
+        else list(range(max(1, teacher_layers - 1), 0, -1))
+    )
+    for depth in depths:
+        if depth > teacher_layers:
+            continue
+        config = student_config(teacher_config, layers=depth, hidden=None, heads=None)
+        rest = _parameter_count(config, head) - vocab * width + dense_parameters
+        left = budget - rest
+        frequent = max(0, min(used_tokens, int(left * FREQUENT_SHARE / width) - 1))
+        rank = int((left - (frequent + 1) * width) // (vocab + width))
+        if rank < MIN_EMBEDDING_RANK:
+            continue
+        assert factorised_parameters(vocab, width, rank, frequent) + rest <= budget
+        return depth, rank, frequent
+    return None

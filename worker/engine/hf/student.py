@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from worker.engine.errors import SpecInvalid, TeacherIncompatible
+from worker.engine.hf.embeddings import FactorisedEmbedding
 from worker.engine.hf.families import Head, make_config, make_model
-from worker.engine.hf.sizing import choose_size, student_config
+from worker.engine.hf.sizing import choose_factorised_size, choose_size, student_config
 from worker.engine.hf.wrapper import HFEncoder
 from worker.engine.spec import StudentSpec
 from worker.engine.students import STUDENTS, StudentContext
@@ -26,12 +28,24 @@ def choose_layers(teacher_layers: int, student_layers: int) -> list[int]:
     return [round(index * step) for index in range(student_layers)]
 
 
-def _init_from_teacher(student: HFEncoder, teacher: HFEncoder, chosen: list[int]) -> None:
-    """Copy embeddings, the chosen layers, pooler, head and Dense layers from the teacher."""
+def _init_from_teacher(
+    student: HFEncoder, teacher: HFEncoder, chosen: list[int], token_counts: Any = None
+) -> None:
+    """Copy embeddings, the chosen layers, pooler, head and Dense layers from the teacher.
+
+    Factorised word embeddings start from the teacher's table instead
+    (:meth:`FactorisedEmbedding.initialise`, weighted by ``token_counts``).
+    """
     stack = re.escape(student.layer_stack()) + r"\.(\d+)\."
     source = teacher.state_dict()
+    factorised = _factorised_embedding(student)
+    own = student.state_dict()
+    factorised_prefix = _module_name(student, factorised) + "." if factorised else None
     mapped = {}
-    for key in student.state_dict():
+    for key in own:
+        if factorised_prefix is not None and key.startswith(factorised_prefix):
+            mapped[key] = own[key]
+            continue
         match = re.match(stack, key)
         if match and student.model_type != "albert":
             index = chosen[int(match.group(1))]
@@ -40,6 +54,28 @@ def _init_from_teacher(student: HFEncoder, teacher: HFEncoder, chosen: list[int]
             key_in_teacher = key
         mapped[key] = source[key_in_teacher]
     student.load_state_dict(mapped, strict=True)
+    if factorised is not None:
+        table = input_embeddings(teacher.model).get_parameter("weight")
+        factorised.initialise(
+            table, None if token_counts is None else torch.as_tensor(token_counts)
+        )
+
+
+def _factorised_embedding(encoder: HFEncoder) -> FactorisedEmbedding | None:
+    """The encoder's word embeddings when they are factorised, else None."""
+    embeddings = input_embeddings(encoder.model)
+    return embeddings if isinstance(embeddings, FactorisedEmbedding) else None
+
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The word embeddings of a transformers model."""
+    embeddings: nn.Module = model.get_input_embeddings()  # type: ignore[operator]
+    return embeddings
+
+
+def _module_name(root: nn.Module, module: nn.Module) -> str:
+    """Dotted name of ``module`` within ``root``."""
+    return next(name for name, candidate in root.named_modules() if candidate is module)
 
 
 def _teacher_encoder(context: StudentContext) -> HFEncoder:
@@ -60,8 +96,13 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
     Depth (and width, if the budget needs it) follow :func:`choose_size`. With
     ``spec.init_from_teacher`` and the teacher's width, the student starts from
     the teacher's embeddings, evenly spaced layers (:func:`choose_layers`),
-    pooler and head; a narrower student starts from scratch. Given
-    ``context.saved_config`` (from ``rebuild_student``), rebuilds that student instead.
+    pooler and head. Where the budget would need a narrower student, one that
+    keeps the teacher's width with factorised word embeddings
+    (:func:`~worker.engine.hf.sizing.choose_factorised_size`) is preferred: it
+    starts from the teacher's layers (first and last of two) and from an SVD of
+    its embedding table weighted by ``context.token_counts``, which a narrower
+    student, starting from scratch, cannot. Given ``context.saved_config``
+    (from ``rebuild_student``), rebuilds that student instead.
     """
     saved = getattr(context, "saved_config", None)
     if saved is not None:
@@ -69,13 +110,26 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
     teacher = _teacher_encoder(context)
     teacher_config = teacher.hf_config
     teacher_layers = teacher_config.num_hidden_layers
-    layers, hidden, heads = choose_size(
-        spec,
-        teacher_config,
-        teacher.head,
-        context.teacher_parameters or _parameter_count(teacher),
-        _parameter_count(teacher.dense),
+    teacher_shape = (teacher_config.hidden_size, teacher_config.num_attention_heads)
+    try:
+        layers, hidden, heads = choose_size(
+            spec,
+            teacher_config,
+            teacher.head,
+            context.teacher_parameters or _parameter_count(teacher),
+            _parameter_count(teacher.dense),
+        )
+        narrowed: SpecInvalid | None = None
+    except SpecInvalid as error:
+        narrowed, (layers, hidden, heads) = error, (0, 0, 0)
+    # Narrower than the teacher: keep its width and factorise the word embeddings instead.
+    embedding = (
+        _factorised_design(spec, context, teacher) if (hidden, heads) != teacher_shape else None
     )
+    if embedding is not None:
+        layers, (hidden, heads) = embedding.pop("layers"), teacher_shape
+    elif narrowed is not None:
+        raise narrowed
     same_width = hidden == teacher_config.hidden_size
     same_shape = same_width and heads == teacher_config.num_attention_heads
     from_teacher = spec.init_from_teacher and same_shape
@@ -95,12 +149,48 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
         input_names=input_names or ["input_ids"],
         task=context.task,
         output_dim=context.output_dim,
+        word_embeddings=embedding,
     )
     chosen = choose_layers(teacher_layers, layers) if from_teacher else None
     if chosen is not None:
-        _init_from_teacher(student, teacher, chosen)
+        _init_from_teacher(student, teacher, chosen, getattr(context, "token_counts", None))
     student.config["initialised_from_teacher_layers"] = chosen
     return student
+
+
+def _factorised_design(
+    spec: StudentSpec, context: StudentContext, teacher: HFEncoder
+) -> dict[str, int] | None:
+    """``layers``, ``rank`` and ``frequent_tokens`` of a teacher-width student, or None.
+
+    Only for a student initialised from the teacher whose width and heads the
+    spec leaves open, and a teacher whose word embeddings are as wide as its
+    layers (ALBERT and small ELECTRAs already factorise theirs).
+    """
+    config = teacher.hf_config
+    table = input_embeddings(teacher.model)
+    if not (
+        spec.init_from_teacher
+        and spec.hidden_size in (None, config.hidden_size)
+        and spec.num_heads in (None, config.num_attention_heads)
+        and isinstance(table, nn.Embedding)
+        and table.weight.shape == (config.vocab_size, config.hidden_size)
+    ):
+        return None
+    counts = getattr(context, "token_counts", None)
+    used = int((torch.as_tensor(counts) > 0).sum()) if counts is not None else 0
+    size = choose_factorised_size(
+        spec,
+        config,
+        teacher.head,
+        context.teacher_parameters or _parameter_count(teacher),
+        _parameter_count(teacher.dense),
+        used,
+    )
+    if size is None:
+        return None
+    layers, rank, frequent = size
+    return {"layers": layers, "rank": rank, "frequent_tokens": frequent}
 
 
 def _parameter_count(module: nn.Module) -> int:
@@ -136,10 +226,24 @@ def _assemble(
     input_names: list[str],
     task: str,
     output_dim: int,
+    word_embeddings: dict[str, int] | None = None,
 ) -> HFEncoder:
-    """A fresh student of this shape, with the ``config`` that rebuilds it."""
+    """A fresh student of this shape, with the ``config`` that rebuilds it.
+
+    ``word_embeddings`` (``rank``, ``frequent_tokens``) replaces the model's word
+    embeddings by a :class:`FactorisedEmbedding` of that shape.
+    """
     # Embedding students pool token states here, so a bare model's pooler would never train.
     model = make_model(config, head, pooler=head != "base")
+    if word_embeddings is not None:
+        model.set_input_embeddings(  # type: ignore[operator]  # transformers' PreTrainedModel
+            FactorisedEmbedding(
+                int(config.vocab_size),
+                int(word_embeddings["rank"]),
+                int(config.hidden_size),
+                int(word_embeddings["frequent_tokens"]),
+            )
+        )
     encoder = HFEncoder(
         model,
         model_type=config.model_type,
@@ -167,6 +271,7 @@ def _assemble(
         "modality": "text",
         "input_names": encoder.input_names,
         "output_dim": output_dim,
+        "word_embeddings": dict(word_embeddings) if word_embeddings is not None else None,
     }
     return encoder
 
@@ -202,6 +307,7 @@ def rebuild_hf_encoder(config: dict[str, Any]) -> HFEncoder:
             input_names=list(config["input_names"]),
             task=str(config["task"]),
             output_dim=int(config["output_dim"]),
+            word_embeddings=config.get("word_embeddings"),
         )
     except KeyError as exc:
         raise SpecInvalid(f"student_config lacks {exc}", field="student_config") from None

@@ -103,6 +103,10 @@ class HFEncoder(nn.Module):
         """Logits or the pooled embedding (N, output_dim), float32."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self.training or not self.emit_features:
+            input_ids, attention_mask, token_type_ids = trim_padding(
+                input_ids, attention_mask, token_type_ids
+            )
         inputs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and "token_type_ids" in self.input_names:
             inputs["token_type_ids"] = token_type_ids
@@ -134,6 +138,28 @@ class HFEncoder(nn.Module):
         """Dotted names of the encoder layers, first to last."""
         stack = self.get_submodule(self.layer_stack())
         return [f"{self.layer_stack()}.{index}" for index in range(len(stack))]  # type: ignore[arg-type]
+
+
+def trim_padding(
+    input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The batch without its trailing columns that no row attends to.
+
+    A transfer set is tokenised to ``data.max_length`` while most sentences are
+    far shorter; those columns are masked out of attention and pooling alike, so
+    dropping them changes no output and saves most of a training step. Used in
+    training and by the frozen teacher only: the exported student keeps a plain
+    graph (no data-dependent shapes) and takes any padding.
+    """
+    used = attention_mask.ne(0).any(dim=0)
+    if bool(used.all()):
+        return input_ids, attention_mask, token_type_ids
+    length = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    return (
+        input_ids[:, :length],
+        attention_mask[:, :length],
+        token_type_ids[:, :length] if token_type_ids is not None else None,
+    )
 
 
 def _activation(name: str | None) -> nn.Module:

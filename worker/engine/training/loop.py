@@ -107,19 +107,32 @@ def plan_for_data(
     ``min_steps`` replaces the floor of steps for the student's size.
     """
     first = next(iter(data.train.values()))
+    mask = data.train.get("attention_mask")
     if first.ndim == 2 and not first.is_floating_point():
         positions = int(first.shape[1])  # token ids
+        if mask is not None and len(mask):
+            # Transformer students skip the padding columns no row of a batch attends to.
+            positions = max(1, min(positions, int(mask.ne(0).sum(1).max())))
     elif first.ndim >= 4:
         positions = int(first.shape[-1]) * int(first.shape[-2]) // 4  # images
     else:
         positions = 1
+    # An embedding table is read, not multiplied: its rows cost no multiply-accumulates.
+    lookups = sum(
+        parameter.numel()
+        for module in student.modules()
+        if isinstance(module, nn.Embedding)
+        for parameter in module.parameters(recurse=False)
+    )
+    parameters = sum(p.numel() for p in student.parameters())
     return plan_run(
         spec,
         rows=data.size,
-        student_parameters=sum(p.numel() for p in student.parameters()),
+        student_parameters=parameters,
         positions=positions,
         device=device.type,
         min_steps=min_steps,
+        compute_parameters=max(1, parameters - lookups),
     )
 
 

@@ -152,3 +152,51 @@ def test_embedding_student_exports_to_onnx(models: dict[str, Any], tmp_path: Pat
         norms = student(**text_batch(runtime.tokenizer)).norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms))
     _export_and_compare(student, runtime.tokenizer, tmp_path / "student.onnx")
+
+
+def test_factorised_embedding_is_exact_for_frequent_tokens() -> None:
+    from worker.engine.hf.embeddings import FactorisedEmbedding, factorised_parameters
+
+    torch.manual_seed(0)
+    table = torch.randn(200, 16)
+    counts = torch.zeros(200, dtype=torch.int64)
+    counts[:30] = torch.arange(30, 0, -1)
+    embedding = FactorisedEmbedding(200, 4, 16, 10)
+    embedding.initialise(table, counts)
+    assert _parameter_count(embedding) == factorised_parameters(200, 16, 4, 10)
+    ids = torch.arange(200).view(2, 100)
+    with torch.no_grad():
+        rows = embedding(ids).view(200, 16)
+        torch.testing.assert_close(rows[:10], table[:10])
+        # Every other token keeps its projection on the basis the weighted SVD chose.
+        basis = embedding.projection.weight.T
+        torch.testing.assert_close(rows[10:], table[10:] @ basis.T @ basis, atol=1e-5, rtol=0)
+        torch.testing.assert_close(embedding.weight, rows)
+
+
+def test_minilm_sized_student_keeps_width_and_factorises_embeddings() -> None:
+    from transformers import BertConfig
+
+    from worker.engine.hf.embeddings import factorised_parameters
+    from worker.engine.hf.sizing import choose_factorised_size, choose_size
+
+    config = BertConfig(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+        intermediate_size=1536,
+    )  # fmt: skip
+    teacher_parameters = 22_713_216
+    spec = StudentSpec(compression=4)
+    # Full embeddings at the teacher's width do not fit: the plain sizing narrows the model.
+    assert choose_size(spec, config, "base", teacher_parameters, 0)[1] < 384
+    size = choose_factorised_size(spec, config, "base", teacher_parameters, 0, used_tokens=5000)
+    assert size is not None
+    layers, rank, frequent = size
+    assert layers == 2 and rank >= 16 and 0 < frequent <= 5000
+    rest = 2 * 1_774_464 + 512 * 384 + 2 * 384 + 2 * 384
+    assert rest + factorised_parameters(30522, 384, rank, frequent) <= teacher_parameters / 4
+    assert (
+        choose_factorised_size(
+            StudentSpec(compression=20), config, "base", teacher_parameters, 0, 5000
+        )
+        is None
+    )

@@ -1,0 +1,57 @@
+"""A real pretrained sentence encoder, distilled 4x through the CLI and scored by hand.
+
+all-MiniLM-L6-v2 (22.7M parameters, half of them word embeddings), zipped as a
+user uploads it, distilled with ``student.compression: 4`` and otherwise the
+defaults, except that ``training.max_minutes`` caps the run so the test stays
+short; ``bench/encoder_student.py`` runs the same job at full length. See
+:mod:`tests.worker.engine.hf.encoder_job` for how the student is scored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.worker.engine.hf.encoder_job import run_job, score, split_sentences
+
+HELD_OUT_SENTENCES = 300
+TRANSFER_SENTENCES = 1500
+#: A cap on the job (teacher pass and training); the auto plan ends the run sooner.
+MAX_MINUTES = 10.0
+#: The held-out cosine a run this short reaches (the full run: see the bench).
+MIN_COSINE = 0.6
+
+
+@pytest.mark.filterwarnings("ignore")  # the TorchScript exporter's deprecation and tracer notes
+def test_minilm_distils_to_a_quarter_of_its_parameters(tmp_path: Path) -> None:
+    held_out, transfer = split_sentences(HELD_OUT_SENTENCES, TRANSFER_SENTENCES)
+    assert not set(held_out) & set(transfer)
+    out = run_job(tmp_path, transfer, {"max_minutes": MAX_MINUTES})
+    scored = score(out, held_out, tmp_path, baseline_texts=transfer[:1000])
+    print(json.dumps(scored.figures()))
+    metrics, config = scored.metrics, scored.config
+
+    assert metrics["task"] == "embedding"
+    # The design: the teacher's width, its first and last layers, factorised word embeddings.
+    assert config["architecture"] == "hf_encoder"
+    assert config["hf_config"]["hidden_size"] == 384
+    assert config["initialised_from_teacher_layers"] == [0, 5]
+    assert config["word_embeddings"]["rank"] >= 16
+    # A drop-in for the teacher's tokenizer output: its names, int64.
+    assert set(scored.student_inputs) <= {"input_ids", "attention_mask", "token_type_ids"}
+    assert set(scored.student_inputs.values()) == {"tensor(int64)"}
+
+    assert scored.teacher_check > 0.9999
+    assert scored.cosine >= MIN_COSINE, scored.figures()
+    assert scored.teacher_parameters / scored.student_parameters >= 4
+    assert metrics["compression"] >= 4
+    assert metrics["student"]["parameters"] == scored.student_parameters
+    assert metrics["teacher"]["parameters"] == scored.teacher_parameters
+    # The engine's test split is other sentences from the same sources: its figure agrees.
+    assert abs(metrics["student"]["cosine"] - scored.cosine) < 0.05
+    assert scored.latency_ms["student"] < scored.latency_ms["teacher"], scored.latency_ms
+    # The same architecture from random weights, trained as many steps, is far behind.
+    assert scored.baseline_cosine is not None
+    assert scored.baseline_cosine < scored.cosine - 0.2, scored.figures()
