@@ -22,12 +22,12 @@ from typing import Any
 
 import anyio
 import psycopg
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Connection, Engine, event, func, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from app.db import after_commit
-from app.jobs.models import JobEvent
+from app.jobs.models import Job, JobEvent
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,23 @@ def announce_job_change(session: Session, job_id: uuid.UUID) -> None:
     # This process's feeds forget the job's version at once: its own writes are seen by
     # its next read, without waiting for the notification to come round.
     after_commit(session, partial(_forget_everywhere, str(job_id)))
+
+
+def _notify(connection: Connection, job_id: uuid.UUID) -> None:
+    if connection.dialect.name == "postgresql":
+        connection.execute(
+            text("SELECT pg_notify(:channel, :job)"), {"channel": CHANNEL, "job": str(job_id)}
+        )
+
+
+@event.listens_for(Job, "after_update")
+def _job_row_written(_mapper: Any, connection: Connection, job: Job) -> None:
+    """An ORM write of a job row (one not made by ``JobRepository.transition``) is a change
+    too: every process's remembered version of the job must go."""
+    _notify(connection, job.id)
+    session = object_session(job)
+    if session is not None:
+        after_commit(session, partial(_forget_everywhere, str(job.id)))
 
 
 #: The feeds of this process (one per application).

@@ -85,13 +85,13 @@ def test_headers_trickled_byte_by_byte_meet_the_deadline_not_an_idle_timer(
 
 
 def test_headers_over_the_cap_are_answered_431(server: Server) -> None:
+    # Just past the cap, then read: bytes still unread when the server closes would reset
+    # the connection before its answer could be read.
+    padding = b"".join(
+        b"X-Padding-%d: %s\r\n" % (i, b"a" * 1000) for i in range(MAX_HEADER_BYTES // 1000 + 2)
+    )
     with _connect(server) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
-        for _ in range(4 * MAX_HEADER_BYTES // 1024):
-            try:
-                sock.sendall(b"X-Padding: " + b"a" * 1000 + b"\r\n")
-            except OSError:
-                break
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n" + padding)
         reply = _read_all(sock)
     assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
 
