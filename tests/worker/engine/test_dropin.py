@@ -165,6 +165,20 @@ def _plain_mlp_on_probabilities(
         layers += [nn.Linear(width, size), nn.ReLU()]
         width = size
     body = nn.Sequential(*layers, nn.Linear(width, probabilities.shape[1]))
+    return _fit_on_probabilities(body, x, probabilities, mean, scale, epochs, batch)
+
+
+def _fit_on_probabilities(
+    body: nn.Module,
+    x: np.ndarray,
+    probabilities: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    epochs: int,
+    batch: int,
+) -> nn.Module:
+    """The plain KD loop: AdamW, cross-entropy of ``body`` on standardised ``x`` to the
+    teacher's ``probabilities``, the last step kept; wrapped to take raw inputs."""
     optimizer = torch.optim.AdamW(body.parameters(), lr=1e-3)
     xt = torch.from_numpy(((x - mean) / scale).astype(np.float32))
     pt = torch.from_numpy(probabilities.astype(np.float32))
@@ -175,6 +189,7 @@ def _plain_mlp_on_probabilities(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+    body.eval()
 
     class Standardised(nn.Module):
         def forward(self, rows: torch.Tensor) -> torch.Tensor:
@@ -327,23 +342,7 @@ def plain_cnn_on_probabilities(
     mean = images.mean(axis=(0, 2, 3), keepdims=True)[0]
     scale = images.std(axis=(0, 2, 3), keepdims=True)[0] + 1e-12
     body = CNNStudent(images.shape[1], channels, probabilities.shape[1])
-    optimizer = torch.optim.AdamW(body.parameters(), lr=1e-3)
-    xt = torch.from_numpy(((images - mean) / scale).astype(np.float32))
-    pt = torch.from_numpy(probabilities.astype(np.float32))
-    for _ in range(epochs):
-        for rows in torch.randperm(len(xt)).split(batch):
-            log_probs = nn.functional.log_softmax(body(xt[rows]), dim=-1)
-            loss = -(pt[rows] * log_probs).sum(-1).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    body.eval()
-
-    class Standardised(nn.Module):
-        def forward(self, rows: torch.Tensor) -> torch.Tensor:
-            return body((rows - torch.from_numpy(mean)) / torch.from_numpy(scale))
-
-    return Standardised().eval()
+    return _fit_on_probabilities(body, images, probabilities, mean, scale, epochs, batch)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
