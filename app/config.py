@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     #: Seconds an authenticated API key is trusted without reading it again: a revoked key
     #: stops working within this long.
     auth_cache_s: float = Field(default=1.0, ge=0, le=10)
+    #: Whether an API process on PostgreSQL answers reads of a job that has not changed
+    #: since it last read it from memory (it hears every change by LISTEN/NOTIFY). Turn
+    #: it off where notifications cannot reach the API, e.g. behind a connection pooler
+    #: in transaction mode.
+    remember_jobs: bool = True
 
     def storage_root(self) -> Path:
         """The folder of a ``file://`` storage URL (relative URLs are taken from the cwd)."""

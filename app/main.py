@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio.to_thread
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.routing import BaseRoute
 
 from app.auth.key_cache import ApiKeyCache
 from app.config import Settings, get_settings
@@ -18,6 +20,8 @@ from app.db import build_engine, install_database_errors
 from app.errors import install_error_handlers
 from app.jobs.notifications import JobChangeFeed
 from app.jobs.queue import JobQueue
+from app.jobs.remembered_reads import RememberedJobReads
+from app.jobs.router import get_job
 from app.jobs.router import router as jobs_router
 from app.metrics import install_metrics
 from app.models.router import router as models_router
@@ -66,22 +70,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.read_engine = sized_engine(autocommit=True)
     app.state.session_factory = sessionmaker(engine, expire_on_commit=False)
     app.state.api_key_cache = ApiKeyCache(settings.auth_cache_s)
-    app.state.job_feed = JobChangeFeed()
+    app.state.job_feed = JobChangeFeed(remember=settings.remember_jobs)
     app.state.storage = LocalStorage(settings.storage_root())
     app.state.job_queue = JobQueue(settings)
     install_error_handlers(app)
     install_database_errors(app)
-    # Added before the metrics, so that they count its 413s too.
+    app.include_router(models_router)
+    app.include_router(datasets_router)
+    app.include_router(jobs_router)
+    app.include_router(webhooks_router)
+    # Middleware added first runs innermost: the metrics count what the others answer.
+    app.add_middleware(RememberedJobReads, route=route_of(jobs_router, get_job))
     app.add_middleware(
         BufferedBodyLimit,
         max_bytes=settings.max_json_bytes,
         streamed=frozenset({("POST", "/v1/models"), ("POST", "/v1/datasets")}),
     )
     install_metrics(app)
-    app.include_router(models_router)
-    app.include_router(datasets_router)
-    app.include_router(jobs_router)
-    app.include_router(webhooks_router)
 
     @app.get("/healthz", tags=["health"], summary="Liveness")
     def healthz() -> dict[str, str]:
@@ -105,6 +110,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     return app
+
+
+def route_of(router: APIRouter, endpoint: Callable[..., Any]) -> BaseRoute:
+    """The route of ``router`` served by ``endpoint``."""
+    for route in router.routes:
+        if getattr(route, "endpoint", None) is endpoint:
+            return route
+    raise LookupError(f"no route serves {endpoint.__name__}")
 
 
 def _readiness(app: FastAPI) -> dict[str, str]:

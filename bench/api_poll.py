@@ -4,12 +4,14 @@ Starts, on loopback, the API on a fresh PostgreSQL database (one queued job) and
 a bare FastAPI app answering a constant JSON, then drives both with the same load
 generator (wrk when installed, else a bounded asyncio HTTP/1.1 client) at each
 connection count. It prints req/s, p50/p99, non-2xx answers and timeouts for
-each, and the ratio to the constant handler; then conditional reads (304) against
-full reads; then N idle SSE followers of one job: the API's memory and CPU and
+each, and the ratio to the constant handler: full reads and conditional reads
+(304) as served (the job unchanged, so remembered by the process), then both
+again from a second API process with ``DISTILL_REMEMBER_JOBS=false``, where each
+read is a query; then N idle SSE followers of one job: the API's memory and CPU and
 the database's transactions per second while they idle, and how long each takes
 to get the terminal event once the job ends.
 
-    python bench/api_poll.py                              # about a minute
+    python bench/api_poll.py                              # about two minutes
     python bench/api_poll.py --duration 10 --followers 1000 --connections 8,16,64,256
     python bench/api_poll.py --api-workers 2              # uvicorn --workers 2
 
@@ -414,20 +416,26 @@ def main() -> None:
         const_argv = ["api_poll:constant_app", "--app-dir", "bench"]
         path = f"/v1/jobs/{job}"
         headers = {"Authorization": auth}
+        unremembered = {**env, "DISTILL_REMEMBER_JOBS": "false"}
         with (
             server(api_argv, env, folder / "api.log") as (api_port, api_pid),
+            server(api_argv, unremembered, folder / "api-db.log") as (db_port, _),
             server(const_argv, {}, folder / "constant.log") as (const_port, _),
         ):
             etag = httpx.get(f"http://127.0.0.1:{api_port}{path}", headers=headers).headers["etag"]
+            conditional = {**headers, "If-None-Match": etag}
             for conns in counts:
                 print(f"{conns} connections, {args.duration:.0f} s each:")
                 base = load(generator, const_port, path, {}, conns, args.duration)
                 print(_row("constant handler", base, None))
                 full = load(generator, api_port, path, headers, conns, args.duration)
                 print(_row("GET /v1/jobs/{id}", full, base))
-                conditional = {**headers, "If-None-Match": etag}
                 cond = load(generator, api_port, path, conditional, conns, args.duration)
                 print(_row("  If-None-Match (304)", cond, base))
+                read = load(generator, db_port, path, headers, conns, args.duration)
+                print(_row("  each read a query", read, base))
+                cond = load(generator, db_port, path, conditional, conns, args.duration)
+                print(_row("  each 304 a query", cond, base))
             asyncio.run(followers(args, api_port, api_pid, url, auth, job))
     shutil.rmtree(folder, ignore_errors=True)
 

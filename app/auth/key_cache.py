@@ -76,6 +76,17 @@ class ApiKeyCache:
             raise Unauthorized("the API key is not valid")
         return entry.principal
 
+    def cached(self, token: str) -> Principal | None:
+        """The principal of ``token`` if its key is held and unexpired and the secret matches;
+        ``None`` otherwise, without reading anything (:meth:`authenticate` decides then)."""
+        key_id, secret = split_token(token)
+        entry = self._entries.get(key_id) if key_id else None
+        if entry is None or entry.expires_at <= time.monotonic() or entry.secret_hash is None:
+            return None
+        if not hmac.compare_digest(entry.secret_hash, hash_secret(secret)):
+            return None
+        return entry.principal
+
     async def _load(self, app: Any, key_id: str) -> _Entry:
         loading = self._loading.get(key_id)
         if loading is None:

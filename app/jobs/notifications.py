@@ -102,11 +102,13 @@ class JobChangeFeed:
     listener is reconnecting): waiters then fall back to polling.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, remember: bool = True) -> None:
         self._changes: weakref.WeakValueDictionary[str, asyncio.Event] = (
             weakref.WeakValueDictionary()
         )
         self.live = False
+        #: Whether reads of jobs are remembered until their next change (when ``exact``).
+        self.remembers = remember
         #: Whether every write of a job row is heard (PostgreSQL's NOTIFY, sent by each
         #: update of a job), so a remembered version stays true until the job's change.
         self.exact = False
@@ -148,7 +150,7 @@ class JobChangeFeed:
         """Keep the job's ``(etag, status, JSON)`` as read after subscribing to ``change`` (the
         JSON None for a version-only read): it holds until ``change`` is set. Only an exact
         feed remembers."""
-        if not (self.exact and self.live) or change.is_set():
+        if not (self.remembers and self.exact and self.live) or change.is_set():
             return
         key = str(job_id)
         known = self._versions.get(key)

@@ -38,6 +38,11 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return any(tag.strip().removeprefix("W/") == bare for tag in if_none_match.split(","))
 
 
+def job_read_headers(etag: str) -> dict[str, str]:
+    """The headers of every answer to a read of one job, 200 or 304."""
+    return {"ETag": etag, "Cache-Control": "no-cache"}
+
+
 async def poll_job(
     app: Any,
     *,

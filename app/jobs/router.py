@@ -24,7 +24,7 @@ from app.errors import (
 from app.jobs import service
 from app.jobs.events import EVENT_STREAM, event_stream, wants_event_stream
 from app.jobs.models import MAX_EVENT_ID
-from app.jobs.polling import MAX_WAIT_S, poll_job
+from app.jobs.polling import MAX_WAIT_S, job_read_headers, poll_job
 from app.jobs.queue import JobQueueDep
 from app.jobs.schemas import ArtifactList, ArtifactOut, JobEventPage, JobOut, JobStatus
 from app.pagination import Page, PageParams, page_params
@@ -142,7 +142,7 @@ async def get_job(
         wait_s=wait,
         if_none_match=if_none_match,
     )
-    headers = {"ETag": view.etag, "Cache-Control": "no-cache"}
+    headers = job_read_headers(view.etag)
     if view.body is None:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     return Response(view.body, media_type="application/json", headers=headers)
