@@ -1,11 +1,13 @@
-"""The student ladder: tabular students sized by evidence rather than by a ratio.
+"""The student ladder: students sized by evidence rather than by a ratio.
 
-Under ``student.architecture: "auto"`` a tabular teacher gets an MLP whose width
-the parameter budget sets (``max_parameters``, else the teacher's size over
-``compression``). That is an upper bound, not a need: a tree ensemble of many
-megabytes is often matched by an MLP of a few thousand parameters, which is faster
-at batch 1. The ladder trains a few MLPs of geometric widths, from tiny to the
-width ``auto`` designs, smallest first, on the one cached teacher pass; judges
+Under ``student.architecture: "auto"`` a tabular teacher gets an MLP, and an image
+teacher a CNN, whose width the parameter budget sets (``max_parameters``, else the
+teacher's size over ``compression``). That is an upper bound, not a need: a tree
+ensemble of many megabytes is often matched by an MLP of a few thousand
+parameters, and a CNN by one a fraction of its width, each faster at batch 1. The
+ladder trains a few students of geometric widths (an MLP's hidden width, a CNN's
+first-stage channels, which double each stage), from tiny to the width ``auto``
+designs, smallest first, on the one cached teacher pass; judges
 each on the VALIDATION rows (task metric against the teacher's, fidelity,
 onnxruntime batch-1 latency of its exported file, size) under the acceptance
 criteria; and stops climbing at the first rung that meets them. When none does,
@@ -31,6 +33,15 @@ from worker.engine.spec import DistillationSpec, StudentSpec
 LADDER_RUNGS = 5
 #: The narrowest rung's hidden width.
 MIN_RUNG_WIDTH = 8
+#: The least ratio of a rung's width to the one below it.
+MIN_RUNG_RATIO = 1.5
+#: The spec field a ladder sets on each rung, by the architecture ``auto`` chose.
+RUNG_KNOB = {"mlp": "hidden_sizes", "cnn": "channels"}
+#: The narrowest rung's width, by architecture: a CNN's first stage of 4 channels
+#: already doubles to 32 in its fourth.
+SMALLEST_WIDTH = {"mlp": MIN_RUNG_WIDTH, "cnn": 4}
+#: The transfer sets whose ``auto`` students a ladder sizes.
+MODALITIES = ("tabular", "image")
 #: The floor of optimizer steps of a rung below the top: a third of the usual floor. A
 #: small rung either meets the criteria within it or is passed over for the next one; the
 #: top rung, the student ``auto`` designs alone, keeps the usual floor.
@@ -52,12 +63,13 @@ def applies(
 ) -> bool:
     """Whether this job trains a ladder instead of one student.
 
-    It does under ``architecture: "auto"`` for a tabular transfer set (an MLP) when no
-    size is asked for: ``hidden_sizes`` and a ``compression`` other than the default each
-    ask for one size; ``max_parameters`` is an upper bound and only caps the top rung. The
-    rungs share the cached teacher pass, so a teacher run online every step trains one
-    student; and they are judged on the validation rows, so too few of those
-    (:data:`MIN_VALIDATION_ROWS`) train one student too. The rungs' plans keep the ladder
+    It does under ``architecture: "auto"`` for a tabular transfer set (an MLP) or an image
+    one (a CNN) when no size is asked for: ``hidden_sizes``, ``channels`` and a
+    ``compression`` other than the default each ask for one size; ``max_parameters`` is
+    an upper bound and only caps the top rung. The rungs share the cached teacher pass,
+    so a teacher run online every step trains one student; and they are judged on the
+    validation rows, so too few of those (:data:`MIN_VALIDATION_ROWS`) train one student
+    too. The rungs' plans keep the ladder
     within a few students' time (lower floors, early stopping), so explicit
     ``training.epochs``, which every rung would run in full, train one student.
     """
@@ -65,8 +77,9 @@ def applies(
     return (
         student.ladder
         and student.architecture == "auto"
-        and modality == "tabular"
+        and modality in MODALITIES
         and not student.hidden_sizes
+        and not student.channels
         # Compared with the default rather than read from the fields set: a job's spec is
         # stored whole by the API, so every field of it comes back set.
         and student.compression == StudentSpec.model_fields["compression"].default
@@ -76,16 +89,40 @@ def applies(
     )
 
 
-def rung_widths(top: int, rungs: int = LADDER_RUNGS, smallest: int = MIN_RUNG_WIDTH) -> list[int]:
-    """Hidden widths from ``smallest`` to ``top``, geometric, distinct, ascending.
+def top_width(config: Mapping[str, Any]) -> int | None:
+    """The width of the student ``auto`` designed, if a ladder can vary it: an MLP's equal
+    hidden widths, a CNN's first-stage channels (doubling each stage); else None."""
+    knob = RUNG_KNOB.get(str(config.get("architecture")))
+    sizes = [int(size) for size in config.get(knob) or []] if knob else []
+    if not sizes or sizes != rung_sizes(str(config["architecture"]), sizes[0], len(sizes)):
+        return None
+    return sizes[0]
 
-    ``top`` (the width ``auto`` designs) is always the last; a ``top`` at or below
-    ``smallest`` gives that one width alone.
+
+def rung_sizes(architecture: str, width: int, layers: int) -> list[int]:
+    """The ``RUNG_KNOB`` value of a rung of ``width`` with ``layers`` hidden layers or stages."""
+    if architecture == "cnn":
+        return [width * 2**i for i in range(layers)]
+    return [width] * layers
+
+
+def rung_widths(top: int, rungs: int = LADDER_RUNGS, smallest: int = MIN_RUNG_WIDTH) -> list[int]:
+    """Widths from ``smallest`` to ``top``, geometric, ascending, each at least
+    :data:`MIN_RUNG_RATIO` times the one before.
+
+    ``top`` (the width ``auto`` designs) is always the last. A narrow ``top`` gets fewer
+    rungs (rungs a width or two apart would cost a student each and tell nothing); one
+    less than that ratio above ``smallest`` gives that one width alone.
     """
     if top <= smallest or rungs < 2:
         return [top]
-    ratio = (top / smallest) ** (1.0 / (rungs - 1))
-    widths = {max(1, round(smallest * ratio**i)) for i in range(rungs - 1)}
+    # How many rungs fit at the least ratio (the epsilon keeps exact powers in).
+    fit = 1 + math.floor(math.log(top / smallest) / math.log(MIN_RUNG_RATIO) + 1e-9)
+    count = min(rungs, fit)
+    if count < 2:
+        return [top]
+    ratio = (top / smallest) ** (1.0 / (count - 1))
+    widths = {max(1, round(smallest * ratio**i)) for i in range(count - 1)}
     return sorted(w for w in widths | {top} if w <= top)
 
 

@@ -765,30 +765,39 @@ def _climb_ladder(
     paths: JobPaths,
     callbacks: Callbacks,
 ) -> LadderClimb | None:
-    """Train MLPs from tiny up to ``top`` (the one ``auto`` designs), smallest first, and keep
-    the first that meets the criteria on the validation rows (see :mod:`worker.engine.ladder`).
+    """Train students from tiny up to ``top`` (the one ``auto`` designs), smallest first, and
+    keep the first that meets the criteria on the validation rows (see
+    :mod:`worker.engine.ladder`).
 
     None when ``top`` is too narrow to leave a smaller rung: the job trains ``top`` alone.
     """
-    hidden = top.config.get("hidden_sizes") or []
-    if top.config.get("architecture") != "mlp" or len(set(hidden)) != 1:
+    architecture = str(top.config.get("architecture"))
+    width = ladder.top_width(top.config)
+    if width is None:
         return None
-    widths = ladder.rung_widths(int(hidden[0]))
+    knob = ladder.RUNG_KNOB[architecture]
+    layers = len(top.config[knob])
+    widths = ladder.rung_widths(width, smallest=ladder.SMALLEST_WIDTH[architecture])
     if len(widths) < 2:
         return None
     started = time.monotonic()
-    designs = [_rung_design(spec, teacher, data, targets, top, width) for width in widths]
+    designs = [
+        _rung_design(
+            spec, teacher, data, targets, top, knob, ladder.rung_sizes(architecture, w, layers)
+        )
+        for w in widths
+    ]
     callbacks.event(
         "stage",
         {
             "stage": "training",
-            "student": "mlp",
+            "student": architecture,
             "student_parameters": count_parameters(top.student),
             "teacher_backend": teacher.backend,
-            "ladder": [design.config["hidden_sizes"] for design in designs],
+            "ladder": [design.config[knob] for design in designs],
         },
     )
-    judge = _RungJudge(spec, teacher, data, targets, device, paths.work / "ladder")
+    judge = _RungJudge(spec, teacher, data, targets, device, paths.work / "ladder", knob)
     rungs: list[dict[str, Any]] = []
     trained_rungs: list[TrainedStudent] = []
     stopped = "all_rungs"
@@ -834,7 +843,8 @@ def _climb_ladder(
         "chosen": chosen,
         "basis": "validation",
         "met_criteria": bool(rungs[chosen]["met_criteria"]),
-        "planned_hidden_sizes": [design.config["hidden_sizes"] for design in designs],
+        "knob": knob,
+        "planned": [design.config[knob] for design in designs],
         "stopped": stopped,
         "seconds": round(time.monotonic() - started, 3),
         "teacher": judge.teacher_figures(),
@@ -846,7 +856,7 @@ def _climb_ladder(
             {
                 "code": "ladder_criteria_unmet",
                 "message": f"no rung of the student ladder met the criteria on the validation "
-                f"rows; kept the one with the best fidelity ({rungs[chosen]['hidden_sizes']})",
+                f"rows; kept the one with the best fidelity ({knob} {rungs[chosen][knob]})",
             },
         )
     return LadderClimb(designs[chosen], kept, section)
@@ -858,14 +868,16 @@ def _rung_design(
     data: FittedData,
     targets: TeacherTargets,
     top: StudentDesign,
-    width: int,
+    knob: str,
+    sizes: list[int],
 ) -> StudentDesign:
-    """The rung of ``width``: ``top`` itself at its own width, else an MLP of that width."""
-    if [width, width] == top.config.get("hidden_sizes"):
+    """The rung whose ``knob`` (hidden sizes, channels) is ``sizes``: ``top`` itself at its
+    own, else a student of the same architecture with them."""
+    if sizes == list(top.config.get(knob) or []):
         return top
     # Seeded per rung: a rung starts the same way whichever rungs came before it.
     torch.manual_seed(spec.training.seed)
-    rung_spec = spec.student.model_copy(update={"hidden_sizes": [width, width]})
+    rung_spec = spec.student.model_copy(update={knob: sizes})
     return _design_student(spec, teacher, data, targets, rung_spec)
 
 
@@ -959,9 +971,10 @@ class _RungJudge:
         targets: TeacherTargets,
         device: torch.device,
         folder: Path,
+        knob: str,
     ) -> None:
         self.task, self.teacher, self.data, self.targets = data.task, teacher, data, targets
-        self.device, self.folder = device, folder
+        self.device, self.folder, self.knob = device, folder, knob
         self.accept = _accept(spec)
         self.metric = ACCEPT_METRIC[data.task]
         self.fidelity_name = ladder.RANKING_FIDELITY[data.task]
@@ -1023,7 +1036,7 @@ class _RungJudge:
         if external.exists():
             file_bytes += external.stat().st_size
         return {
-            "hidden_sizes": list(design.config["hidden_sizes"]),
+            self.knob: list(design.config[self.knob]),
             "parameters": figures["student"]["parameters"],
             "bytes": figures["student"]["bytes"],
             "file_bytes": file_bytes,

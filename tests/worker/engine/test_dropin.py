@@ -415,7 +415,8 @@ def test_image_cnn_student_through_the_cli_on_the_defaults_is_a_drop_in_within_a
         f"teacher {teacher_ms:.4f} ms student {student_ms:.4f} ms; weights {teacher_weights} "
         f"vs {student_weights}, bytes {teacher_bytes} vs {student_bytes}; channels "
         f"{config['channels']}; steps {metrics['training']['steps']} in "
-        f"{metrics['training']['seconds']:.1f} s"
+        f"{metrics['training']['seconds']:.1f} s; ladder {metrics['ladder']['planned']} "
+        f"chosen {metrics['ladder']['chosen']}"
     )
     assert teacher_accuracy >= 0.97, teacher_accuracy
     assert student_accuracy >= teacher_accuracy - 0.01, (student_accuracy, teacher_accuracy)
@@ -434,5 +435,10 @@ def test_image_cnn_student_through_the_cli_on_the_defaults_is_a_drop_in_within_a
     assert metrics["verdict"]["deployable"] is True, metrics["verdict"]
     assert metrics["speedup"] > 1.0 and metrics["compression"] > 1.0
     assert metrics["student"]["parameters"] < metrics["teacher"]["parameters"]
+    # auto sized the CNN by a ladder of widths, judged on the validation rows.
+    ladder = metrics["ladder"]
+    assert ladder["knob"] == "channels" and ladder["basis"] == "validation"
+    assert config["channels"] == ladder["rungs"][ladder["chosen"]]["channels"]
+    assert [r["channels"] for r in ladder["rungs"]] == ladder["planned"][: len(ladder["rungs"])]
     parity = metrics["parity"]
     assert parity["names_matched"] and parity["dtypes_matched"]

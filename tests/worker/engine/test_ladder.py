@@ -28,12 +28,27 @@ from worker.engine.training import Callbacks
 
 def test_rung_widths_are_geometric_distinct_and_end_at_the_auto_width() -> None:
     assert ladder.rung_widths(700) == [8, 24, 75, 229, 700]
-    assert ladder.rung_widths(12) == [8, 9, 10, 11, 12]
+    # A narrow top gets fewer rungs, each at least 1.5 times the one below.
+    assert ladder.rung_widths(12) == [8, 12]
+    assert ladder.rung_widths(11) == [11]
+    assert ladder.rung_widths(9, smallest=4) == [4, 6, 9]
+    assert ladder.rung_widths(40) == [8, 14, 23, 40]
     assert ladder.rung_widths(8) == [8]
     assert ladder.rung_widths(5) == [5]
 
 
-def test_applies_to_auto_tabular_students_without_an_asked_size() -> None:
+def test_rung_sizes_keep_the_shape_auto_designs() -> None:
+    assert ladder.rung_sizes("mlp", 24, 2) == [24, 24]
+    assert ladder.rung_sizes("cnn", 6, 3) == [6, 12, 24]
+    assert ladder.top_width({"architecture": "mlp", "hidden_sizes": [64, 64]}) == 64
+    assert ladder.top_width({"architecture": "cnn", "channels": [16, 32, 64]}) == 16
+    # Shapes a ladder does not vary: unequal widths, channels that do not double, others.
+    assert ladder.top_width({"architecture": "mlp", "hidden_sizes": [64, 32]}) is None
+    assert ladder.top_width({"architecture": "cnn", "channels": [16, 16]}) is None
+    assert ladder.top_width({"architecture": "rnn", "hidden_size": 64}) is None
+
+
+def test_applies_to_auto_tabular_and_image_students_without_an_asked_size() -> None:
     def spec(**student: Any) -> DistillationSpec:
         return DistillationSpec.model_validate({"student": student})
 
@@ -49,7 +64,9 @@ def test_applies_to_auto_tabular_students_without_an_asked_size() -> None:
     assert not ladder.applies(spec(ladder=False), "tabular", online=False)
     assert not ladder.applies(spec(hidden_sizes=[32, 32]), "tabular", online=False)
     assert not ladder.applies(spec(architecture="mlp"), "tabular", online=False)
-    assert not ladder.applies(spec(), "image", online=False)
+    assert ladder.applies(spec(), "image", online=False)
+    assert not ladder.applies(spec(channels=[8, 16]), "image", online=False)
+    assert not ladder.applies(spec(), "text", online=False)
     assert not ladder.applies(spec(), "tabular", online=True)
     explicit_epochs = DistillationSpec.model_validate({"training": {"epochs": 30}})
     assert not ladder.applies(explicit_epochs, "tabular", online=False)
@@ -119,6 +136,13 @@ def test_the_ladder_section_is_checked_by_the_schema() -> None:
     del broken["rungs"][0]["met_criteria"]
     with pytest.raises(ValueError, match=r"ladder\.rungs\[0\]\.met_criteria"):
         validate_metrics({**metrics, "ladder": broken})
+    cnn = _section()
+    for rung in cnn["rungs"]:
+        width = rung.pop("hidden_sizes")[0]
+        rung["channels"] = [width, 2 * width]
+    validate_metrics({**metrics, "ladder": {**cnn, "knob": "channels"}})
+    with pytest.raises(ValueError, match=r"ladder\.rungs\[0\]\.hidden_sizes: required"):
+        validate_metrics({**metrics, "ladder": cnn})
     with pytest.raises(ValueError, match=r"ladder\.basis"):
         validate_metrics({**metrics, "ladder": {**_section(), "basis": "test"}})
 
@@ -209,7 +233,7 @@ def test_the_ladder_keeps_a_small_student_as_accurate_and_faster_than_the_forest
     assert [data["rung"] for kind, data in events if kind == "ladder_rung"] == list(
         range(len(rungs))
     )
-    top = section["planned_hidden_sizes"][-1]
+    top = section["planned"][-1]
     assert rungs[chosen]["hidden_sizes"] != top, "a smaller student than auto alone designs"
     config = json.loads((tmp_path / "out" / "student_config.json").read_text())
     assert config["hidden_sizes"] == rungs[chosen]["hidden_sizes"]
@@ -255,7 +279,7 @@ def test_a_latency_bound_no_rung_meets_is_flagged_and_the_verdict_says_so(
     rungs = section["rungs"]
     assert section["met_criteria"] is False
     assert not any(rung["met_criteria"] for rung in rungs)
-    assert len(rungs) == len(section["planned_hidden_sizes"]), "no rung met: all were tried"
+    assert len(rungs) == len(section["planned"]), "no rung met: all were tried"
     assert rungs[-1]["parameters"] <= 1000
     assert all(rung["steps"] <= 200 for rung in rungs)
     best = max(rung["validation"]["fidelity"]["value"] for rung in rungs)

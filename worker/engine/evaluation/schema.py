@@ -304,7 +304,6 @@ def _task_rule(task: str) -> dict[str, Any]:
 _RUNG: dict[str, Any] = {
     "type": "object",
     "required": [
-        "hidden_sizes",
         "parameters",
         "file_bytes",
         "onnxruntime_latency_ms",
@@ -315,7 +314,9 @@ _RUNG: dict[str, Any] = {
         "reasons",
     ],
     "properties": {
-        "hidden_sizes": {"type": "array"},
+        # The rung's size under the section's ``knob``: an MLP's, or a CNN's.
+        "hidden_sizes": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+        "channels": {"type": "array", "items": {"type": "integer", "minimum": 1}},
         "parameters": {"type": "integer", "minimum": 0},
         "file_bytes": {"type": "integer", "minimum": 0},
         "onnxruntime_latency_ms": {"type": ["number", "null"], "minimum": 0},
@@ -353,6 +354,9 @@ LADDER_SCHEMA: dict[str, Any] = {
         "chosen": {"type": "integer", "minimum": 0},
         "basis": {"const": "validation"},
         "met_criteria": {"type": "boolean"},
+        # What the rungs vary; absent in files written before CNN ladders (hidden_sizes).
+        "knob": {"enum": ["hidden_sizes", "channels"]},
+        "planned": {"type": "array", "items": {"type": "array"}},
     },
 }
 
@@ -484,11 +488,19 @@ def validate_metrics(obj: Any) -> None:
 
 
 def _ladder_errors(obj: Any) -> list[str]:
-    """What the schema cannot say about ``ladder``: its chosen index names one of its rungs."""
+    """What the schema cannot say about ``ladder``: its chosen index names one of its rungs,
+    and every rung gives its size under the section's ``knob``."""
     ladder = obj.get("ladder") if isinstance(obj, dict) else None
     if not isinstance(ladder, dict):
         return []
+    errors = []
     rungs, chosen = ladder.get("rungs"), ladder.get("chosen")
     if isinstance(rungs, list) and isinstance(chosen, int) and not 0 <= chosen < len(rungs):
-        return [f"metrics.ladder.chosen: {chosen} is not the index of one of {len(rungs)} rungs"]
-    return []
+        errors.append(
+            f"metrics.ladder.chosen: {chosen} is not the index of one of {len(rungs)} rungs"
+        )
+    knob = ladder.get("knob", "hidden_sizes")
+    for index, rung in enumerate(rungs if isinstance(rungs, list) else []):
+        if isinstance(rung, dict) and knob not in rung:
+            errors.append(f"metrics.ladder.rungs[{index}].{knob}: required")
+    return errors

@@ -155,6 +155,7 @@ def _ladder(metrics: Mapping[str, Any]) -> list[str]:
     fidelity = (first.get("fidelity") or {}).get("name", "fidelity")
     teacher = ladder.get("teacher") or {}
     met = ladder.get("met_criteria")
+    knob = str(ladder.get("knob") or "hidden_sizes")
     lines = [
         "## Student ladder",
         "",
@@ -166,14 +167,14 @@ def _ladder(metrics: Mapping[str, Any]) -> list[str]:
             else "**none met them**, so the one with the best validation fidelity was kept."
         ),
         "",
-        f"| | hidden sizes | parameters | file bytes | {metric} (validation) | "
+        f"| | {knob.replace('_', ' ')} | parameters | file bytes | {metric} (validation) | "
         f"{fidelity} (validation) | latency, batch 1 (ms) | steps | seconds | met criteria |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for index, rung in enumerate(rungs):
         validation = rung.get("validation") or {}
         mark = "**chosen**" if index == chosen else ""
-        sizes = " × ".join(str(size) for size in rung.get("hidden_sizes") or [])
+        sizes = " × ".join(str(size) for size in rung.get(knob) or [])
         lines.append(
             f"| {mark} | {sizes} | {_cell(rung.get('parameters'))} | "
             f"{_cell(rung.get('file_bytes'))} | "
