@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 1.0
 #: Seconds between checks for a cancellation request.
 CANCEL_CHECK_S = 1.0
+#: Engine stages after training: they ask for a cancellation a few times in all, and each
+#: time it is read from the database.
+UNTHROTTLED_STAGES = frozenset({"export", "evaluation"})
 
 
 def capped_spec(spec: JobSpec, settings: Settings) -> JobSpec:
@@ -207,6 +210,7 @@ class JobRun:
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
         self._cancel_requested = False
+        self._stage = ""
         self._lost = threading.Event()
         self._stop_heartbeat = threading.Event()
         # What the heartbeat reads to tell a working run from a stalled one.
@@ -318,19 +322,23 @@ class JobRun:
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         """Engine events go to the log; evaluations also become the job's latest metrics."""
         self._note_sign_of_life()
+        if kind == "stage":
+            self._stage = str(data.get("stage", ""))
         values = {"metrics": {"validation": data}} if kind == "evaluation" else {}
         self._write(kind, data, **values)
 
     def should_cancel(self) -> bool:
         """Whether the run must stop at this step: the lease is lost, the worker is shutting
-        down, or the job was cancelled (read from the database at most once a second)."""
+        down, or the job was cancelled (read from the database at most once a second while
+        the engine asks every step, and at every ask in the export and evaluation)."""
         self._note_sign_of_life()
         if self._lost.is_set():
             raise JobLost(f"job {self.claim.job_id} attempt {self.claim.attempt} lost its lease")
         if handback_requested.is_set():
             return True
         now = time.monotonic()
-        if self._cancel_requested or now - self._last_cancel_check < CANCEL_CHECK_S:
+        throttled = self._stage not in UNTHROTTLED_STAGES
+        if self._cancel_requested or (throttled and now - self._last_cancel_check < CANCEL_CHECK_S):
             return self._cancel_requested
         self._last_cancel_check = now
         with self.factory() as session:
@@ -513,13 +521,20 @@ class JobRun:
                 "stop_reason": result.stop_reason,
                 "partial": result.partial,
             }
-            status, event = SUCCEEDED, {"stop_reason": result.stop_reason}
+            status = SUCCEEDED
+            event: dict[str, Any] = {"stop_reason": result.stop_reason, "partial": result.partial}
             verdict = (result.metrics or {}).get("verdict")
             if isinstance(verdict, dict):
                 event["verdict"] = verdict
             if _stopped_by_cancellation(result):
-                # Cancelled, with the best student found before it kept (partial).
+                # Cancelled, with the best student found before it kept (partial): during the
+                # export or the evaluation, it is unevaluated and the terminal event says so.
                 status = CANCELLED
+                stage = (result.metrics or {}).get("cancelled_during")
+                if stage is not None:
+                    event["cancelled_during"] = stage
+                if (result.metrics or {}).get("evaluated") is False:
+                    event["evaluated"] = False
             elif result.partial:
                 # The best student before the time limit is kept, but the job did not finish.
                 status = FAILED

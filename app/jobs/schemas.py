@@ -66,7 +66,10 @@ class JobOut(BaseModel):
     """A distillation job.
 
     ``metrics`` holds the latest validation figures while it runs and the
-    report of ``metrics.json`` once it succeeded.
+    report of ``metrics.json`` once it ended with a student: succeeded, or with a
+    partial one (``partial``) when cancelled or out of time. A job cancelled during
+    its export or evaluation has no figures on the test rows (``metrics.evaluated``
+    false, ``metrics.cancelled_during`` the stage) and is never deployable.
     """
 
     model_config = ConfigDict(from_attributes=True)

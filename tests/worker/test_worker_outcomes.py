@@ -1,6 +1,6 @@
 """Jobs run by a real Celery worker process, on PostgreSQL, submitted over the in-process API:
-a job reported on the caller's test set, and a job cancelled mid-training that keeps its best
-student."""
+a job reported on the caller's test set, a job cancelled mid-training that keeps its best
+student, and one cancelled during its evaluation that keeps its student unevaluated."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ JOB_S = 90.0
 #: How long a cancelled job may take to end once the request is in.
 CANCEL_BOUND_S = 15.0
 TEST_ROWS = 37
+#: Unlabelled test rows that make the evaluation last seconds (about 3 s alone on one core),
+#: where the cancellation takes a poll of the event log and one request to land; within the
+#: tests' upload limit.
+EVALUATION_ROWS = 15_000
 
 
 def upload(client: TestClient, tenants: Tenants, kind: str, name: str, data: bytes) -> str:
@@ -133,3 +137,58 @@ def test_a_job_cancelled_mid_training_keeps_its_best_student(
     assert terminal["type"] == "terminal" and terminal["data"]["status"] == "cancelled"
     assert "student.onnx" in terminal["data"]["artifacts"]
     print(f"cancelled with its student {took:.2f} s after the request")
+
+
+def stage_logged(client: TestClient, tenants: Tenants, job_id: str, stage: str) -> bool:
+    page = client.get(
+        f"/v1/jobs/{job_id}/events", headers=tenants.acme, params={"limit": 1000}
+    ).json()
+    return any(e["type"] == "stage" and e["data"].get("stage") == stage for e in page["data"])
+
+
+def test_a_job_cancelled_during_its_evaluation_keeps_its_student_unevaluated(
+    client: TestClient, tenants: Tenants, settings: Settings, tmp_path: Path
+) -> None:
+    teacher = upload(client, tenants, "models", "t.onnx", tiny_onnx_classifier())
+    transfer = upload(client, tenants, "datasets", "d.npz", npz_dataset(rows=120))
+    rows = npz_dataset(rows=EVALUATION_ROWS, classes=None, seed=5)
+    test_set = upload(client, tenants, "datasets", "test.npz", rows)
+    spec = {
+        "teacher_model_id": teacher,
+        "dataset_id": transfer,
+        "training": {"epochs": 2, "batch_size": 32},
+        "evaluation": {"test_dataset_id": test_set, "baseline": False},
+    }
+    submitted = client.post("/v1/jobs", headers=tenants.acme, json=spec)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    with celery_worker(worker_env(settings), tmp_path / "worker.log"):
+        wait_until(
+            lambda: stage_logged(client, tenants, job_id, "evaluation"), "the evaluation", JOB_S
+        )
+        response = client.post(f"/v1/jobs/{job_id}/cancel", headers=tenants.acme)
+        assert response.json()["status"] == "cancelling", response.text
+        done = wait_until(lambda: ended(client, tenants, job_id), "the job to end", 60)
+    assert done["status"] == "cancelled", done
+    assert done["partial"] is True and done["stop_reason"] == "cancelled", done
+    assert done["error"] is None and done["verdict"]["deployable"] is False, done
+    metrics = done["metrics"]
+    assert metrics["evaluated"] is False and metrics["cancelled_during"] == "evaluation", metrics
+    assert not {"teacher", "student", "fidelity", "intervals"} & metrics.keys()
+    files = downloaded_artifacts(client, tenants, job_id)
+    assert {"student.onnx", "student.safetensors", "student_config.json"} <= files.keys()
+    assert {"metrics.json", "model_card.md", "training_curves.png"} <= files.keys()
+    assert json.loads(files["metrics.json"]) == metrics
+    assert "cancelled during the evaluation" in files["model_card.md"].decode()
+    log = client.get(
+        f"/v1/jobs/{job_id}/events", headers=tenants.acme, params={"limit": 1000}
+    ).json()["data"]
+    assert not any(e["type"] == "evaluation" and e["data"].get("final") for e in log)
+    statuses = [e["data"]["status"] for e in log if "status" in e["data"]]
+    assert statuses == ["queued", "running", "cancelling", "cancelled"], statuses
+    terminal = log[-1]
+    assert terminal["type"] == "terminal", terminal
+    assert terminal["data"]["partial"] is True and terminal["data"]["evaluated"] is False
+    assert terminal["data"]["cancelled_during"] == "evaluation"
+    assert terminal["data"]["verdict"]["deployable"] is False
+    assert "student.onnx" in terminal["data"]["artifacts"]

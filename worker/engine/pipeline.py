@@ -17,6 +17,13 @@ the stages below, each a function of its own, in this order:
    rows, run from the exported files in onnxruntime where there are files, and the verdict;
 8. :func:`_write_reports` and :func:`_report`: metrics, card, curves, and what the
    caller gets back.
+
+A cancellation that keeps the student (``Callbacks.cancel_keeps_student``) is honoured
+wherever it arrives once a student exists: training and the baseline stop at their next
+step and the best student so far is exported and evaluated; an export runs to its end (no
+file is left half-written) and the run stops before the evaluation; the evaluation stops at
+its next check, and none of its figures is reported (``metrics.json``'s ``evaluated`` false).
+The run then ends ``cancelled`` and ``partial``, and its student is never deployable.
 """
 
 from __future__ import annotations
@@ -123,7 +130,9 @@ class RunResult:
     ``metrics`` is ``metrics.json``; ``deployable`` repeats its
     ``verdict.deployable``. ``partial`` is True when training stopped at its time
     budget or on a cancellation that keeps the student (``stop_reason``
-    ``cancelled``): the best student so far was still exported and evaluated.
+    ``cancelled``): the best student so far was still exported, and evaluated unless
+    the cancellation came during its export or evaluation (``metrics["evaluated"]``
+    false, ``metrics["cancelled_during"]`` the stage).
     """
 
     task: str
@@ -210,6 +219,36 @@ class TrainedStudent:
 #: How training may stop short and still export its best student: the report is partial.
 PARTIAL_STOPS = ("time_budget", "cancelled")
 
+
+class StageCancelled(Exception):
+    """A cancellation that keeps the student, seen after training at a stage's check."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(f"cancelled during {stage}")
+        self.stage = stage
+
+
+@dataclass
+class StopChecks:
+    """Where the stages after training look for a cancellation that keeps the student.
+
+    Only a cancellation not yet honoured counts: one that stopped training or the baseline
+    was honoured there, and its student goes on to be exported and evaluated. A request
+    to stop that does not keep the student (a worker handing its job back) does not cut
+    these stages short: they end within seconds, and the job with them.
+    """
+
+    callbacks: Callbacks
+    active: bool = True
+
+    def check(self, stage: str) -> None:
+        """Raise :class:`StageCancelled` for ``stage`` if the caller cancelled the run."""
+        if not self.active or not self.callbacks.cancelled():
+            return
+        if self.callbacks.keeps_student_on_cancel():
+            raise StageCancelled(stage)
+
+
 #: Training rows the teacher runs on to fit the student's preprocessing when it runs online.
 PREPROCESSING_SAMPLE_ROWS = 4096
 
@@ -289,12 +328,35 @@ def _distil(
         trained = _train_student(
             spec, teacher, design, data, targets, device, paths.checkpoints, callbacks
         )
+    cancelled_during = "training" if trained.result.stop_reason == "cancelled" else None
     baseline = _baseline_unless_cancelled(spec, design, data, targets, trained, device, callbacks)
+    if cancelled_during is None and trained.result.stop_reason == "cancelled":
+        cancelled_during = "baseline"
+    # The export is never interrupted: each file it writes is whole, and a cancellation that
+    # arrives meanwhile is seen once it is done.
     quantized = _export(spec, teacher, data, trained, paths.out, callbacks)
-    metrics = _evaluate(
-        spec, teacher, data, targets, trained, baseline, device, paths, callbacks, quantized
-    )
-    metrics["parity"] = _parity(teacher, data, paths.out)
+    stops = StopChecks(callbacks, active=cancelled_during is None)
+    try:
+        stops.check("export")
+        metrics = _evaluate(
+            spec,
+            teacher,
+            data,
+            targets,
+            trained,
+            baseline,
+            device,
+            paths,
+            callbacks,
+            quantized,
+            stops,
+        )
+    except StageCancelled as stopped:
+        # Cancelled after training: the student is kept, unevaluated (nothing is half-reported).
+        trained.result.stop_reason = "cancelled"
+        cancelled_during = stopped.stage
+        metrics = _unevaluated_metrics(spec, teacher, data, trained, device, stopped.stage)
+    metrics["cancelled_during"] = cancelled_during
     metrics["provenance"] = _provenance(spec, teacher, paths, device, provenance)
     metrics["ladder"] = climb.section if climb is not None else None
     evaluation.validate_metrics(metrics)
@@ -809,9 +871,19 @@ def _climb_ladder(
         rung_started = time.monotonic()
         is_top = index == len(designs) - 1
         minutes = remaining if is_top else ladder.rung_minutes(remaining, len(designs) - index)
-        trained = _train_rung(
-            spec, teacher, designs, index, data, targets, device, paths, callbacks, minutes
-        )
+        try:
+            if rungs:
+                # Cancelled while the last rung was judged: it is kept, no new rung starts.
+                StopChecks(callbacks).check("training")
+            trained = _train_rung(
+                spec, teacher, designs, index, data, targets, device, paths, callbacks, minutes
+            )
+        except (StageCancelled, Cancelled):
+            if not rungs or not callbacks.keeps_student_on_cancel():
+                raise
+            # Cancelled before this rung validated once: the climb keeps what it has.
+            stopped = "cancelled"
+            break
         rung = judge.measure(index, design, trained)
         rung.update(
             steps=trained.result.steps,
@@ -1145,24 +1217,36 @@ def _evaluate(
     paths: JobPaths,
     callbacks: Callbacks,
     quantized: dict[str, Quantized | None] | None = None,
+    stops: StopChecks | None = None,
 ) -> dict[str, Any]:
-    """Teacher, student (and baseline) on the test rows, against the same reference.
+    """Teacher, student (and baseline) on the test rows, against the same reference, and the
+    parity of the teacher's and student's files.
 
     Each quantized student of ``quantized`` (None where its quantization failed) is
-    scored beside the student, by the same harness, under ``quantized``.
+    scored beside the student, by the same harness, under ``quantized``. ``stops`` is
+    checked between the parts, and last before the figures are reported: a cancellation
+    raises :class:`StageCancelled` and no figure of the evaluation is kept.
     """
+    stops = stops or StopChecks(callbacks, active=False)
+
+    def check() -> None:
+        stops.check("evaluation")
+
     callbacks.event("stage", {"stage": "evaluation"})
     task, result, test = data.task, trained.result, data.test
     inputs = to_tensors(test.arrays, torch.device("cpu"))
     result.student.to(device)  # the export stage moved it to the CPU
     teacher_run = _teacher_on_test(teacher, test, targets.output_kind, spec, callbacks)
+    check()
     student_run = _student_on_test(task, result.student, inputs, teacher, paths.out)
+    check()
     reference = _reference(task, test.labels, teacher_run.outputs)
-    sides = {
-        "teacher": _teacher_side(task, teacher, teacher_run, reference, inputs, device),
-        "student": _student_side(task, result.student, student_run, reference, inputs, device),
-    }
+    sides = {"teacher": _teacher_side(task, teacher, teacher_run, reference, inputs, device)}
+    check()
+    sides["student"] = _student_side(task, result.student, student_run, reference, inputs, device)
+    check()
     speed_runtime = _settle_speed(sides, teacher_run, student_run, test.arrays)
+    check()
     baseline_run = None
     if baseline is not None:
         outputs = predict(baseline.student, inputs, 512, None).cpu().numpy()
@@ -1171,6 +1255,7 @@ def _evaluate(
             task, baseline.student, baseline_run, reference, inputs, device
         )
         _settle_speed({"baseline": sides["baseline"]}, None, None, test.arrays)
+        check()
     runs = {"teacher": teacher_run, "student": student_run, "baseline": baseline_run}
     quantized_sides = (
         {
@@ -1184,6 +1269,9 @@ def _evaluate(
         if quantized
         else None
     )
+    check()
+    intervals = _intervals(task, runs, reference, spec.training.seed)
+    check()
     metrics = evaluation.build_metrics(
         task=task,
         teacher=sides["teacher"],
@@ -1198,7 +1286,7 @@ def _evaluate(
             "device": str(device),
             "partial": result.stop_reason in PARTIAL_STOPS,
             "training": _training_summary(spec, task, teacher, result),
-            "intervals": _intervals(task, runs, reference, spec.training.seed),
+            "intervals": intervals,
             "runtime": {
                 **{name: run.runtime for name, run in runs.items() if run is not None},
                 "speed": speed_runtime,
@@ -1207,8 +1295,45 @@ def _evaluate(
         },
         accept=_accept(spec),
     )
+    check()
+    metrics["parity"] = _parity(teacher, data, paths.out)
+    check()
     callbacks.event("evaluation", {"final": True, "metrics": metrics})
     return metrics
+
+
+def _unevaluated_metrics(
+    spec: DistillationSpec,
+    teacher: TeacherRuntime,
+    data: FittedData,
+    trained: TrainedStudent,
+    device: torch.device,
+    stage: str,
+) -> dict[str, Any]:
+    """``metrics.json`` of a student cancelled before its evaluation ended: how it trained,
+    the rows it trained and validated on, and a verdict that it is not deployable. No
+    figure on the test rows is given, not even those measured before the cancellation."""
+    result = trained.result
+    return {
+        "task": data.task,
+        "evaluated": False,
+        "partial": True,
+        "device": str(device),
+        "split": {
+            "train_rows": len(data.train),
+            "validation_rows": len(data.validation),
+            "test_rows": len(data.test),
+            "test_source": data.test_source,
+        },
+        "training": _training_summary(spec, data.task, teacher, result),
+        "verdict": evaluation.not_evaluated(
+            data.task,
+            _accept(spec),
+            f"the job was cancelled during its {stage}; the student was not evaluated on "
+            "the test rows",
+        ),
+        "parity": None,
+    }
 
 
 def _teacher_on_test(

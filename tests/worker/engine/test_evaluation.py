@@ -20,10 +20,12 @@ from worker.engine.evaluation import (
     measure_speed,
     measure_throughput,
     module_bytes,
+    not_evaluated,
     regression_metrics,
     task_metrics,
     validate_metrics,
 )
+from worker.engine.spec import AcceptSpec
 
 
 @pytest.fixture
@@ -341,6 +343,36 @@ def test_validate_metrics_rejects_bad_objects() -> None:
     bad_cases.append((string_verdict, "metrics.verdict: expected object"))
     no_intervals = {k: v for k, v in good.items() if k != "intervals"}
     bad_cases.append((no_intervals, "metrics.intervals: required"))
+    for obj, message in bad_cases:
+        with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+            validate_metrics(obj)
+
+
+def test_an_unevaluated_student_needs_no_test_figures_but_cannot_be_deployable() -> None:
+    verdict = not_evaluated("classification", AcceptSpec().model_dump(), "cancelled")
+    assert verdict["deployable"] is False and verdict["reasons"] == [
+        "not deployable: cancelled; no criterion was checked"
+    ]
+    assert {c["met"] for c in verdict["criteria"].values()} == {None}
+    split = {k: v for k, v in SPLIT.items() if k in ("train_rows", "validation_rows", "test_rows")}
+    unevaluated = {
+        "task": "classification",
+        "evaluated": False,
+        "partial": True,
+        "cancelled_during": "evaluation",
+        "split": {**split, "test_source": "split"},
+        "training": {"steps": 8, "stop_reason": "cancelled"},
+        "verdict": verdict,
+    }
+    validate_metrics(unevaluated)
+    bad_cases = [
+        ({**unevaluated, "verdict": {**verdict, "deployable": True}}, "verdict.deployable"),
+        ({**unevaluated, "partial": False}, "metrics.partial"),
+        ({**unevaluated, "cancelled_during": "training"}, "metrics.cancelled_during"),
+        ({k: v for k, v in unevaluated.items() if k != "training"}, "training: required"),
+        # Without ``evaluated`` false, every figure is required as before.
+        ({**unevaluated, "evaluated": True}, "metrics.teacher: required"),
+    ]
     for obj, message in bad_cases:
         with pytest.raises(ValueError, match=message.replace(".", r"\.")):
             validate_metrics(obj)

@@ -529,6 +529,10 @@ def test_a_cancellation_that_keeps_the_student_exports_the_best_validated_one(
     metrics = result.metrics
     validate_metrics(metrics)
     assert metrics["partial"] is True and metrics["training"]["stop_reason"] == "cancelled"
+    assert metrics["cancelled_during"] == "training" and metrics["evaluated"] is True
+    # Evaluated, but a cancelled job's student is never declared deployable.
+    assert metrics["verdict"]["deployable"] is False and result.deployable is False
+    assert "cancelled" in metrics["verdict"]["reasons"][0]
     # Validated at the end of the first epoch, then trained two steps more.
     best_step = metrics["training"]["best_step"]
     assert best_step is not None and 0 < best_step < 8
@@ -577,7 +581,68 @@ def test_a_cancellation_during_the_baseline_keeps_the_student_without_it(
     )
     assert result.stop_reason == "cancelled" and result.partial
     assert result.metrics["partial"] is True and result.metrics.get("baseline") is None
+    assert result.metrics["cancelled_during"] == "baseline" and not result.deployable
     assert {p.name for p in (tmp_path / "out").iterdir()} >= ARTIFACTS
+
+
+@pytest.mark.parametrize("stage", ["export", "evaluation"])
+def test_a_cancellation_after_training_keeps_the_student_unevaluated(
+    tmp_path: Path, mlp_teacher: Path, split_digits: dict[str, np.ndarray], stage: str
+) -> None:
+    data = write_npz(tmp_path / "t.npz", split_digits["x"][:300], split_digits["y"][:300])
+    spec = DistillationSpec(
+        training=TrainingSpec(**training(epochs=2)),
+        evaluation=EvaluationSpec(baseline=False),
+        export=ExportSpec(quantize=["int8"]),
+    )
+    events: list[tuple[str, dict[str, Any]]] = []
+    now = {"stage": ""}
+
+    def note(kind: str, data: dict[str, Any]) -> None:
+        events.append((kind, data))
+        if kind == "stage":
+            now["stage"] = str(data.get("stage"))
+
+    result = run(
+        spec,
+        teacher_path=mlp_teacher,
+        dataset_path=data,
+        out_dir=tmp_path / "out",
+        callbacks=Callbacks(
+            on_event=note,
+            # Asked for from the stage on: training ran to its end before.
+            should_cancel=lambda: now["stage"] == stage,
+            cancel_keeps_student=lambda: True,
+        ),
+    )
+    stages = [d["stage"] for kind, d in events if kind == "stage"]
+    assert stages[-1] == stage, stages
+    assert result.stop_reason == "cancelled" and result.partial and not result.deployable
+    metrics = result.metrics
+    validate_metrics(metrics)
+    assert metrics == json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["evaluated"] is False and metrics["cancelled_during"] == stage
+    assert metrics["partial"] is True and metrics["training"]["stop_reason"] == "cancelled"
+    assert metrics["training"]["steps"] == result.steps > 0
+    # Nothing measured on the test rows is reported, not even what was measured in time.
+    assert not {"teacher", "student", "fidelity", "speedup", "intervals"} & metrics.keys()
+    assert not any(kind == "evaluation" and d.get("final") for kind, d in events)
+    verdict = metrics["verdict"]
+    assert verdict["deployable"] is False and f"during its {stage}" in verdict["reasons"][0]
+    assert all(c["met"] is None for c in verdict["criteria"].values()) and verdict["criteria"]
+
+    # The export that was running finished: every file is whole and runs.
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} >= ARTIFACTS | {"student.int8.onnx"}
+    for name in ("student.onnx", "student.int8.onnx"):
+        outputs = onnx_predict(out / name, split_digits["x_test"])
+        assert outputs.shape == (len(split_digits["x_test"]), 10) and np.isfinite(outputs).all()
+    from safetensors.numpy import load_file
+
+    assert load_file(out / "student.safetensors")
+    card = (out / "model_card.md").read_text()
+    assert "Verdict: **not deployable**" in card and f"cancelled during the {stage}" in card
+    assert "Not evaluated" in card and "| metric |" not in card
 
 
 def test_a_cancellation_before_any_validation_leaves_no_student(

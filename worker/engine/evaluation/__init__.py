@@ -37,7 +37,7 @@ from worker.engine.evaluation.speed import (
     measure_throughput,
     module_bytes,
 )
-from worker.engine.evaluation.verdict import decide
+from worker.engine.evaluation.verdict import decide, not_evaluated, withhold
 
 __all__ = [
     "FIDELITY_KEYS",
@@ -59,8 +59,10 @@ __all__ = [
     "measure_speed",
     "measure_throughput",
     "module_bytes",
+    "not_evaluated",
     "regression_metrics",
     "task_metric_interval",
     "task_metrics",
     "validate_metrics",
+    "withhold",
 ]

@@ -20,6 +20,11 @@ PRIMARY_METRIC: dict[str, tuple[str, bool]] = {
     "embedding": ("cosine", True),
 }
 
+#: Where a job that keeps its student may be cancelled (``cancelled_during``): training (the
+#: student ladder included) or the labels-only baseline, whose student is still evaluated, and
+#: the export or the evaluation, whose student is not (``evaluated`` false).
+CANCEL_STAGES = ("training", "baseline", "export", "evaluation")
+
 #: Distillation "helped" only when it beats the baseline by more than this: absolute for
 #: bounded scores (accuracy, cosine), relative for errors (mse). Smaller gaps are noise.
 BASELINE_TOLERANCE = 0.005
@@ -170,7 +175,9 @@ def build_metrics(
     fp32 student, in the primary metric) and ``speedup_vs_fp32`` (onnxruntime batch-1
     latency), or None when none was asked; and ``verdict``
     (:func:`~worker.engine.evaluation.verdict.decide` under ``accept``, whose missing keys
-    take :class:`~worker.engine.spec.AcceptSpec`'s defaults).
+    take :class:`~worker.engine.spec.AcceptSpec`'s defaults). ``evaluated`` is True: a
+    ``metrics.json`` of a student left unevaluated (``evaluated`` false, see
+    :data:`METRICS_SCHEMA`) is not built here.
     """
     from worker.engine.spec import AcceptSpec
 
@@ -196,6 +203,7 @@ def build_metrics(
         "distillation_helped": helped,
         "baseline_comparison": comparison,
         "partial": False,
+        "evaluated": True,
         # The student ladder (worker.engine.ladder) when one ran; the pipeline sets it.
         "ladder": None,
         **extra,
@@ -360,12 +368,31 @@ LADDER_SCHEMA: dict[str, Any] = {
     },
 }
 
+#: ``evaluated`` false: a student cancelled during its export or evaluation, kept unevaluated.
+#: Partial and not deployable, with how it trained and its row counts, and no figure of the
+#: test rows; every other ``metrics.json`` (``evaluated`` true or absent) has them all.
+_UNEVALUATED: dict[str, Any] = {
+    "if": {"required": ["evaluated"], "properties": {"evaluated": {"const": False}}},
+    "then": {
+        "required": ["training", "split", "cancelled_during"],
+        "properties": {
+            "partial": {"const": True},
+            "verdict": {"properties": {"deployable": {"const": False}}},
+            "cancelled_during": {"enum": ["export", "evaluation"]},
+        },
+    },
+    "else": {
+        "required": [*_COMPUTED_KEYS, *_GIVEN_KEYS],
+        "properties": {"split": {"required": ["reference"]}},
+    },
+}
+
 #: JSON Schema (draft 2020-12) of ``metrics.json``; the service tests reuse it.
 METRICS_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "Distillery metrics.json",
     "type": "object",
-    "required": [*_COMPUTED_KEYS, *_GIVEN_KEYS, "partial"],
+    "required": ["task", "partial", "verdict"],
     "properties": {
         "task": {"enum": list(TASKS)},
         "teacher": _side_schema(),
@@ -395,10 +422,11 @@ METRICS_SCHEMA: dict[str, Any] = {
         },
         "split": {
             "type": "object",
-            "required": [*_ROW_COUNTS, "test_source", "reference"],
+            "required": [*_ROW_COUNTS, "test_source"],
             "properties": {
                 **{k: {"type": "integer", "minimum": 0} for k in _ROW_COUNTS},
                 "test_source": {"enum": ["split", "dataset"]},
+                "scored_rows": {"type": "integer", "minimum": 0},
                 "reference": {"enum": ["labels", "teacher"]},
             },
         },
@@ -423,6 +451,8 @@ METRICS_SCHEMA: dict[str, Any] = {
         },
         "device": {"type": "string"},
         "partial": {"type": "boolean"},
+        "evaluated": {"type": "boolean"},
+        "cancelled_during": {"enum": [*CANCEL_STAGES, None]},
         "quantized": {
             "type": ["object", "null"],
             "properties": {"int8": _quantized_schema()},
@@ -431,7 +461,7 @@ METRICS_SCHEMA: dict[str, Any] = {
         "ladder": LADDER_SCHEMA,
     },
     "additionalProperties": True,
-    "allOf": [_task_rule(t) for t in TASKS],
+    "allOf": [*(_task_rule(t) for t in TASKS), _UNEVALUATED],
 }
 
 
@@ -475,8 +505,9 @@ def _schema_errors(value: Any, schema: Mapping[str, Any], at: str) -> list[str]:
             errors += [f"{at}.{k}: not allowed" for k in value if k not in props]
     for sub in schema.get("allOf", []):
         errors += _schema_errors(value, sub, at)
-    if "if" in schema and not _schema_errors(value, schema["if"], at):
-        errors += _schema_errors(value, schema.get("then", {}), at)
+    if "if" in schema:
+        branch = "else" if _schema_errors(value, schema["if"], at) else "then"
+        errors += _schema_errors(value, schema.get(branch, {}), at)
     return errors
 
 

@@ -3,7 +3,9 @@
 :func:`decide` checks each criterion against ``metrics.json``'s figures and gives
 ``{"deployable", "reasons", "criteria"}``: one reason per criterion, met or missed,
 with the figures. A criterion whose figure could not be measured (e.g. no latency)
-is reported as not checked and does not block.
+is reported as not checked and does not block. A cancelled job's student is never
+deployable: where it was evaluated, its criteria are still checked and reported after the
+reason (:func:`withhold`); where it was not, none is (:func:`not_evaluated`).
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def decide(task: str, metrics: Mapping[str, Any], accept: Mapping[str, Any]) -> 
 
     ``accept`` holds ``min_metric_ratio``, ``max_r2_drop``, ``min_agreement``,
     ``min_cosine``, ``max_latency_ms``, ``min_speedup`` and ``min_compression``; a
-    None threshold is not checked. ``deployable`` is True when no criterion is missed.
+    None threshold is not checked. ``deployable`` is True when no criterion is missed
+    and the run was not cancelled (``training.stop_reason`` ``cancelled``).
     """
     checks = _quality(task, metrics, accept)
     student = metrics.get("student") or {}
@@ -125,4 +128,32 @@ def decide(task: str, metrics: Mapping[str, Any], accept: Mapping[str, Any]) -> 
     deployable = all(c["met"] is not False for c in criteria.values())
     # Missed criteria first: they are what a reader must see.
     reasons.sort(key=lambda r: not r.startswith("missed"))
-    return {"deployable": deployable, "reasons": reasons, "criteria": criteria}
+    verdict = {"deployable": deployable, "reasons": reasons, "criteria": criteria}
+    if (metrics.get("training") or {}).get("stop_reason") == "cancelled":
+        return withhold(
+            verdict,
+            "the job was cancelled: its student is the best one found before then, not a "
+            "finished one",
+        )
+    return verdict
+
+
+def withhold(verdict: Mapping[str, Any], why: str) -> dict[str, Any]:
+    """``verdict`` made not deployable because ``why``, which comes first among its reasons."""
+    reasons = [str(reason) for reason in verdict.get("reasons", [])]
+    return {
+        "deployable": False,
+        "reasons": [f"not deployable: {why}", *reasons],
+        "criteria": dict(verdict.get("criteria") or {}),
+    }
+
+
+def not_evaluated(task: str, accept: Mapping[str, Any], why: str) -> dict[str, Any]:
+    """The verdict on a student that was not evaluated because ``why``: not deployable, with
+    every criterion of ``accept`` for ``task`` listed and none checked."""
+    criteria = decide(task, {}, accept)["criteria"]
+    return {
+        "deployable": False,
+        "reasons": [f"not deployable: {why}; no criterion was checked"],
+        "criteria": criteria,
+    }

@@ -120,16 +120,50 @@ def _how(task: str, metrics: Mapping[str, Any], spec: Mapping[str, Any]) -> list
             f"stopped: {_cell(training_run.get('stop_reason'))}"
         )
     if metrics.get("partial"):
-        why = (
-            "it was cancelled"
-            if training_run.get("stop_reason") == "cancelled"
-            else ("its time budget")
-        )
-        lines.append(
-            f"- **partial**: training stopped at {why} before finishing; this is the best "
-            "student validated before then."
-        )
+        lines.append(f"- **partial**: {_partial(metrics)}")
     return lines
+
+
+#: Why a partial student is what it is, by the stage its job was cancelled in.
+_CANCELLED_DURING = {
+    "training": "the job was cancelled during training; this is the best student validated "
+    "before then.",
+    "baseline": "the job was cancelled while the labels-only baseline trained; the student "
+    "had finished training, and there is no baseline to compare it with.",
+    "export": "the job was cancelled during the export; the student had finished training and "
+    "its files were written whole, but it was not evaluated on the test rows.",
+    "evaluation": "the job was cancelled during the evaluation, which was stopped; the student "
+    "had finished training, but no figure of it on the test rows is reported.",
+}
+
+
+def _partial(metrics: Mapping[str, Any]) -> str:
+    """Why a partial student is partial: a cancellation (and when) or the time budget."""
+    if (metrics.get("training") or {}).get("stop_reason") != "cancelled":
+        return (
+            "training stopped at its time budget before finishing; this is the best student "
+            "validated before then."
+        )
+    return _CANCELLED_DURING.get(
+        str(metrics.get("cancelled_during")),
+        "the job was cancelled before training finished; this is the best student validated "
+        "before then.",
+    )
+
+
+def _evaluated(metrics: Mapping[str, Any]) -> bool:
+    """Whether the student was evaluated on the test rows (false once cancelled before)."""
+    return metrics.get("evaluated") is not False
+
+
+def _not_evaluated(metrics: Mapping[str, Any]) -> list[str]:
+    """In place of the results: why there are none."""
+    return [
+        "## Results",
+        "",
+        f"Not evaluated: {_partial(metrics)} The files below are the student as trained; "
+        f"{_rows_trained(metrics.get('split') or {})}.",
+    ]
 
 
 def _decision(metrics: Mapping[str, Any]) -> list[str]:
@@ -140,6 +174,8 @@ def _decision(metrics: Mapping[str, Any]) -> list[str]:
     word = "deployable" if verdict.get("deployable") else "**not deployable**"
     lines = [f"## Verdict: {word}", ""]
     lines += [f"- {reason}" for reason in verdict.get("reasons", [])]
+    if not _evaluated(metrics):
+        return lines
     return [*lines, "", "Judged on test rows that no training step or choice saw."]
 
 
@@ -194,6 +230,14 @@ def _ladder(metrics: Mapping[str, Any]) -> list[str]:
         missed = [r for r in rungs[chosen].get("reasons") or [] if str(r).startswith("missed")]
         lines += [f"- chosen rung {r}" for r in missed]
     return [*lines, "", "![student ladder](student_ladder.png)"]
+
+
+def _rows_trained(split: Mapping[str, Any]) -> str:
+    return (
+        f"{_cell(split.get('train_rows'))} rows trained and "
+        f"{_cell(split.get('validation_rows'))} validated, "
+        f"{_cell(split.get('test_rows'))} test rows left unscored"
+    )
 
 
 def _rows(split: Mapping[str, Any]) -> str:
@@ -365,11 +409,24 @@ def _curves(metrics: Mapping[str, Any]) -> list[str]:
 def _intended_use(metrics: Mapping[str, Any]) -> list[str]:
     verdict = metrics.get("verdict")
     deployable = isinstance(verdict, Mapping) and verdict.get("deployable")
-    use = (
-        "- A stand-in for the teacher on inputs like the transfer set, within the criteria "
-        "of the verdict above."
-        if deployable
-        else "- Not a stand-in for the teacher: it misses the criteria named in the verdict."
+    if deployable:
+        use = (
+            "- A stand-in for the teacher on inputs like the transfer set, within the criteria "
+            "of the verdict above."
+        )
+    elif not _evaluated(metrics):
+        use = "- Not a stand-in for the teacher: its job was cancelled before it was evaluated."
+    elif (metrics.get("training") or {}).get("stop_reason") == "cancelled":
+        use = "- Not a stand-in for the teacher: its job was cancelled (see the verdict)."
+    else:
+        use = "- Not a stand-in for the teacher: it misses the criteria named in the verdict."
+    estimates = (
+        [
+            "- The numbers above come from one set of test rows; they are estimates (see the "
+            "intervals), not guarantees."
+        ]
+        if _evaluated(metrics)
+        else []
     )
     return [
         "## Intended use and limitations",
@@ -378,8 +435,7 @@ def _intended_use(metrics: Mapping[str, Any]) -> list[str]:
         "- The student learned from the teacher's outputs on the transfer set only: it "
         "inherits the teacher's errors and biases, and is not validated outside the "
         "distribution of that data.",
-        "- The numbers above come from one set of test rows; they are estimates (see the "
-        "intervals), not guarantees.",
+        *estimates,
         "- Inputs must be prepared exactly as for the teacher (same features, scaling, "
         "image size or tokenizer).",
     ]
@@ -416,16 +472,19 @@ def write_model_card(
 
     ``metrics`` is the content of ``metrics.json``, ``spec`` the job spec as JSON,
     ``teacher_signature`` the inspected teacher and ``student_config`` the student's
-    ``config``; a missing key shows as "–" rather than failing.
+    ``config``; a missing key shows as "–" rather than failing. A student left
+    unevaluated (``evaluated`` false: its job was cancelled during the export or the
+    evaluation) gets why in place of the results, and no figure of the test rows.
     """
     task = str(metrics.get("task", spec.get("task") or "unknown"))
+    evaluated = _evaluated(metrics)
     sections = [
         _title(task, teacher_signature, student_config),
         _decision(metrics),
         _ladder(metrics),
-        _results(task, metrics),
-        _fidelity(metrics),
-        _quantized(task, metrics, spec),
+        _results(task, metrics) if evaluated else _not_evaluated(metrics),
+        _fidelity(metrics) if evaluated else [],
+        _quantized(task, metrics, spec) if evaluated else [],
         _baseline_comparison(metrics),
         _what_was_distilled(metrics, teacher_signature, student_config),
         _how(task, metrics, spec),
