@@ -294,6 +294,38 @@ def test_a_latency_bound_no_rung_meets_is_flagged_and_the_verdict_says_so(
     assert any(r.startswith("missed") and "[max_latency_ms]" in r for r in verdict["reasons"])
 
 
+def test_a_cancellation_after_a_rung_keeps_the_rungs_trained_so_far(
+    tmp_path: Path, forest: dict[str, Any]
+) -> None:
+    # A climb that would try every rung (no rung meets the bound), cancelled once the first
+    # rung is judged: the next rung never starts, and the first is the job's student.
+    spec = {
+        "student": {"max_latency_ms": 1e-6, "max_parameters": 1000},
+        "training": {"max_steps": 200, "checkpoint_every_minutes": None},
+        "evaluation": {"baseline": False},
+    }
+    judged: list[int] = []
+    result = run(
+        DistillationSpec.model_validate(spec),
+        teacher_path=forest["path"],
+        dataset_path=forest["transfer"],
+        out_dir=tmp_path / "out",
+        callbacks=Callbacks(
+            on_event=lambda kind, data: (
+                judged.append(data["rung"]) if kind == "ladder_rung" else None
+            ),
+            should_cancel=lambda: bool(judged),
+            cancel_keeps_student=lambda: True,
+        ),
+    )
+    section = result.metrics["ladder"]
+    assert judged == [0] and len(section["rungs"]) == 1 < len(section["planned"])
+    assert section["stopped"] == "cancelled" and section["chosen"] == 0
+    assert result.stop_reason == "cancelled" and result.partial and not result.deployable
+    assert result.metrics["student"]["parameters"] == section["rungs"][0]["parameters"]
+    assert (tmp_path / "out" / "student.onnx").exists()
+
+
 def test_the_event_log_serves_ladder_rung_events() -> None:
     from datetime import UTC, datetime
 
