@@ -62,12 +62,12 @@ def downloaded_artifacts(client: TestClient, tenants: Tenants, job_id: str) -> d
     return files
 
 
-def test_a_job_reports_on_the_uploaded_test_set(
-    client: TestClient, tenants: Tenants, settings: Settings, tmp_path: Path
-) -> None:
+def submit_with_test_set(client: TestClient, tenants: Tenants, rows: bytes) -> tuple[str, str]:
+    """A short job of a tiny teacher on 120 transfer rows, tested on the uploaded ``rows``:
+    ``(job id, test dataset id)``."""
     teacher = upload(client, tenants, "models", "t.onnx", tiny_onnx_classifier())
     transfer = upload(client, tenants, "datasets", "d.npz", npz_dataset(rows=120))
-    test_set = upload(client, tenants, "datasets", "t.npz", npz_dataset(rows=TEST_ROWS, seed=5))
+    test_set = upload(client, tenants, "datasets", "test.npz", rows)
     spec = {
         "teacher_model_id": teacher,
         "dataset_id": transfer,
@@ -76,7 +76,13 @@ def test_a_job_reports_on_the_uploaded_test_set(
     }
     submitted = client.post("/v1/jobs", headers=tenants.acme, json=spec)
     assert submitted.status_code == 202, submitted.text
-    job_id = submitted.json()["id"]
+    return str(submitted.json()["id"]), test_set
+
+
+def test_a_job_reports_on_the_uploaded_test_set(
+    client: TestClient, tenants: Tenants, settings: Settings, tmp_path: Path
+) -> None:
+    job_id, test_set = submit_with_test_set(client, tenants, npz_dataset(rows=TEST_ROWS, seed=5))
     with celery_worker(worker_env(settings), tmp_path / "worker.log"):
         done = wait_until(lambda: ended(client, tenants, job_id), "the job to end", JOB_S)
     assert done["status"] == "succeeded", done
@@ -149,19 +155,8 @@ def stage_logged(client: TestClient, tenants: Tenants, job_id: str, stage: str) 
 def test_a_job_cancelled_during_its_evaluation_keeps_its_student_unevaluated(
     client: TestClient, tenants: Tenants, settings: Settings, tmp_path: Path
 ) -> None:
-    teacher = upload(client, tenants, "models", "t.onnx", tiny_onnx_classifier())
-    transfer = upload(client, tenants, "datasets", "d.npz", npz_dataset(rows=120))
     rows = npz_dataset(rows=EVALUATION_ROWS, classes=None, seed=5)
-    test_set = upload(client, tenants, "datasets", "test.npz", rows)
-    spec = {
-        "teacher_model_id": teacher,
-        "dataset_id": transfer,
-        "training": {"epochs": 2, "batch_size": 32},
-        "evaluation": {"test_dataset_id": test_set, "baseline": False},
-    }
-    submitted = client.post("/v1/jobs", headers=tenants.acme, json=spec)
-    assert submitted.status_code == 202, submitted.text
-    job_id = submitted.json()["id"]
+    job_id, _ = submit_with_test_set(client, tenants, rows)
     with celery_worker(worker_env(settings), tmp_path / "worker.log"):
         wait_until(
             lambda: stage_logged(client, tenants, job_id, "evaluation"), "the evaluation", JOB_S

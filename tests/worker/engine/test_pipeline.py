@@ -555,6 +555,32 @@ def test_a_cancellation_that_keeps_the_student_exports_the_best_validated_one(
     assert outputs.shape == (len(split_digits["x_test"]), 10) and np.isfinite(outputs).all()
 
 
+def _cancelled_from_stage(
+    spec: DistillationSpec, teacher: Path, data: Path, out: Path, stage: str
+) -> tuple[Any, list[tuple[str, dict[str, Any]]]]:
+    """The run, cancelled (keeping its student) from its ``stage`` event on, and its events."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    now = {"stage": ""}
+
+    def note(kind: str, data: dict[str, Any]) -> None:
+        events.append((kind, data))
+        if kind == "stage":
+            now["stage"] = str(data.get("stage"))
+
+    result = run(
+        spec,
+        teacher_path=teacher,
+        dataset_path=data,
+        out_dir=out,
+        callbacks=Callbacks(
+            on_event=note,
+            should_cancel=lambda: now["stage"] == stage,
+            cancel_keeps_student=lambda: True,
+        ),
+    )
+    return result, events
+
+
 def test_a_cancellation_during_the_baseline_keeps_the_student_without_it(
     tmp_path: Path, mlp_teacher: Path, split_digits: dict[str, np.ndarray]
 ) -> None:
@@ -562,23 +588,7 @@ def test_a_cancellation_during_the_baseline_keeps_the_student_without_it(
     spec = DistillationSpec(
         training=TrainingSpec(**training(epochs=2)), evaluation=EvaluationSpec(baseline=True)
     )
-    stage = {"now": ""}
-
-    def note_stage(kind: str, data: dict[str, Any]) -> None:
-        if kind == "stage":
-            stage["now"] = str(data.get("stage"))
-
-    result = run(
-        spec,
-        teacher_path=mlp_teacher,
-        dataset_path=data,
-        out_dir=tmp_path / "out",
-        callbacks=Callbacks(
-            on_event=note_stage,
-            should_cancel=lambda: stage["now"] == "baseline",
-            cancel_keeps_student=lambda: True,
-        ),
-    )
+    result, _ = _cancelled_from_stage(spec, mlp_teacher, data, tmp_path / "out", "baseline")
     assert result.stop_reason == "cancelled" and result.partial
     assert result.metrics["partial"] is True and result.metrics.get("baseline") is None
     assert result.metrics["cancelled_during"] == "baseline" and not result.deployable
@@ -595,26 +605,8 @@ def test_a_cancellation_after_training_keeps_the_student_unevaluated(
         evaluation=EvaluationSpec(baseline=False),
         export=ExportSpec(quantize=["int8"]),
     )
-    events: list[tuple[str, dict[str, Any]]] = []
-    now = {"stage": ""}
-
-    def note(kind: str, data: dict[str, Any]) -> None:
-        events.append((kind, data))
-        if kind == "stage":
-            now["stage"] = str(data.get("stage"))
-
-    result = run(
-        spec,
-        teacher_path=mlp_teacher,
-        dataset_path=data,
-        out_dir=tmp_path / "out",
-        callbacks=Callbacks(
-            on_event=note,
-            # Asked for from the stage on: training ran to its end before.
-            should_cancel=lambda: now["stage"] == stage,
-            cancel_keeps_student=lambda: True,
-        ),
-    )
+    # Asked for from the stage on: training ran to its end before.
+    result, events = _cancelled_from_stage(spec, mlp_teacher, data, tmp_path / "out", stage)
     stages = [d["stage"] for kind, d in events if kind == "stage"]
     assert stages[-1] == stage, stages
     assert result.stop_reason == "cancelled" and result.partial and not result.deployable
