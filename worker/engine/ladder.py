@@ -10,7 +10,9 @@ first-stage channels, which double each stage), from tiny to the width ``auto``
 designs, smallest first, on the one cached teacher pass; judges
 each on the VALIDATION rows (task metric against the teacher's, fidelity,
 onnxruntime batch-1 latency of its exported file, size) under the acceptance
-criteria; and stops climbing at the first rung that meets them. When none does,
+criteria (and, where the job asks for ``export.quantize: ["int8"]``, its int8 file
+too: a rung whose int8 file meets them where its fp32 file does not is chosen as
+int8); and stops climbing at the first rung that meets them. When none does,
 the rung with the best validation fidelity is kept and the ladder says so. The
 test rows choose nothing: the chosen rung is then exported and judged on them
 like any student.
@@ -143,15 +145,28 @@ def ranking_score(task: str, rung: Mapping[str, Any]) -> float:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else -math.inf
 
 
+def met(rung: Mapping[str, Any]) -> bool:
+    """Whether the rung met the criteria, as its fp32 file or as its int8 file (judged
+    when the job asks for ``export.quantize: ["int8"]``)."""
+    return bool(rung.get("met_criteria") or (rung.get("int8") or {}).get("met_criteria"))
+
+
+def precision(rung: Mapping[str, Any]) -> str:
+    """The file of the rung that is deployed: ``fp32`` (``student.onnx``) when it met the
+    criteria or neither did, else ``int8`` (``student.int8.onnx``)."""
+    return "fp32" if rung.get("met_criteria") or not met(rung) else "int8"
+
+
 def choose(task: str, rungs: Sequence[Mapping[str, Any]]) -> int:
-    """The smallest rung that met the criteria, else the one with the best fidelity.
+    """The smallest rung that met the criteria (as fp32 or as int8), else the one with the
+    best fidelity.
 
     ``rungs`` are in ascending size; ties in fidelity go to the smaller rung.
     """
     if not rungs:
         raise ValueError("a ladder needs at least one rung")
     for index, rung in enumerate(rungs):
-        if rung.get("met_criteria"):
+        if met(rung):
             return index
     best = max(ranking_score(task, rung) for rung in rungs)
     return next(i for i, rung in enumerate(rungs) if ranking_score(task, rung) == best)

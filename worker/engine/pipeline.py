@@ -48,7 +48,7 @@ from worker.engine import evaluation, export, ladder, report
 from worker.engine.compatibility import DataFacts, check_fits, check_labels, resolve_task
 from worker.engine.data import TransferSet, load_transfer_set, tokenize
 from worker.engine.data.splitting import split_three
-from worker.engine.errors import Cancelled, TeacherIncompatible
+from worker.engine.errors import Cancelled, ExportFailed, TeacherIncompatible
 from worker.engine.evaluation import OnnxFile
 from worker.engine.evaluation.verdict import ACCEPT_METRIC
 from worker.engine.export import Quantized, sha256_file
@@ -359,9 +359,30 @@ def _distil(
     metrics["cancelled_during"] = cancelled_during
     metrics["provenance"] = _provenance(spec, teacher, paths, device, provenance)
     metrics["ladder"] = climb.section if climb is not None else None
+    metrics["deployed_file"] = _deployed_file(metrics)
     evaluation.validate_metrics(metrics)
     artifacts = _write_reports(spec, teacher.signature, trained, metrics, paths.out)
     return _report(data.task, metrics, artifacts, trained.result)
+
+
+def _deployed_file(metrics: dict[str, Any]) -> str:
+    """The file the verdict is about: ``student.int8.onnx`` where the ladder chose a rung for
+    its int8 file (the verdict becomes that file's, on the test rows), else ``student.onnx``.
+    """
+    section = metrics.get("ladder") or {}
+    if section.get("chosen_precision") != "int8" or not metrics.get("evaluated"):
+        return "student.onnx"
+    entry = (metrics.get("quantized") or {}).get("int8")
+    if entry is None or "verdict" not in entry:
+        # The int8 file of the chosen rung could not be written again: the fp32 verdict stands.
+        return "student.onnx"
+    verdict = entry["verdict"]
+    reason = (
+        "judged on student.int8.onnx: the ladder chose this rung for its int8 file, which met "
+        "the criteria on the validation rows where its fp32 file did not"
+    )
+    metrics["verdict"] = {**verdict, "reasons": [reason, *verdict["reasons"]]}
+    return "student.int8.onnx"
 
 
 def _baseline_unless_cancelled(
@@ -897,12 +918,13 @@ def _climb_ladder(
         if trained.result.stop_reason == "cancelled":
             stopped = "cancelled"  # the caller keeps what the climb has so far
             break
-        if rung["met_criteria"]:
+        if ladder.met(rung):
             stopped = "met_criteria"
             break
     if not rungs:
         return None
     chosen = ladder.choose(data.task, rungs)
+    precision = ladder.precision(rungs[chosen])
     # The job resumed where any rung took up a checkpoint: it says so whichever rung is kept.
     resumed = next((t.result.resumed_from for t in trained_rungs if t.result.resumed_from), None)
     kept = trained_rungs[chosen]
@@ -914,7 +936,8 @@ def _climb_ladder(
         "rungs": rungs,
         "chosen": chosen,
         "basis": "validation",
-        "met_criteria": bool(rungs[chosen]["met_criteria"]),
+        "met_criteria": ladder.met(rungs[chosen]),
+        "chosen_precision": precision,
         "knob": knob,
         "planned": [design.config[knob] for design in designs],
         "stopped": stopped,
@@ -1048,6 +1071,9 @@ class _RungJudge:
         self.task, self.teacher, self.data, self.targets = data.task, teacher, data, targets
         self.device, self.folder, self.knob = device, folder, knob
         self.accept = _accept(spec)
+        # The int8 file of each rung is judged too where the job asks for one and the
+        # teacher runs in onnxruntime, the only runtime an int8 file's latency compares in.
+        self.int8 = "int8" in spec.export.quantize and _teacher_onnx_file(teacher) is not None
         self.metric = ACCEPT_METRIC[data.task]
         self.fidelity_name = ladder.RANKING_FIDELITY[data.task]
         validation = data.validation
@@ -1087,16 +1113,9 @@ class _RungJudge:
             _export_dropin(teacher_graph, self.teacher.signature, student, self.data, path)
         onnx_file = OnnxFile(path, output=_student_output(path, self.teacher))
         arrays = self.data.validation.arrays
-        outputs = onnx_file.predict(arrays)
-        kind = "values"
-        if self.task == "classification":
-            kind = "probabilities" if looks_like_probabilities(outputs) else "logits"
-        rows = self.reference.rows
-        metrics = evaluation.task_metrics(self.task, outputs[rows], self.reference.values)
-        fidelity = evaluation.fidelity(
-            outputs, self.targets.validation, self.task, self.targets.output_kind, kind
-        )
+        metrics, fidelity = self._score(onnx_file)
         onnx_latency = onnx_file.latency_ms(arrays)
+        rows = self.reference.rows
         student.to(self.device)
         latency = onnx_latency
         if self.runtime == "torch":
@@ -1127,6 +1146,46 @@ class _RungJudge:
                 },
                 "fidelity": {"name": self.fidelity_name, "value": fidelity[self.fidelity_name]},
                 "fidelity_all": fidelity,
+            },
+            "met_criteria": bool(verdict["deployable"]),
+            "reasons": verdict["reasons"],
+            **({"int8": self._int8(path, student)} if self.int8 else {}),
+        }
+
+    def _score(self, onnx_file: OnnxFile) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Task metrics and fidelity of ``onnx_file`` on the validation rows."""
+        outputs = onnx_file.predict(self.data.validation.arrays)
+        kind = "values"
+        if self.task == "classification":
+            kind = "probabilities" if looks_like_probabilities(outputs) else "logits"
+        rows = self.reference.rows
+        metrics = evaluation.task_metrics(self.task, outputs[rows], self.reference.values)
+        fidelity = evaluation.fidelity(
+            outputs, self.targets.validation, self.task, self.targets.output_kind, kind
+        )
+        return metrics, fidelity
+
+    def _int8(self, fp32: Path, student: nn.Module) -> dict[str, Any] | None:
+        """The rung's int8 file judged like the rung (parameters, and so compression, are
+        the fp32 student's); None where it could not be quantized."""
+        rows = {k: v[: export.CALIBRATION_ROWS] for k, v in self.data.train.arrays.items()}
+        try:
+            quantized = export.quantize_int8(fp32, rows)
+        except ExportFailed:
+            return None  # the job's own int8 export says why, if it fails there too
+        onnx_file = OnnxFile(quantized.path, output=_student_output(quantized.path, self.teacher))
+        metrics, fidelity = self._score(onnx_file)
+        latency = onnx_file.latency_ms(self.data.validation.arrays)
+        figures = self._figures(metrics, fidelity, latency, student)
+        verdict = evaluation.decide(self.task, figures, self.accept)
+        return {
+            "file_bytes": quantized.file_bytes,
+            "method": quantized.method,
+            "onnxruntime_latency_ms": latency,
+            "speedup": figures["speedup"],
+            "validation": {
+                "metric": {"name": self.metric, "value": metrics.get(self.metric)},
+                "fidelity": {"name": self.fidelity_name, "value": fidelity[self.fidelity_name]},
             },
             "met_criteria": bool(verdict["deployable"]),
             "reasons": verdict["reasons"],

@@ -434,6 +434,28 @@ def test_quantized_students_get_their_comparisons_and_are_validated() -> None:
     assert entry["primary_metric"] == "accuracy"
     assert set(FIDELITY_KEYS) <= set(entry["fidelity"]) and entry["fidelity"]["agreement"] == 0.98
     validate_metrics(json.loads(json.dumps(metrics)))
+    # The int8 file has its own verdict, read as the student: here its latency (0.01 ms,
+    # under a 0.015 ms bound the fp32 file's 0.5 ms misses) against the teacher's
+    # onnxruntime latency, which this teacher lacks, so the speedup cannot be checked.
+    bound = build_metrics(
+        "classification",
+        teacher,
+        student,
+        fid,
+        None,
+        EXTRA,
+        accept={"max_latency_ms": 0.015, "min_agreement": 0.95},
+        quantized={"int8": int8},
+    )
+    assert bound["verdict"]["criteria"]["max_latency_ms"]["met"] is False
+    int8_verdict = bound["quantized"]["int8"]["verdict"]
+    assert int8_verdict["criteria"]["max_latency_ms"] == {
+        "value": 0.01,
+        "threshold": 0.015,
+        "met": True,
+    }
+    assert int8_verdict["criteria"]["min_agreement"]["value"] == 0.98
+    assert int8_verdict["criteria"]["min_speedup"]["met"] is None
     # Not asked for: null; asked for and failed: a null entry.
     assert build_metrics("classification", teacher, student, fid, None, EXTRA)["quantized"] is None
     failed = build_metrics(

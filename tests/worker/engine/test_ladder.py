@@ -85,6 +85,42 @@ def test_choose_takes_the_smallest_that_met_else_the_best_fidelity() -> None:
     assert ladder.choose("classification", none_met) == 1
 
 
+def test_a_rung_whose_int8_file_alone_met_the_criteria_is_chosen_as_int8() -> None:
+    def rung(met: bool, fidelity: float, int8: bool | None) -> dict[str, Any]:
+        judged = {"int8": None if int8 is None else {"met_criteria": int8}}
+        return {**_rung(met, fidelity), **judged}
+
+    rungs = [rung(False, 0.9, False), rung(False, 0.95, True), rung(True, 0.97, True)]
+    assert ladder.choose("classification", rungs) == 1
+    assert [ladder.precision(r) for r in rungs] == ["fp32", "int8", "fp32"]
+    assert ladder.met(rungs[1]) and not ladder.met(rungs[0])
+    # A rung whose int8 file could not be written is judged on its fp32 file alone.
+    assert ladder.choose("classification", [rung(False, 0.9, None), rungs[2]]) == 1
+
+
+def test_the_verdict_is_the_int8_files_when_the_ladder_chose_it() -> None:
+    from worker.engine.pipeline import _deployed_file
+
+    int8_verdict = {"deployable": True, "reasons": ["met: x"], "criteria": {}}
+    fp32_verdict = {"deployable": False, "reasons": ["missed: x"], "criteria": {}}
+
+    def metrics(precision: str, entry: Any) -> dict[str, Any]:
+        return {
+            "evaluated": True,
+            "verdict": fp32_verdict,
+            "quantized": {"int8": entry},
+            "ladder": {**_section(), "chosen_precision": precision},
+        }
+
+    chosen = metrics("int8", {"verdict": int8_verdict})
+    assert _deployed_file(chosen) == "student.int8.onnx"
+    assert chosen["verdict"]["deployable"] is True
+    assert chosen["verdict"]["reasons"][0].startswith("judged on student.int8.onnx")
+    assert chosen["verdict"]["reasons"][1:] == ["met: x"]
+    for kept in (metrics("fp32", {"verdict": int8_verdict}), metrics("int8", None)):
+        assert _deployed_file(kept) == "student.onnx" and kept["verdict"] == fp32_verdict
+
+
 def test_small_rungs_take_a_lower_floor_of_steps_the_top_the_usual() -> None:
     assert ladder.rung_min_steps(2_000, top=False) == ladder.MIN_RUNG_STEPS
     assert ladder.rung_min_steps(2_000, top=True) == 1500
@@ -270,14 +306,20 @@ def test_a_latency_bound_no_rung_meets_is_flagged_and_the_verdict_says_so(
     tmp_path: Path, forest: dict[str, Any]
 ) -> None:
     # max_parameters caps the top rung and max_steps every rung: the failing climb stays short.
+    # Each rung's int8 file is judged too, and misses the bound as well.
     spec = {
         "student": {"max_latency_ms": 1e-6, "max_parameters": 1000},
         "training": {"max_steps": 200, "checkpoint_every_minutes": None},
+        "export": {"quantize": ["int8"]},
     }
     result, _ = _run(forest, tmp_path / "out", spec)
     section = result.metrics["ladder"]
     rungs = section["rungs"]
-    assert section["met_criteria"] is False
+    assert section["met_criteria"] is False and section["chosen_precision"] == "fp32"
+    assert all(rung["int8"]["met_criteria"] is False for rung in rungs)
+    assert all(rung["int8"]["file_bytes"] < rung["file_bytes"] for rung in rungs)
+    assert result.metrics["deployed_file"] == "student.onnx"
+    assert result.metrics["quantized"]["int8"]["verdict"]["deployable"] is False
     assert not any(rung["met_criteria"] for rung in rungs)
     assert len(rungs) == len(section["planned"]), "no rung met: all were tried"
     assert rungs[-1]["parameters"] <= 1000

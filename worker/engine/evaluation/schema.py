@@ -175,7 +175,9 @@ def build_metrics(
     fp32 student, in the primary metric) and ``speedup_vs_fp32`` (onnxruntime batch-1
     latency), or None when none was asked; and ``verdict``
     (:func:`~worker.engine.evaluation.verdict.decide` under ``accept``, whose missing keys
-    take :class:`~worker.engine.spec.AcceptSpec`'s defaults). ``evaluated`` is True: a
+    take :class:`~worker.engine.spec.AcceptSpec`'s defaults); each quantized student gets
+    its own ``verdict``, read as if it were the student (:func:`quantized_view`).
+    ``evaluated`` is True: a
     ``metrics.json`` of a student left unevaluated (``evaluated`` false, see
     :data:`METRICS_SCHEMA`) is not built here.
     """
@@ -218,8 +220,32 @@ def build_metrics(
     }
     criteria = AcceptSpec.model_validate(dict(accept or {})).model_dump()
     metrics["verdict"] = decide(task, metrics, criteria)
+    for entry in (metrics[_QUANTIZED_KEY] or {}).values():
+        if entry is not None:
+            entry["verdict"] = decide(task, quantized_view(metrics, entry), criteria)
     validate_metrics(metrics)
     return metrics
+
+
+def quantized_view(metrics: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` as they would read with the quantized file ``entry`` as the student: its
+    task metrics, fidelity and onnxruntime latency; its speedup against the teacher's
+    onnxruntime latency (not measured where the teacher did not run there); parameters,
+    and so compression, those of the fp32 student it was quantized from."""
+    teacher, student = metrics["teacher"], metrics["student"]
+    latency = entry.get("onnxruntime_latency_ms")
+    metric_keys = {m for keys in TASK_METRICS.values() for m in keys}
+    return {
+        **metrics,
+        "student": {
+            **student,
+            **{k: v for k, v in entry.items() if k in metric_keys},
+            "latency_ms": latency,
+            "file_bytes": entry.get("file_bytes"),
+        },
+        "fidelity": dict(entry.get("fidelity") or {}),
+        "speedup": _ratio(teacher.get("onnxruntime_latency_ms"), latency),
+    }
 
 
 # --------------------------------------------------------------------------- schema
@@ -285,6 +311,8 @@ def _quantized_schema() -> dict[str, Any]:
             "metric_delta_vs_fp32": _NUMBER_OR_NULL,
             "speedup_vs_fp32": {"type": ["number", "null"], "minimum": 0},
             "method": {"enum": ["dynamic", "static"]},
+            # The verdict on this file as the student (see quantized_view).
+            "verdict": {"type": "object", "required": ["deployable", "reasons"]},
             **{m: _NUMBER_OR_NULL for keys in TASK_METRICS.values() for m in keys},
         },
         "additionalProperties": True,
@@ -364,6 +392,8 @@ LADDER_SCHEMA: dict[str, Any] = {
         "met_criteria": {"type": "boolean"},
         # What the rungs vary; absent in files written before CNN ladders (hidden_sizes).
         "knob": {"enum": ["hidden_sizes", "channels"]},
+        # Which file of the chosen rung is deployed (int8 only when its int8 file met them).
+        "chosen_precision": {"enum": ["fp32", "int8"]},
         "planned": {"type": "array", "items": {"type": "array"}},
     },
 }
@@ -411,6 +441,8 @@ METRICS_SCHEMA: dict[str, Any] = {
         "compression_by_file_bytes": {"type": ["number", "null"], "minimum": 0},
         "distillation_helped": {"type": ["boolean", "null"]},
         "baseline_comparison": {"type": ["string", "null"]},
+        # The file ``verdict`` is about (the int8 one when the ladder chose it); optional.
+        "deployed_file": {"enum": ["student.onnx", "student.int8.onnx"]},
         "verdict": {
             "type": "object",
             "required": ["deployable", "reasons", "criteria"],

@@ -209,7 +209,9 @@ def _ladder(metrics: Mapping[str, Any]) -> list[str]:
     ]
     for index, rung in enumerate(rungs):
         validation = rung.get("validation") or {}
-        mark = "**chosen**" if index == chosen else ""
+        mark = ""
+        if index == chosen:
+            mark = "**chosen (int8)**" if ladder.get("chosen_precision") == "int8" else "**chosen**"
         sizes = " × ".join(str(size) for size in rung.get(knob) or [])
         lines.append(
             f"| {mark} | {sizes} | {_cell(rung.get('parameters'))} | "
@@ -226,6 +228,17 @@ def _ladder(metrics: Mapping[str, Any]) -> list[str]:
         f"{_cell((teacher.get('metric') or {}).get('value'))}, latency "
         f"{_cell(teacher.get('latency_ms'))} ms ({_cell(teacher.get('latency_runtime'))}).",
     ]
+    int8 = [(i, r["int8"]) for i, r in enumerate(rungs) if isinstance(r.get("int8"), Mapping)]
+    if int8:
+        lines += [
+            "Each rung's int8 file was judged too (met criteria, onnxruntime latency in ms): "
+            + "; ".join(
+                f"rung {i}: {_cell(q.get('met_criteria'))}, "
+                f"{_cell(q.get('onnxruntime_latency_ms'))}"
+                for i, q in int8
+            )
+            + ".",
+        ]
     if chosen is not None and 0 <= chosen < len(rungs):
         missed = [r for r in rungs[chosen].get("reasons") or [] if str(r).startswith("missed")]
         lines += [f"- chosen rung {r}" for r in missed]
