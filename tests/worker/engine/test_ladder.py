@@ -320,6 +320,8 @@ def test_a_latency_bound_no_rung_meets_is_flagged_and_the_verdict_says_so(
     assert all(rung["int8"]["file_bytes"] < rung["file_bytes"] for rung in rungs)
     assert result.metrics["deployed_file"] == "student.onnx"
     assert result.metrics["quantized"]["int8"]["verdict"]["deployable"] is False
+    card = (tmp_path / "out" / "model_card.md").read_text()
+    assert "Each rung's int8 file was judged too" in card and "**chosen**" in card
     assert not any(rung["met_criteria"] for rung in rungs)
     assert len(rungs) == len(section["planned"]), "no rung met: all were tried"
     assert rungs[-1]["parameters"] <= 1000
