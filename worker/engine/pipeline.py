@@ -710,7 +710,9 @@ def _train_student(
     )
     training_data = _training_data(design, data, targets, teacher)
     keep_on_device_if_small(training_data, device)
-    plan = plan_for_data(spec.training, training_data, design.student, device)
+    plan = plan_for_data(
+        spec.training, training_data, design.student, device, loss_fn=design.loss_fn
+    )
     for warning in plan.warnings:
         callbacks.event("warning", warning.to_dict())
     result = train(
@@ -1006,6 +1008,7 @@ def _train_rung(
         design.student,
         device,
         min_steps=ladder.rung_min_steps(parameters, is_top),
+        loss_fn=design.loss_fn,
     )
     for warning in plan.warnings:
         callbacks.event("warning", {**warning.to_dict(), "rung": index})

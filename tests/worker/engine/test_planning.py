@@ -73,6 +73,21 @@ def test_auto_is_capped_by_max_steps_and_by_the_time_budget() -> None:
     assert [w.code for w in short.warnings] == ["time_budget_short"]
 
 
+def test_a_measured_step_replaces_the_estimate_where_the_budget_decides() -> None:
+    short = TrainingSpec(max_minutes=1)
+    sized = {"rows": 5000, "student_parameters": 20_000_000, "positions": 512}
+    estimated = plan_run(short, **sized)
+    assert estimated.speed == "estimated" and estimated.cut_by_budget
+    assert planning.budget_binds(short, estimated)
+    measured = plan_run(short, **sized, step_seconds=0.01)
+    assert measured.speed == "measured" and measured.seconds_per_step == 0.01
+    assert measured.total_steps == measured.min_steps > estimated.total_steps
+    assert not measured.cut_by_budget and measured.warnings == []
+    # Where max_steps ends the run well within the budget, the speed decides nothing.
+    capped = TrainingSpec(max_steps=10)
+    assert not planning.budget_binds(capped, plan_run(capped, rows=1260, student_parameters=8_000))
+
+
 def test_an_explicit_short_run_and_a_short_budget_are_warned_about() -> None:
     few = plan_run(TrainingSpec(epochs=20), rows=1260, student_parameters=8_000)
     assert few.total_steps == 200 and few.early_stopping_patience is None

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from worker.engine.errors import Cancelled, OutOfMemory
-from worker.engine.planning import RunPlan, plan_run
+from worker.engine.planning import RunPlan, budget_binds, plan_run
 from worker.engine.spec import TrainingSpec
 from worker.engine.training.batches import TrainingData, draw_batch
 from worker.engine.training.callbacks import Callbacks
@@ -32,7 +32,7 @@ from worker.engine.training.checkpoints import (
 from worker.engine.training.devices import autocast_dtype
 from worker.engine.training.progress import ProgressWindow
 from worker.engine.training.schedules import StepPlan, lr_factor, make_optimizer
-from worker.engine.training.step import take_step
+from worker.engine.training.step import take_step, time_steps
 from worker.engine.training.validation import predict, validation_score
 
 
@@ -101,10 +101,17 @@ def plan_for_data(
     student: nn.Module,
     device: torch.device,
     min_steps: int | None = None,
+    loss_fn: nn.Module | None = None,
+    use_teacher: bool = True,
 ) -> RunPlan:
     """The run plan for ``student`` on ``data``: its rows, its size and its input positions.
 
-    ``min_steps`` replaces the floor of steps for the student's size.
+    ``min_steps`` replaces the floor of steps for the student's size. Where the time
+    budget decides the length of the run (see :func:`~worker.engine.planning.budget_binds`)
+    and ``loss_fn`` is given, a few steps of the student are timed
+    (:func:`~worker.engine.training.step.time_steps`) and the plan is made again with
+    their cost instead of the estimate from the student's size, which can be off by an
+    order of magnitude either way.
     """
     first = next(iter(data.train.values()))
     mask = data.train.get("attention_mask")
@@ -125,15 +132,34 @@ def plan_for_data(
         for parameter in module.parameters(recurse=False)
     )
     parameters = sum(p.numel() for p in student.parameters())
-    return plan_run(
-        spec,
-        rows=data.size,
-        student_parameters=parameters,
-        positions=positions,
-        device=device.type,
-        min_steps=min_steps,
-        compute_parameters=max(1, parameters - lookups),
+
+    def plan(step_seconds: float | None = None) -> RunPlan:
+        return plan_run(
+            spec,
+            rows=data.size,
+            student_parameters=parameters,
+            positions=positions,
+            device=device.type,
+            min_steps=min_steps,
+            compute_parameters=max(1, parameters - lookups),
+            step_seconds=step_seconds,
+        )
+
+    estimated = plan()
+    if loss_fn is None or not budget_binds(spec, estimated):
+        return estimated
+    measured = time_steps(
+        student,
+        loss_fn,
+        data,
+        device,
+        batch_size=estimated.batch_size,
+        amp_dtype=autocast_dtype(spec.precision, device),
+        clip_norm=spec.grad_clip_norm,
+        seed=spec.seed,
+        use_teacher=use_teacher,
     )
+    return plan(measured)
 
 
 class Trainer:
@@ -168,7 +194,9 @@ class Trainer:
         self.callbacks = callbacks
         self.checkpoint_dir = checkpoint_dir
         self.use_teacher = use_teacher
-        self.run_plan = plan or plan_for_data(spec, data, student, device)
+        self.run_plan = plan or plan_for_data(
+            spec, data, student, device, loss_fn=loss_fn, use_teacher=use_teacher
+        )
         self.plan = StepPlan.for_run(self.run_plan, log_every_steps)
         self.amp_dtype = autocast_dtype(spec.precision, device)
 

@@ -87,7 +87,11 @@ def compute_teacher_outputs(
     ``limits`` are checked before every batch (and during one, for runtimes that can stop).
     """
     limits = limits or TeacherPassLimits()
-    tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+    order = _by_length(arrays)
+    tensors = {
+        name: torch.from_numpy(np.ascontiguousarray(a if order is None else a[order]))
+        for name, a in arrays.items()
+    }
     outputs: list[np.ndarray] = []
     features: list[np.ndarray] = []
     for _, batch in iter_batches(tensors, batch_size):
@@ -100,7 +104,25 @@ def compute_teacher_outputs(
             features.append(feature.float().cpu().numpy())
         outputs.append(output.float().cpu().numpy())
     all_outputs = np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
-    return all_outputs, (np.concatenate(features) if features else None)
+    all_features = np.concatenate(features) if features else None
+    if order is not None and len(all_outputs):
+        # Back to the rows' own order.
+        inverse = np.argsort(order, kind="stable")
+        all_outputs = all_outputs[inverse]
+        all_features = all_features[inverse] if all_features is not None else None
+    return all_outputs, all_features
+
+
+def _by_length(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Rows of tokenised text ordered by length, so a batch holds rows of like length.
+
+    A transformers teacher runs a batch only as long as its longest row; batches of
+    like length skip most padding. None for other data, which runs in its own order.
+    """
+    mask = arrays.get("attention_mask")
+    if mask is None or mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        return None
+    return np.argsort((mask != 0).sum(axis=1), kind="stable")
 
 
 def cached_teacher_outputs(

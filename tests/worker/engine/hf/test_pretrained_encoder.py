@@ -2,8 +2,9 @@
 
 all-MiniLM-L6-v2 (22.7M parameters, half of them word embeddings), zipped as a
 user uploads it, distilled with ``student.compression: 4`` and otherwise the
-defaults, except that ``training.max_minutes`` caps the run so the test stays
-short; ``bench/encoder_student.py`` runs the same job at full length. See
+defaults, except that ``training.max_steps`` caps the run so the test stays
+short (and, unlike a time cap, trains as many steps on a busy machine as on a free
+one); ``bench/encoder_student.py`` runs the same job at full length. See
 :mod:`tests.worker.engine.hf.encoder_job` for how the student is scored.
 """
 
@@ -18,17 +19,19 @@ from tests.worker.engine.hf.encoder_job import run_job, score, split_sentences
 
 HELD_OUT_SENTENCES = 300
 TRANSFER_SENTENCES = 1500
-#: A cap on the job (teacher pass and training); the auto plan ends the run sooner.
+#: A cap on the job (teacher pass and training); MAX_STEPS ends the run sooner.
 MAX_MINUTES = 10.0
+#: Optimizer steps the short run takes (the auto plan wants thousands).
+MAX_STEPS = 16
 #: The held-out cosine a run this short reaches (the full run: see the bench).
-MIN_COSINE = 0.6
+MIN_COSINE = 0.7
 
 
 @pytest.mark.filterwarnings("ignore")  # the TorchScript exporter's deprecation and tracer notes
 def test_minilm_distils_to_a_quarter_of_its_parameters(tmp_path: Path) -> None:
     held_out, transfer = split_sentences(HELD_OUT_SENTENCES, TRANSFER_SENTENCES)
     assert not set(held_out) & set(transfer)
-    out = run_job(tmp_path, transfer, {"max_minutes": MAX_MINUTES})
+    out = run_job(tmp_path, transfer, {"max_minutes": MAX_MINUTES, "max_steps": MAX_STEPS})
     scored = score(out, held_out, tmp_path, baseline_texts=transfer[:1000])
     print(json.dumps(scored.figures()))
     metrics, config = scored.metrics, scored.config

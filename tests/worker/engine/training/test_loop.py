@@ -126,3 +126,35 @@ def test_bf16_autocast_keeps_loss_terms_in_fp32() -> None:
     )
     assert seen and set(seen) == {torch.float32}
     assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_timing_steps_leaves_the_student_as_it_was() -> None:
+    from tests.worker.engine.training.factories import weights
+    from worker.engine.training.step import time_steps
+
+    class Normed(Student):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = torch.nn.BatchNorm1d(16)
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return super().forward(self.norm(inputs))
+
+    torch.manual_seed(0)
+    student = Normed().eval()
+    before, rng = weights(student), torch.get_rng_state()
+    seconds = time_steps(
+        student,
+        SoftLoss(),
+        make_data(),
+        torch.device("cpu"),
+        batch_size=32,
+        amp_dtype=None,
+        clip_norm=1.0,
+        seed=0,
+    )
+    assert 0 < seconds < 5
+    assert not student.training
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in student.parameters())
+    assert torch.equal(rng, torch.get_rng_state())
