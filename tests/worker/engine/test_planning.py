@@ -75,11 +75,20 @@ def test_auto_is_capped_by_max_steps_and_by_the_time_budget() -> None:
 
 def test_a_measured_step_replaces_the_estimate_where_the_budget_decides() -> None:
     short = TrainingSpec(max_minutes=1)
-    sized = {"rows": 5000, "student_parameters": 20_000_000, "positions": 512}
-    estimated = plan_run(short, **sized)
+
+    def sized(step_seconds: float | None = None) -> planning.RunPlan:
+        return plan_run(
+            short,
+            rows=5000,
+            student_parameters=20_000_000,
+            positions=512,
+            step_seconds=step_seconds,
+        )
+
+    estimated = sized()
     assert estimated.speed == "estimated" and estimated.cut_by_budget
     assert planning.budget_binds(short, estimated)
-    measured = plan_run(short, **sized, step_seconds=0.01)
+    measured = sized(step_seconds=0.01)
     assert measured.speed == "measured" and measured.seconds_per_step == 0.01
     assert measured.total_steps == measured.min_steps > estimated.total_steps
     assert not measured.cut_by_budget and measured.warnings == []
