@@ -3,9 +3,10 @@ and restarted while jobs run. Every job must reach exactly one terminal state wi
 exactly one set of artifacts, whatever dies.
 
 The module runs its own redis-server (so it can restart it) and PostgreSQL
-database, one API and one control worker (beat + the reconciler) for all tests,
-and starts, kills and pauses job workers per test. Leases are short (3 s) and
-the reconciler runs every second, so a lost worker is noticed within seconds.
+database, one API and one control worker (beat + the reconciler, restarted if it
+exits, as compose restarts it) for all tests, and starts, kills and pauses job
+workers per test. Leases are short (3 s) and the reconciler runs every second, so
+a lost worker is noticed within seconds.
 """
 
 from __future__ import annotations
@@ -169,6 +170,45 @@ def wait_until(condition: Callable[[], Any], what: str, deadline_s: float = DEAD
     return servers.wait_until(condition, what, deadline_s)
 
 
+class RestartedOnExit:
+    """A process restarted whenever it exits, as compose's ``restart: unless-stopped`` keeps
+    the control worker: Celery's Redis transport can end a worker on a broker restart
+    (an ``Unrecoverable error`` while a task's message is acknowledged mid-reconnect), and
+    production brings it back. ``restarts`` counts the times it had to."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.argv, self.env, self.log = argv, env, log
+        self.restarts = 0
+        self._stopped = threading.Event()
+        self.process = self._start()
+        self._watch = threading.Thread(target=self._restart_on_exit, daemon=True)
+        self._watch.start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        with open(self.log, "ab") as out:
+            return subprocess.Popen(
+                self.argv,
+                cwd=REPO,
+                env={**os.environ, **self.env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _restart_on_exit(self) -> None:
+        while not self._stopped.wait(0.2):
+            if self.process.poll() is not None and not self._stopped.is_set():
+                self.restarts += 1
+                self.process = self._start()
+
+    def stop(self) -> None:
+        """Kill the process and stop restarting it."""
+        self._stopped.set()
+        self._watch.join()
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     folder = tmp_path_factory.mktemp("faults")
@@ -193,25 +233,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             entry_point(["-m", "alembic", "upgrade", "head"], env)
             key = entry_point(["-m", "app.cli", "create-api-key", "--tenant", "faults"], env)
             control_log = folder / "control.log"
-            with open(control_log, "wb") as out:
-                control = subprocess.Popen(
-                    [*CONTROL_WORKER, "--schedule", str(folder / "beat-schedule")],
-                    cwd=REPO,
-                    env={**os.environ, **env},
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            control = RestartedOnExit(
+                [*CONTROL_WORKER, "--schedule", str(folder / "beat-schedule")], env, control_log
+            )
             try:
-                wait_for_log(control, control_log, " ready.", 60)
+                wait_for_log(control.process, control_log, " ready.", 60)
                 with uvicorn_server(env, folder / "api.log") as api:
                     made = Cluster(api.base_url, key.strip(), env, folder, broker)
                     yield made
                     for worker in made.workers:
                         worker.kill()
             finally:
-                os.killpg(control.pid, signal.SIGKILL)
-                control.wait()
+                control.stop()
     finally:
         broker.kill()
 
