@@ -18,6 +18,31 @@ TIMED_STEPS = 2
 UPDATE_SECONDS_PER_PARAMETER = 2e-9
 
 
+def loss_terms(
+    student: nn.Module,
+    loss_fn: nn.Module,
+    batch: TrainingBatch,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """The student's forward pass on ``batch`` (with its features where the teacher's are
+    matched) and the loss terms against the batch's targets."""
+    features: torch.Tensor | None = None
+    with autocast(device, amp_dtype):
+        if batch.teacher_features is not None:
+            outputs, features = forward_with_features(student, batch.inputs)
+        else:
+            outputs = student(**batch.inputs)
+    terms: dict[str, Any] = loss_fn(
+        outputs,
+        batch.teacher_outputs,
+        labels=batch.labels,
+        student_features=features,
+        teacher_features=batch.teacher_features,
+    )
+    return terms
+
+
 def take_step(
     student: nn.Module,
     loss_fn: nn.Module,
@@ -30,19 +55,7 @@ def take_step(
     clip_norm: float | None,
 ) -> dict[str, torch.Tensor]:
     """Forward, loss, backward and update on ``batch``; returns the detached loss terms."""
-    student_features: torch.Tensor | None = None
-    with autocast(device, amp_dtype):
-        if batch.teacher_features is not None:
-            student_outputs, student_features = forward_with_features(student, batch.inputs)
-        else:
-            student_outputs = student(**batch.inputs)
-    terms = loss_fn(
-        student_outputs,
-        batch.teacher_outputs,
-        labels=batch.labels,
-        student_features=student_features,
-        teacher_features=batch.teacher_features,
-    )
+    terms = loss_terms(student, loss_fn, batch, device, amp_dtype)
     total_loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
     total_loss.backward()
@@ -114,18 +127,7 @@ def time_steps(
             _synchronize(device)
             start = time.perf_counter()
             batch = draw_batch(data, rows, device, use_teacher)
-            with autocast(device, amp_dtype):
-                if batch.teacher_features is not None:
-                    outputs, features = forward_with_features(student, batch.inputs)
-                else:
-                    outputs, features = student(**batch.inputs), None
-            terms = loss_fn(
-                outputs,
-                batch.teacher_outputs,
-                labels=batch.labels,
-                student_features=features,
-                teacher_features=batch.teacher_features,
-            )
+            terms = loss_terms(student, loss_fn, batch, device, amp_dtype)
             if terms:
                 torch.stack([value for value in terms.values()]).sum().backward()
             if clip_norm is not None:
