@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
@@ -53,6 +54,15 @@ from worker.lifecycle import (
 from worker.sessions import worker_sessions
 
 log = logging.getLogger(__name__)
+
+
+def release_locks_when_idle(session: Session, seconds: float) -> None:
+    """On PostgreSQL, end this session if it sits idle inside its current transaction for
+    ``seconds`` (``SET LOCAL``: only this transaction), releasing what it locked."""
+    if session.get_bind().dialect.name == "postgresql":
+        milliseconds = max(1, int(seconds * 1000))
+        session.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds}"))
+
 
 #: Seconds between progress writes (the first and the last step are always written).
 PROGRESS_INTERVAL_S = 1.0
@@ -293,7 +303,14 @@ class JobRun:
     # ------------------------------------------------------------------ writes
 
     def _fenced_update(self, session: Session, **values: Any) -> bool:
-        """Set ``values`` on the job if this attempt still owns it; whether it did."""
+        """Set ``values`` on the job if this attempt still owns it; whether it did.
+
+        The row stays locked until the transaction ends. Should this process stop inside
+        it (paused, swapped out, cut off), PostgreSQL ends the session once it has been
+        idle in the transaction for a lease, so the lock does not keep the reconciler,
+        which skips locked rows, from handing the job to another worker.
+        """
+        release_locks_when_idle(session, self.settings.lease_seconds)
         return JobRepository(session).transition(
             self.claim.job_id, from_statuses=LEASED, fence=self.claim.attempt, **values
         )
