@@ -29,6 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.worker.engine.factories import sklearn_forest_onnx  # noqa: E402
 from worker.engine.pipeline import run  # noqa: E402
 from worker.engine.spec import DistillationSpec  # noqa: E402
 from worker.engine.training import Callbacks  # noqa: E402
@@ -43,20 +44,12 @@ def import_seconds() -> float:
 
 def teacher_job(folder: Path) -> tuple[Path, Path, np.ndarray]:
     """A forest teacher's ONNX file, its unlabelled transfer set, and those rows."""
-    from skl2onnx import to_onnx
     from sklearn.datasets import load_digits
-    from sklearn.ensemble import RandomForestClassifier
 
     x, y = load_digits(return_X_y=True)
     x = x.astype(np.float32)
     half = len(x) // 2
-    model = RandomForestClassifier(n_estimators=100, random_state=0, n_jobs=1)
-    model.fit(x[:half], y[:half])
-    onx = to_onnx(
-        model, x[:1], options={id(model): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3}
-    )
-    teacher = folder / "teacher.onnx"
-    teacher.write_bytes(onx.SerializeToString())
+    teacher, _ = sklearn_forest_onnx(x[:half], y[:half], folder / "teacher.onnx")
     data = folder / "transfer.npz"
     np.savez(data, inputs=x[half:])
     return teacher, data, x[half:]

@@ -31,15 +31,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.worker.engine.factories import sklearn_forest_onnx
 from worker.engine.pipeline import run
 from worker.engine.spec import DistillationSpec
 
 
 def forest_job(folder: Path, samples: int, trees: int) -> tuple[Path, Path]:
     """A forest teacher's ONNX file and an unlabelled transfer set of other rows."""
-    from skl2onnx import to_onnx
     from sklearn.datasets import make_classification
-    from sklearn.ensemble import RandomForestClassifier
 
     x, y = make_classification(
         n_samples=samples,
@@ -52,16 +51,7 @@ def forest_job(folder: Path, samples: int, trees: int) -> tuple[Path, Path]:
     )
     x = x.astype(np.float32)
     half = samples // 2
-    forest = RandomForestClassifier(n_estimators=trees, random_state=0, n_jobs=1)
-    forest.fit(x[:half], y[:half])
-    onx = to_onnx(
-        forest,
-        x[:1],
-        options={id(forest): {"zipmap": False}},
-        target_opset={"": 17, "ai.onnx.ml": 3},
-    )
-    teacher = folder / "forest.onnx"
-    teacher.write_bytes(onx.SerializeToString())
+    teacher, _ = sklearn_forest_onnx(x[:half], y[:half], folder / "forest.onnx", n_estimators=trees)
     transfer = folder / "transfer.npz"
     with open(transfer, "wb") as f:
         np.savez(f, inputs=x[half:])

@@ -25,6 +25,7 @@ from tests.worker.engine.factories import (
     digits,
     export_onnx,
     one_torch_thread,
+    sklearn_forest_onnx,
     train_mlp_teacher,
     write_npz,
 )
@@ -202,24 +203,15 @@ def _fit_on_probabilities(
 def test_forest_student_matches_the_teachers_signature_labels_and_accuracy(
     tmp_path: Path, zipmap: bool, string_labels: bool
 ) -> None:
-    from skl2onnx import to_onnx
     from sklearn.datasets import load_breast_cancer
-    from sklearn.ensemble import RandomForestClassifier
 
     x, y = load_breast_cancer(return_X_y=True)
     x = x.astype(np.float32)
     labels = np.array(["benign", "malignant"])[y] if string_labels else y.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(x, labels, test_size=0.3, random_state=0)
-    forest = RandomForestClassifier(n_estimators=100, random_state=0, n_jobs=1)
-    forest.fit(x_train, y_train)
-    onx = to_onnx(
-        forest,
-        x_train[:1],
-        options={id(forest): {"zipmap": zipmap}},
-        target_opset={"": 17, "ai.onnx.ml": 3},
+    teacher_path, forest = sklearn_forest_onnx(
+        x_train, y_train, tmp_path / "forest.onnx", zipmap=zipmap
     )
-    teacher_path = tmp_path / "forest.onnx"
-    teacher_path.write_bytes(onx.SerializeToString())
     data = write_npz(tmp_path / "transfer.npz", x_train)
     # The product's defaults: epochs "auto", the test split held out of training.
     spec = DistillationSpec.model_validate({"training": {"checkpoint_every_minutes": None}})

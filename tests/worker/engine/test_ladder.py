@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.worker.engine.factories import write_npz
+from tests.worker.engine.factories import sklearn_forest_onnx, write_npz
 from worker.engine import ladder
 from worker.engine.evaluation import FIDELITY_KEYS, OnnxFile, build_metrics, validate_metrics
 from worker.engine.pipeline import run
@@ -204,9 +204,7 @@ def test_the_card_shows_the_ladder_after_the_verdict_and_the_png_is_written(
 @pytest.fixture(scope="module")
 def forest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A random forest fully trained on its own rows; unlabelled transfer rows; held-out rows."""
-    from skl2onnx import to_onnx
     from sklearn.datasets import make_classification
-    from sklearn.ensemble import RandomForestClassifier
 
     # Two well-separated classes: a smooth boundary a forest approximates with many trees.
     x, y = make_classification(
@@ -222,17 +220,10 @@ def forest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     x = x.astype(np.float32)
     teacher_rows, transfer_rows, held_out = slice(0, 1200), slice(1200, 2550), slice(2550, None)
-    model = RandomForestClassifier(n_estimators=500, random_state=0, n_jobs=1)
-    model.fit(x[teacher_rows], y[teacher_rows])
     folder = tmp_path_factory.mktemp("forest")
-    path = folder / "forest.onnx"
-    onx = to_onnx(
-        model,
-        x[:1],
-        options={id(model): {"zipmap": False}},
-        target_opset={"": 17, "ai.onnx.ml": 3},
+    path, _ = sklearn_forest_onnx(
+        x[teacher_rows], y[teacher_rows], folder / "forest.onnx", n_estimators=500
     )
-    path.write_bytes(onx.SerializeToString())
     return {
         "path": path,
         "transfer": write_npz(folder / "transfer.npz", x[transfer_rows]),
