@@ -33,6 +33,44 @@ class TrainingData:
         """The number of training rows."""
         return len(next(iter(self.train.values())))
 
+    def lengths(self) -> torch.Tensor | None:
+        """Each training row's tokens (its attention mask's sum) for text, else None."""
+        mask = self.train.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            return None
+        return mask.ne(0).sum(dim=1).cpu()
+
+
+#: Batches whose rows are drawn together and then sorted by length (see :func:`length_bucketed`).
+BATCHES_PER_BUCKET = 32
+
+
+def length_bucketed(
+    order: torch.Tensor, lengths: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``order`` rearranged so that each batch holds rows of similar length, batches shuffled.
+
+    Text rows are padded to ``data.max_length`` and each batch is cut to its longest
+    row (:func:`~worker.engine.hf.wrapper.trim_padding`), so one long sentence makes
+    a whole batch pay for its length. The shuffled ``order`` is cut into buckets of
+    :data:`BATCHES_PER_BUCKET` batches; each bucket is sorted by length and cut into
+    batches, and the batches (the last, short one of the epoch kept last) are
+    shuffled. Every row is still visited once an epoch, each batch is still a random
+    draw within its bucket, and the same generator gives the same epoch.
+    """
+    bucket = batch_size * BATCHES_PER_BUCKET
+    pieces = []
+    for start in range(0, len(order), bucket):
+        rows = order[start : start + bucket]
+        pieces.append(rows[torch.argsort(lengths[rows], stable=True)])
+    sorted_order = torch.cat(pieces) if pieces else order
+    full = len(sorted_order) // batch_size
+    if full < 2:
+        return sorted_order
+    batches = sorted_order[: full * batch_size].view(full, batch_size)
+    shuffled = batches[torch.randperm(full, generator=generator)].reshape(-1)
+    return torch.cat([shuffled, sorted_order[full * batch_size :]])
+
 
 @dataclass
 class TrainingBatch:

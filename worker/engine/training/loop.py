@@ -20,7 +20,7 @@ from torch import nn
 from worker.engine.errors import Cancelled, OutOfMemory
 from worker.engine.planning import RunPlan, budget_binds, plan_run
 from worker.engine.spec import TrainingSpec
-from worker.engine.training.batches import TrainingData, draw_batch
+from worker.engine.training.batches import TrainingData, draw_batch, length_bucketed
 from worker.engine.training.callbacks import Callbacks
 from worker.engine.training.checkpoints import (
     LoopState,
@@ -198,6 +198,8 @@ class Trainer:
             spec, data, student, device, loss_fn=loss_fn, use_teacher=use_teacher
         )
         self.plan = StepPlan.for_run(self.run_plan, log_every_steps)
+        # Text batches are drawn by length, so a batch pays for its own rows' padding only.
+        self.lengths = data.lengths()
         self.amp_dtype = autocast_dtype(spec.precision, device)
 
         torch.manual_seed(spec.seed)
@@ -252,6 +254,8 @@ class Trainer:
         # Seeded by epoch, so a resumed run draws the same batches as an uninterrupted one.
         generator = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + epoch)
         order = torch.randperm(self.data.size, generator=generator)
+        if self.lengths is not None:
+            order = length_bucketed(order, self.lengths, self.plan.batch_size, generator)
         first = self.state.step % self.plan.steps_per_epoch
         for position in range(first, self.plan.steps_per_epoch):
             if self.state.step >= self.plan.total_steps:

@@ -8,7 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.engine.training.batches import TrainingBatch, TrainingData, draw_batch
+from worker.engine.training.batches import (
+    TrainingBatch,
+    TrainingData,
+    draw_batch,
+    length_bucketed,
+)
 from worker.engine.training.devices import Batch, autocast
 
 #: Steps :func:`time_steps` times, after one untimed step (allocation, lazy setup).
@@ -105,10 +110,11 @@ def time_steps(
     """Seconds one training step of ``student`` takes on ``data``, timed on a few batches.
 
     Forward, loss, backward and gradient clipping on random batches of ``batch_size``
-    rows (drawn with a generator of its own), plus an estimate of the update: no weight
-    changes, gradients are dropped, and buffers (batch-norm statistics), training modes
-    and torch's random state are left as they were. Moves ``student`` and ``loss_fn`` to
-    ``device``, where training puts them next.
+    rows (drawn with a generator of its own, and by length for text, as training draws
+    them), plus an estimate of the update: no weight changes, gradients are dropped,
+    and buffers (batch-norm statistics), training modes and torch's random state are
+    left as they were. Moves ``student`` and ``loss_fn`` to ``device``, where training
+    puts them next.
     """
     modules = [student.to(device), loss_fn.to(device)]
     modes = [module.training for module in modules]
@@ -118,12 +124,17 @@ def time_steps(
     ]
     params = [p for module in modules for p in module.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
+    lengths = data.lengths()
     times: list[float] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for module in modules:
             module.train()
         for _ in range(steps + 1):
-            rows = torch.randperm(data.size, generator=generator)[:batch_size]
+            order = torch.randperm(data.size, generator=generator)
+            if lengths is not None:
+                # Batches as training draws them: rows of similar length.
+                order = length_bucketed(order, lengths, batch_size, generator)
+            rows = order[:batch_size]
             _synchronize(device)
             start = time.perf_counter()
             batch = draw_batch(data, rows, device, use_teacher)
