@@ -315,12 +315,29 @@ def check_student_size(
         )
 
 
+def check_vocabulary(spec: DistillationSpec, signature: TeacherSignature) -> None:
+    """``student.vocabulary: "transfer"`` cuts a transformers teacher's word embeddings only."""
+    if spec.student.vocabulary == "teacher":
+        return
+    if signature.format != "huggingface" or spec.student.architecture not in (
+        "auto",
+        "hf_encoder",
+    ):
+        raise SpecInvalid(
+            'student.vocabulary "transfer" applies to an hf_encoder student of a Hugging '
+            f"Face transformers teacher; this teacher is {signature.format} and the student "
+            f"{spec.student.architecture}",
+            field="student.vocabulary",
+        )
+
+
 def check_job(spec: DistillationSpec, signature: TeacherSignature, data: DataFacts) -> str:
     """Every check above, in the order a user would fix them; returns the task."""
     task = resolve_task(spec, signature)
     check_modality(signature, data)
     check_fits(signature, data)
     check_labels(task, spec, data, signature.num_classes)
+    check_vocabulary(spec, signature)
     architecture = spec.student.architecture
     if data.feature_shape is not None or data.modality == "text":
         require_inputs(

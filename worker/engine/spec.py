@@ -111,6 +111,14 @@ class StudentSpec(_Strict):
         description="transformers teachers: initialise the student from a subset of the "
         "teacher's layers.",
     )
+    vocabulary: Literal["teacher", "transfer"] = Field(
+        default="teacher",
+        description="transformers teachers: 'teacher' keeps a row for every token of the "
+        "teacher's vocabulary (low-rank for rare ones when the budget needs it); 'transfer' "
+        "keeps the teacher's rows of the tokens the transfer set uses and one shared row for "
+        "every other id, which leaves more of the budget to layers. Either way the student "
+        "takes the teacher's input_ids.",
+    )
 
 
 class LossTerm(_Strict):

@@ -137,3 +137,11 @@ def test_auto_with_explicit_sizes_is_held_to_a_named_compression() -> None:
 )
 def test_sizes_within_the_budget_pass(student: dict[str, Any]) -> None:
     assert check_job(spec(**student), teacher(), tabular()) == "classification"
+
+
+def test_the_transfer_sets_vocabulary_is_refused_for_a_teacher_without_one() -> None:
+    with pytest.raises(SpecInvalid) as raised:
+        check_job(spec(vocabulary="transfer"), teacher(), tabular())
+    assert raised.value.field == "student.vocabulary"
+    assert "onnx" in str(raised.value)
+    assert check_job(spec(vocabulary="teacher"), teacher(), tabular()) == "classification"

@@ -93,3 +93,57 @@ class FactorisedEmbedding(nn.Module):
 def factorised_parameters(vocab_size: int, hidden: int, rank: int, frequent_tokens: int) -> int:
     """Parameters of a :class:`FactorisedEmbedding` of this shape."""
     return vocab_size * rank + rank * hidden + (frequent_tokens + 1) * hidden
+
+
+class VocabularyCut(nn.Module):
+    """Token ids (any shape) -> (..., hidden) from rows kept for the transfer set's tokens.
+
+    ``student.vocabulary: "transfer"``: the word embeddings keep a row for each of
+    the ``kept_tokens`` ids the transfer set uses; every other id of the teacher's
+    vocabulary reads one shared row (slot 0). The student still takes the
+    teacher's ``input_ids`` unchanged: ``slots`` (an integer buffer, saved and
+    exported with the weights) maps each id to its row, a plain ``Gather`` in ONNX.
+    A text the transfer set did not cover loses the meaning of its unseen tokens,
+    which is why this is an option and :class:`FactorisedEmbedding` the default.
+    """
+
+    def __init__(self, vocab_size: int, hidden: int, kept_tokens: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.hidden = hidden
+        self.kept_tokens = kept_tokens
+        self.rows = nn.Embedding(kept_tokens + 1, hidden)
+        self.register_buffer("slots", torch.zeros(vocab_size, dtype=torch.int64))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """The kept row of each id, the shared row for the others."""
+        return self.rows(self.get_buffer("slots")[input_ids])
+
+    @property
+    def weight(self) -> Tensor:
+        """The whole (vocab, hidden) table it stands for (what transformers' helpers read)."""
+        return self.rows(self.get_buffer("slots"))
+
+    @torch.no_grad()
+    def initialise(self, table: Tensor, token_counts: Tensor | None) -> None:
+        """The teacher's rows of the ``kept_tokens`` most counted ids; the mean of the rest.
+
+        The shared row starts as the mean of the teacher's rows it stands for.
+        """
+        table = table.detach().float()
+        counts = torch.zeros(table.shape[0], dtype=torch.float32)
+        if token_counts is not None:
+            given = token_counts.detach().float().ravel()[: table.shape[0]]
+            counts[: len(given)] = given
+        chosen = torch.argsort(counts, descending=True, stable=True)[: self.kept_tokens]
+        slots = self.get_buffer("slots")
+        slots.zero_()
+        slots[chosen] = torch.arange(1, len(chosen) + 1, dtype=torch.int64)
+        others = slots == 0
+        self.rows.weight[0] = table[others].mean(0) if bool(others.any()) else 0.0
+        self.rows.weight[1 : len(chosen) + 1] = table[chosen]
+
+
+def cut_parameters(hidden: int, kept_tokens: int) -> int:
+    """Parameters of a :class:`VocabularyCut` keeping ``kept_tokens`` rows."""
+    return (kept_tokens + 1) * hidden

@@ -212,3 +212,45 @@ def choose_factorised_size(
         assert factorised_parameters(vocab, width, rank, frequent) + rest <= budget
         return depth, rank, frequent
     return None
+
+
+def choose_cut_depth(
+    spec: StudentSpec,
+    teacher_config: Any,
+    head: Head,
+    teacher_parameters: int,
+    dense_parameters: int,
+    used_tokens: int,
+) -> int:
+    """Layers of a teacher-width student whose vocabulary is cut to ``used_tokens`` rows.
+
+    ``student.vocabulary: "transfer"``: the word embeddings keep one row per token
+    the transfer set uses (plus a shared one), and the deepest student (below the
+    teacher's depth; ``num_layers`` if given, else half the teacher's when nothing
+    bounds it) that fits the budget with them wins.
+    """
+    from worker.engine.hf.embeddings import cut_parameters
+
+    width = int(teacher_config.hidden_size)
+    vocab = int(teacher_config.vocab_size)
+    teacher_layers = int(teacher_config.num_hidden_layers)
+    budget = _budget(spec, teacher_parameters)
+    if spec.num_layers is not None:
+        depths = [spec.num_layers]
+    elif budget is None:
+        depths = [max(1, teacher_layers // 2)]
+    else:
+        depths = list(range(max(1, teacher_layers - 1), 0, -1))
+    table = cut_parameters(width, used_tokens)
+    for depth in depths:
+        config = student_config(teacher_config, layers=depth, hidden=None, heads=None)
+        total = _parameter_count(config, head) - vocab * width + dense_parameters + table
+        if budget is None or total <= budget:
+            return depth
+    field = "student.max_parameters" if spec.max_parameters is not None else "student.compression"
+    raise SpecInvalid(
+        f"no {teacher_config.model_type} student with the transfer set's {used_tokens} tokens "
+        f"fits a budget of {int(budget or 0)} parameters; ask for less compression or "
+        'leave student.vocabulary at "teacher"',
+        field=field,
+    )

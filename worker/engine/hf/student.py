@@ -9,9 +9,14 @@ import torch
 from torch import nn
 
 from worker.engine.errors import SpecInvalid, TeacherIncompatible
-from worker.engine.hf.embeddings import FactorisedEmbedding
+from worker.engine.hf.embeddings import FactorisedEmbedding, VocabularyCut
 from worker.engine.hf.families import Head, make_config, make_model
-from worker.engine.hf.sizing import choose_factorised_size, choose_size, student_config
+from worker.engine.hf.sizing import (
+    choose_cut_depth,
+    choose_factorised_size,
+    choose_size,
+    student_config,
+)
 from worker.engine.hf.wrapper import HFEncoder
 from worker.engine.spec import StudentSpec
 from worker.engine.students import STUDENTS, StudentContext
@@ -33,8 +38,9 @@ def _init_from_teacher(
 ) -> None:
     """Copy embeddings, the chosen layers, pooler, head and Dense layers from the teacher.
 
-    Factorised word embeddings start from the teacher's table instead
-    (:meth:`FactorisedEmbedding.initialise`, weighted by ``token_counts``).
+    Factorised or cut word embeddings start from the teacher's table instead
+    (:meth:`FactorisedEmbedding.initialise`, :meth:`VocabularyCut.initialise`, each
+    led by ``token_counts``).
     """
     stack = re.escape(student.layer_stack()) + r"\.(\d+)\."
     source = teacher.state_dict()
@@ -61,10 +67,10 @@ def _init_from_teacher(
         )
 
 
-def _factorised_embedding(encoder: HFEncoder) -> FactorisedEmbedding | None:
-    """The encoder's word embeddings when they are factorised, else None."""
+def _factorised_embedding(encoder: HFEncoder) -> FactorisedEmbedding | VocabularyCut | None:
+    """The encoder's word embeddings when they are factorised or cut, else None."""
     embeddings = input_embeddings(encoder.model)
-    return embeddings if isinstance(embeddings, FactorisedEmbedding) else None
+    return embeddings if isinstance(embeddings, (FactorisedEmbedding, VocabularyCut)) else None
 
 
 def input_embeddings(model: nn.Module) -> nn.Module:
@@ -111,25 +117,12 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
     teacher_config = teacher.hf_config
     teacher_layers = teacher_config.num_hidden_layers
     teacher_shape = (teacher_config.hidden_size, teacher_config.num_attention_heads)
-    try:
-        layers, hidden, heads = choose_size(
-            spec,
-            teacher_config,
-            teacher.head,
-            context.teacher_parameters or _parameter_count(teacher),
-            _parameter_count(teacher.dense),
-        )
-        narrowed: SpecInvalid | None = None
-    except SpecInvalid as error:
-        narrowed, (layers, hidden, heads) = error, (0, 0, 0)
-    # Narrower than the teacher: keep its width and factorise the word embeddings instead.
-    embedding = (
-        _factorised_design(spec, context, teacher) if (hidden, heads) != teacher_shape else None
-    )
-    if embedding is not None:
-        layers, (hidden, heads) = embedding.pop("layers"), teacher_shape
-    elif narrowed is not None:
-        raise narrowed
+    embedding: dict[str, Any] | None
+    if spec.vocabulary == "transfer":
+        layers, embedding = _cut_design(spec, context, teacher)
+        hidden, heads = teacher_shape
+    else:
+        layers, hidden, heads, embedding = _sized_design(spec, context, teacher)
     same_width = hidden == teacher_config.hidden_size
     same_shape = same_width and heads == teacher_config.num_attention_heads
     from_teacher = spec.init_from_teacher and same_shape
@@ -156,6 +149,86 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
         _init_from_teacher(student, teacher, chosen, getattr(context, "token_counts", None))
     student.config["initialised_from_teacher_layers"] = chosen
     return student
+
+
+def _sized_design(
+    spec: StudentSpec, context: StudentContext, teacher: HFEncoder
+) -> tuple[int, int, int, dict[str, Any] | None]:
+    """(layers, hidden, heads, word embeddings) under the budget, the teacher's vocabulary kept.
+
+    :func:`choose_size` first; where it would narrow the student (or finds nothing that
+    fits), a teacher-width student with factorised word embeddings is preferred.
+    """
+    teacher_config = teacher.hf_config
+    teacher_shape = (teacher_config.hidden_size, teacher_config.num_attention_heads)
+    try:
+        layers, hidden, heads = choose_size(
+            spec,
+            teacher_config,
+            teacher.head,
+            context.teacher_parameters or _parameter_count(teacher),
+            _parameter_count(teacher.dense),
+        )
+        narrowed: SpecInvalid | None = None
+    except SpecInvalid as error:
+        narrowed, (layers, hidden, heads) = error, (0, 0, 0)
+    # Narrower than the teacher: keep its width and factorise the word embeddings instead.
+    embedding: dict[str, Any] | None = (
+        _factorised_design(spec, context, teacher) if (hidden, heads) != teacher_shape else None
+    )
+    if embedding is not None:
+        layers, (hidden, heads) = embedding.pop("layers"), teacher_shape
+    elif narrowed is not None:
+        raise narrowed
+    return layers, hidden, heads, embedding
+
+
+def _cut_design(
+    spec: StudentSpec, context: StudentContext, teacher: HFEncoder
+) -> tuple[int, dict[str, Any]]:
+    """(layers, word embeddings) of a teacher-width student with its vocabulary cut.
+
+    ``student.vocabulary: "transfer"``: one row for each token the transfer set uses.
+    The rows are the teacher's, so the student keeps the teacher's width and heads
+    and starts from its layers.
+    """
+    config = teacher.hf_config
+    table = input_embeddings(teacher.model)
+    if not (isinstance(table, nn.Embedding) and table.weight.shape[0] == config.vocab_size):
+        raise SpecInvalid(
+            f"the {config.model_type} teacher's word embeddings cannot be cut to the "
+            'transfer set\'s tokens; leave student.vocabulary at "teacher"',
+            field="student.vocabulary",
+        )
+    if spec.hidden_size not in (None, config.hidden_size) or spec.num_heads not in (
+        None,
+        config.num_attention_heads,
+    ):
+        raise SpecInvalid(
+            "a student with the transfer set's vocabulary keeps the teacher's rows, so its "
+            f"width and heads are the teacher's ({config.hidden_size}, "
+            f"{config.num_attention_heads})",
+            field="student.vocabulary",
+        )
+    if not spec.init_from_teacher:
+        raise SpecInvalid(
+            "a student with the transfer set's vocabulary starts from the teacher's rows; "
+            "set init_from_teacher to true",
+            field="student.vocabulary",
+        )
+    counts = getattr(context, "token_counts", None)
+    used = int((torch.as_tensor(counts) > 0).sum()) if counts is not None else 0
+    if used == 0:
+        raise SpecInvalid("the transfer set has no tokens to keep", field="student.vocabulary")
+    layers = choose_cut_depth(
+        spec,
+        config,
+        teacher.head,
+        context.teacher_parameters or _parameter_count(teacher),
+        _parameter_count(teacher.dense),
+        used,
+    )
+    return layers, {"kind": "cut", "kept_tokens": used}
 
 
 def _factorised_design(
@@ -226,23 +299,19 @@ def _assemble(
     input_names: list[str],
     task: str,
     output_dim: int,
-    word_embeddings: dict[str, int] | None = None,
+    word_embeddings: dict[str, Any] | None = None,
 ) -> HFEncoder:
     """A fresh student of this shape, with the ``config`` that rebuilds it.
 
-    ``word_embeddings`` (``rank``, ``frequent_tokens``) replaces the model's word
-    embeddings by a :class:`FactorisedEmbedding` of that shape.
+    ``word_embeddings`` replaces the model's word embeddings: ``rank`` and
+    ``frequent_tokens`` by a :class:`FactorisedEmbedding` of that shape, ``kind:
+    "cut"`` and ``kept_tokens`` by a :class:`VocabularyCut`.
     """
     # Embedding students pool token states here, so a bare model's pooler would never train.
     model = make_model(config, head, pooler=head != "base")
     if word_embeddings is not None:
         model.set_input_embeddings(  # type: ignore[operator]  # transformers' PreTrainedModel
-            FactorisedEmbedding(
-                int(config.vocab_size),
-                int(word_embeddings["rank"]),
-                int(config.hidden_size),
-                int(word_embeddings["frequent_tokens"]),
-            )
+            _reduced_embeddings(config, word_embeddings)
         )
     encoder = HFEncoder(
         model,
@@ -274,6 +343,22 @@ def _assemble(
         "word_embeddings": dict(word_embeddings) if word_embeddings is not None else None,
     }
     return encoder
+
+
+def _reduced_embeddings(
+    config: Any, word_embeddings: dict[str, Any]
+) -> FactorisedEmbedding | VocabularyCut:
+    """The word embeddings ``word_embeddings`` describes, fresh."""
+    if word_embeddings.get("kind", "factorised") == "cut":
+        return VocabularyCut(
+            int(config.vocab_size), int(config.hidden_size), int(word_embeddings["kept_tokens"])
+        )
+    return FactorisedEmbedding(
+        int(config.vocab_size),
+        int(word_embeddings["rank"]),
+        int(config.hidden_size),
+        int(word_embeddings["frequent_tokens"]),
+    )
 
 
 def _jsonable(value: Any) -> Any:

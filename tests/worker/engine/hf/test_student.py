@@ -200,3 +200,76 @@ def test_minilm_sized_student_keeps_width_and_factorises_embeddings() -> None:
         )
         is None
     )
+
+
+def test_vocabulary_cut_keeps_the_teachers_rows_of_used_tokens() -> None:
+    from worker.engine.hf.embeddings import VocabularyCut, cut_parameters
+
+    torch.manual_seed(0)
+    table = torch.randn(50, 8)
+    counts = torch.zeros(50, dtype=torch.int64)
+    counts[[3, 7, 11]] = torch.tensor([5, 9, 1])
+    cut = VocabularyCut(50, 8, 3)
+    cut.initialise(table, counts)
+    assert _parameter_count(cut) == cut_parameters(8, 3) == 32
+    with torch.no_grad():
+        ids = torch.tensor([[3, 7], [11, 3]])
+        torch.testing.assert_close(cut(ids), table[ids])
+        others = [index for index in range(50) if index not in (3, 7, 11)]
+        shared = table[others].mean(0)
+        # Every id still has a row: the unused ones share the mean of their teacher rows.
+        torch.testing.assert_close(cut(torch.tensor([0, 49])), torch.stack([shared, shared]))
+        torch.testing.assert_close(cut.weight[[3, 7, 11]], table[[3, 7, 11]])
+
+
+def test_a_student_with_the_transfer_sets_vocabulary_exports_and_rebuilds(
+    teacher: HuggingFaceTeacher, tmp_path: Path
+) -> None:
+    from worker.engine.hf.embeddings import VocabularyCut
+
+    batch = text_batch(teacher.tokenizer)
+    ids = batch["input_ids"][batch["attention_mask"] > 0]
+    counts = np.bincount(ids.numpy(), minlength=len(teacher.tokenizer))
+    context = student_context(teacher)
+    context.token_counts = counts
+    spec = StudentSpec(num_layers=2, compression=None, vocabulary="transfer")
+    student = build_student(spec, context)
+    used = int((counts > 0).sum())
+    assert student.config["word_embeddings"] == {"kind": "cut", "kept_tokens": used}
+    embeddings = student.model.get_input_embeddings()
+    assert isinstance(embeddings, VocabularyCut)
+    # Far fewer parameters than the teacher's table, and the layers are the teacher's.
+    table = teacher.module.model.get_input_embeddings().weight
+    assert _parameter_count(embeddings) == (used + 1) * table.shape[1] < table.numel()
+    assert student.config["initialised_from_teacher_layers"] == [0, 3]
+    # On the transfer set's own tokens the cut student is the 2-layer student with full rows.
+    full = build_student(StudentSpec(num_layers=2, compression=None), student_context(teacher))
+    with torch.no_grad():
+        torch.testing.assert_close(student.eval()(**batch), full.eval()(**batch))
+    rebuilt = rebuild_student(json.loads(json.dumps(student.config)))
+    rebuilt.load_state_dict(student.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(**batch), student(**batch))
+    _export_and_compare(student, teacher.tokenizer, tmp_path / "cut.onnx")
+
+
+def test_the_transfer_sets_vocabulary_leaves_the_budget_to_layers() -> None:
+    from transformers import BertConfig
+
+    from worker.engine.hf.sizing import choose_cut_depth
+
+    config = BertConfig(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+        intermediate_size=1536,
+    )  # fmt: skip
+    teacher_parameters = 22_713_216
+    spec = StudentSpec(compression=4, vocabulary="transfer")
+    # The 30,522-row table alone is over half the budget: 300 used tokens leave room for
+    # three full layers, 4,000 for two, 8,000 for one.
+    assert choose_cut_depth(spec, config, "base", teacher_parameters, 0, 300) == 3
+    assert choose_cut_depth(spec, config, "base", teacher_parameters, 0, 4000) == 2
+    assert choose_cut_depth(spec, config, "base", teacher_parameters, 0, 8000) == 1
+    with pytest.raises(SpecInvalid) as raised:
+        choose_cut_depth(StudentSpec(compression=20, vocabulary="transfer"), config, "base",
+                         teacher_parameters, 0, 8000)  # fmt: skip
+    assert raised.value.field == "student.compression"
