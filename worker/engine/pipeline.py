@@ -319,6 +319,7 @@ def _distil(
     data = _fit_transfer_set(spec, teacher, transfer_set, callbacks, test_set)
     targets = _teacher_targets(spec, teacher, data, device, paths.cache, callbacks)
     design = _design_student(spec, teacher, data, targets)
+    _warn_if_from_scratch(spec, teacher, data, design, callbacks)
     climb = None
     if ladder.applies(spec, data.transfer_set.modality, targets.online, len(data.validation)):
         climb = _climb_ladder(spec, teacher, design, data, targets, device, paths, callbacks)
@@ -619,6 +620,57 @@ def _read_output_kind(
 
 
 # --------------------------------------------------------------------------- the student
+
+
+def _warn_if_from_scratch(
+    spec: DistillationSpec,
+    teacher: TeacherRuntime,
+    data: FittedData,
+    design: StudentDesign,
+    callbacks: Callbacks,
+) -> None:
+    """A warning when a transformers teacher's student could not start from its layers.
+
+    The budget left no room for a student of the teacher's width: this one starts
+    from random weights, which a transfer set of thousands of rows rarely trains to
+    the teacher's quality. The warning names the largest compression that would
+    keep the teacher's layers.
+    """
+    if not (
+        design.config.get("architecture") == "hf_encoder"
+        and spec.student.init_from_teacher
+        and design.config.get("initialised_from_teacher_layers") is None
+    ):
+        return
+    from worker.engine.hf.sizing import largest_compression_from_teacher
+    from worker.engine.hf.wrapper import HFEncoder
+
+    module = getattr(teacher, "module", None)
+    if not isinstance(module, HFEncoder):
+        return
+    counts = _token_counts(data.train)
+    largest = largest_compression_from_teacher(
+        module.hf_config,
+        module.head,
+        teacher.signature.parameters,
+        sum(parameter.numel() for parameter in module.dense.parameters()),
+        int((counts > 0).sum()) if counts is not None else 0,
+    )
+    callbacks.event(
+        "warning",
+        {
+            "code": "student_from_scratch",
+            "field": (
+                "student.max_parameters"
+                if spec.student.max_parameters is not None
+                else "student.compression"
+            ),
+            "message": "no student of the teacher's width fits this budget, so the student "
+            "is narrower and starts from random weights, not from the teacher's layers; "
+            f"a compression of at most {largest:.1f} keeps the teacher's layers",
+            "largest_compression_from_teacher": largest,
+        },
+    )
 
 
 def _design_student(

@@ -403,6 +403,35 @@ def test_sentence_embeddings_distil_to_a_narrower_student_with_projection(
     assert session.run(None, feeds)[0].shape == (2, 32)
 
 
+def test_a_student_that_cannot_start_from_the_teacher_says_so_and_names_the_compression(
+    tmp_path: Path, text_teachers: dict[str, Path]
+) -> None:
+    data = write_jsonl(tmp_path / "t.jsonl", random_sentences(120, seed=2))
+    events: list[tuple[str, dict[str, Any]]] = []
+    run(
+        DistillationSpec(
+            student=StudentSpec(compression=4),
+            training=TrainingSpec(**training(epochs=1, batch_size=32)),
+            data=DataSpec(max_length=12),
+            evaluation=EvaluationSpec(baseline=False),
+        ),
+        teacher_path=text_teachers["sentence"],
+        dataset_path=data,
+        out_dir=tmp_path / "out",
+        callbacks=Callbacks(on_event=lambda kind, d: events.append((kind, d))),
+    )
+    config = json.loads((tmp_path / "out" / "student_config.json").read_text())
+    # A quarter of this teacher has no room for one 32-wide layer: 16 wide, from scratch.
+    assert config["initialised_from_teacher_layers"] is None
+    assert config["hf_config"]["hidden_size"] < 32
+    (warning,) = [
+        d for kind, d in events if kind == "warning" and d["code"] == "student_from_scratch"
+    ]
+    assert warning["field"] == "student.compression"
+    largest = warning["largest_compression_from_teacher"]
+    assert 1 < largest < 4 and f"at most {largest:.1f}" in warning["message"]
+
+
 def test_cnn_teacher_on_images_distils_to_a_cnn_student(
     tmp_path: Path, split_digits: dict[str, np.ndarray]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -202,16 +203,27 @@ def choose_factorised_size(
     for depth in depths:
         if depth > teacher_layers:
             continue
-        config = student_config(teacher_config, layers=depth, hidden=None, heads=None)
-        rest = _parameter_count(config, head) - vocab * width + dense_parameters
-        left = budget - rest
-        frequent = max(0, min(used_tokens, int(left * FREQUENT_SHARE / width) - 1))
-        rank = int((left - (frequent + 1) * width) // (vocab + width))
+        rest = _rest_of_factorised(teacher_config, head, depth, dense_parameters)
+        rank, frequent = _factorised_split(budget - rest, width, vocab, used_tokens)
         if rank < MIN_EMBEDDING_RANK:
             continue
         assert factorised_parameters(vocab, width, rank, frequent) + rest <= budget
         return depth, rank, frequent
     return None
+
+
+def _rest_of_factorised(teacher_config: Any, head: Head, depth: int, dense_parameters: int) -> int:
+    """Parameters of a teacher-width student of ``depth`` layers, word embeddings left out."""
+    config = student_config(teacher_config, layers=depth, hidden=None, heads=None)
+    width, vocab = int(teacher_config.hidden_size), int(teacher_config.vocab_size)
+    return _parameter_count(config, head) - vocab * width + dense_parameters
+
+
+def _factorised_split(left: float, width: int, vocab: int, used_tokens: int) -> tuple[int, int]:
+    """(rank, frequent_tokens) that ``left`` parameters of word embeddings buy."""
+    frequent = max(0, min(used_tokens, int(left * FREQUENT_SHARE / width) - 1))
+    rank = int((left - (frequent + 1) * width) // (vocab + width))
+    return rank, frequent
 
 
 def choose_cut_depth(
@@ -254,3 +266,35 @@ def choose_cut_depth(
         'leave student.vocabulary at "teacher"',
         field=field,
     )
+
+
+def largest_compression_from_teacher(
+    teacher_config: Any,
+    head: Head,
+    teacher_parameters: int,
+    dense_parameters: int,
+    used_tokens: int,
+) -> float:
+    """The largest ``student.compression`` at which the student still starts from the teacher.
+
+    That is, at which :func:`choose_factorised_size` still finds a teacher-width
+    student: its one-layer student's rank is at least :data:`MIN_EMBEDDING_RANK`
+    (found by bisection, rounded down to a tenth). Any larger compression gets a
+    narrower student trained from random weights. 1.0 when none fits at all.
+    """
+    width, vocab = int(teacher_config.hidden_size), int(teacher_config.vocab_size)
+    rest = _rest_of_factorised(teacher_config, head, 1, dense_parameters)
+
+    def fits(compression: float) -> bool:
+        left = teacher_parameters / compression - rest
+        return _factorised_split(left, width, vocab, used_tokens)[0] >= MIN_EMBEDDING_RANK
+
+    low, high = 1.0, 2.0
+    if not fits(low):
+        return low
+    while fits(high) and high < 1e6:
+        low, high = high, high * 2
+    while high - low > 0.01:
+        middle = (low + high) / 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return math.floor(low * 10) / 10

@@ -273,3 +273,25 @@ def test_the_transfer_sets_vocabulary_leaves_the_budget_to_layers() -> None:
         choose_cut_depth(StudentSpec(compression=20, vocabulary="transfer"), config, "base",
                          teacher_parameters, 0, 8000)  # fmt: skip
     assert raised.value.field == "student.compression"
+
+
+def test_the_largest_compression_that_starts_from_the_teacher_is_the_factorised_limit() -> None:
+    from transformers import BertConfig
+
+    from worker.engine.hf.sizing import choose_factorised_size, largest_compression_from_teacher
+
+    config = BertConfig(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+        intermediate_size=1536,
+    )  # fmt: skip
+    teacher_parameters = 22_713_216
+    largest = largest_compression_from_teacher(config, "base", teacher_parameters, 0, 5000)
+
+    def design(compression: float) -> Any:
+        spec = StudentSpec(compression=compression)
+        return choose_factorised_size(spec, config, "base", teacher_parameters, 0, 5000)
+
+    # all-MiniLM-L6-v2 at the default compression of 10 cannot start from its layers.
+    assert 4 < largest < 10
+    assert design(largest) is not None
+    assert design(largest + 0.1) is None
