@@ -122,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
         "fidelity": result.metrics.get("fidelity"),
         "compression": result.metrics.get("compression"),
         "verdict": result.metrics.get("verdict"),
+        "deployed_file": result.metrics.get("deployed_file"),
         "split": result.metrics.get("split"),
         "artifacts": [a.to_dict() for a in result.artifacts],
     }

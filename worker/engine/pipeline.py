@@ -1221,8 +1221,10 @@ class _RungJudge:
         return metrics, fidelity
 
     def _int8(self, fp32: Path, student: nn.Module) -> dict[str, Any] | None:
-        """The rung's int8 file judged like the rung (parameters, and so compression, are
-        the fp32 student's); None where it could not be quantized."""
+        """The rung's int8 file judged like the rung: its parameters are the fp32 student's,
+        its bytes its own weights' (so compression by bytes counts them, as
+        :func:`~worker.engine.evaluation.schema.quantized_view` does on the test rows);
+        None where it could not be quantized."""
         rows = {k: v[: export.CALIBRATION_ROWS] for k, v in self.data.train.arrays.items()}
         try:
             quantized = export.quantize_int8(fp32, rows)
@@ -1231,13 +1233,15 @@ class _RungJudge:
         onnx_file = OnnxFile(quantized.path, output=_student_output(quantized.path, self.teacher))
         metrics, fidelity = self._score(onnx_file)
         latency = onnx_file.latency_ms(self.data.validation.arrays)
-        figures = self._figures(metrics, fidelity, latency, student)
+        figures = self._figures(metrics, fidelity, latency, student, quantized.weight_bytes)
         verdict = evaluation.decide(self.task, figures, self.accept)
         return {
             "file_bytes": quantized.file_bytes,
+            "bytes": quantized.weight_bytes,
             "method": quantized.method,
             "onnxruntime_latency_ms": latency,
             "speedup": figures["speedup"],
+            "compression": figures["compression"],
             "validation": {
                 "metric": {"name": self.metric, "value": metrics.get(self.metric)},
                 "fidelity": {"name": self.fidelity_name, "value": fidelity[self.fidelity_name]},
@@ -1252,11 +1256,14 @@ class _RungJudge:
         fidelity: dict[str, Any],
         latency: float,
         student: nn.Module,
+        size: int | None = None,
     ) -> dict[str, Any]:
-        """The figures :func:`evaluation.decide` reads, for the rung on the validation rows."""
+        """The figures :func:`evaluation.decide` reads, for the rung on the validation rows;
+        ``size`` is the bytes of the file judged where they are not the student's state
+        dict's (an int8 file's weights)."""
         signature = self.teacher.signature
         parameters = count_parameters(student)
-        size = evaluation.module_bytes(student)
+        size = evaluation.module_bytes(student) if size is None else size
         by_parameters = signature.parameters > 0 and parameters > 0
         compression = (
             signature.parameters / parameters
@@ -1528,6 +1535,7 @@ def _quantized_side(
     return {
         **evaluation.task_metrics(task, outputs[reference.rows], reference.values),
         "file_bytes": quantized.file_bytes,
+        "bytes": quantized.weight_bytes,
         "method": quantized.method,
         "preprocessed": quantized.preprocessed,
         "fidelity": evaluation.fidelity(outputs, teacher_run.outputs, task, teacher_run.kind, kind),

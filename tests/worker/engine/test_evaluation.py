@@ -473,3 +473,48 @@ def test_quantized_students_get_their_comparisons_and_are_validated() -> None:
         validate_metrics({**metrics, "quantized": {"int4": None}})
     with pytest.raises(ValueError, match="computed keys"):
         build_metrics("classification", teacher, student, fid, None, {**EXTRA, "quantized": {}})
+
+
+def test_an_int8_file_counts_its_own_weight_bytes_where_compression_is_by_bytes() -> None:
+    # A tree-ensemble teacher has no parameters: compression is by bytes, and the int8
+    # file's are its int8 weights, not the fp32 state dict it was quantized from.
+    fid = dict.fromkeys(FIDELITY_KEYS, 0.99)
+    teacher = {**_side(0.97, 0, 2.0), "bytes": 400_000, "onnxruntime_latency_ms": 2.0}
+    student = {**_side(0.97, 1_000, 0.5), "onnxruntime_latency_ms": 0.5}
+    scores = _side(0.97, 1_000, 0.5)
+    int8 = {
+        **{k: scores[k] for k in TASK_METRICS["classification"]},
+        "file_bytes": 3_000,
+        "bytes": 1_250,
+        "fidelity": {"agreement": 0.99},
+        "onnxruntime_latency_ms": 0.5,
+        "onnxruntime_throughput": 2e3,
+    }
+    accept = {"min_compression": 200.0}
+    metrics = build_metrics(
+        "classification", teacher, student, fid, None, EXTRA, accept, quantized={"int8": int8}
+    )
+    assert metrics["compression_basis"] == "bytes" and metrics["compression"] == 100.0
+    assert metrics["verdict"]["criteria"]["min_compression"]["met"] is False
+    entry = metrics["quantized"]["int8"]
+    assert entry["compression"] == 320.0
+    assert entry["verdict"]["criteria"]["min_compression"] == {
+        "value": 320.0,
+        "threshold": 200.0,
+        "met": True,
+    }
+    assert entry["verdict"]["deployable"] is True
+    validate_metrics(json.loads(json.dumps(metrics)))
+    # By parameters, the int8 file has the fp32 student's: the same compression.
+    by_parameters = build_metrics(
+        "classification",
+        {**teacher, "parameters": 100_000},
+        student,
+        fid,
+        None,
+        EXTRA,
+        accept,
+        quantized={"int8": int8},
+    )
+    assert by_parameters["compression_basis"] == "parameters"
+    assert by_parameters["quantized"]["int8"]["compression"] == by_parameters["compression"]

@@ -8,12 +8,16 @@ held-out rows that neither training nor any choice used.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from tests.worker.engine.factories import sklearn_forest_onnx, write_npz
 from worker.engine import ladder
@@ -291,6 +295,113 @@ def test_the_ladder_keeps_a_small_student_as_accurate_and_faster_than_the_forest
     names = {artifact.name for artifact in result.artifacts}
     assert "student_ladder.png" in names
     validate_metrics(json.loads((out / "metrics.json").read_text()))
+
+
+#: The bytes of weights a student may take in the int8 scenario: the smallest rung's fp32
+#: weights take 712 (8 × 8 hidden, inputs' scaling), its int8 weights about 300.
+INT8_ONLY_BYTES = 500
+
+
+def _weight_bytes(path: Path) -> int:
+    return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer)
+
+
+def test_the_cli_deploys_a_rungs_int8_file_where_only_it_is_small_enough(
+    tmp_path: Path, forest: dict[str, Any]
+) -> None:
+    # The product's defaults, int8 asked for, and a compression (by bytes: the forest has no
+    # parameters) that no rung's fp32 weights reach and the smallest rung's int8 ones do.
+    teacher_bytes = forest["path"].stat().st_size
+    min_compression = teacher_bytes / INT8_ONLY_BYTES
+    spec = {
+        "teacher": {"path": str(forest["path"])},
+        "dataset": {"path": str(forest["transfer"])},
+        "export": {"quantize": ["int8"]},
+        "evaluation": {"accept": {"min_compression": min_compression}},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.engine", "run", "spec.json", "--out", str(out), "--quiet"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    metrics = json.loads((out / "metrics.json").read_text())
+    validate_metrics(metrics)
+
+    # The ladder: the smallest rung whose int8 file met the criteria, its fp32 file not.
+    section = metrics["ladder"]
+    rungs, chosen = section["rungs"], section["chosen"]
+    judged = [(rung["reasons"], (rung["int8"] or {}).get("reasons")) for rung in rungs]
+    assert section["chosen_precision"] == "int8" and section["met_criteria"] is True, judged
+    assert section["stopped"] == "met_criteria" and len(rungs) == chosen + 1
+    assert rungs[chosen]["met_criteria"] is False and rungs[chosen]["int8"]["met_criteria"]
+    missed = [r for r in rungs[chosen]["reasons"] if r.startswith("missed")]
+    assert len(missed) == 1 and "[min_compression]" in missed[0]
+    assert not any(ladder.met(rung) for rung in rungs[:chosen])
+    assert rungs[chosen]["bytes"] > INT8_ONLY_BYTES >= rungs[chosen]["int8"]["bytes"]
+
+    # The verdict is the int8 file's, on the test rows: its figures, not the fp32 ones.
+    int8_path = out / "student.int8.onnx"
+    assert metrics["deployed_file"] == summary["deployed_file"] == "student.int8.onnx"
+    entry = metrics["quantized"]["int8"]
+    verdict = metrics["verdict"]
+    assert verdict == summary["verdict"]
+    assert verdict == {
+        **entry["verdict"],
+        "reasons": [verdict["reasons"][0], *entry["verdict"]["reasons"]],
+    }
+    assert verdict["deployable"] is True and verdict["reasons"][0].startswith(
+        "judged on student.int8.onnx"
+    )
+    assert not any(r.startswith("missed") for r in verdict["reasons"])
+    criteria = verdict["criteria"]
+    assert entry["bytes"] == _weight_bytes(int8_path) <= INT8_ONLY_BYTES
+    assert criteria["min_compression"]["value"] == pytest.approx(teacher_bytes / entry["bytes"])
+    assert metrics["compression_basis"] == "bytes" and metrics["compression"] < min_compression
+    assert criteria["min_agreement"]["value"] == entry["fidelity"]["agreement"]
+    teacher_accuracy = metrics["teacher"]["accuracy"]
+    assert criteria["min_metric_ratio"]["value"] == pytest.approx(
+        entry["accuracy"] / teacher_accuracy
+    )
+    assert criteria["min_speedup"]["value"] == pytest.approx(
+        metrics["teacher"]["onnxruntime_latency_ms"] / entry["onnxruntime_latency_ms"]
+    )
+
+    # The card names the int8 file as the one to deploy.
+    card = (out / "model_card.md").read_text()
+    head = card[: card.index("## Student ladder")]
+    assert "## Verdict: deployable" in head
+    assert "The file to deploy is `student.int8.onnx`" in head
+    assert "**chosen (int8)**" in card
+    assert "- `student.int8.onnx`: the same inputs and outputs, int8 weights; **the file to" in card
+
+    # Scored here, in onnxruntime, on rows nothing chose with: the int8 file fed the
+    # teacher's feed answers as the teacher does, within the accuracy criteria.
+    accept = DistillationSpec().evaluation.accept
+    teacher = ort.InferenceSession(str(forest["path"]), providers=["CPUExecutionProvider"])
+    student = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+    feed = {teacher.get_inputs()[0].name: forest["x_held_out"]}
+    teacher_labels, student_labels = teacher.run(None, feed)[0], student.run(None, feed)[0]
+    y = forest["y_held_out"]
+    agreement = float(np.mean(student_labels == teacher_labels))
+    teacher_accuracy = float(np.mean(teacher_labels == y))
+    student_accuracy = float(np.mean(student_labels == y))
+    print(
+        f"int8 rung {rungs[chosen]['hidden_sizes']}: {entry['bytes']} weight bytes; held out "
+        f"agreement {agreement:.4f}, accuracy teacher {teacher_accuracy:.4f} int8 "
+        f"{student_accuracy:.4f}"
+    )
+    assert accept.min_agreement is not None and accept.min_metric_ratio is not None
+    assert agreement >= accept.min_agreement, agreement
+    assert student_accuracy >= accept.min_metric_ratio * teacher_accuracy, (
+        student_accuracy,
+        teacher_accuracy,
+    )
 
 
 def test_a_latency_bound_no_rung_meets_is_flagged_and_the_verdict_says_so(

@@ -176,7 +176,8 @@ def build_metrics(
     latency), or None when none was asked; and ``verdict``
     (:func:`~worker.engine.evaluation.verdict.decide` under ``accept``, whose missing keys
     take :class:`~worker.engine.spec.AcceptSpec`'s defaults); each quantized student gets
-    its own ``verdict``, read as if it were the student (:func:`quantized_view`).
+    its own ``verdict``, read as if it were the student (:func:`quantized_view`), and
+    the ``compression`` that verdict counts.
     ``evaluated`` is True: a
     ``metrics.json`` of a student left unevaluated (``evaluated`` false, see
     :data:`METRICS_SCHEMA`) is not built here.
@@ -222,7 +223,9 @@ def build_metrics(
     metrics["verdict"] = decide(task, metrics, criteria)
     for entry in (metrics[_QUANTIZED_KEY] or {}).values():
         if entry is not None:
-            entry["verdict"] = decide(task, quantized_view(metrics, entry), criteria)
+            view = quantized_view(metrics, entry)
+            entry["compression"] = view["compression"]
+            entry["verdict"] = decide(task, view, criteria)
     validate_metrics(metrics)
     return metrics
 
@@ -230,11 +233,17 @@ def build_metrics(
 def quantized_view(metrics: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
     """``metrics`` as they would read with the quantized file ``entry`` as the student: its
     task metrics, fidelity and onnxruntime latency; its speedup against the teacher's
-    onnxruntime latency (not measured where the teacher did not run there); parameters,
-    and so compression, those of the fp32 student it was quantized from."""
+    onnxruntime latency (not measured where the teacher did not run there); its
+    parameters those of the fp32 student it was quantized from, its ``bytes`` its own
+    weights' (where ``entry`` gives them), so a compression by bytes (a teacher without
+    parameters) counts the int8 weights and one by parameters is the fp32 student's."""
     teacher, student = metrics["teacher"], metrics["student"]
     latency = entry.get("onnxruntime_latency_ms")
     metric_keys = {m for keys in TASK_METRICS.values() for m in keys}
+    size = entry.get("bytes", student.get("bytes"))
+    compression = metrics.get("compression")
+    if metrics.get("compression_basis") == "bytes":
+        compression = _ratio(teacher.get("bytes"), size)
     return {
         **metrics,
         "student": {
@@ -242,9 +251,11 @@ def quantized_view(metrics: Mapping[str, Any], entry: Mapping[str, Any]) -> dict
             **{k: v for k, v in entry.items() if k in metric_keys},
             "latency_ms": latency,
             "file_bytes": entry.get("file_bytes"),
+            "bytes": size,
         },
         "fidelity": dict(entry.get("fidelity") or {}),
         "speedup": _ratio(teacher.get("onnxruntime_latency_ms"), latency),
+        "compression": compression,
     }
 
 
@@ -299,6 +310,9 @@ def _quantized_schema() -> dict[str, Any]:
         "required": list(QUANTIZED_KEYS),
         "properties": {
             "file_bytes": {"type": "integer", "minimum": 0},
+            # Its weights alone, as the fp32 student's ``bytes`` (state dict) count them.
+            "bytes": {"type": "integer", "minimum": 0},
+            "compression": {"type": ["number", "null"], "minimum": 0},
             "fidelity": {
                 "type": "object",
                 "required": list(FIDELITY_KEYS),

@@ -27,6 +27,7 @@ from worker.engine.export.quantize import (
     INT8_NAME,
     Quantized,
     onnx_file_bytes,
+    onnx_weight_bytes,
     quantize_int8,
 )
 from worker.engine.export.safetensors import export_safetensors, load_student
@@ -45,6 +46,7 @@ __all__ = [
     "make_dropin",
     "onnx_export_info",
     "onnx_file_bytes",
+    "onnx_weight_bytes",
     "parity",
     "quantize_int8",
     "sequence_keys",

@@ -40,14 +40,18 @@ _CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 
 @dataclass
 class Quantized:
-    """The int8 file written, how, and its size (graph plus external weights)."""
+    """The int8 file written, how, and its sizes."""
 
     path: Path
     #: ``dynamic`` or ``static``.
     method: str
     #: Whether onnxruntime's ``quant_pre_process`` (shape inference, graph optimisation) ran.
     preprocessed: bool
+    #: The graph plus its external weights.
     file_bytes: int
+    #: Its weights alone (:func:`onnx_weight_bytes`): what the fp32 student's ``bytes``
+    #: (its state dict) become in this file.
+    weight_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
         """Method, pre-processing and bytes, as JSON."""
@@ -55,6 +59,7 @@ class Quantized:
             "method": self.method,
             "preprocessed": self.preprocessed,
             "file_bytes": self.file_bytes,
+            "weight_bytes": self.weight_bytes,
         }
 
 
@@ -63,6 +68,17 @@ def onnx_file_bytes(path: str | Path) -> int:
     path = Path(path)
     external = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
     return path.stat().st_size + (external.stat().st_size if external.exists() else 0)
+
+
+def onnx_weight_bytes(path: str | Path) -> int:
+    """Bytes of an ONNX file's initializers (int8 weights, fp32 biases and scales), by their
+    shapes and types: external weights are counted, not read."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    total = 0
+    for tensor in graph.initializer:
+        size = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * size
+    return total
 
 
 def choose_method(model: onnx.ModelProto) -> str:
@@ -229,7 +245,9 @@ def quantize_int8(
         if isinstance(exc, ExportFailed):
             raise
         raise ExportFailed(f"int8 quantization ({chosen}) failed: {_first_line(exc)}") from exc
-    return Quantized(target, str(chosen), preprocessed, onnx_file_bytes(target))
+    return Quantized(
+        target, str(chosen), preprocessed, onnx_file_bytes(target), onnx_weight_bytes(target)
+    )
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:

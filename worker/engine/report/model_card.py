@@ -38,6 +38,8 @@ _FIDELITY_LABELS = {
     "cosine": "cosine similarity to the teacher",
 }
 _DEFAULT_FORMATS = ["onnx", "safetensors"]
+#: The int8 file, deployed where metrics.json's ``deployed_file`` names it.
+_INT8_FILE = "student.int8.onnx"
 
 
 def _cell(value: Any) -> str:
@@ -173,6 +175,11 @@ def _decision(metrics: Mapping[str, Any]) -> list[str]:
         return []
     word = "deployable" if verdict.get("deployable") else "**not deployable**"
     lines = [f"## Verdict: {word}", ""]
+    if metrics.get("deployed_file") == _INT8_FILE:
+        lines += [
+            f"The file to deploy is `{_INT8_FILE}`: the verdict is its, not `student.onnx`'s.",
+            "",
+        ]
     lines += [f"- {reason}" for reason in verdict.get("reasons", [])]
     if not _evaluated(metrics):
         return lines
@@ -380,7 +387,13 @@ def _quantized(task: str, metrics: Mapping[str, Any], spec: Mapping[str, Any]) -
         f"{_FIDELITY_LABELS.get(measure, measure)} {_cell(fidelity.get(measure))}; "
         f"onnxruntime latency, batch 1: {_cell(entry.get('onnxruntime_latency_ms'))} ms vs "
         f"{_cell(student.get('onnxruntime_latency_ms'))} ms "
-        f"({_cell(entry.get('speedup_vs_fp32'))}× speedup), on the same test rows.",
+        f"({_cell(entry.get('speedup_vs_fp32'))}× speedup), on the same test rows."
+        + (
+            f" Its weights take {_cell(entry['bytes'])} bytes: compression "
+            f"{_cell(entry.get('compression'))}× as its verdict counts it."
+            if entry.get("bytes") is not None
+            else ""
+        ),
     ]
 
 
@@ -454,17 +467,24 @@ def _intended_use(metrics: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _files(spec: Mapping[str, Any], student_config: Mapping[str, Any]) -> list[str]:
+def _files(
+    spec: Mapping[str, Any], student_config: Mapping[str, Any], metrics: Mapping[str, Any]
+) -> list[str]:
     formats = (spec.get("export") or {}).get("formats") or _DEFAULT_FORMATS
+    int8_deployed = metrics.get("deployed_file") == _INT8_FILE
     lines = ["## Files", ""]
     if "onnx" in formats:
         lines.append(
             "- `student.onnx`: inputs "
             + ", ".join(f"`{name}`" for name in student_config.get("input_names", []))
-            + ", output `outputs` (dynamic batch axis)."
+            + ", output `outputs` (dynamic batch axis)"
+            + ("; the fp32 file the int8 one was quantized from." if int8_deployed else ".")
         )
     if "onnx" in formats and "int8" in ((spec.get("export") or {}).get("quantize") or []):
-        lines.append("- `student.int8.onnx`: the same inputs and outputs, int8 weights.")
+        lines.append(
+            f"- `{_INT8_FILE}`: the same inputs and outputs, int8 weights"
+            + ("; **the file to deploy** (the verdict is its)." if int8_deployed else ".")
+        )
     if "safetensors" in formats:
         lines.append("- `student.safetensors`: the weights.")
     return [
@@ -504,7 +524,7 @@ def write_model_card(
         _curves(metrics),
         _intended_use(metrics),
         _provenance(metrics),
-        _files(spec, student_config),
+        _files(spec, student_config, metrics),
     ]
     path = Path(path)
     path.write_text("\n\n".join("\n".join(lines) for lines in sections if lines) + "\n")

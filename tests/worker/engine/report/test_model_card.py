@@ -186,7 +186,20 @@ def test_model_card_sets_the_int8_student_beside_the_fp32_one(tmp_path: Path) ->
     for figure in ("13,252 bytes", "45,115", "3.404×", "26.18×", "0.9583 vs 0.9611", "-0.0028"):
         assert figure in line
     assert "0.9694" in line and "0.0121 ms vs 0.0098 ms" in line and "dynamic" in line
-    assert "- `student.int8.onnx`" in text
+    assert "- `student.int8.onnx`" in text and "the file to deploy" not in text
+    # Where the ladder chose the int8 file, the card names it the one to deploy.
+    chosen = {
+        **metrics,
+        "deployed_file": "student.int8.onnx",
+        "quantized": {"int8": {**int8, "bytes": 3_300, "compression": 31.4}},
+    }
+    text = write_model_card(
+        tmp_path / "card.md", chosen, spec, {"format": "onnx"}, {"architecture": "mlp"}
+    ).read_text()
+    verdict = text[text.index("## Verdict") : text.index("## Results")]
+    assert "The file to deploy is `student.int8.onnx`" in verdict
+    assert "- `student.int8.onnx`: the same inputs and outputs, int8 weights; **the file" in text
+    assert "Its weights take 3,300 bytes: compression 31.4×" in text
     # Asked for but not written: the card says so; not asked for: not a word.
     failed = {**metrics, "quantized": {"int8": None}}
     text = write_model_card(tmp_path / "card.md", failed, spec, {}, {}).read_text()
