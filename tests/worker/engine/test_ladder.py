@@ -311,13 +311,15 @@ def test_the_cli_deploys_a_rungs_int8_file_where_only_it_is_small_enough(
 ) -> None:
     # The product's defaults, int8 asked for, and a compression (by bytes: the forest has no
     # parameters) that no rung's fp32 weights reach and the smallest rung's int8 ones do.
+    # Speed is not judged: on a loaded machine a batch-1 timing of a tiny graph is noise,
+    # and what chooses int8 here is size.
     teacher_bytes = forest["path"].stat().st_size
     min_compression = teacher_bytes / INT8_ONLY_BYTES
     spec = {
         "teacher": {"path": str(forest["path"])},
         "dataset": {"path": str(forest["transfer"])},
         "export": {"quantize": ["int8"]},
-        "evaluation": {"accept": {"min_compression": min_compression}},
+        "evaluation": {"accept": {"min_compression": min_compression, "min_speedup": None}},
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out = tmp_path / "out"
@@ -368,9 +370,7 @@ def test_the_cli_deploys_a_rungs_int8_file_where_only_it_is_small_enough(
     assert criteria["min_metric_ratio"]["value"] == pytest.approx(
         entry["accuracy"] / teacher_accuracy
     )
-    assert criteria["min_speedup"]["value"] == pytest.approx(
-        metrics["teacher"]["onnxruntime_latency_ms"] / entry["onnxruntime_latency_ms"]
-    )
+    assert "min_speedup" not in criteria
 
     # The card names the int8 file as the one to deploy.
     card = (out / "model_card.md").read_text()
