@@ -123,7 +123,12 @@ def _listen(host: str, port: int) -> socket.socket:
     # Bound here and inherited by uvicorn (--fd): port 0 gets a free port whose number
     # is known before uvicorn starts, and early requests wait in the backlog.
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    return socket.create_server((host, port), family=family, backlog=128)
+    sock = socket.create_server((host, port), family=family, backlog=128)
+    # uvicorn takes an inherited socket for a Unix one and so leaves Nagle's algorithm on
+    # for its connections: a response written in two parts then waits for the client's
+    # delayed ACK (~40 ms) on every keep-alive request. Accepted sockets inherit this.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def _base_url(sock: socket.socket) -> str:

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 import hypothesis
 import pytest
+import requests
 import schemathesis
 from alembic import command
 from schemathesis.checks import not_a_server_error
@@ -81,6 +82,8 @@ class Live:
     #: The same schema with every ``*_id`` path parameter naming a seeded resource.
     schema_with_ids: schemathesis.BaseSchema
     tally: Tally
+    #: One keep-alive session for every request, as a client of the API holds one.
+    session: requests.Session
 
 
 def _keys(database_url: str) -> dict[str, str]:
@@ -130,14 +133,20 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             }
             url = f"{server.base_url}/openapi.json"
             tally = Tally()
-            yield Live(
-                server,
-                schemathesis.openapi.from_url(url, config=schemathesis.Config.from_dict(settings)),
-                schemathesis.openapi.from_url(
-                    url, config=schemathesis.Config.from_dict({**settings, "parameters": ids})
-                ),
-                tally,
-            )
+            with requests.Session() as session:
+                # Straight to the loopback server: no proxy or netrc from the environment.
+                session.trust_env = False
+                yield Live(
+                    server,
+                    schemathesis.openapi.from_url(
+                        url, config=schemathesis.Config.from_dict(settings)
+                    ),
+                    schemathesis.openapi.from_url(
+                        url, config=schemathesis.Config.from_dict({**settings, "parameters": ids})
+                    ),
+                    tally,
+                    session,
+                )
             print(
                 f"\nschema fuzz: {tally.cases} cases, {tally.server_errors()} 5xx, "
                 f"statuses {dict(sorted(tally.statuses.items()))}"
@@ -172,7 +181,7 @@ live_schema_with_ids = schemathesis.pytest.from_fixture("fuzz_schema_with_ids")
 
 def _call_and_record(case: schemathesis.Case[Any], live: Live) -> None:
     assert urlsplit(live.server.base_url).hostname == "127.0.0.1"
-    response = case.call(base_url=live.server.base_url)
+    response = case.call(base_url=live.server.base_url, session=live.session)
     before = len(live.tally.failures)
     live.tally.record(case, response)
     assert len(live.tally.failures) == before, live.tally.failures[-1]
@@ -196,6 +205,9 @@ def test_stateful_scenarios_through_links_answer_without_a_server_error(live: Li
     tally = live.tally
 
     class Scenarios(live.schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: schemathesis.Case[Any]) -> dict[str, Any]:
+            return {"session": live.session}
+
         def validate_response(
             self, response: schemathesis.Response, case: schemathesis.Case[Any], **kwargs: object
         ) -> None:

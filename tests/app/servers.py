@@ -43,6 +43,9 @@ def uvicorn_server(env_overrides: dict[str, str], log_path: Path) -> Iterator[Se
     # no other process can take the port, and early connections wait in the backlog.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # As app.devserver does: uvicorn leaves Nagle's algorithm on for the connections of an
+    # inherited socket (~40 ms a keep-alive request); accepted sockets inherit this option.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     port = sock.getsockname()[1]

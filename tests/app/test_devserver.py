@@ -6,6 +6,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from app.devserver import _listen
 from tests.app.databases import REPO
 
 #: Migrating, importing the app and booting the worker, on a busy two-core machine.
@@ -169,3 +171,13 @@ def test_serves_from_an_empty_folder_and_reuses_its_key(tmp_path: Path) -> None:
     finally:
         if second.process.poll() is None:
             second.process.kill()
+
+
+def test_the_api_socket_turns_off_nagle_for_every_connection() -> None:
+    # uvicorn takes the inherited socket for a Unix one and sets no TCP_NODELAY itself.
+    with _listen("127.0.0.1", 0) as sock:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        with socket.create_connection(sock.getsockname()[:2]):
+            accepted, _ = sock.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
