@@ -335,7 +335,15 @@ def _distil(
         cancelled_during = "baseline"
     # The export is never interrupted: each file it writes is whole, and a cancellation that
     # arrives meanwhile is seen once it is done.
-    quantized = _export(spec, teacher, data, trained, paths.out, callbacks)
+    quantized = _export(
+        spec,
+        teacher,
+        data,
+        trained,
+        paths.out,
+        callbacks,
+        exported=climb.exported if climb is not None else None,
+    )
     stops = StopChecks(callbacks, active=cancelled_during is None)
     try:
         stops.check("export")
@@ -880,6 +888,9 @@ class LadderClimb:
     design: StudentDesign
     trained: TrainedStudent
     section: dict[str, Any]
+    #: The chosen rung's ``student.onnx``, exported (a drop-in where the teacher is ONNX)
+    #: when it was measured: the job's own is a copy.
+    exported: Path | None = None
 
 
 def _accept(spec: DistillationSpec) -> dict[str, Any]:
@@ -1008,7 +1019,9 @@ def _climb_ladder(
                 f"rows; kept the one with the best fidelity ({knob} {rungs[chosen][knob]})",
             },
         )
-    return LadderClimb(designs[chosen], kept, section)
+    return LadderClimb(
+        designs[chosen], kept, section, exported=judge.folder / f"rung-{chosen}" / "student.onnx"
+    )
 
 
 def _rung_design(
@@ -1745,17 +1758,25 @@ def _export(
     trained: TrainedStudent,
     out: Path,
     callbacks: Callbacks,
+    *,
+    exported: Path | None = None,
 ) -> dict[str, Quantized | None]:
     """Write the student in the spec's formats, and ``student_config.json`` that rebuilds it.
 
     For an ONNX teacher, ``student.onnx`` is a drop-in: the teacher's inputs and outputs.
+    ``exported`` is this very student's ONNX file, already written the same way (the
+    ladder's chosen rung): it is copied instead of exported again.
     Returns the quantized students the spec asks for (``int8``: ``student.int8.onnx``),
     None where quantization failed: a warning, not a failed job.
     """
     callbacks.event("stage", {"stage": "export"})
     student = trained.result.student.cpu().eval()
     formats = spec.export.formats
-    if "onnx" in formats:
+    if "onnx" in formats and exported is not None and exported.is_file():
+        for name in ("student.onnx", "student.onnx.data"):
+            if (exported.parent / name).is_file():
+                shutil.copyfile(exported.parent / name, out / name)
+    elif "onnx" in formats:
         example = {name: value[:2].cpu() for name, value in trained.data.val.items()}
         export.export_onnx(student, example, out / "student.onnx")
         teacher_graph = _teacher_graph(teacher)

@@ -249,8 +249,19 @@ def _run(forest: dict[str, Any], out: Path, spec: dict[str, Any]) -> tuple[Any, 
 
 
 def test_the_ladder_keeps_a_small_student_as_accurate_and_faster_than_the_forest(
-    tmp_path: Path, forest: dict[str, Any]
+    tmp_path: Path, forest: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from worker.engine import export
+
+    exported: list[Path] = []
+    real_export = export.export_onnx
+
+    def export_onnx(student: Any, example: Any, path: Path) -> Any:
+        exported.append(Path(path))
+        return real_export(student, example, path)
+
+    # Watched, not replaced: every export still runs.
+    monkeypatch.setattr(export, "export_onnx", export_onnx)
     # The product's defaults.
     result, events = _run(forest, tmp_path / "out", {})
     section = result.metrics["ladder"]
@@ -269,6 +280,9 @@ def test_the_ladder_keeps_a_small_student_as_accurate_and_faster_than_the_forest
     config = json.loads((tmp_path / "out" / "student_config.json").read_text())
     assert config["hidden_sizes"] == rungs[chosen]["hidden_sizes"]
     assert result.metrics["student"]["parameters"] == rungs[chosen]["parameters"]
+    # Each rung is exported once, when it is measured; the job's file is the chosen one's.
+    assert [path.parent.name for path in exported] == [f"rung-{i}" for i in range(len(rungs))]
+    assert (tmp_path / "out" / "student.onnx").is_file()
 
     # Scored here, in onnxruntime, on rows nothing chose with.
     teacher = ort.InferenceSession(str(forest["path"]), providers=["CPUExecutionProvider"])
