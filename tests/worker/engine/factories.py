@@ -480,3 +480,23 @@ def write_jsonl(path: Path, texts: list[str], labels: list[Any] | None = None) -
 def random_sentences(n: int, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(TINY_WORDS, size=rng.integers(3, 9))) for _ in range(n)]
+
+
+def run_engine_cli(work: Path, *args: str, timeout: float = 300) -> Any:
+    """``python -m worker.engine run spec.json --out out`` in ``work``, as a user runs it.
+
+    ``args`` follow (e.g. ``--quiet``); returns the finished process, output as text,
+    after asserting that it succeeded (its stderr is the message if not).
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.engine", "run", "spec.json", "--out", "out", *args],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc

@@ -8,8 +8,6 @@ held-out rows that neither training nor any choice used.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from tests.worker.engine.factories import sklearn_forest_onnx, write_npz
+from tests.worker.engine.factories import run_engine_cli, sklearn_forest_onnx, write_npz
 from worker.engine import ladder
 from worker.engine.evaluation import FIDELITY_KEYS, OnnxFile, build_metrics, validate_metrics
 from worker.engine.pipeline import run
@@ -337,14 +335,7 @@ def test_the_cli_deploys_a_rungs_int8_file_where_only_it_is_small_enough(
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker.engine", "run", "spec.json", "--out", str(out), "--quiet"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_engine_cli(tmp_path, "--quiet")
     summary = json.loads(proc.stdout)
     metrics = json.loads((out / "metrics.json").read_text())
     validate_metrics(metrics)

@@ -20,6 +20,7 @@ from tests.worker.engine.factories import (
     digits,
     export_onnx,
     random_sentences,
+    run_engine_cli,
     sklearn_forest_onnx,
     sklearn_regressor_onnx,
     tiny_bert_config,
@@ -148,14 +149,7 @@ def test_cli_runs_a_forest_teacher_end_to_end(
         )
     )
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker.engine", "run", "spec.json", "--out", str(out)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_engine_cli(tmp_path)
     summary = json.loads(proc.stdout)
     assert "step " in proc.stderr and "samples/s" in proc.stderr
     assert {p.name for p in out.iterdir()} >= ARTIFACTS

@@ -163,11 +163,7 @@ def _sized_design(
     teacher_shape = (teacher_config.hidden_size, teacher_config.num_attention_heads)
     try:
         layers, hidden, heads = choose_size(
-            spec,
-            teacher_config,
-            teacher.head,
-            context.teacher_parameters or _parameter_count(teacher),
-            _parameter_count(teacher.dense),
+            spec, teacher_config, teacher.head, *_sizes(context, teacher)
         )
         narrowed: SpecInvalid | None = None
     except SpecInvalid as error:
@@ -216,19 +212,25 @@ def _cut_design(
             "set init_from_teacher to true",
             field="student.vocabulary",
         )
-    counts = getattr(context, "token_counts", None)
-    used = int((torch.as_tensor(counts) > 0).sum()) if counts is not None else 0
+    used = _used_tokens(context)
     if used == 0:
         raise SpecInvalid("the transfer set has no tokens to keep", field="student.vocabulary")
-    layers = choose_cut_depth(
-        spec,
-        config,
-        teacher.head,
+    layers = choose_cut_depth(spec, config, teacher.head, *_sizes(context, teacher), used)
+    return layers, {"kind": "cut", "kept_tokens": used}
+
+
+def _used_tokens(context: StudentContext) -> int:
+    """How many distinct token ids the transfer set's training rows use (0 if unknown)."""
+    counts = getattr(context, "token_counts", None)
+    return int((torch.as_tensor(counts) > 0).sum()) if counts is not None else 0
+
+
+def _sizes(context: StudentContext, teacher: HFEncoder) -> tuple[int, int]:
+    """(the teacher's parameters, those of its Dense layers): what a budget is measured on."""
+    return (
         context.teacher_parameters or _parameter_count(teacher),
         _parameter_count(teacher.dense),
-        used,
     )
-    return layers, {"kind": "cut", "kept_tokens": used}
 
 
 def _factorised_design(
@@ -250,15 +252,8 @@ def _factorised_design(
         and table.weight.shape == (config.vocab_size, config.hidden_size)
     ):
         return None
-    counts = getattr(context, "token_counts", None)
-    used = int((torch.as_tensor(counts) > 0).sum()) if counts is not None else 0
     size = choose_factorised_size(
-        spec,
-        config,
-        teacher.head,
-        context.teacher_parameters or _parameter_count(teacher),
-        _parameter_count(teacher.dense),
-        used,
+        spec, config, teacher.head, *_sizes(context, teacher), _used_tokens(context)
     )
     if size is None:
         return None

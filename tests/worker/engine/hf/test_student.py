@@ -154,6 +154,16 @@ def test_embedding_student_exports_to_onnx(models: dict[str, Any], tmp_path: Pat
     _export_and_compare(student, runtime.tokenizer, tmp_path / "student.onnx")
 
 
+def _minilm_config() -> Any:
+    """all-MiniLM-L6-v2's shape: 6 layers, 384 wide, 12 heads, a 30,522-token vocabulary."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+        intermediate_size=1536,
+    )  # fmt: skip
+
+
 def test_factorised_embedding_is_exact_for_frequent_tokens() -> None:
     from worker.engine.hf.embeddings import FactorisedEmbedding, factorised_parameters
 
@@ -175,15 +185,10 @@ def test_factorised_embedding_is_exact_for_frequent_tokens() -> None:
 
 
 def test_minilm_sized_student_keeps_width_and_factorises_embeddings() -> None:
-    from transformers import BertConfig
-
     from worker.engine.hf.embeddings import factorised_parameters
     from worker.engine.hf.sizing import choose_factorised_size, choose_size
 
-    config = BertConfig(
-        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-        intermediate_size=1536,
-    )  # fmt: skip
+    config = _minilm_config()
     teacher_parameters = 22_713_216
     spec = StudentSpec(compression=4)
     # Full embeddings at the teacher's width do not fit: the plain sizing narrows the model.
@@ -226,6 +231,7 @@ def test_a_student_with_the_transfer_sets_vocabulary_exports_and_rebuilds(
     teacher: HuggingFaceTeacher, tmp_path: Path
 ) -> None:
     from worker.engine.hf.embeddings import VocabularyCut
+    from worker.engine.hf.student import input_embeddings
 
     batch = text_batch(teacher.tokenizer)
     ids = batch["input_ids"][batch["attention_mask"] > 0]
@@ -236,10 +242,10 @@ def test_a_student_with_the_transfer_sets_vocabulary_exports_and_rebuilds(
     student = build_student(spec, context)
     used = int((counts > 0).sum())
     assert student.config["word_embeddings"] == {"kind": "cut", "kept_tokens": used}
-    embeddings = student.model.get_input_embeddings()
+    embeddings = input_embeddings(student.model)
     assert isinstance(embeddings, VocabularyCut)
     # Far fewer parameters than the teacher's table, and the layers are the teacher's.
-    table = teacher.module.model.get_input_embeddings().weight
+    table = input_embeddings(teacher.module.model).get_parameter("weight")
     assert _parameter_count(embeddings) == (used + 1) * table.shape[1] < table.numel()
     assert student.config["initialised_from_teacher_layers"] == [0, 3]
     # On the transfer set's own tokens the cut student is the 2-layer student with full rows.
@@ -254,14 +260,9 @@ def test_a_student_with_the_transfer_sets_vocabulary_exports_and_rebuilds(
 
 
 def test_the_transfer_sets_vocabulary_leaves_the_budget_to_layers() -> None:
-    from transformers import BertConfig
-
     from worker.engine.hf.sizing import choose_cut_depth
 
-    config = BertConfig(
-        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-        intermediate_size=1536,
-    )  # fmt: skip
+    config = _minilm_config()
     teacher_parameters = 22_713_216
     spec = StudentSpec(compression=4, vocabulary="transfer")
     # The 30,522-row table alone is over half the budget: 300 used tokens leave room for
@@ -276,14 +277,9 @@ def test_the_transfer_sets_vocabulary_leaves_the_budget_to_layers() -> None:
 
 
 def test_the_largest_compression_that_starts_from_the_teacher_is_the_factorised_limit() -> None:
-    from transformers import BertConfig
-
     from worker.engine.hf.sizing import choose_factorised_size, largest_compression_from_teacher
 
-    config = BertConfig(
-        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-        intermediate_size=1536,
-    )  # fmt: skip
+    config = _minilm_config()
     teacher_parameters = 22_713_216
     largest = largest_compression_from_teacher(config, "base", teacher_parameters, 0, 5000)
 
