@@ -1152,6 +1152,7 @@ class _RungJudge:
         )
         self.inputs = to_tensors({k: v[:1] for k, v in validation.arrays.items()}, device)
         teacher_file = _teacher_onnx_file(teacher)
+        self.teacher_file = teacher_file
         self.runtime = "onnxruntime" if teacher_file is not None else "torch"
         if teacher_file is not None:
             self.teacher_latency = teacher_file.latency_ms(validation.arrays)
@@ -1180,15 +1181,16 @@ class _RungJudge:
         if teacher_graph is not None:
             _export_dropin(teacher_graph, self.teacher.signature, student, self.data, path)
         onnx_file = OnnxFile(path, output=_student_output(path, self.teacher))
-        arrays = self.data.validation.arrays
         metrics, fidelity = self._score(onnx_file)
-        onnx_latency = onnx_file.latency_ms(arrays)
+        teacher_latency, onnx_latency = self._latencies(onnx_file)
         rows = self.reference.rows
         student.to(self.device)
         latency = onnx_latency
         if self.runtime == "torch":
             latency = evaluation.measure_latency(lambda b: student(**b), self.inputs, self.device)
-        figures = self._figures(metrics, fidelity, latency, student)
+        figures = self._figures(
+            metrics, fidelity, latency, student, teacher_latency=teacher_latency
+        )
         verdict = evaluation.decide(self.task, figures, self.accept)
         file_bytes = path.stat().st_size
         external = path.with_name(path.name + ".data")
@@ -1245,8 +1247,15 @@ class _RungJudge:
             return None  # the job's own int8 export says why, if it fails there too
         onnx_file = OnnxFile(quantized.path, output=_student_output(quantized.path, self.teacher))
         metrics, fidelity = self._score(onnx_file)
-        latency = onnx_file.latency_ms(self.data.validation.arrays)
-        figures = self._figures(metrics, fidelity, latency, student, quantized.weight_bytes)
+        teacher_latency, latency = self._latencies(onnx_file)
+        figures = self._figures(
+            metrics,
+            fidelity,
+            latency,
+            student,
+            quantized.weight_bytes,
+            teacher_latency=teacher_latency,
+        )
         verdict = evaluation.decide(self.task, figures, self.accept)
         return {
             "file_bytes": quantized.file_bytes,
@@ -1263,6 +1272,17 @@ class _RungJudge:
             "reasons": verdict["reasons"],
         }
 
+    def _latencies(self, onnx_file: OnnxFile) -> tuple[float, float]:
+        """(teacher, ``onnx_file``) batch-1 ms in onnxruntime, timed in turn where the teacher
+        runs there (else the teacher's figure from the start of the climb)."""
+        arrays = self.data.validation.arrays
+        if self.teacher_file is None:
+            return self.teacher_latency, onnx_file.latency_ms(arrays)
+        teacher_ms, student_ms = evaluation.paired_latency_ms(
+            [self.teacher_file, onnx_file], arrays
+        )
+        return teacher_ms, student_ms
+
     def _figures(
         self,
         metrics: dict[str, Any],
@@ -1270,10 +1290,13 @@ class _RungJudge:
         latency: float,
         student: nn.Module,
         size: int | None = None,
+        *,
+        teacher_latency: float | None = None,
     ) -> dict[str, Any]:
         """The figures :func:`evaluation.decide` reads, for the rung on the validation rows;
         ``size`` is the bytes of the file judged where they are not the student's state
-        dict's (an int8 file's weights)."""
+        dict's (an int8 file's weights); ``teacher_latency`` the teacher's, timed beside it."""
+        teacher_latency = self.teacher_latency if teacher_latency is None else teacher_latency
         signature = self.teacher.signature
         parameters = count_parameters(student)
         size = evaluation.module_bytes(student) if size is None else size
@@ -1285,9 +1308,9 @@ class _RungJudge:
             if signature.bytes > 0 and size > 0
             else None
         )
-        speedup = self.teacher_latency / latency if latency > 0 else None
+        speedup = teacher_latency / latency if latency > 0 else None
         return {
-            "teacher": {**self.teacher_metrics, "latency_ms": self.teacher_latency},
+            "teacher": {**self.teacher_metrics, "latency_ms": teacher_latency},
             "student": {
                 **metrics,
                 "latency_ms": latency,
@@ -1595,9 +1618,15 @@ def _settle_speed(
     """
     files = [run.onnx for run in (teacher_run, student_run) if run is not None]
     both_files = len(files) == 2 and all(f is not None for f in files)
-    for name, run in (("teacher", teacher_run), ("student", student_run)):
-        if name in sides and both_files and run is not None and run.onnx is not None:
-            sides[name].update(run.onnx.speed(arrays))
+    if both_files:
+        # Timed in turn, so the speedup does not depend on which file ran first.
+        paired = evaluation.paired_latency_ms([f for f in files if f is not None], arrays)
+        for name, run, latency in zip(
+            ("teacher", "student"), (teacher_run, student_run), paired, strict=True
+        ):
+            if name in sides and run is not None and run.onnx is not None:
+                sides[name]["onnxruntime_latency_ms"] = latency
+                sides[name]["onnxruntime_throughput"] = run.onnx.throughput(arrays)
     runtime = "onnxruntime" if both_files else "torch"
     for side in sides.values():
         side["latency_ms"] = side.get(f"{runtime}_latency_ms", side["torch_latency_ms"])

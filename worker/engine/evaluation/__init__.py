@@ -24,7 +24,7 @@ from worker.engine.evaluation.metrics import (
     regression_metrics,
     task_metrics,
 )
-from worker.engine.evaluation.onnx_files import THREADS, OnnxFile
+from worker.engine.evaluation.onnx_files import THREADS, OnnxFile, paired_latency_ms
 from worker.engine.evaluation.schema import (
     METRICS_SCHEMA,
     PRIMARY_METRIC,
@@ -60,6 +60,7 @@ __all__ = [
     "measure_throughput",
     "module_bytes",
     "not_evaluated",
+    "paired_latency_ms",
     "regression_metrics",
     "task_metric_interval",
     "task_metrics",

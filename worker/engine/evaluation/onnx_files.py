@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +131,25 @@ class OnnxFile:
             "onnxruntime_latency_ms": self.latency_ms(arrays),
             "onnxruntime_throughput": self.throughput(arrays),
         }
+
+
+def paired_latency_ms(
+    files: Sequence[OnnxFile], arrays: Mapping[str, np.ndarray], budget_s: float = 2.0
+) -> list[float]:
+    """Median batch-1 milliseconds of each file, timed in turn on the same row.
+
+    The runs alternate (one of each file, then again), so whatever slows the machine
+    for a while (another process, a lower clock) falls on every file alike and their
+    ratio, the speedup a verdict reads, does not depend on which was timed first.
+    """
+    feeds = [onnx_file.feeds({k: v[:1] for k, v in arrays.items()}) for onnx_file in files]
+    for onnx_file, one in zip(files, feeds, strict=True):
+        onnx_file.session.run(None, one)
+    times: list[list[float]] = [[] for _ in files]
+    started = time.perf_counter()
+    while len(times[0]) < 50 and (len(times[0]) < 3 or time.perf_counter() - started < budget_s):
+        for onnx_file, one, kept in zip(files, feeds, times, strict=True):
+            t0 = time.perf_counter()
+            onnx_file.session.run(None, one)
+            kept.append(time.perf_counter() - t0)
+    return [statistics.median(kept) * 1000.0 for kept in times]
