@@ -104,15 +104,7 @@ class OnnxFile:
 
     def latency_ms(self, arrays: Mapping[str, np.ndarray], budget_s: float = 1.0) -> float:
         """Median milliseconds of one whole-file run on the first row (all outputs fetched)."""
-        one = self.feeds({k: v[:1] for k, v in arrays.items()})
-        self.session.run(None, one)
-        times: list[float] = []
-        started = time.perf_counter()
-        while len(times) < 50 and (len(times) < 3 or time.perf_counter() - started < budget_s):
-            t0 = time.perf_counter()
-            self.session.run(None, one)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1000.0
+        return paired_latency_ms([self], arrays, budget_s)[0]
 
     def throughput(self, arrays: Mapping[str, np.ndarray], min_seconds: float = 0.5) -> float:
         """Rows per second on up to :data:`THROUGHPUT_BATCH` rows, over at least ``min_seconds``."""
