@@ -31,6 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.engine.losses import LabelsOnlyLoss, build_loss
+from worker.engine.planning import batch_size_for
 from worker.engine.spec import DistillationSpec, TrainingSpec
 from worker.engine.teachers import TeacherRuntime, load_teacher
 from worker.engine.training import (
@@ -210,7 +211,7 @@ def engine_loop(
         use_teacher=distil,
     )
     sync(device)
-    return result.steps * spec.batch_size / (time.perf_counter() - start)
+    return result.steps * batch_size_for(spec, text=False) / (time.perf_counter() - start)
 
 
 def engine_teacher(

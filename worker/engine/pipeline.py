@@ -53,6 +53,7 @@ from worker.engine.evaluation import OnnxFile
 from worker.engine.evaluation.verdict import ACCEPT_METRIC
 from worker.engine.export import Quantized, sha256_file
 from worker.engine.losses import LabelsOnlyLoss, build_loss
+from worker.engine.planning import pass_batch_size
 from worker.engine.preprocessing import fit_preprocessing, standardised_loss, wrap_student
 from worker.engine.signature import TeacherSignature
 from worker.engine.spec import DistillationSpec, StudentSpec
@@ -592,7 +593,7 @@ def _teacher_outputs(
             subset.arrays,
             key=cache_key(teacher.digest, data.transfer_set.digest, {**preparation, "part": part}),
             cache_dir=cache_dir,
-            batch_size=max(spec.training.batch_size, 256),
+            batch_size=pass_batch_size(spec.training),
             hint_layer=hint,
             callbacks=callbacks,
             limits=limits,
@@ -1518,8 +1519,9 @@ def _teacher_on_test(
                     "it is scored in its runtime instead",
                 },
             )
-    batch_size = max(spec.training.batch_size, 256)
-    outputs, _ = compute_teacher_outputs(teacher, test.arrays, batch_size=batch_size)
+    outputs, _ = compute_teacher_outputs(
+        teacher, test.arrays, batch_size=pass_batch_size(spec.training)
+    )
     return ScoredSide(outputs.reshape(len(outputs), -1), "torch", output_kind)
 
 

@@ -163,7 +163,12 @@ class TrainingSpec(_Strict):
         "floor of steps, at least a few epochs, within max_steps and max_minutes), with early "
         "stopping on validation; or a number of epochs.",
     )
-    batch_size: Annotated[int, Field(ge=1, le=65536)] = 128
+    batch_size: Annotated[int, Field(ge=1, le=65536)] | Literal["auto"] = Field(
+        default="auto",
+        description='Rows per optimizer step. "auto": 32 for rows of text tokens (a '
+        "transformer or recurrent student learns more from the same sentences in smaller "
+        "steps), 128 for other data.",
+    )
     learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] = 0.01
     optimizer: Literal["adamw", "sgd"] = "adamw"

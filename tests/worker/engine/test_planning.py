@@ -33,6 +33,19 @@ def test_a_bad_epochs_value_is_one_error_naming_the_field(epochs: Any) -> None:
     assert '"auto"' in caught.value.errors()[0]["msg"]
 
 
+def test_auto_batches_take_fewer_rows_of_text_and_a_number_is_kept() -> None:
+    assert TrainingSpec().batch_size == "auto"
+    text = plan_run(TrainingSpec(), rows=6400, student_parameters=5_000_000, text=True)
+    table = plan_run(TrainingSpec(), rows=6400, student_parameters=5_000_000)
+    assert (text.batch_size, text.steps_per_epoch) == (planning.TEXT_BATCH_SIZE, 200) == (32, 200)
+    assert (table.batch_size, table.steps_per_epoch) == (planning.BATCH_SIZE, 50) == (128, 50)
+    given = TrainingSpec(batch_size=64)
+    assert plan_run(given, rows=6400, student_parameters=5_000, text=True).batch_size == 64
+    # The teacher pass takes large batches whatever a step takes.
+    assert planning.pass_batch_size(TrainingSpec()) == planning.PASS_BATCH_SIZE
+    assert planning.pass_batch_size(TrainingSpec(batch_size=1024)) == 1024
+
+
 def test_auto_takes_at_least_the_floor_of_steps_on_a_small_set() -> None:
     plan = plan_run(TrainingSpec(), rows=1260, student_parameters=8_000)
     assert plan.steps_per_epoch == 10  # 1260 rows in batches of 128

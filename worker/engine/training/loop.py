@@ -115,7 +115,8 @@ def plan_for_data(
     """
     first = next(iter(data.train.values()))
     mask = data.train.get("attention_mask")
-    if first.ndim == 2 and not first.is_floating_point():
+    text = first.ndim == 2 and not first.is_floating_point()
+    if text:
         positions = int(first.shape[1])  # token ids
         if mask is not None and len(mask):
             # Transformer students skip the padding columns no row of a batch attends to.
@@ -143,6 +144,7 @@ def plan_for_data(
             min_steps=min_steps,
             compute_parameters=max(1, parameters - lookups),
             step_seconds=step_seconds,
+            text=text,
         )
 
     estimated = plan()

@@ -183,7 +183,8 @@ def train_plain(
     batch_size: int = 128,
     learning_rate: float = 1e-3,
 ) -> nn.Module:
-    """The student's architecture from random weights, trained ``steps`` steps on the targets.
+    """The student's architecture from random weights, trained ``steps`` steps of
+    ``batch_size`` sentences on the targets.
 
     The engine's optimiser defaults (AdamW, weight decay 0.01, cosine schedule,
     gradients clipped at 1) and its cosine loss, on the same teacher embeddings.
@@ -287,7 +288,12 @@ def score(
     if baseline_texts is not None:
         targets = reference.encode(baseline_texts, batch_size=64, convert_to_numpy=True)
         plain = train_plain(
-            config, tokenizer, baseline_texts, targets, steps=metrics["training"]["steps"]
+            config,
+            tokenizer,
+            baseline_texts,
+            targets,
+            steps=metrics["training"]["steps"],
+            batch_size=metrics["training"]["plan"]["batch_size"],
         )
         baseline_cosine = mean_cosine(torch_embed(plain, tokenizer, held_out), teacher_embeddings)
     return Scored(
