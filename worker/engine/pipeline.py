@@ -1140,9 +1140,11 @@ class _RungJudge:
         self.task, self.teacher, self.data, self.targets = data.task, teacher, data, targets
         self.device, self.folder, self.knob = device, folder, knob
         self.accept = _accept(spec)
+        teacher_file = _teacher_onnx_file(teacher)
+        self.teacher_file = teacher_file
         # The int8 file of each rung is judged too where the job asks for one and the
         # teacher runs in onnxruntime, the only runtime an int8 file's latency compares in.
-        self.int8 = "int8" in spec.export.quantize and _teacher_onnx_file(teacher) is not None
+        self.int8 = "int8" in spec.export.quantize and teacher_file is not None
         self.metric = ACCEPT_METRIC[data.task]
         self.fidelity_name = ladder.RANKING_FIDELITY[data.task]
         validation = data.validation
@@ -1152,8 +1154,6 @@ class _RungJudge:
             data.task, targets.validation[rows], self.reference.values
         )
         self.inputs = to_tensors({k: v[:1] for k, v in validation.arrays.items()}, device)
-        teacher_file = _teacher_onnx_file(teacher)
-        self.teacher_file = teacher_file
         self.runtime = "onnxruntime" if teacher_file is not None else "torch"
         if teacher_file is not None:
             self.teacher_latency = teacher_file.latency_ms(validation.arrays)
@@ -1292,12 +1292,11 @@ class _RungJudge:
         student: nn.Module,
         size: int | None = None,
         *,
-        teacher_latency: float | None = None,
+        teacher_latency: float,
     ) -> dict[str, Any]:
         """The figures :func:`evaluation.decide` reads, for the rung on the validation rows;
         ``size`` is the bytes of the file judged where they are not the student's state
         dict's (an int8 file's weights); ``teacher_latency`` the teacher's, timed beside it."""
-        teacher_latency = self.teacher_latency if teacher_latency is None else teacher_latency
         signature = self.teacher.signature
         parameters = count_parameters(student)
         size = evaluation.module_bytes(student) if size is None else size
