@@ -9,6 +9,13 @@ within ``DISTILL_HEADER_TIMEOUT_S`` of its first byte (of the connection, for
 the first request) and within ``DISTILL_MAX_HEADER_BYTES``; past either it is
 answered 408 or 431 and the connection is closed. Bodies have their own idle
 timeout (:mod:`app.uploads`).
+
+A refusal closes the way web servers' "lingering close" does: the answer, then
+end-of-stream, then whatever the client still sends is read and dropped until
+the client ends its side or ``LINGER_S`` pass. A socket closed with bytes
+unread, or with bytes still arriving, is answered with a reset, and the reset
+can discard the answer before the client has read it: the client would see a
+dropped connection where a 408 or 431 was sent.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import get_settings
+
+LINGER_S = 2.0
 
 
 def _response(status: str, message: str) -> bytes:
@@ -41,6 +50,8 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         self._awaiting_headers = False
         self._header_bytes = 0
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._lingering = False
+        self._linger_end: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -48,9 +59,20 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_clock()
+        if self._linger_end is not None:
+            self._linger_end.cancel()
+            self._linger_end = None
         super().connection_lost(exc)
 
+    def eof_received(self) -> None:
+        if self._lingering:
+            self.transport.close()  # the client is done sending: nothing left to drain
+            return
+        super().eof_received()
+
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # refused already: drained and dropped, never parsed
         super().data_received(data)
         # Still waiting after this chunk: all of it was request line and headers.
         if self._awaiting_headers:
@@ -92,6 +114,12 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
     def _refuse(self, status: str, message: str) -> None:
         self._awaiting_headers = False
         self._stop_clock()
-        if not self.transport.is_closing():
-            self.transport.write(_response(status, message))
+        if self.transport.is_closing():
+            return
+        self.transport.write(_response(status, message))
+        if not self.transport.can_write_eof():
             self.transport.close()
+            return
+        self._lingering = True
+        self.transport.write_eof()
+        self._linger_end = self.loop.call_later(LINGER_S, self.transport.close)

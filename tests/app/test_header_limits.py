@@ -85,8 +85,6 @@ def test_headers_trickled_byte_by_byte_meet_the_deadline_not_an_idle_timer(
 
 
 def test_headers_over_the_cap_are_answered_431(server: Server) -> None:
-    # Just past the cap, then read: bytes still unread when the server closes would reset
-    # the connection before its answer could be read.
     padding = b"".join(
         b"X-Padding-%d: %s\r\n" % (i, b"a" * 1000) for i in range(MAX_HEADER_BYTES // 1000 + 2)
     )
@@ -94,6 +92,23 @@ def test_headers_over_the_cap_are_answered_431(server: Server) -> None:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n" + padding)
         reply = _read_all(sock)
     assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+
+
+def test_a_client_still_sending_when_refused_reads_the_answer_then_the_end(
+    server: Server,
+) -> None:
+    # A megabyte of headers in one write: the server refuses after its first read, with
+    # most of them still on their way. A socket closed with bytes unread answers with a
+    # reset, which drops the 431 unread; the server drains them and ends the stream.
+    padding = b"".join(b"X-Padding-%d: %s\r\n" % (i, b"a" * 1000) for i in range(1024))
+    with _connect(server) as sock:
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n" + padding)
+        except OSError as error:  # a reset while writing: what the drain prevents
+            pytest.fail(f"the connection was reset while the client wrote: {error!r}")
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+    assert reply.endswith(b"bytes"), reply[-200:]
 
 
 def test_requests_on_a_kept_alive_connection_and_bodies_are_not_counted(server: Server) -> None:
