@@ -54,9 +54,14 @@ class ProgressWindow:
         """The progress row for the window (mean of each term, rate, eta); starts a new window."""
         now = time.monotonic()
         rate = self.samples / max(now - self.started, 1e-9)
+        # A term can be missing from some steps (no labelled row in the batch): each term is
+        # the mean over the steps that had it.
+        names = list(dict.fromkeys(name for terms in self.terms for name in terms))
         mean_terms = {
-            f"loss/{name}": float(torch.stack([t[name].detach() for t in self.terms]).mean().item())
-            for name in self.terms[-1]
+            f"loss/{name}": float(
+                torch.stack([t[name].detach() for t in self.terms if name in t]).mean().item()
+            )
+            for name in names
         }
         row = {
             "step": step,
