@@ -331,6 +331,17 @@ def check_vocabulary(spec: DistillationSpec, signature: TeacherSignature) -> Non
         )
 
 
+def check_mixup(spec: DistillationSpec, data: DataFacts) -> None:
+    """A number of ``method.mixup`` rows needs a table to mix (``"auto"`` only where one is)."""
+    mixup = spec.method.mixup
+    if mixup == "auto" or mixup == 0 or data.modality == "tabular":
+        return
+    raise SpecInvalid(
+        f'mixup mixes rows of numbers; this transfer set is {data.modality}: use 0 or "auto"',
+        field="method.mixup",
+    )
+
+
 def check_job(spec: DistillationSpec, signature: TeacherSignature, data: DataFacts) -> str:
     """Every check above, in the order a user would fix them; returns the task."""
     task = resolve_task(spec, signature)
@@ -338,6 +349,7 @@ def check_job(spec: DistillationSpec, signature: TeacherSignature, data: DataFac
     check_fits(signature, data)
     check_labels(task, spec, data, signature.num_classes)
     check_vocabulary(spec, signature)
+    check_mixup(spec, data)
     architecture = spec.student.architecture
     if data.feature_shape is not None or data.modality == "text":
         require_inputs(

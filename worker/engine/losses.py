@@ -43,6 +43,23 @@ class LossContext:
     field: str = "method.name"
 
 
+#: ``method.temperature: "auto"``: class logits are tempered, probabilities taken as they are.
+LOGITS_TEMPERATURE = 4.0
+PROBABILITIES_TEMPERATURE = 1.0
+
+
+def resolved_temperature(temperature: float | str, output_kind: str) -> float:
+    """The kd temperature for a teacher whose class outputs are ``output_kind``.
+
+    A teacher's probabilities are already its soft targets; raised to ``1/T`` (what
+    tempering their logs does) they flatten towards uniform, and students of forests and
+    softmax heads matched them less well than at ``T = 1`` in every comparison we ran.
+    """
+    if temperature != "auto":
+        return float(temperature)
+    return PROBABILITIES_TEMPERATURE if output_kind == "probabilities" else LOGITS_TEMPERATURE
+
+
 def teacher_log_probs(teacher_out: Tensor, output_kind: str, temperature: float) -> Tensor:
     """Tempered teacher log-probabilities, in fp32.
 
@@ -278,7 +295,8 @@ def build_kd(spec: MethodSpec, context: LossContext) -> DistillationLoss:
             f"outputs {context.teacher_output_kind!r} (use mse or cosine)",
             field=context.field,
         )
-    return KDLoss(spec.temperature, spec.alpha, context.teacher_output_kind, context.has_labels)
+    temperature = resolved_temperature(spec.temperature, context.teacher_output_kind)
+    return KDLoss(temperature, spec.alpha, context.teacher_output_kind, context.has_labels)
 
 
 def _regression_labels(context: LossContext) -> bool:

@@ -47,12 +47,13 @@ import worker.engine.components  # noqa: F401 - registers every built-in teacher
 from worker.engine import evaluation, export, ladder, report
 from worker.engine.compatibility import DataFacts, check_fits, check_labels, resolve_task
 from worker.engine.data import TransferSet, load_transfer_set, tokenize
+from worker.engine.data.mixup import mixed_row_count, with_mixed_rows
 from worker.engine.data.splitting import split_three
 from worker.engine.errors import Cancelled, ExportFailed, TeacherIncompatible
 from worker.engine.evaluation import OnnxFile
 from worker.engine.evaluation.verdict import ACCEPT_METRIC
 from worker.engine.export import Quantized, sha256_file
-from worker.engine.losses import LabelsOnlyLoss, build_loss
+from worker.engine.losses import LabelsOnlyLoss, build_loss, resolved_temperature
 from worker.engine.planning import pass_batch_size
 from worker.engine.preprocessing import fit_preprocessing, standardised_loss, wrap_student
 from worker.engine.signature import TeacherSignature
@@ -176,6 +177,8 @@ class FittedData:
     validation: TransferSet
     test: TransferSet
     test_source: str
+    #: Rows at the end of ``train`` mixed from pairs of its own (``method.mixup``), unlabelled.
+    mixed_rows: int = 0
 
 
 @dataclass
@@ -365,7 +368,7 @@ def _distil(
         # Cancelled after training: the student is kept, unevaluated (nothing is half-reported).
         trained.result.stop_reason = "cancelled"
         cancelled_during = stopped.stage
-        metrics = _unevaluated_metrics(spec, teacher, data, trained, device, stopped.stage)
+        metrics = _unevaluated_metrics(spec, teacher, data, targets, trained, device, stopped.stage)
     metrics["cancelled_during"] = cancelled_during
     metrics["provenance"] = _provenance(spec, teacher, paths, device, provenance)
     metrics["ladder"] = climb.section if climb is not None else None
@@ -464,7 +467,9 @@ def _fit_transfer_set(
     test = test_set if test_set is not None else test_split
     assert test is not None
     source = "dataset" if test_set is not None else "split"
-    return FittedData(task, transfer_set, train_set, validation_set, test, source)
+    mixed = mixed_row_count(spec.method.mixup, train_set)
+    train_set = with_mixed_rows(train_set, mixed, spec.training.seed)
+    return FittedData(task, transfer_set, train_set, validation_set, test, source, mixed)
 
 
 def _tokenize_for(
@@ -583,6 +588,7 @@ def _teacher_outputs(
         "data": spec.data.model_dump(),
         "split": [spec.evaluation.validation_split, data.test_source, spec.training.seed]
         + ([spec.evaluation.test_split] if data.test_source == "split" else []),
+        "mixed_rows": data.mixed_rows,
     }
 
     def outputs_of(
@@ -861,7 +867,8 @@ def _train_baseline(
         data=training_data,
         spec=spec.training,
         task="classification" if task == "classification" else "regression",
-        teacher_output_kind="values",
+        # The labels as one-hot rows: probabilities, for the validation divergence.
+        teacher_output_kind="probabilities",
         device=device,
         # Its evaluations are logged apart from the student's; a cancellation stops it too.
         callbacks=Callbacks(
@@ -1442,7 +1449,7 @@ def _evaluate(
             "split": _split_summary(data, reference),
             "device": str(device),
             "partial": result.stop_reason in PARTIAL_STOPS,
-            "training": _training_summary(spec, task, teacher, result),
+            "training": _training_summary(spec, task, teacher, targets, result),
             "intervals": intervals,
             "runtime": {
                 **{name: run.runtime for name, run in runs.items() if run is not None},
@@ -1463,6 +1470,7 @@ def _unevaluated_metrics(
     spec: DistillationSpec,
     teacher: TeacherRuntime,
     data: FittedData,
+    targets: TeacherTargets,
     trained: TrainedStudent,
     device: torch.device,
     stage: str,
@@ -1477,12 +1485,13 @@ def _unevaluated_metrics(
         "partial": True,
         "device": str(device),
         "split": {
-            "train_rows": len(data.train),
+            "train_rows": len(data.train) - data.mixed_rows,
+            "mixed_rows": data.mixed_rows,
             "validation_rows": len(data.validation),
             "test_rows": len(data.test),
             "test_source": data.test_source,
         },
-        "training": _training_summary(spec, data.task, teacher, result),
+        "training": _training_summary(spec, data.task, teacher, targets, result),
         "verdict": evaluation.not_evaluated(
             data.task,
             _accept(spec),
@@ -1698,7 +1707,8 @@ def _student_side(
 def _split_summary(data: FittedData, reference: Reference) -> dict[str, Any]:
     """Which rows the figures come from: every split's size and the test set's source."""
     return {
-        "train_rows": len(data.train),
+        "train_rows": len(data.train) - data.mixed_rows,
+        "mixed_rows": data.mixed_rows,
         "validation_rows": len(data.validation),
         "test_rows": len(data.test),
         "scored_rows": len(reference.rows),
@@ -1763,9 +1773,14 @@ def _provenance(
 
 
 def _training_summary(
-    spec: DistillationSpec, task: str, teacher: TeacherRuntime, result: TrainResult
+    spec: DistillationSpec,
+    task: str,
+    teacher: TeacherRuntime,
+    targets: TeacherTargets,
+    result: TrainResult,
 ) -> dict[str, Any]:
     """How training went, for ``metrics.json``."""
+    method = spec.method_for(task)
     return {
         "steps": result.steps,
         "stop_reason": result.stop_reason,
@@ -1773,7 +1788,13 @@ def _training_summary(
         "seconds": round(result.seconds, 3),
         "samples_per_s": round(result.samples_per_s, 1),
         "teacher_backend": teacher.backend,
-        "method": spec.method_for(task),
+        "method": method,
+        # What ``temperature: "auto"`` came to for this teacher's outputs.
+        "temperature": (
+            resolved_temperature(spec.method.temperature, targets.output_kind)
+            if method == "kd"
+            else None
+        ),
         "plan": result.plan.to_dict() if result.plan is not None else None,
     }
 

@@ -132,7 +132,13 @@ class MethodSpec(_Strict):
     name: MethodName | None = Field(
         default=None, description="Main loss; inferred from the task when omitted."
     )
-    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 4.0
+    temperature: Annotated[float, Field(gt=0.0, le=100.0)] | Literal["auto"] = Field(
+        default="auto",
+        description='kd: the softmax temperature of teacher and student. "auto": 1 for a '
+        "teacher whose outputs are probabilities (a scikit-learn classifier, a softmax head: "
+        "they are already soft targets, and tempering their logs flattens them), 4 for "
+        "logits.",
+    )
     alpha: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         default=0.9,
         description="kd: weight of the soft (teacher) term; 1 - alpha goes to cross-entropy "
@@ -148,10 +154,36 @@ class MethodSpec(_Strict):
         description="hint: the teacher layer (torch module name or ONNX tensor name) whose "
         "features the student matches; chosen automatically when omitted.",
     )
+    mixup: Annotated[float, Field(ge=0.0, le=64.0)] | Literal["auto"] = Field(
+        default="auto",
+        description="Rows mixed from random pairs of training rows, labelled by the teacher "
+        "and added to the training split, as a number per training row (0: none). "
+        '"auto": 4 a row for tables of numbers of up to 10,000 training rows, none '
+        "otherwise. Validation and test rows are never mixed.",
+    )
     teacher_outputs: Literal["cached", "online"] = Field(
         default="cached",
         description="cached: run the teacher once over the transfer set; online: every step.",
     )
+
+    @field_validator("mixup", mode="wrap")
+    @classmethod
+    def _mixup(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> float | str:
+        try:
+            result: float | str = handler(value)
+        except ValidationError:
+            raise ValueError('must be "auto" or a number of rows per row from 0 to 64') from None
+        return result
+
+    @field_validator("temperature", mode="wrap")
+    @classmethod
+    def _temperature(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> float | str:
+        # One message naming method.temperature, not one per member of the union.
+        try:
+            result: float | str = handler(value)
+        except ValidationError:
+            raise ValueError('must be "auto" or a number above 0 and at most 100') from None
+        return result
 
 
 class TrainingSpec(_Strict):

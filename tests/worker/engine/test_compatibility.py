@@ -145,3 +145,24 @@ def test_the_transfer_sets_vocabulary_is_refused_for_a_teacher_without_one() -> 
     assert raised.value.field == "student.vocabulary"
     assert "onnx" in str(raised.value)
     assert check_job(spec(vocabulary="teacher"), teacher(), tabular()) == "classification"
+
+
+def test_a_number_of_mixed_rows_is_refused_for_data_that_is_not_a_table() -> None:
+    sequence = DataFacts(
+        modality="sequence",
+        feature_shape=(12, 4),
+        labelled_rows=0,
+        label_kind=None,
+        num_classes=None,
+    )
+    signature = teacher()
+    signature.inputs[0] = TensorSpec("input", ["batch", 12, 4], "float32")
+    mixed = DistillationSpec.model_validate({"method": {"mixup": 2}})
+    with pytest.raises(SpecInvalid) as raised:
+        check_job(mixed, signature, sequence)
+    assert raised.value.field == "method.mixup" and "sequence" in str(raised.value)
+    # "auto" and 0 pass anywhere; a number passes for a table.
+    for value in ("auto", 0):
+        patched = DistillationSpec.model_validate({"method": {"mixup": value}})
+        assert check_job(patched, signature, sequence) == "classification"
+    assert check_job(mixed, teacher(), tabular()) == "classification"

@@ -238,6 +238,10 @@ def test_forest_student_matches_the_teachers_signature_labels_and_accuracy(
         f"of {result.steps})"
     )
     assert student_accuracy >= teacher_accuracy - 0.01, (student_accuracy, teacher_accuracy)
+    # The defaults mix 4 rows a training row for the teacher to label; only training mixes.
+    split = result.metrics["split"]
+    assert split["mixed_rows"] == 4 * split["train_rows"]
+    assert split["train_rows"] + split["validation_rows"] + split["test_rows"] == len(x_train)
     # The engine keeps what a plain loop on the same architecture and targets gets.
     assert student_accuracy >= plain_accuracy - 0.02, (student_accuracy, plain_accuracy)
     probabilities = student.run(None, feed)[1]
@@ -413,7 +417,7 @@ def test_image_cnn_student_through_the_cli_on_the_defaults_is_a_drop_in_within_a
     assert teacher_accuracy >= 0.97, teacher_accuracy
     assert student_accuracy >= teacher_accuracy - 0.01, (student_accuracy, teacher_accuracy)
     # The engine keeps what a plain loop on the same architecture and targets gets.
-    assert student_accuracy >= plain_accuracy - 0.015, (student_accuracy, plain_accuracy)
+    assert student_accuracy >= plain_accuracy - 0.02, (student_accuracy, plain_accuracy)
     assert student_ms < teacher_ms, (student_ms, teacher_ms)
     assert student_weights < teacher_weights and student_bytes < teacher_bytes
 

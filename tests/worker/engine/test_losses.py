@@ -147,6 +147,19 @@ def test_probability_teacher_matches_equivalent_logits_teacher(temperature: floa
     assert not np.allclose(from_probs.numpy(), wrong, atol=1e-2)
 
 
+def test_auto_temperature_takes_probabilities_as_they_are_and_tempers_logits() -> None:
+    probs = np.exp(np_log_softmax(TEACHER)).astype(np.float32)
+    for kind, teacher, expected in (("probabilities", probs, 1.0), ("logits", TEACHER, 4.0)):
+        loss = kd_loss(has_labels=False, kind=kind)  # the default: temperature "auto"
+        assert loss.parts[0].temperature == expected, kind
+        want = expected**2 * np_kl_batchmean(STUDENT, TEACHER, expected)
+        assert loss(t(STUDENT), t(teacher))["soft"].item() == pytest.approx(want, rel=1e-4)
+    # A number is kept whatever the teacher gives.
+    fixed = kd_loss(has_labels=False, kind="probabilities", temperature=3.0)
+    assert fixed.parts[0].temperature == 3.0
+    assert DistillationSpec.model_validate({"method": {"temperature": 2}}).method.temperature == 2
+
+
 def test_probability_teacher_with_zero_probabilities_stays_finite() -> None:
     probs = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
     out = teacher_log_probs(probs, "probabilities", 2.0)

@@ -26,7 +26,8 @@ def test_defaults_fill_everything_but_teacher_and_dataset() -> None:
     spec = parse_spec(MINIMAL)
     assert spec.student.architecture == "auto"
     assert spec.student.compression == 10
-    assert spec.method.temperature == 4.0 and spec.method.alpha == 0.9
+    assert spec.method.temperature == "auto" and spec.method.alpha == 0.9
+    assert spec.method.mixup == "auto"
     assert spec.training.epochs == "auto" and spec.training.optimizer == "adamw"
     assert spec.evaluation.validation_split == 0.1 and spec.evaluation.baseline is None
     assert spec.export.formats == ["onnx", "safetensors"]
@@ -40,6 +41,9 @@ def test_defaults_fill_everything_but_teacher_and_dataset() -> None:
         ({"student": {"architecture": "resnet"}}, "student.architecture"),
         ({"student": {"compression": 0.5}}, "student.compression"),
         ({"method": {"temperature": -1}}, "method.temperature"),
+        ({"method": {"temperature": "hot"}}, "method.temperature"),
+        ({"method": {"mixup": -1}}, "method.mixup"),
+        ({"method": {"mixup": 65}}, "method.mixup"),
         ({"method": {"alpha": 1.5}}, "method.alpha"),
         ({"evaluation": {"validation_split": 0.95}}, "evaluation.validation_split"),
         ({"export": {"formats": []}}, "export.formats"),

@@ -108,7 +108,7 @@ def _how(task: str, metrics: Mapping[str, Any], spec: Mapping[str, Any]) -> list
     lines = ["## How", "", f"- method: {method_name}"]
     if task == "classification":
         lines += [
-            f"- temperature: {_cell(method.get('temperature'))}",
+            f"- temperature: {_cell(training_run.get('temperature', method.get('temperature')))}",
             f"- alpha (weight of the teacher's soft targets): {_cell(method.get('alpha'))}",
         ]
     lines.append(
@@ -252,9 +252,15 @@ def _ladder(metrics: Mapping[str, Any]) -> list[str]:
     return [*lines, "", "![student ladder](student_ladder.png)"]
 
 
+def _mixed(split: Mapping[str, Any]) -> str:
+    """ " (and N rows mixed from them, labelled by the teacher)", where mixup added rows."""
+    mixed = split.get("mixed_rows") or 0
+    return f" (with {mixed} rows mixed from them, labelled by the teacher)" if mixed else ""
+
+
 def _rows_trained(split: Mapping[str, Any]) -> str:
     return (
-        f"{_cell(split.get('train_rows'))} rows trained and "
+        f"{_cell(split.get('train_rows'))} rows trained{_mixed(split)} and "
         f"{_cell(split.get('validation_rows'))} validated, "
         f"{_cell(split.get('test_rows'))} test rows left unscored"
     )
@@ -269,7 +275,7 @@ def _rows(split: Mapping[str, Any]) -> str:
     return (
         f"{_cell(split.get('test_rows'))} test rows ({source}; "
         f"{_cell(split.get('scored_rows', split.get('test_rows')))} scored), never used to "
-        f"train or to choose; {_cell(split.get('train_rows'))} rows trained and "
+        f"train or to choose; {_cell(split.get('train_rows'))} rows trained{_mixed(split)} and "
         f"{_cell(split.get('validation_rows'))} validated (early stopping, best step)"
     )
 

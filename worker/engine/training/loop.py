@@ -75,7 +75,8 @@ def train(
     ``use_teacher`` is off) is restored at the end. Non-finite losses are
     checked at every log point and before every checkpoint, so a NaN never
     reaches a checkpoint, and the error names the first bad step. Validation
-    compares outputs by task alone, so ``teacher_output_kind`` does not change it.
+    reads a classifier's targets (``val_teacher``) as ``teacher_output_kind`` says:
+    ``logits`` or ``probabilities``.
     ``plan`` sets the steps and early stopping; left out, it is planned here
     from ``spec``, the training rows and the student's size.
     """
@@ -85,6 +86,7 @@ def train(
         data=data,
         spec=spec,
         task=task,
+        teacher_output_kind=teacher_output_kind,
         device=device,
         callbacks=callbacks or Callbacks(),
         checkpoint_dir=checkpoint_dir,
@@ -182,6 +184,7 @@ class Trainer:
         device: torch.device,
         callbacks: Callbacks,
         checkpoint_dir: Path | None,
+        teacher_output_kind: str = "logits",
         log_every_steps: int | None,
         use_teacher: bool,
         plan: RunPlan | None = None,
@@ -192,6 +195,7 @@ class Trainer:
         self.data = data
         self.spec = spec
         self.task = task
+        self.teacher_output_kind = teacher_output_kind
         self.device = device
         self.callbacks = callbacks
         self.checkpoint_dir = checkpoint_dir
@@ -339,15 +343,18 @@ class Trainer:
         """Score the student on the validation split and keep it if it is the best so far."""
         batch_size = max(self.plan.batch_size, 256)
         outputs = predict(self.student, self.data.val, batch_size, self.amp_dtype)
-        result = validation_score(outputs, self.data.val_teacher.to(outputs.device), self.task)
+        result = validation_score(
+            outputs,
+            self.data.val_teacher.to(outputs.device),
+            self.task,
+            self.teacher_output_kind,
+        )
         score = result.pop("score")
         state = self.state
         best = state.best_score
         improved = best is None or score > best + 1e-9
-        # A tie keeps the later, longer-trained student: agreement on a small validation
-        # split is coarse (one row is 2.5% of 40) and reaches its top within a few epochs,
-        # so keeping the first top score kept a barely trained student. Only a strict
-        # improvement resets patience.
+        # A tie keeps the later, longer-trained student (a coarse score, as agreement was,
+        # can reach its top within a few epochs). Only a strict improvement resets patience.
         if improved or (best is not None and score >= best - 1e-9):
             state.best_score = score if improved else best
             state.best_step = state.step
