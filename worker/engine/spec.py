@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
@@ -126,6 +127,23 @@ class LossTerm(_Strict):
     weight: Annotated[float, Field(gt=0.0, le=1e6)] = 1.0
 
 
+#: The one message of each field that takes "auto" or a number, whichever way it is wrong.
+_AUTO_OR_NUMBER = {
+    "method.temperature": 'must be "auto" or a number above 0 and at most 100',
+    "method.mixup": 'must be "auto" or a number of rows per row from 0 to 64',
+    "training.epochs": 'must be "auto" or a whole number of epochs from 1 to 10000',
+}
+
+
+def _in_one_message(value: Any, handler: ValidatorFunctionWrapHandler, message: str) -> Any:
+    """``value`` validated as its field's union, with ``message`` as the one error: the field
+    is named once, not once per member of the union."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError(message) from None
+
+
 class MethodSpec(_Strict):
     """How the student learns from the teacher."""
 
@@ -159,31 +177,20 @@ class MethodSpec(_Strict):
         description="Rows mixed from random pairs of training rows, labelled by the teacher "
         "and added to the training split, as a number per training row (0: none). "
         '"auto": 4 a row for tables of numbers of up to 10,000 training rows, none '
-        "otherwise. Validation and test rows are never mixed.",
+        "otherwise. Validation and test rows are never mixed; an epoch passes over the mixed "
+        "rows too.",
     )
     teacher_outputs: Literal["cached", "online"] = Field(
         default="cached",
         description="cached: run the teacher once over the transfer set; online: every step.",
     )
 
-    @field_validator("mixup", mode="wrap")
+    @field_validator("temperature", "mixup", mode="wrap")
     @classmethod
-    def _mixup(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> float | str:
-        try:
-            result: float | str = handler(value)
-        except ValidationError:
-            raise ValueError('must be "auto" or a number of rows per row from 0 to 64') from None
-        return result
-
-    @field_validator("temperature", mode="wrap")
-    @classmethod
-    def _temperature(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> float | str:
-        # One message naming method.temperature, not one per member of the union.
-        try:
-            result: float | str = handler(value)
-        except ValidationError:
-            raise ValueError('must be "auto" or a number above 0 and at most 100') from None
-        return result
+    def _auto_or_number(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        return _in_one_message(value, handler, _AUTO_OR_NUMBER[f"method.{info.field_name}"])
 
 
 class TrainingSpec(_Strict):
@@ -222,13 +229,8 @@ class TrainingSpec(_Strict):
 
     @field_validator("epochs", mode="wrap")
     @classmethod
-    def _epochs(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> int | str:
-        # One message naming training.epochs, not one per member of the union.
-        try:
-            result: int | str = handler(value)
-        except ValidationError:
-            raise ValueError('must be "auto" or a whole number of epochs from 1 to 10000') from None
-        return result
+    def _epochs(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return _in_one_message(value, handler, _AUTO_OR_NUMBER["training.epochs"])
 
 
 class AcceptSpec(_Strict):
