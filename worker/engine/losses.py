@@ -51,9 +51,11 @@ PROBABILITIES_TEMPERATURE = 1.0
 def resolved_temperature(temperature: float | str, output_kind: str) -> float:
     """The kd temperature for a teacher whose class outputs are ``output_kind``.
 
-    A teacher's probabilities are already its soft targets; raised to ``1/T`` (what
-    tempering their logs does) they flatten towards uniform, and students of forests and
-    softmax heads matched them less well than at ``T = 1`` in every comparison we ran.
+    A teacher's probabilities are already its soft targets. Tempering their logs raises
+    them to ``1/T``, and a forest's exact zeros, clamped to :data:`PROBABILITY_FLOOR`
+    first, become sizeable targets: students of random forests on three of
+    scikit-learn's datasets agreed less with their teachers at ``T = 4`` than at 1. Students
+    of torch MLPs, which give logits, agreed more at 4 on the same datasets.
     """
     if temperature != "auto":
         return float(temperature)
