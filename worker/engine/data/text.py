@@ -7,6 +7,7 @@ into token ids with the teacher's tokenizer.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,18 @@ def tokenize(
                 arrays[key] = np.empty((rows, array.shape[1]), dtype=np.int64)
             arrays[key][start : start + len(array)] = array
     return replace(transfer_set, arrays=arrays)
+
+
+def token_lengths(arrays: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """Each row's length up to its last attended position, for rows of tokens, else None.
+
+    Rows of tokens are those with a 2-D integer ``attention_mask``. The teacher pass runs
+    them in order of length, and the evaluation harness cuts each batch to its longest
+    (``evaluation.onnx_files.cut_positions``), so a batch holds rows of like length.
+    """
+    mask = arrays.get("attention_mask")
+    if mask is None or mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        return None
+    attended = mask != 0
+    last = mask.shape[1] - np.argmax(attended[:, ::-1], axis=1)
+    return np.where(attended.any(axis=1), last, 1)

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from worker.engine.data.text import token_lengths
+
 #: Intra-op threads of every timing session (stated in metrics.json).
 THREADS = max(1, min(4, os.cpu_count() or 1))
 THROUGHPUT_BATCH = 256
@@ -163,20 +165,6 @@ def paired_latency_ms(
             onnx_file.session.run(None, one)
             kept.append(time.perf_counter() - t0)
     return [statistics.median(kept) * 1000.0 for kept in times]
-
-
-def token_lengths(arrays: Mapping[str, np.ndarray]) -> np.ndarray | None:
-    """Each row's length up to its last attended position, for rows of tokens, else None.
-
-    Rows of tokens are those with a 2-D integer ``attention_mask``; the arrays of its shape
-    (``input_ids``, ``token_type_ids``) are cut with it by :func:`cut_positions`.
-    """
-    mask = arrays.get("attention_mask")
-    if mask is None or mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
-        return None
-    attended = mask != 0
-    last = mask.shape[1] - np.argmax(attended[:, ::-1], axis=1)
-    return np.where(attended.any(axis=1), last, 1)
 
 
 def cut_positions(arrays: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from worker.engine.data.text import token_lengths
 from worker.engine.errors import Cancelled, TimeBudgetExceeded
 from worker.engine.training.callbacks import Callbacks
 from worker.engine.training.devices import iter_batches
@@ -119,10 +120,8 @@ def _by_length(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
     A transformers teacher runs a batch only as long as its longest row; batches of
     like length skip most padding. None for other data, which runs in its own order.
     """
-    mask = arrays.get("attention_mask")
-    if mask is None or mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
-        return None
-    return np.argsort((mask != 0).sum(axis=1), kind="stable")
+    lengths = token_lengths(arrays)
+    return None if lengths is None else np.argsort(lengths, kind="stable")
 
 
 def cached_teacher_outputs(

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from worker.engine.data.text import token_lengths
 from worker.engine.evaluation import OnnxFile, paired_latency_ms
-from worker.engine.evaluation.onnx_files import token_lengths
 
 WIDTH, VOCABULARY, PADDED = 4, 50, 16
 
