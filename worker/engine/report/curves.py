@@ -23,11 +23,26 @@ def _series(history: History, key: str) -> tuple[list[float], list[float]]:
     return [step for step, _ in points], [value for _, value in points]
 
 
+#: Validation figures that are losses (lower is better, near zero at the end): drawn with the
+#: training loss, on its log scale, not beside agreement on a scale of 0 to 1.
+VALIDATION_LOSSES = ("val/kl_divergence",)
+
+
+def panels(history: History) -> tuple[list[str], list[str]]:
+    """The keys of ``history`` drawn in the loss panel and in the validation panel."""
+    keys = list(dict.fromkeys(key for row in history for key in row))
+    losses = [
+        key for key in keys if key == "loss" or key.startswith("loss/") or key in VALIDATION_LOSSES
+    ]
+    validation = [key for key in keys if key.startswith("val/") and key not in VALIDATION_LOSSES]
+    return losses, validation
+
+
 def _plot_losses(axes: Any, history: History, keys: list[str]) -> None:
     for key in keys:
         steps, values = _series(history, key)
         axes.plot(steps, values, label=key, linewidth=2 if key == "loss" else 1)
-    axes.set_title("training loss")
+    axes.set_title("loss")
     axes.set_xlabel("step")
     # Losses fall over orders of magnitude; a log scale needs every value positive.
     if keys and all(value > 0 for key in keys for value in _series(history, key)[1]):
@@ -68,8 +83,9 @@ def plot_training_curves(
 ) -> Path:
     """Write ``training_curves.png``: loss terms and validation fidelity against steps.
 
-    Loss series are ``loss`` and every ``loss/<term>`` key; validation series every
-    ``val/<name>`` key (e.g. ``val/agreement``); rows without a key are skipped.
+    Loss series are ``loss``, every ``loss/<term>`` key and the validation losses
+    (:data:`VALIDATION_LOSSES`); validation series every other ``val/<name>`` key (e.g.
+    ``val/agreement``); rows without a key are skipped.
     ``best_step`` (the step the student was kept from) is marked with a vertical line;
     ``teacher_reference`` maps a validation key to the teacher's value, drawn dotted.
     """
@@ -79,9 +95,7 @@ def plot_training_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(dict.fromkeys(key for row in history for key in row))
-    loss_keys = [key for key in keys if key == "loss" or key.startswith("loss/")]
-    validation_keys = [key for key in keys if key.startswith("val/")]
+    loss_keys, validation_keys = panels(history)
 
     figure, (loss_axes, validation_axes) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     try:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.engine.report import plot_training_curves
+from worker.engine.report.curves import panels
 
 
 def test_training_curves_png(tmp_path: Path) -> None:
@@ -28,3 +29,11 @@ def test_training_curves_png(tmp_path: Path) -> None:
 
     empty = plot_training_curves(tmp_path / "empty.png", [])
     assert empty.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_validation_divergence_is_drawn_with_the_losses_and_agreement_apart() -> None:
+    history = [
+        {"step": 10, "loss": 1.0, "loss/soft": 0.9, "lr": 1e-3},
+        {"step": 20, "loss": 0.5, "val/agreement": 0.9, "val/kl_divergence": 0.2},
+    ]
+    assert panels(history) == (["loss", "loss/soft", "val/kl_divergence"], ["val/agreement"])
