@@ -50,7 +50,7 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         self._awaiting_headers = False
         self._header_bytes = 0
         self._header_deadline: asyncio.TimerHandle | None = None
-        self._lingering = False
+        #: Set once a refusal was sent: until it fires, the client's bytes are drained.
         self._linger_end: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -65,13 +65,13 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def eof_received(self) -> None:
-        if self._lingering:
+        if self._linger_end is not None:
             self.transport.close()  # the client is done sending: nothing left to drain
             return
         super().eof_received()
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering:
+        if self._linger_end is not None:
             return  # refused already: drained and dropped, never parsed
         super().data_received(data)
         # Still waiting after this chunk: all of it was request line and headers.
@@ -120,6 +120,5 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         if not self.transport.can_write_eof():
             self.transport.close()
             return
-        self._lingering = True
         self.transport.write_eof()
         self._linger_end = self.loop.call_later(LINGER_S, self.transport.close)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from worker.engine.data.mixup import unmixable
 from worker.engine.errors import DatasetInvalid, SpecInvalid, TeacherIncompatible
 from worker.engine.signature import TeacherSignature
 from worker.engine.spec import DistillationSpec, StudentSpec
@@ -336,10 +337,7 @@ def check_mixup(spec: DistillationSpec, data: DataFacts) -> None:
     mixup = spec.method.mixup
     if mixup == "auto" or mixup == 0 or data.modality == "tabular":
         return
-    raise SpecInvalid(
-        f'mixup mixes rows of numbers; this transfer set is {data.modality}: use 0 or "auto"',
-        field="method.mixup",
-    )
+    raise unmixable(data.modality)
 
 
 def check_job(spec: DistillationSpec, signature: TeacherSignature, data: DataFacts) -> str:

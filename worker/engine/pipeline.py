@@ -1484,13 +1484,7 @@ def _unevaluated_metrics(
         "evaluated": False,
         "partial": True,
         "device": str(device),
-        "split": {
-            "train_rows": len(data.train) - data.mixed_rows,
-            "mixed_rows": data.mixed_rows,
-            "validation_rows": len(data.validation),
-            "test_rows": len(data.test),
-            "test_source": data.test_source,
-        },
+        "split": _row_counts(data),
         "training": _training_summary(spec, data.task, teacher, targets, result),
         "verdict": evaluation.not_evaluated(
             data.task,
@@ -1704,17 +1698,22 @@ def _student_side(
     }
 
 
-def _split_summary(data: FittedData, reference: Reference) -> dict[str, Any]:
-    """Which rows the figures come from: every split's size and the test set's source."""
+def _row_counts(data: FittedData) -> dict[str, Any]:
+    """Every split's size (the transfer set's own training rows apart from the mixed ones)
+    and the test set's source."""
     return {
         "train_rows": len(data.train) - data.mixed_rows,
         "mixed_rows": data.mixed_rows,
         "validation_rows": len(data.validation),
         "test_rows": len(data.test),
-        "scored_rows": len(reference.rows),
         "test_source": data.test_source,
-        "reference": reference.name,
     }
+
+
+def _split_summary(data: FittedData, reference: Reference) -> dict[str, Any]:
+    """Which rows the figures come from: :func:`_row_counts`, the rows scored and what they
+    were scored against."""
+    return {**_row_counts(data), "scored_rows": len(reference.rows), "reference": reference.name}
 
 
 def _intervals(

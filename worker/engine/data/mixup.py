@@ -40,6 +40,14 @@ def mixable(train: TransferSet) -> bool:
     )
 
 
+def unmixable(what: str) -> SpecInvalid:
+    """The refusal of a number of mixed rows for a transfer set whose rows are ``what``."""
+    return SpecInvalid(
+        f'mixup mixes rows of numbers; this transfer set is {what}: use 0 or "auto"',
+        field=FIELD,
+    )
+
+
 def mixed_row_count(per_row: float | str, train: TransferSet) -> int:
     """How many mixed rows ``method.mixup`` (``per_row``) adds to ``train``.
 
@@ -57,13 +65,8 @@ def mixed_row_count(per_row: float | str, train: TransferSet) -> int:
     if per_row == 0.0 or rows < 2:
         return 0
     if not mixable(train):
-        raise SpecInvalid(
-            f"mixup mixes rows of numbers; this transfer set's rows are {train.modality} "
-            "with inputs "
-            + ", ".join(f"{name} ({array.dtype})" for name, array in train.arrays.items())
-            + ': use 0 or "auto"',
-            field=FIELD,
-        )
+        inputs = ", ".join(f"{name} ({array.dtype})" for name, array in train.arrays.items())
+        raise unmixable(f"{train.modality} with inputs {inputs}")
     row_bytes = sum(array[0].nbytes for array in train.arrays.values())
     return int(min(round(per_row * rows), MAX_BYTES // max(row_bytes, 1)))
 
@@ -88,10 +91,10 @@ def with_mixed_rows(train: TransferSet, count: int, seed: int) -> TransferSet:
         arrays[name] = np.concatenate([array, mixed.astype(array.dtype)])
     labels = train.labels
     if labels is not None:
-        empty = np.full((count, *labels.shape[1:]), UNLABELLED, dtype=labels.dtype)
-        if not np.issubdtype(labels.dtype, np.integer):
-            empty[...] = np.nan
-        labels = np.concatenate([labels, empty])
+        missing = UNLABELLED if np.issubdtype(labels.dtype, np.integer) else np.nan
+        labels = np.concatenate(
+            [labels, np.full((count, *labels.shape[1:]), missing, labels.dtype)]
+        )
     digest = ""
     if train.digest:
         digest = hashlib.sha256(f"{train.digest}:mixup:{count}:{seed}".encode()).hexdigest()

@@ -46,7 +46,9 @@ def validation_score(
         agreement = (student.argmax(-1) == teacher.argmax(-1)).float().mean().item()
         student_log = nn.functional.log_softmax(student, dim=-1)
         teacher_log = teacher_log_probs(teacher, teacher_output_kind, 1.0)
-        kl = (teacher_log.exp() * (teacher_log - student_log)).sum(-1).mean().item()
+        kl = nn.functional.kl_div(
+            student_log, teacher_log, reduction="batchmean", log_target=True
+        ).item()
         return {"val/agreement": agreement, "val/kl_divergence": kl, "score": -kl}
     if task == "embedding":
         cosine = nn.functional.cosine_similarity(student, teacher, dim=-1).mean().item()
