@@ -25,6 +25,9 @@ class LoopState:
 
     step: int = 0
     best_score: float | None = None
+    #: What ``best_score`` measures (``validation.SCORE_BASIS``); None in checkpoints
+    #: written before it was recorded.
+    best_score_basis: str | None = None
     best_step: int | None = None
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -94,6 +97,7 @@ def _write_checkpoint_files(
     meta = {
         "step": state.step,
         "best_score": state.best_score,
+        "best_score_basis": state.best_score_basis,
         "best_step": state.best_step,
         "epochs_without_improvement": state.epochs_without_improvement,
         "elapsed_s": state.elapsed_s,
@@ -140,6 +144,7 @@ def load_checkpoint(
     state = LoopState(
         step=meta["step"],
         best_score=meta["best_score"],
+        best_score_basis=meta.get("best_score_basis"),
         best_step=meta["best_step"],
         epochs_without_improvement=meta["epochs_without_improvement"],
         history=meta["history"],

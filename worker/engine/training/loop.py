@@ -33,7 +33,7 @@ from worker.engine.training.devices import autocast_dtype
 from worker.engine.training.progress import ProgressWindow
 from worker.engine.training.schedules import StepPlan, lr_factor, make_optimizer
 from worker.engine.training.step import take_step, time_steps
-from worker.engine.training.validation import predict, validation_score
+from worker.engine.training.validation import SCORE_BASIS, predict, validation_score
 
 
 @dataclass
@@ -341,14 +341,7 @@ class Trainer:
 
     def _validate(self, epoch: int) -> None:
         """Score the student on the validation split and keep it if it is the best so far."""
-        batch_size = max(self.plan.batch_size, 256)
-        outputs = predict(self.student, self.data.val, batch_size, self.amp_dtype)
-        result = validation_score(
-            outputs,
-            self.data.val_teacher.to(outputs.device),
-            self.task,
-            self.teacher_output_kind,
-        )
+        result = self._validation_figures()
         score = result.pop("score")
         state = self.state
         best = state.best_score
@@ -357,6 +350,7 @@ class Trainer:
         # can reach its top within a few epochs). Only a strict improvement resets patience.
         if improved or (best is not None and score >= best - 1e-9):
             state.best_score = score if improved else best
+            state.best_score_basis = SCORE_BASIS[self.task]
             state.best_step = state.step
             self.best = snapshot_weights(self.student)
         if improved:
@@ -367,6 +361,28 @@ class Trainer:
             state.history[-1].update(result)
         self.callbacks.event("evaluation", {"step": state.step, "epoch": epoch, **result})
 
+    def _validation_figures(self) -> dict[str, float]:
+        """The student's validation figures as it stands, ``score`` among them."""
+        batch_size = max(self.plan.batch_size, 256)
+        outputs = predict(self.student, self.data.val, batch_size, self.amp_dtype)
+        return validation_score(
+            outputs,
+            self.data.val_teacher.to(outputs.device),
+            self.task,
+            self.teacher_output_kind,
+        )
+
+    def _score_of(self, weights: dict[str, torch.Tensor] | None) -> float | None:
+        """The validation score of ``weights`` (None for none); the student is left as it was."""
+        if weights is None:
+            return None
+        current = snapshot_weights(self.student)
+        self.student.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+        try:
+            return self._validation_figures()["score"]
+        finally:
+            self.student.load_state_dict({k: v.to(self.device) for k, v in current.items()})
+
     # ------------------------------------------------------------------ checkpoints
 
     def _resume(self) -> None:
@@ -376,7 +392,14 @@ class Trainer:
                 checkpoint, student=self.student, loss=self.loss_fn, optimizer=self.optimizer
             )
             self.resumed_from = self.state.step
-            resumed = {"step": self.state.step, "checkpoint": checkpoint.name}
+            resumed: dict[str, Any] = {"step": self.state.step, "checkpoint": checkpoint.name}
+            basis = SCORE_BASIS[self.task]
+            if self.state.best_score is not None and self.state.best_score_basis != basis:
+                # Written when the best step was chosen on another score: the kept weights
+                # are scored again on this one, or no later step could be compared with them.
+                self.state.best_score = self._score_of(self.best)
+                self.state.best_score_basis = basis
+                resumed["rescored_best"] = basis
             self.callbacks.event("resumed", resumed)
         self.elapsed_before = self.state.elapsed_s
 

@@ -26,6 +26,15 @@ def predict(
     return torch.cat(outputs)
 
 
+#: What ``score`` is, by task: a checkpoint records it beside the best score, so a run
+#: resumed from one written under another basis scores its best weights again.
+SCORE_BASIS = {
+    "classification": "-val/kl_divergence",
+    "embedding": "val/cosine",
+    "regression": "-val/output_mse",
+}
+
+
 def validation_score(
     student_outputs: torch.Tensor,
     teacher_outputs: torch.Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,48 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path) -> None:
     for k, v in weights(full.student).items():
         assert torch.equal(v, resumed.student.state_dict()[k]), k
     assert resumed.best_score == full.best_score
+
+
+def test_a_checkpoint_scored_on_another_basis_has_its_best_weights_scored_again(
+    tmp_path: Path,
+) -> None:
+    full = run(make_data(), spec(checkpoint_every_steps=4), checkpoint_dir=tmp_path / "a")
+    steps = {"n": 0}
+
+    def cancel_at_13() -> bool:
+        steps["n"] += 1
+        return steps["n"] > 13
+
+    with pytest.raises(Cancelled):
+        run(
+            make_data(),
+            spec(checkpoint_every_steps=4),
+            checkpoint_dir=tmp_path / "b",
+            callbacks=Callbacks(should_cancel=cancel_at_13),
+        )
+    checkpoint = latest_checkpoint(tmp_path / "b")
+    assert checkpoint is not None
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["best_score_basis"] == "-val/output_mse" and state["best_score"] <= 0
+    # As a checkpoint written before the basis was recorded, when the best step was chosen
+    # on a figure of 0 to 1 that no negative error could beat.
+    del state["best_score_basis"]
+    state["best_score"] = 0.97
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    events: list[tuple[str, dict[str, Any]]] = []
+    resumed = run(
+        make_data(),
+        spec(checkpoint_every_steps=4),
+        checkpoint_dir=tmp_path / "b",
+        callbacks=Callbacks(on_event=lambda k, d: events.append((k, d))),
+    )
+    assert ("resumed", {"step": 13, "checkpoint": checkpoint.name,
+                        "rescored_best": "-val/output_mse"}) in events  # fmt: skip
+    # The best weights were scored again, so the run chose as an uninterrupted one did.
+    assert resumed.best_score == pytest.approx(full.best_score)
+    assert resumed.best_step == full.best_step > 13
+    for k, v in weights(full.student).items():
+        assert torch.equal(v, resumed.student.state_dict()[k]), k
 
 
 def test_resume_off_starts_afresh(tmp_path: Path) -> None:
