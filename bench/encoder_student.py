@@ -14,6 +14,7 @@ and seconds.
 
     python bench/encoder_student.py                       # defaults: 60 minutes at most
     python bench/encoder_student.py --max-minutes 40 --transfer 3000 --epochs 6
+    python bench/encoder_student.py --compression 10   # the default compression
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=60.0)
     parser.add_argument("--transfer", type=int, default=0, help="sentences (0: all the rest)")
     parser.add_argument("--epochs", type=int, default=None, help='training.epochs (default "auto")')
+    parser.add_argument("--compression", type=float, default=4.0, help="student.compression")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
     available = len(installed_sentences()) - HELD_OUT_SENTENCES
@@ -46,7 +48,7 @@ def main() -> None:
         training: dict[str, object] = {"max_minutes": args.max_minutes}
         if args.epochs is not None:
             training["epochs"] = args.epochs
-        out = run_job(work, transfer, training)
+        out = run_job(work, transfer, training, args.compression)
         print((work / "engine.log").read_text()[-3000:], file=sys.stderr)
         scored = score(
             out, held_out, work, baseline_texts=None if args.no_baseline else transfer[:2000]

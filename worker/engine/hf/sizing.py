@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,15 +14,26 @@ from worker.engine.spec import StudentSpec
 
 
 def student_config(
-    teacher_config: Any, *, layers: int, hidden: int | None, heads: int | None
+    teacher_config: Any,
+    *,
+    layers: int,
+    hidden: int | None,
+    heads: int | None,
+    feed_forward: int | None = None,
 ) -> Any:
-    """A copy of the teacher's config with fewer layers and, optionally, another width."""
+    """A copy of the teacher's config with fewer layers and, optionally, another width.
+
+    ``feed_forward`` narrows the feed-forward layers of a teacher-width student (their
+    units pruned from the teacher's; see :func:`choose_factorised_size`).
+    """
     config = type(teacher_config).from_dict(teacher_config.to_dict())
     config.num_hidden_layers = layers
     # Students train and export in fp32 whatever the teacher checkpoint's dtype.
     config.dtype = torch.float32
+    if feed_forward is not None:
+        _set_intermediate_size(config, feed_forward)
     if hidden is not None and hidden != teacher_config.hidden_size:
-        ratio = _intermediate_size(teacher_config) / teacher_config.hidden_size
+        ratio = intermediate_size(teacher_config) / teacher_config.hidden_size
         config.hidden_size = hidden
         _set_intermediate_size(config, max(1, round(ratio * hidden)))
         if getattr(config, "pooler_hidden_size", None) is not None:
@@ -35,7 +47,7 @@ def student_config(
     return config
 
 
-def _intermediate_size(config: Any) -> int:
+def intermediate_size(config: Any) -> int:
     """Width of the feed-forward layers (DistilBERT calls it ``hidden_dim``)."""
     return int(config.hidden_dim if config.model_type == "distilbert" else config.intermediate_size)
 
@@ -166,6 +178,22 @@ def _heads_of_teacher_size(hidden: int, teacher_config: Any) -> int:
 MIN_EMBEDDING_RANK = 16
 #: The share of a factorised embedding's budget spent on full-width rows of frequent tokens.
 FREQUENT_SHARE = 0.6
+#: The narrowest pruned feed-forward layer, as a share of the teacher's width; a smaller
+#: budget gets a narrower student.
+MIN_FEED_FORWARD_SHARE = 0.5
+#: Pruned feed-forward widths are multiples of this.
+FEED_FORWARD_STEP = 8
+
+
+@dataclass(frozen=True)
+class FactorisedSize:
+    """A teacher-width student with factorised word embeddings (:func:`choose_factorised_size`)."""
+
+    layers: int
+    rank: int
+    frequent_tokens: int
+    #: Units of each feed-forward layer: the teacher's, or fewer where they were pruned.
+    feed_forward: int
 
 
 def choose_factorised_size(
@@ -175,8 +203,8 @@ def choose_factorised_size(
     teacher_parameters: int,
     dense_parameters: int,
     used_tokens: int,
-) -> tuple[int, int, int] | None:
-    """(layers, rank, frequent_tokens) of a teacher-width student with factorised embeddings.
+) -> FactorisedSize | None:
+    """A teacher-width student with factorised word embeddings that fits the budget.
 
     The student keeps the teacher's width and heads, so every layer it keeps
     starts from the teacher's, and its word embeddings become a
@@ -185,7 +213,12 @@ def choose_factorised_size(
     :data:`FREQUENT_SHARE` to full-width rows of the transfer set's most used
     tokens (at most ``used_tokens`` of them) and the rest to the low-rank table.
     The deepest student (``num_layers`` if given) whose rank is at least
-    :data:`MIN_EMBEDDING_RANK` wins; None when none fits (or nothing bounds it).
+    :data:`MIN_EMBEDDING_RANK` wins. Where no depth fits with the teacher's
+    feed-forward layers, the deepest one whose feed-forward layers, pruned to the
+    widest multiple of :data:`FEED_FORWARD_STEP` that leaves that rank (and no
+    narrower than :data:`MIN_FEED_FORWARD_SHARE` of the width), fit wins: its
+    layers still start from the teacher's, keeping their most important units.
+    None when nothing fits (or nothing bounds the student).
     """
     from worker.engine.hf.embeddings import factorised_parameters
 
@@ -195,26 +228,64 @@ def choose_factorised_size(
     width = int(teacher_config.hidden_size)
     vocab = int(teacher_config.vocab_size)
     teacher_layers = int(teacher_config.num_hidden_layers)
-    depths = (
-        [spec.num_layers]
-        if spec.num_layers is not None
-        else list(range(max(1, teacher_layers - 1), 0, -1))
-    )
-    for depth in depths:
-        if depth > teacher_layers:
-            continue
-        rest = _rest_of_factorised(teacher_config, head, depth, dense_parameters)
-        rank, frequent = _factorised_split(budget - rest, width, vocab, used_tokens)
-        if rank < MIN_EMBEDDING_RANK:
-            continue
-        assert factorised_parameters(vocab, width, rank, frequent) + rest <= budget
-        return depth, rank, frequent
+    full = intermediate_size(teacher_config)
+    depths = [
+        depth
+        for depth in (
+            [spec.num_layers]
+            if spec.num_layers is not None
+            else range(max(1, teacher_layers - 1), 0, -1)
+        )
+        if depth <= teacher_layers
+    ]
+    # Whatever the embedding table needs at the least rank, with its frequent rows.
+    least = _least_factorised_embeddings(width, vocab, used_tokens)
+    for pruned in (False, True):
+        for depth in depths:
+            rest = _rest_of_factorised(teacher_config, head, depth, dense_parameters)
+            feed_forward = full
+            if pruned:
+                # Each feed-forward unit is an input row, its bias and an output column.
+                per_unit = depth * (2 * width + 1)
+                cut = math.ceil((rest + least - budget) / per_unit)
+                feed_forward = (full - max(cut, 1)) // FEED_FORWARD_STEP * FEED_FORWARD_STEP
+                if feed_forward < max(1, round(MIN_FEED_FORWARD_SHARE * width)):
+                    continue
+                rest = _rest_of_factorised(
+                    teacher_config, head, depth, dense_parameters, feed_forward
+                )
+            rank, frequent = _factorised_split(budget - rest, width, vocab, used_tokens)
+            if rank < MIN_EMBEDDING_RANK:
+                continue
+            assert factorised_parameters(vocab, width, rank, frequent) + rest <= budget
+            return FactorisedSize(depth, rank, frequent, feed_forward)
     return None
 
 
-def _rest_of_factorised(teacher_config: Any, head: Head, depth: int, dense_parameters: int) -> int:
+def _least_factorised_embeddings(width: int, vocab: int, used_tokens: int) -> int:
+    """The fewest parameters of word embeddings whose :func:`_factorised_split` rank is
+    :data:`MIN_EMBEDDING_RANK` (found by bisection: the split is monotone in its budget)."""
+    low, high = 0, (vocab + width) * (MIN_EMBEDDING_RANK + 1) * 4
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _factorised_split(middle, width, vocab, used_tokens)[0] >= MIN_EMBEDDING_RANK:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _rest_of_factorised(
+    teacher_config: Any,
+    head: Head,
+    depth: int,
+    dense_parameters: int,
+    feed_forward: int | None = None,
+) -> int:
     """Parameters of a teacher-width student of ``depth`` layers, word embeddings left out."""
-    config = student_config(teacher_config, layers=depth, hidden=None, heads=None)
+    config = student_config(
+        teacher_config, layers=depth, hidden=None, heads=None, feed_forward=feed_forward
+    )
     width, vocab = int(teacher_config.hidden_size), int(teacher_config.vocab_size)
     return _parameter_count(config, head) - vocab * width + dense_parameters
 
@@ -278,16 +349,18 @@ def largest_compression_from_teacher(
     """The largest ``student.compression`` at which the student still starts from the teacher.
 
     That is, at which :func:`choose_factorised_size` still finds a teacher-width
-    student: its one-layer student's rank is at least :data:`MIN_EMBEDDING_RANK`
-    (found by bisection, rounded down to a tenth). Any larger compression gets a
-    narrower student trained from random weights. 1.0 when none fits at all.
+    student (its one-layer student, feed-forward layers pruned to the least it
+    allows, with rank :data:`MIN_EMBEDDING_RANK`), found by bisection and rounded
+    down to a tenth. Any larger compression gets a narrower student trained from
+    random weights. 1.0 when none fits at all.
     """
-    width, vocab = int(teacher_config.hidden_size), int(teacher_config.vocab_size)
-    rest = _rest_of_factorised(teacher_config, head, 1, dense_parameters)
 
     def fits(compression: float) -> bool:
-        left = teacher_parameters / compression - rest
-        return _factorised_split(left, width, vocab, used_tokens)[0] >= MIN_EMBEDDING_RANK
+        spec = StudentSpec(compression=compression)
+        size = choose_factorised_size(
+            spec, teacher_config, head, teacher_parameters, dense_parameters, used_tokens
+        )
+        return size is not None
 
     low, high = 1.0, 2.0
     if not fits(low):

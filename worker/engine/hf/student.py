@@ -15,6 +15,7 @@ from worker.engine.hf.sizing import (
     choose_cut_depth,
     choose_factorised_size,
     choose_size,
+    intermediate_size,
     student_config,
 )
 from worker.engine.hf.wrapper import HFEncoder
@@ -48,6 +49,7 @@ def _init_from_teacher(
     own = student.state_dict()
     factorised_prefix = _module_name(student, factorised) + "." if factorised else None
     mapped = {}
+    pruned: dict[str, list[str]] = {}
     for key in own:
         if factorised_prefix is not None and key.startswith(factorised_prefix):
             mapped[key] = own[key]
@@ -59,12 +61,42 @@ def _init_from_teacher(
         else:
             key_in_teacher = key
         mapped[key] = source[key_in_teacher]
+        if mapped[key].shape != own[key].shape:
+            pruned.setdefault(match.group(0) if match else "", []).append(key)
+    for keys in pruned.values():
+        mapped.update(_prune_feed_forward({key: mapped[key] for key in keys}, own))
     student.load_state_dict(mapped, strict=True)
     if factorised is not None:
         table = input_embeddings(teacher.model).get_parameter("weight")
         factorised.initialise(
             table, None if token_counts is None else torch.as_tensor(token_counts)
         )
+
+
+def _prune_feed_forward(
+    tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """One teacher layer's feed-forward ``tensors`` cut to the student's (``own``) shapes.
+
+    The units kept are those whose input row and output column weigh most together (the
+    product of their norms), in the teacher's order; each tensor loses the others along
+    the one axis its student shape is shorter on.
+    """
+    axes = {}
+    for key, tensor in tensors.items():
+        shapes = zip(tensor.shape, own[key].shape, strict=True)
+        (axes[key],) = [axis for axis, (theirs, mine) in enumerate(shapes) if theirs != mine]
+    importance = None
+    for key, tensor in tensors.items():
+        if tensor.dim() == 2:
+            other = 1 - axes[key]
+            norms = tensor.float().norm(dim=other)
+            importance = norms if importance is None else importance * norms
+    if importance is None:
+        raise ValueError(f"no weight among {sorted(tensors)} to rank feed-forward units by")
+    keep = int(own[next(iter(tensors))].shape[axes[next(iter(tensors))]])
+    units = importance.topk(keep).indices.sort().values
+    return {key: tensor.index_select(axes[key], units) for key, tensor in tensors.items()}
 
 
 def _factorised_embedding(encoder: HFEncoder) -> FactorisedEmbedding | VocabularyCut | None:
@@ -105,9 +137,11 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
     pooler and head. Where the budget would need a narrower student, one that
     keeps the teacher's width with factorised word embeddings
     (:func:`~worker.engine.hf.sizing.choose_factorised_size`) is preferred: it
-    starts from the teacher's layers (first and last of two) and from an SVD of
-    its embedding table weighted by ``context.token_counts``, which a narrower
-    student, starting from scratch, cannot. Given ``context.saved_config``
+    starts from the teacher's layers (first and last of two; where the budget
+    needs it, their feed-forward layers keep only their most important units, see
+    :func:`_prune_feed_forward`) and from an SVD of its embedding table weighted
+    by ``context.token_counts``, which a narrower student, starting from scratch,
+    cannot. Given ``context.saved_config``
     (from ``rebuild_student``), rebuilds that student instead.
     """
     saved = getattr(context, "saved_config", None)
@@ -118,11 +152,14 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
     teacher_layers = teacher_config.num_hidden_layers
     teacher_shape = (teacher_config.hidden_size, teacher_config.num_attention_heads)
     embedding: dict[str, Any] | None
+    feed_forward: int | None = None
     if spec.vocabulary == "transfer":
         layers, embedding = _cut_design(spec, context, teacher)
         hidden, heads = teacher_shape
     else:
         layers, hidden, heads, embedding = _sized_design(spec, context, teacher)
+        if embedding is not None:
+            feed_forward = embedding.pop("feed_forward")
     same_width = hidden == teacher_config.hidden_size
     same_shape = same_width and heads == teacher_config.num_attention_heads
     from_teacher = spec.init_from_teacher and same_shape
@@ -134,7 +171,9 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
         )
     input_names = [name for name in teacher.input_names if name in context.input_names]
     student = _assemble(
-        config=student_config(teacher_config, layers=layers, hidden=hidden, heads=heads),
+        config=student_config(
+            teacher_config, layers=layers, hidden=hidden, heads=heads, feed_forward=feed_forward
+        ),
         head=teacher.head,
         pooling=teacher.pooling,
         normalize=teacher.normalize,
@@ -235,8 +274,9 @@ def _sizes(context: StudentContext, teacher: HFEncoder) -> tuple[int, int]:
 
 def _factorised_design(
     spec: StudentSpec, context: StudentContext, teacher: HFEncoder
-) -> dict[str, int] | None:
-    """``layers``, ``rank`` and ``frequent_tokens`` of a teacher-width student, or None.
+) -> dict[str, int | None] | None:
+    """``layers``, ``rank``, ``frequent_tokens`` and ``feed_forward`` (None: the teacher's)
+    of a teacher-width student, or None.
 
     Only for a student initialised from the teacher whose width and heads the
     spec leaves open, and a teacher whose word embeddings are as wide as its
@@ -257,8 +297,15 @@ def _factorised_design(
     )
     if size is None:
         return None
-    layers, rank, frequent = size
-    return {"layers": layers, "rank": rank, "frequent_tokens": frequent}
+    return {
+        "layers": size.layers,
+        "rank": size.rank,
+        "frequent_tokens": size.frequent_tokens,
+        # The teacher's feed-forward width is left to its config; a pruned one is set.
+        "feed_forward": (
+            None if size.feed_forward == intermediate_size(config) else size.feed_forward
+        ),
+    }
 
 
 def _parameter_count(module: nn.Module) -> int:

@@ -48,10 +48,12 @@ def split_sentences(held_out: int, transfer: int) -> tuple[list[str], list[str]]
     return sentences[:held_out], chosen
 
 
-def run_job(work: Path, transfer: list[str], training: dict[str, Any]) -> Path:
+def run_job(
+    work: Path, transfer: list[str], training: dict[str, Any], compression: float = 4.0
+) -> Path:
     """The engine CLI on the zipped teacher and ``transfer``; returns its output folder.
 
-    The spec gives ``student.compression: 4`` and ``training`` only: the task is
+    The spec gives ``student.compression`` and ``training`` only: the task is
     inferred and every other setting is the default.
     """
     zip_folder(model_folder(), work / "teacher.zip")
@@ -59,7 +61,7 @@ def run_job(work: Path, transfer: list[str], training: dict[str, Any]) -> Path:
     spec = {
         "teacher": {"path": "teacher.zip"},
         "dataset": {"path": "transfer.jsonl"},
-        "student": {"compression": 4},
+        "student": {"compression": compression},
         "training": training,
     }
     (work / "spec.json").write_text(json.dumps(spec))

@@ -195,8 +195,10 @@ def test_minilm_sized_student_keeps_width_and_factorises_embeddings() -> None:
     assert choose_size(spec, config, "base", teacher_parameters, 0)[1] < 384
     size = choose_factorised_size(spec, config, "base", teacher_parameters, 0, used_tokens=5000)
     assert size is not None
-    layers, rank, frequent = size
-    assert layers == 2 and rank >= 16 and 0 < frequent <= 5000
+    rank, frequent = size.rank, size.frequent_tokens
+    assert size.layers == 2 and rank >= 16 and 0 < frequent <= 5000
+    # Two whole layers fit: their feed-forward layers are the teacher's.
+    assert size.feed_forward == 1536
     rest = 2 * 1_774_464 + 512 * 384 + 2 * 384 + 2 * 384
     assert rest + factorised_parameters(30522, 384, rank, frequent) <= teacher_parameters / 4
     assert (
@@ -287,7 +289,69 @@ def test_the_largest_compression_that_starts_from_the_teacher_is_the_factorised_
         spec = StudentSpec(compression=compression)
         return choose_factorised_size(spec, config, "base", teacher_parameters, 0, 5000)
 
-    # all-MiniLM-L6-v2 at the default compression of 10 cannot start from its layers.
-    assert 4 < largest < 10
+    # all-MiniLM-L6-v2 at the default compression of 10 starts from its first layer, whose
+    # feed-forward layer keeps a fifth of its units; a little more and nothing fits.
+    assert 10 < largest < 11
+    at_default = design(10)
+    assert at_default is not None and at_default.layers == 1
+    assert 192 <= at_default.feed_forward < 1536 / 4
     assert design(largest) is not None
     assert design(largest + 0.1) is None
+    # Up to about 7x the teacher's whole first layer fits, and it is kept whole.
+    assert design(7).feed_forward == 1536 and design(8).feed_forward < 1536
+
+
+def test_pruned_feed_forward_units_are_those_that_carry_the_output() -> None:
+    from worker.engine.hf.student import _prune_feed_forward
+
+    torch.manual_seed(0)
+    w_in, b_in, w_out = torch.randn(8, 4), torch.randn(8), torch.randn(4, 8)
+    # Three units write nothing to the layer's output: pruning them changes nothing.
+    w_out[:, [1, 5, 6]] = 0
+    teacher = {"in.weight": w_in, "in.bias": b_in, "out.weight": w_out}
+    student = {"in.weight": w_in[:5], "in.bias": b_in[:5], "out.weight": w_out[:, :5]}
+    pruned = _prune_feed_forward(teacher, student)
+    assert {key: value.shape for key, value in pruned.items()} == {
+        key: value.shape for key, value in student.items()
+    }
+    # The units kept are the other five, in the teacher's order.
+    torch.testing.assert_close(pruned["in.bias"], b_in[[0, 2, 3, 4, 7]])
+    x = torch.randn(10, 4)
+
+    def feed_forward(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = torch.nn.functional.gelu(x @ weights["in.weight"].T + weights["in.bias"])
+        return hidden @ weights["out.weight"].T
+
+    torch.testing.assert_close(feed_forward(pruned), feed_forward(teacher))
+
+
+def test_a_budget_below_a_whole_layer_prunes_the_teachers_feed_forward_units(
+    teacher: HuggingFaceTeacher, tmp_path: Path
+) -> None:
+    # The tiny teacher's one layer with its 64-unit feed-forward layer and the least
+    # factorised embeddings take over 27k parameters: the units are pruned, not the width.
+    student = build_student(StudentSpec(max_parameters=27_000), student_context(teacher))
+    assert _parameter_count(student) <= 27_000
+    assert student.config["initialised_from_teacher_layers"] == [0]
+    assert student.config["hf_config"]["hidden_size"] == 32
+    units = student.config["hf_config"]["intermediate_size"]
+    assert 16 <= units < 64 and units % 8 == 0
+    mine = student.state_dict()
+    theirs = teacher.module.state_dict()
+    layer = "model.bert.encoder.layer.0."
+    w_in = theirs[layer + "intermediate.dense.weight"]
+    w_out = theirs[layer + "output.dense.weight"]
+    kept = (w_in.norm(dim=1) * w_out.norm(dim=0)).topk(units).indices.sort().values
+    torch.testing.assert_close(mine[layer + "intermediate.dense.weight"], w_in[kept])
+    torch.testing.assert_close(mine[layer + "intermediate.dense.bias"],
+                               theirs[layer + "intermediate.dense.bias"][kept])  # fmt: skip
+    torch.testing.assert_close(mine[layer + "output.dense.weight"], w_out[:, kept])
+    # Attention is the teacher's whole.
+    key = layer + "attention.self.query.weight"
+    torch.testing.assert_close(mine[key], theirs[key])
+    rebuilt = rebuild_student(json.loads(json.dumps(student.config)))
+    rebuilt.load_state_dict(student.state_dict())
+    batch = text_batch(teacher.tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(**batch), student.eval()(**batch))
+    _export_and_compare(student, teacher.tokenizer, tmp_path / "pruned.onnx")
