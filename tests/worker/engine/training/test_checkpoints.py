@@ -11,11 +11,11 @@ import torch
 
 from tests.worker.engine.training.factories import make_data, run, spec, weights
 from worker.engine.errors import Cancelled
-from worker.engine.training import Callbacks, latest_checkpoint
+from worker.engine.training import Callbacks, TrainResult, latest_checkpoint
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path) -> None:
-    full = run(make_data(), spec(checkpoint_every_steps=4), checkpoint_dir=tmp_path / "a")
+def _interrupted_at_13(folder: Path) -> Path:
+    """A run with checkpoints every 4 steps, cancelled at step 13; its last checkpoint."""
     steps = {"n": 0}
 
     def cancel_at_13() -> bool:
@@ -26,18 +26,30 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path) -> None:
         run(
             make_data(),
             spec(checkpoint_every_steps=4),
-            checkpoint_dir=tmp_path / "b",
+            checkpoint_dir=folder,
             callbacks=Callbacks(should_cancel=cancel_at_13),
         )
-    ckpt = latest_checkpoint(tmp_path / "b")
-    assert ckpt is not None and ckpt.name == "step-000000013"
+    checkpoint = latest_checkpoint(folder)
+    assert checkpoint is not None and checkpoint.name == "step-000000013"
+    return checkpoint
+
+
+def _resumed(folder: Path) -> tuple[TrainResult, list[tuple[str, dict[str, Any]]]]:
+    """The run resumed from ``folder``'s checkpoint, and its events."""
     events: list[tuple[str, dict[str, Any]]] = []
     resumed = run(
         make_data(),
         spec(checkpoint_every_steps=4),
-        checkpoint_dir=tmp_path / "b",
+        checkpoint_dir=folder,
         callbacks=Callbacks(on_event=lambda k, d: events.append((k, d))),
     )
+    return resumed, events
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path) -> None:
+    full = run(make_data(), spec(checkpoint_every_steps=4), checkpoint_dir=tmp_path / "a")
+    _interrupted_at_13(tmp_path / "b")
+    resumed, events = _resumed(tmp_path / "b")
     assert resumed.resumed_from == 13
     assert ("resumed", {"step": 13, "checkpoint": "step-000000013"}) in events
     assert resumed.steps == full.steps
@@ -50,21 +62,7 @@ def test_a_checkpoint_scored_on_another_basis_has_its_best_weights_scored_again(
     tmp_path: Path,
 ) -> None:
     full = run(make_data(), spec(checkpoint_every_steps=4), checkpoint_dir=tmp_path / "a")
-    steps = {"n": 0}
-
-    def cancel_at_13() -> bool:
-        steps["n"] += 1
-        return steps["n"] > 13
-
-    with pytest.raises(Cancelled):
-        run(
-            make_data(),
-            spec(checkpoint_every_steps=4),
-            checkpoint_dir=tmp_path / "b",
-            callbacks=Callbacks(should_cancel=cancel_at_13),
-        )
-    checkpoint = latest_checkpoint(tmp_path / "b")
-    assert checkpoint is not None
+    checkpoint = _interrupted_at_13(tmp_path / "b")
     state = json.loads((checkpoint / "state.json").read_text())
     assert state["best_score_basis"] == "-val/output_mse" and state["best_score"] <= 0
     # As a checkpoint written before the basis was recorded, when the best step was chosen
@@ -72,13 +70,7 @@ def test_a_checkpoint_scored_on_another_basis_has_its_best_weights_scored_again(
     del state["best_score_basis"]
     state["best_score"] = 0.97
     (checkpoint / "state.json").write_text(json.dumps(state))
-    events: list[tuple[str, dict[str, Any]]] = []
-    resumed = run(
-        make_data(),
-        spec(checkpoint_every_steps=4),
-        checkpoint_dir=tmp_path / "b",
-        callbacks=Callbacks(on_event=lambda k, d: events.append((k, d))),
-    )
+    resumed, events = _resumed(tmp_path / "b")
     assert ("resumed", {"step": 13, "checkpoint": checkpoint.name,
                         "rescored_best": "-val/output_mse"}) in events  # fmt: skip
     # The best weights were scored again, so the run chose as an uninterrupted one did.
