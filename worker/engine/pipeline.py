@@ -1160,7 +1160,8 @@ class _RungJudge:
         self.teacher_metrics = evaluation.task_metrics(
             data.task, targets.validation[rows], self.reference.values
         )
-        self.inputs = to_tensors({k: v[:1] for k, v in validation.arrays.items()}, device)
+        first = to_tensors({k: v[:1] for k, v in validation.arrays.items()}, torch.device("cpu"))
+        self.inputs = evaluation.first_row(first, device)
         self.runtime = "onnxruntime" if teacher_file is not None else "torch"
         if teacher_file is not None:
             self.teacher_latency = teacher_file.latency_ms(validation.arrays)
@@ -1195,7 +1196,10 @@ class _RungJudge:
         student.to(self.device)
         latency = onnx_latency
         if self.runtime == "torch":
-            latency = evaluation.measure_latency(lambda b: student(**b), self.inputs, self.device)
+            # Timed in turn with the teacher, as a file is where the teacher runs in onnxruntime.
+            teacher_latency, latency = evaluation.paired_torch_latency_ms(
+                [self.teacher.predict, lambda b: student(**b)], self.inputs, self.device
+            )
         figures = self._figures(
             metrics, fidelity, latency, student, teacher_latency=teacher_latency
         )
@@ -1409,6 +1413,13 @@ def _evaluate(
     check()
     sides["student"] = _student_side(task, result.student, student_run, reference, inputs, device)
     check()
+    # Timed in turn, as the files are, so the torch speedup does not depend on the order.
+    student, one = result.student, evaluation.first_row(inputs, device)
+    latencies = evaluation.paired_torch_latency_ms(
+        [teacher.predict, lambda batch: student(**batch)], one, device
+    )
+    for name, latency in zip(("teacher", "student"), latencies, strict=True):
+        sides[name]["torch_latency_ms"] = latency
     speed_runtime = _settle_speed(sides, teacher_run, student_run, test.arrays)
     check()
     baseline_run = None
@@ -1417,6 +1428,10 @@ def _evaluate(
         baseline_run = ScoredSide(outputs, "torch", "logits")
         sides["baseline"] = _student_side(
             task, baseline.student, baseline_run, reference, inputs, device
+        )
+        plain = baseline.student
+        sides["baseline"]["torch_latency_ms"] = evaluation.measure_latency(
+            lambda batch: plain(**batch), one, device
         )
         _settle_speed({"baseline": sides["baseline"]}, None, None, test.arrays)
         check()
@@ -1638,9 +1653,13 @@ def _settle_speed(
     return runtime
 
 
-def _torch_speed(fn: Any, inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
-    speed = evaluation.measure_speed(fn, inputs, device)
-    return {"torch_latency_ms": speed["latency_ms"], "torch_throughput": speed["throughput"]}
+def _torch_throughput(
+    fn: Any, inputs: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, Any]:
+    """``torch_throughput`` on up to 256 rows; the batch-1 latency is timed apart (in turn
+    with the other side's, in :func:`_evaluate`)."""
+    many = {name: value[:256].to(device) for name, value in inputs.items()}
+    return {"torch_throughput": evaluation.measure_throughput(fn, many, device)}
 
 
 def _reference(task: str, labels: np.ndarray | None, teacher_outputs: np.ndarray) -> Reference:
@@ -1665,13 +1684,13 @@ def _teacher_side(
     inputs: dict[str, torch.Tensor],
     device: torch.device,
 ) -> dict[str, Any]:
-    """The teacher's task metrics on the test rows, its size and its torch-side speed."""
+    """The teacher's task metrics on the test rows, its size and its torch throughput."""
     return {
         **evaluation.task_metrics(task, run.outputs[reference.rows], reference.values),
         "parameters": teacher.signature.parameters,
         "bytes": teacher.signature.bytes,
         "file_bytes": teacher.signature.bytes,
-        **_torch_speed(teacher.predict, inputs, device),
+        **_torch_throughput(teacher.predict, inputs, device),
     }
 
 
@@ -1683,7 +1702,7 @@ def _student_side(
     inputs: dict[str, torch.Tensor],
     device: torch.device,
 ) -> dict[str, Any]:
-    """A trained student's task metrics on the test rows, its size and its torch-side speed."""
+    """A trained student's task metrics on the test rows, its size and its torch throughput."""
     student.to(device)
     file_bytes = run.onnx.path.stat().st_size if run.onnx is not None else None
     external = run.onnx.path.with_name(run.onnx.path.name + ".data") if run.onnx else None
@@ -1694,7 +1713,7 @@ def _student_side(
         "parameters": count_parameters(student),
         "bytes": evaluation.module_bytes(student),
         "file_bytes": file_bytes,
-        **_torch_speed(lambda batch: student(**batch), inputs, device),
+        **_torch_throughput(lambda batch: student(**batch), inputs, device),
     }
 
 

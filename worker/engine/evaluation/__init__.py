@@ -32,10 +32,12 @@ from worker.engine.evaluation.schema import (
     validate_metrics,
 )
 from worker.engine.evaluation.speed import (
+    first_row,
     measure_latency,
     measure_speed,
     measure_throughput,
     module_bytes,
+    paired_torch_latency_ms,
 )
 from worker.engine.evaluation.verdict import decide, not_evaluated, withhold
 
@@ -55,12 +57,14 @@ __all__ = [
     "f1_macro",
     "fidelity",
     "fidelity_interval",
+    "first_row",
     "measure_latency",
     "measure_speed",
     "measure_throughput",
     "module_bytes",
     "not_evaluated",
     "paired_latency_ms",
+    "paired_torch_latency_ms",
     "regression_metrics",
     "task_metric_interval",
     "task_metrics",

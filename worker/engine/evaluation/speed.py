@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,23 +45,57 @@ def measure_latency(
     calls stop early once ``budget_s`` is spent, after at least one timed call, so a
     slow teacher cannot stall the job.
     """
+    return paired_torch_latency_ms([fn], example_batch_1, device, warmup, repeats, budget_s)[0]
+
+
+def paired_torch_latency_ms(
+    fns: Sequence[Callable[[Any], Any]],
+    example_batch_1: Batch,
+    device: torch.device | str,
+    warmup: int = 3,
+    repeats: int = 20,
+    budget_s: float = 2.0,
+) -> list[float]:
+    """:func:`measure_latency` of each of ``fns`` on the same batch of one, timed in turn.
+
+    The calls alternate (one of each, then again), so whatever slows the machine for a
+    while falls on every callable alike and their ratio, the speedup a verdict reads,
+    does not depend on which was timed first. The budget is the whole measurement's.
+    """
     device = torch.device(device)
     started = time.perf_counter()
     for _ in range(warmup):
-        _call(fn, example_batch_1)
+        for fn in fns:
+            _call(fn, example_batch_1)
         _sync(device)
         if time.perf_counter() - started > budget_s / 2:
             break
-    times: list[float] = []
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(max(repeats, 1)):
-        _sync(device)
-        t0 = time.perf_counter()
-        _call(fn, example_batch_1)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        for fn, kept in zip(fns, times, strict=True):
+            _sync(device)
+            t0 = time.perf_counter()
+            _call(fn, example_batch_1)
+            _sync(device)
+            kept.append(time.perf_counter() - t0)
         if time.perf_counter() - started > budget_s:
             break
-    return statistics.median(times) * 1000.0
+    return [statistics.median(kept) * 1000.0 for kept in times]
+
+
+def first_row(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The first row of ``tensors`` on ``device``; a row of tokens as long as it is.
+
+    A user feeds one sentence without the padding a transfer set's rows carry to
+    ``data.max_length``, as the onnxruntime harness does (``onnx_files.trimmed``).
+    """
+    one = {name: value[:1] for name, value in tensors.items()}
+    mask = one.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and not mask.is_floating_point():
+        attended = torch.nonzero(mask[0]).flatten()
+        length = int(attended[-1]) + 1 if len(attended) else 1
+        one = {k: v[:, :length] if v.shape == mask.shape else v for k, v in one.items()}
+    return {name: value.to(device) for name, value in one.items()}
 
 
 def measure_throughput(
@@ -96,11 +130,11 @@ def measure_throughput(
 def measure_speed(
     fn: Callable[[Any], Any], tensors: Mapping[str, torch.Tensor], device: torch.device
 ) -> dict[str, float]:
-    """``latency_ms`` on the first row and ``throughput`` on up to 256 rows of ``tensors``."""
-    one = {name: value[:1].to(device) for name, value in tensors.items()}
+    """``latency_ms`` on the first row (:func:`first_row`) and ``throughput`` on up to 256
+    rows of ``tensors``."""
     many = {name: value[:256].to(device) for name, value in tensors.items()}
     return {
-        "latency_ms": measure_latency(fn, one, device),
+        "latency_ms": measure_latency(fn, first_row(tensors, device), device),
         "throughput": measure_throughput(fn, many, device),
     }
 

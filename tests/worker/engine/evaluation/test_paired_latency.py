@@ -42,3 +42,37 @@ def test_the_heavier_file_is_the_slower_in_either_order(tmp_path: Path) -> None:
     assert 0 < light_ms < heavy_ms and 0 < light_second < heavy_first
     # 24 MatMuls against one: the ratio holds well apart from the order they ran in.
     assert heavy_ms / light_ms > 4 and heavy_first / light_second > 4
+
+
+def test_torch_callables_timed_in_turn_keep_the_heavier_the_slower_in_either_order() -> None:
+    import torch
+
+    from worker.engine.evaluation import paired_torch_latency_ms
+
+    torch.manual_seed(0)
+    light = torch.nn.Linear(512, 512)
+    heavy = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(24)])
+    batch = {"inputs": torch.ones(4, 512)}
+    fns = [lambda b: light(b["inputs"]), lambda b: heavy(b["inputs"])]
+    light_ms, heavy_ms = paired_torch_latency_ms(fns, batch, "cpu", budget_s=0.5)
+    heavy_first, light_second = paired_torch_latency_ms(fns[::-1], batch, "cpu", budget_s=0.5)
+    assert 0 < light_ms < heavy_ms and 0 < light_second < heavy_first
+    assert heavy_ms / light_ms > 4 and heavy_first / light_second > 4
+
+
+def test_a_row_of_tokens_is_timed_as_long_as_it_is() -> None:
+    import torch
+
+    from worker.engine.evaluation import first_row
+
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    ids = torch.arange(12).view(2, 6)
+    tensors = {"input_ids": ids, "attention_mask": mask, "label_like": torch.tensor([[7], [8]])}
+    one = first_row(tensors, torch.device("cpu"))
+    # The padding the transfer set gave the row is gone; arrays of another shape are kept.
+    assert one["input_ids"].tolist() == [[0, 1, 2]]
+    assert one["attention_mask"].tolist() == [[1, 1, 1]]
+    assert one["label_like"].tolist() == [[7]]
+    # Rows that are not tokens are only cut to their first row.
+    table = first_row({"inputs": torch.ones(5, 3)}, torch.device("cpu"))
+    assert table["inputs"].shape == (1, 3)
