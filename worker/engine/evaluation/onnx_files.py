@@ -167,8 +167,9 @@ def paired_latency_ms(
     return [statistics.median(kept) * 1000.0 for kept in times]
 
 
-def cut_positions(arrays: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
-    """``arrays`` without the positions from ``length`` on, in the arrays shaped like the mask."""
+def cut_positions(arrays: Mapping[str, Any], length: int) -> dict[str, Any]:
+    """``arrays`` (numpy arrays or torch tensors) without the positions from ``length`` on,
+    in the arrays shaped like the mask."""
     shape = arrays["attention_mask"].shape
     return {k: v[:, :length] if v.shape == shape else v for k, v in arrays.items()}
 

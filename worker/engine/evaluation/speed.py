@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from worker.engine.data.text import token_lengths
+from worker.engine.evaluation.onnx_files import cut_positions
+
 Batch = Mapping[str, torch.Tensor] | torch.Tensor
 
 
@@ -91,10 +94,9 @@ def first_row(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict
     """
     one = {name: value[:1] for name, value in tensors.items()}
     mask = one.get("attention_mask")
-    if mask is not None and mask.dim() == 2 and not mask.is_floating_point():
-        attended = torch.nonzero(mask[0]).flatten()
-        length = int(attended[-1]) + 1 if len(attended) else 1
-        one = {k: v[:, :length] if v.shape == mask.shape else v for k, v in one.items()}
+    lengths = token_lengths({"attention_mask": mask.cpu().numpy()}) if mask is not None else None
+    if lengths is not None:
+        one = cut_positions(one, int(lengths[0]))
     return {name: value.to(device) for name, value in one.items()}
 
 

@@ -94,7 +94,8 @@ def _prune_feed_forward(
             importance = norms if importance is None else importance * norms
     if importance is None:
         raise ValueError(f"no weight among {sorted(tensors)} to rank feed-forward units by")
-    keep = int(own[next(iter(tensors))].shape[axes[next(iter(tensors))]])
+    first = next(iter(tensors))
+    keep = int(own[first].shape[axes[first]])
     units = importance.topk(keep).indices.sort().values
     return {key: tensor.index_select(axes[key], units) for key, tensor in tensors.items()}
 
