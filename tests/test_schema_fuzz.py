@@ -17,6 +17,7 @@ longer one. The figures it reached are printed (``-s`` to see them).
 from __future__ import annotations
 
 import os
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -84,15 +85,16 @@ class Live:
     tally: Tally
     #: One keep-alive session for every request, as a client of the API holds one.
     session: requests.Session
+    #: The server's database, where each stateful scenario gets a tenant of its own.
+    database_url: str
 
 
-def _keys(database_url: str) -> dict[str, str]:
+def _keys(database_url: str, tenants: tuple[str, ...] = ("acme", "globex")) -> dict[str, str]:
+    """An API key for each of ``tenants``, created in the database."""
     engine = build_engine(database_url)
     try:
         with Session(engine) as session, session.begin():
-            return {
-                name: create_api_key(session, tenant_name=name).token for name in ("acme", "globex")
-            }
+            return {name: create_api_key(session, tenant_name=name).token for name in tenants}
     finally:
         engine.dispose()
 
@@ -146,6 +148,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
                     ),
                     tally,
                     session,
+                    database_url,
                 )
             print(
                 f"\nschema fuzz: {tally.cases} cases, {tally.server_errors()} 5xx, "
@@ -205,8 +208,17 @@ def test_stateful_scenarios_through_links_answer_without_a_server_error(live: Li
     tally = live.tally
 
     class Scenarios(live.schema.as_state_machine()):  # type: ignore[misc]
+        # Each scenario starts from the same state, as Hypothesis assumes when it replays
+        # one: a new tenant, with nothing uploaded and no Idempotency-Key used. On the
+        # shared tenant an earlier scenario's upload, delete or key changed what the same
+        # requests answered, and Hypothesis stopped the run as FlakyStrategyDefinition.
+        def setup(self) -> None:
+            tenant = f"scenario-{uuid.uuid4().hex[:12]}"
+            token = _keys(live.database_url, (tenant,))[tenant]
+            self.headers = {"Authorization": f"Bearer {token}"}
+
         def get_call_kwargs(self, case: schemathesis.Case[Any]) -> dict[str, Any]:
-            return {"session": live.session}
+            return {"session": live.session, "headers": self.headers}
 
         def validate_response(
             self, response: schemathesis.Response, case: schemathesis.Case[Any], **kwargs: object
