@@ -1332,6 +1332,7 @@ class _RungJudge:
             "speedup": speedup if speedup is None or math.isfinite(speedup) else None,
             "compression": compression,
             "compression_basis": "parameters" if by_parameters else "bytes",
+            "split": {"reference": self.reference.name},
         }
 
 

@@ -238,8 +238,10 @@ class AcceptSpec(_Strict):
 
     min_metric_ratio: Annotated[float, Field(ge=0.0, le=10.0)] | None = Field(
         default=0.97,
-        description="Classification and embeddings: the student's primary task metric "
-        "(accuracy, cosine) divided by the teacher's must be at least this.",
+        description="Classification scored against labels: the student's accuracy divided "
+        "by the teacher's must be at least this. Not checked where the teacher's outputs are "
+        "the reference (no labels, and always for embeddings): there the student's metric is "
+        "its agreement or cosine with the teacher, which min_agreement or min_cosine judges.",
     )
     max_r2_drop: Annotated[float, Field(ge=0.0)] | None = Field(
         default=0.05,

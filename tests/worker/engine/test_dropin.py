@@ -252,6 +252,11 @@ def test_forest_student_matches_the_teachers_signature_labels_and_accuracy(
     parity = result.metrics["parity"]
     assert parity["names_matched"] and parity["dtypes_matched"]
     assert parity["outputs"][0]["agreement"] >= 0.9
+    # No labels: the student's accuracy is its agreement, judged once, by min_agreement.
+    criteria = result.metrics["verdict"]["criteria"]
+    assert result.metrics["split"]["reference"] == "teacher"
+    assert criteria["min_metric_ratio"]["met"] is None
+    assert criteria["min_agreement"]["value"] == result.metrics["student"]["accuracy"]
 
 
 # --------------------------------------------------------------------------- torch teacher

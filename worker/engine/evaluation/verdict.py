@@ -3,9 +3,11 @@
 :func:`decide` checks each criterion against ``metrics.json``'s figures and gives
 ``{"deployable", "reasons", "criteria"}``: one reason per criterion, met or missed,
 with the figures. A criterion whose figure could not be measured (e.g. no latency)
-is reported as not checked and does not block. A cancelled job's student is never
-deployable: where it was evaluated, its criteria are still checked and reported after the
-reason (:func:`withhold`); where it was not, none is (:func:`not_evaluated`).
+is reported as not checked and does not block, as is the task-metric ratio where the
+teacher's outputs, not labels, are the reference (it would judge fidelity twice). A
+cancelled job's student is never deployable: where it was evaluated, its criteria are
+still checked and reported after the reason (:func:`withhold`); where it was not, none
+is (:func:`not_evaluated`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,21 @@ ACCEPT_FIDELITY = {
 
 
 def _criterion(
-    name: str, value: float | None, threshold: float, at_least: bool, what: str
+    name: str,
+    value: float | None,
+    threshold: float,
+    at_least: bool,
+    what: str,
+    unchecked: str | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """One checked criterion and its reason."""
+    """One checked criterion and its reason; ``unchecked`` says why it is not checked."""
     bound = f"{'at least' if at_least else 'at most'} {threshold:.4g}"
+    if unchecked is not None:
+        shown = "" if value is None else f"; {what} is {value:.4g}"
+        return (
+            {"value": value, "threshold": threshold, "met": None},
+            f"not checked: {unchecked}{shown} [{name}]",
+        )
     if value is None:
         return (
             {"value": None, "threshold": threshold, "met": None},
@@ -44,14 +57,17 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _quality(
-    task: str, metrics: Mapping[str, Any], accept: Mapping[str, Any]
-) -> list[tuple[str, float | None, float, bool, str]]:
-    """The task-metric and fidelity criteria, as (name, value, threshold, at_least, what)."""
+#: A criterion to check: (name, value, threshold, at_least, what, why not checked or None).
+Check = tuple[str, float | None, float | None, bool, str, str | None]
+
+
+def _quality(task: str, metrics: Mapping[str, Any], accept: Mapping[str, Any]) -> list[Check]:
+    """The task-metric and fidelity criteria; the metric ratio is not checked where the
+    teacher is the reference (:func:`_has_labels`)."""
     teacher, student = metrics.get("teacher") or {}, metrics.get("student") or {}
     metric = ACCEPT_METRIC[task]
     ours, theirs = _number(student.get(metric)), _number(teacher.get(metric))
-    checks: list[tuple[str, float | None, float, bool, str]] = []
+    checks: list[Check] = []
     if task == "regression":
         drop = None if ours is None or theirs is None else theirs - ours
         checks.append(
@@ -61,10 +77,12 @@ def _quality(
                 accept["max_r2_drop"],
                 False,
                 f"the student's R² drop from the teacher's ({theirs} -> {ours})",
+                None,
             )
         )
     else:
         ratio = ours / theirs if ours is not None and theirs is not None and theirs > 0 else None
+        key, name = ACCEPT_FIDELITY[task]
         checks.append(
             (
                 "min_metric_ratio",
@@ -72,9 +90,9 @@ def _quality(
                 accept["min_metric_ratio"],
                 True,
                 f"the student's {metric} as a ratio of the teacher's ({ours} / {theirs})",
+                None if _has_labels(metrics) else _same_as_fidelity(metric, key, name),
             )
         )
-        key, name = ACCEPT_FIDELITY[task]
         checks.append(
             (
                 name,
@@ -82,9 +100,29 @@ def _quality(
                 accept[name],
                 True,
                 f"the student's {key} with the teacher",
+                None,
             )
         )
     return checks
+
+
+def _has_labels(metrics: Mapping[str, Any]) -> bool:
+    """Whether the task metrics were scored against labels, not the teacher's own outputs.
+
+    Without labels (and always for embeddings) the teacher is the reference: its own
+    metric is perfect by construction and the student's is its fidelity to the teacher
+    under another name. A ratio of the two would judge fidelity a second time, at
+    ``min_metric_ratio``'s threshold instead of the fidelity criterion's own.
+    """
+    return (metrics.get("split") or {}).get("reference") != "teacher"
+
+
+def _same_as_fidelity(metric: str, fidelity: str, criterion: str) -> str:
+    """Why the metric ratio is not checked where the teacher is the reference."""
+    return (
+        f"without labels the student's {metric} is measured against the teacher's outputs, "
+        f"so it is its {fidelity} with the teacher, which {criterion} judges"
+    )
 
 
 def decide(task: str, metrics: Mapping[str, Any], accept: Mapping[str, Any]) -> dict[str, Any]:
@@ -117,13 +155,17 @@ def decide(task: str, metrics: Mapping[str, Any], accept: Mapping[str, Any]) -> 
             f"the compression by {metrics.get('compression_basis') or 'parameters'}",
         ),
     ]
-    checks += [(name, value, accept[name], at_least, what) for name, value, at_least, what in speed]
+    checks += [
+        (name, value, accept[name], at_least, what, None) for name, value, at_least, what in speed
+    ]
     criteria: dict[str, Any] = {}
     reasons: list[str] = []
-    for name, value, threshold, at_least, what in checks:
+    for name, value, threshold, at_least, what, unchecked in checks:
         if threshold is None:
             continue
-        criteria[name], reason = _criterion(name, value, float(threshold), at_least, what)
+        criteria[name], reason = _criterion(
+            name, value, float(threshold), at_least, what, unchecked
+        )
         reasons.append(reason)
     deployable = all(c["met"] is not False for c in criteria.values())
     # Missed criteria first: they are what a reader must see.

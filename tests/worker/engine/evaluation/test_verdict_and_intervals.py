@@ -50,6 +50,50 @@ def test_each_missed_criterion_is_named_with_its_figures_first() -> None:
     assert "2.5" in by_name["max_latency_ms"]  # 2.0 / 0.8 ms
 
 
+def test_without_labels_the_metric_ratio_is_left_to_the_fidelity_criterion() -> None:
+    # No labels: accuracy is scored against the teacher's own classes, so the teacher's is
+    # 1.0 and the student's is its agreement. 0.9667 agreement meets min_agreement (0.95);
+    # a ratio checked at 0.97 would have refused the same figure.
+    metrics = {
+        **_metrics(0.9667, 0.9667, 3.0),
+        "teacher": {"accuracy": 1.0, "latency_ms": 2.0},
+        "split": {"reference": "teacher"},
+    }
+    verdict = decide("classification", metrics, AcceptSpec().model_dump())
+    assert verdict["deployable"] is True
+    ratio = verdict["criteria"]["min_metric_ratio"]
+    assert ratio["met"] is None and ratio["value"] == pytest.approx(0.9667)
+    assert verdict["criteria"]["min_agreement"]["met"] is True
+    (reason,) = [r for r in verdict["reasons"] if "[min_metric_ratio]" in r]
+    assert reason.startswith("not checked: without labels") and "min_agreement" in reason
+
+    # The same figures scored against labels are two measures, and the ratio is checked.
+    labelled = decide(
+        "classification", {**metrics, "split": {"reference": "labels"}}, AcceptSpec().model_dump()
+    )
+    assert labelled["deployable"] is False
+    assert labelled["criteria"]["min_metric_ratio"]["met"] is False
+
+
+def test_an_embedding_student_is_held_to_min_cosine_not_to_the_metric_ratio() -> None:
+    metrics = {
+        "teacher": {"cosine": 1.0, "latency_ms": 10.0},
+        "student": {"cosine": 0.92, "latency_ms": 4.0},
+        "fidelity": {"cosine": 0.92},
+        "speedup": 2.5,
+        "compression": 4.0,
+        "split": {"reference": "teacher"},
+    }
+    verdict = decide("embedding", metrics, AcceptSpec().model_dump())
+    assert verdict["deployable"] is True
+    assert verdict["criteria"]["min_cosine"]["met"] is True
+    assert verdict["criteria"]["min_metric_ratio"]["met"] is None
+    metrics["fidelity"] = {"cosine": 0.85}
+    missed = decide("embedding", metrics, AcceptSpec().model_dump())
+    assert missed["deployable"] is False
+    assert missed["reasons"][0].startswith("missed") and "[min_cosine]" in missed["reasons"][0]
+
+
 def test_regression_uses_the_r2_drop_and_unmeasured_figures_do_not_block() -> None:
     student: dict[str, Any] = {"r2": 0.62, "latency_ms": None}
     metrics: dict[str, Any] = {
