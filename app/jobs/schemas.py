@@ -60,6 +60,11 @@ class JobVerdict(BaseModel):
     deployable: bool
     reasons: list[str] = Field(default_factory=list)
     criteria: dict[str, Any] = Field(default_factory=dict)
+    caveats: list[str] = Field(
+        default_factory=list,
+        description="criteria the test rows cannot settle: the threshold lies inside the 95% "
+        "interval of the figure, so the verdict could have gone the other way",
+    )
 
 
 class JobOut(BaseModel):

@@ -27,6 +27,7 @@ VERDICT = {
     "deployable": False,
     "reasons": ["accuracy 0.61 is below 0.99 of the teacher's 0.95"],
     "criteria": {"min_metric_ratio": 0.99},
+    "caveats": ["the 40 test rows cannot settle min_agreement: (figures)"],
 }
 
 

@@ -256,6 +256,8 @@ def quantized_view(metrics: Mapping[str, Any], entry: Mapping[str, Any]) -> dict
         "fidelity": dict(entry.get("fidelity") or {}),
         "speedup": _ratio(teacher.get("onnxruntime_latency_ms"), latency),
         "compression": compression,
+        # The intervals are the fp32 student's: none is claimed for this file.
+        "intervals": {},
     }
 
 
@@ -464,6 +466,9 @@ METRICS_SCHEMA: dict[str, Any] = {
                 "deployable": {"type": "boolean"},
                 "reasons": {"type": "array"},
                 "criteria": {"type": "object"},
+                # What the test rows cannot settle (verdict._caveats); optional, for
+                # metrics.json files written before it.
+                "caveats": {"type": "array", "items": {"type": "string"}},
             },
         },
         "split": {

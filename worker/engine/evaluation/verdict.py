@@ -170,7 +170,12 @@ def decide(task: str, metrics: Mapping[str, Any], accept: Mapping[str, Any]) -> 
     deployable = all(c["met"] is not False for c in criteria.values())
     # Missed criteria first: they are what a reader must see.
     reasons.sort(key=lambda r: not r.startswith("missed"))
-    verdict = {"deployable": deployable, "reasons": reasons, "criteria": criteria}
+    verdict = {
+        "deployable": deployable,
+        "reasons": reasons,
+        "criteria": criteria,
+        "caveats": _caveats(task, metrics, criteria),
+    }
     if (metrics.get("training") or {}).get("stop_reason") == "cancelled":
         return withhold(
             verdict,
@@ -187,6 +192,7 @@ def withhold(verdict: Mapping[str, Any], why: str) -> dict[str, Any]:
         "deployable": False,
         "reasons": [f"not deployable: {why}", *reasons],
         "criteria": dict(verdict.get("criteria") or {}),
+        "caveats": [str(caveat) for caveat in verdict.get("caveats") or []],
     }
 
 
@@ -198,4 +204,48 @@ def not_evaluated(task: str, accept: Mapping[str, Any], why: str) -> dict[str, A
         "deployable": False,
         "reasons": [f"not deployable: {why}; no criterion was checked"],
         "criteria": criteria,
+        "caveats": [],
     }
+
+
+def _caveats(task: str, metrics: Mapping[str, Any], criteria: Mapping[str, Any]) -> list[str]:
+    """What the test rows cannot settle: each checked quality criterion whose threshold lies
+    inside the 95% interval of its figure (``metrics["intervals"]``), with the row count.
+
+    Met or missed, such a criterion could have gone the other way on another draw of as
+    many rows; the reader is told so, and how to settle it (more test rows), rather than
+    handed a verdict that reads as certain. The task-metric ratio's threshold is turned
+    into the student metric it asks for (threshold times the teacher's), the R² drop's
+    into the student R² it allows; the teacher's own sampling spread is not counted.
+    """
+    intervals = metrics.get("intervals") or {}
+    teacher = metrics.get("teacher") or {}
+    split = metrics.get("split") or {}
+    rows = split.get("scored_rows", split.get("test_rows"))
+    metric = ACCEPT_METRIC[task]
+    theirs = _number(teacher.get(metric))
+    bounds: list[tuple[str, Any, float | None, str]] = []
+    for name, found in criteria.items():
+        threshold = _number(found.get("threshold"))
+        if found.get("met") is None or threshold is None:
+            continue
+        if name == "min_metric_ratio" and theirs is not None:
+            bounds.append((name, intervals.get("student"), threshold * theirs, metric))
+        elif name == "max_r2_drop" and theirs is not None:
+            bounds.append((name, intervals.get("student"), theirs - threshold, "r2"))
+        elif name in ("min_agreement", "min_cosine"):
+            bounds.append((name, intervals.get("fidelity"), threshold, name[4:]))
+    caveats = []
+    for name, interval, required, what in bounds:
+        if not isinstance(interval, Mapping) or required is None:
+            continue
+        low, high = _number(interval.get("low")), _number(interval.get("high"))
+        if low is None or high is None or not low <= required <= high:
+            continue
+        counted = f"the {rows} test rows" if isinstance(rows, int) else "the test rows"
+        caveats.append(
+            f"{counted} cannot settle {name}: the student's {what} has a 95% interval of "
+            f"{low:.4g} to {high:.4g}, which holds the {required:.4g} it requires; more "
+            "test rows (a larger transfer set, or evaluation.test_dataset_id) would"
+        )
+    return caveats

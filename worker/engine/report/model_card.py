@@ -181,6 +181,10 @@ def _decision(metrics: Mapping[str, Any]) -> list[str]:
             "",
         ]
     lines += [f"- {reason}" for reason in verdict.get("reasons", [])]
+    caveats = verdict.get("caveats") or []
+    if caveats:
+        lines += ["", "Not settled by the test rows:", ""]
+        lines += [f"- {caveat}" for caveat in caveats]
     if not _evaluated(metrics):
         return lines
     return [*lines, "", "Judged on test rows that no training step or choice saw."]

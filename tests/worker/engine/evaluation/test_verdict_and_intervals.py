@@ -151,3 +151,33 @@ def test_fidelity_interval_reads_probabilities_and_logits_alike() -> None:
     assert as_logits == as_probs and as_logits["metric"] == "agreement"
     cosine = fidelity_interval("embedding", logits, teacher)
     assert cosine["metric"] == "cosine" and cosine["low"] <= cosine["estimate"] <= cosine["high"]
+
+
+def test_a_criterion_whose_threshold_lies_in_the_interval_is_named_as_unsettled() -> None:
+    # Labels on 60 test rows: the student's accuracy 0.95 (two rows behind a teacher at
+    # 0.9833) misses a 0.97 ratio, but its interval holds the 0.9538 the ratio asks for.
+    rows = 60
+    correct = np.ones(rows, dtype=bool)
+    correct[:3] = False
+    low, high = bootstrap_interval(mean_of_rows(correct), rows, seed=0) or (0.0, 0.0)
+    metrics: dict[str, Any] = {
+        **_metrics(0.95, 0.99, 3.0),
+        "teacher": {"accuracy": 0.9833, "latency_ms": 2.0},
+        "split": {"reference": "labels", "test_rows": rows, "scored_rows": rows},
+        "intervals": {
+            "student": {"metric": "accuracy", "estimate": 0.95, "low": low, "high": high},
+            "fidelity": {"metric": "agreement", "estimate": 0.99, "low": 0.96, "high": 1.0},
+        },
+    }
+    verdict = decide("classification", metrics, AcceptSpec().model_dump())
+    assert verdict["criteria"]["min_metric_ratio"]["met"] is False
+    assert low < 0.97 * 0.9833 < high
+    (caveat,) = verdict["caveats"]
+    assert caveat.startswith("the 60 test rows cannot settle min_metric_ratio")
+    assert f"{0.97 * 0.9833:.4g}" in caveat
+    # min_agreement's 0.95 is below its interval (0.96 to 1.0): settled, so not named.
+    assert not any("min_agreement" in c for c in verdict["caveats"])
+
+    # Many rows narrow the interval past the threshold: nothing is left unsettled.
+    metrics["intervals"]["student"].update(low=0.94, high=0.953)
+    assert decide("classification", metrics, AcceptSpec().model_dump())["caveats"] == []
