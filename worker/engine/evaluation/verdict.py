@@ -246,6 +246,6 @@ def _caveats(task: str, metrics: Mapping[str, Any], criteria: Mapping[str, Any])
         caveats.append(
             f"{counted} cannot settle {name}: the student's {what} has a 95% interval of "
             f"{low:.4g} to {high:.4g}, which holds the {required:.4g} it requires; more "
-            "test rows (a larger transfer set, or evaluation.test_dataset_id) would"
+            "test rows (a larger transfer set, or evaluation.test_dataset_id) would settle it"
         )
     return caveats
