@@ -224,20 +224,20 @@ def _caveats(task: str, metrics: Mapping[str, Any], criteria: Mapping[str, Any])
     rows = split.get("scored_rows", split.get("test_rows"))
     metric = ACCEPT_METRIC[task]
     theirs = _number(teacher.get(metric))
-    bounds: list[tuple[str, Any, float | None, str]] = []
+    fidelity = ACCEPT_FIDELITY.get(task)
+    bounds: list[tuple[str, Any, float, str]] = []
     for name, found in criteria.items():
         threshold = _number(found.get("threshold"))
         if found.get("met") is None or threshold is None:
             continue
-        if name == "min_metric_ratio" and theirs is not None:
-            bounds.append((name, intervals.get("student"), threshold * theirs, metric))
-        elif name == "max_r2_drop" and theirs is not None:
-            bounds.append((name, intervals.get("student"), theirs - threshold, "r2"))
-        elif name in ("min_agreement", "min_cosine"):
-            bounds.append((name, intervals.get("fidelity"), threshold, name[4:]))
+        if name in ("min_metric_ratio", "max_r2_drop") and theirs is not None:
+            required = threshold * theirs if name == "min_metric_ratio" else theirs - threshold
+            bounds.append((name, intervals.get("student"), required, metric))
+        elif fidelity is not None and name == fidelity[1]:
+            bounds.append((name, intervals.get("fidelity"), threshold, fidelity[0]))
     caveats = []
     for name, interval, required, what in bounds:
-        if not isinstance(interval, Mapping) or required is None:
+        if not isinstance(interval, Mapping):
             continue
         low, high = _number(interval.get("low")), _number(interval.get("high"))
         if low is None or high is None or not low <= required <= high:
