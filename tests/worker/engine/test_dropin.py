@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -223,6 +224,9 @@ def test_forest_student_matches_the_teachers_signature_labels_and_accuracy(
     teacher_label, student_label = teacher.run(None, feed)[0], student.run(None, feed)[0]
     assert student_label.dtype == teacher_label.dtype
     assert set(student_label.tolist()) <= set(forest.classes_.tolist())
+    # Classes 0..K-1 are the ArgMax itself; other labels are looked up in the graph.
+    ops = [node.op_type for node in onnx.load(tmp_path / "out" / "student.onnx").graph.node]
+    assert ("Gather" in ops) == string_labels, ops
     teacher_accuracy = float(np.mean(teacher_label == y_test))
     student_accuracy = float(np.mean(student_label == y_test))
     config = json.loads((tmp_path / "out" / "student_config.json").read_text())

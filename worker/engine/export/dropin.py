@@ -5,8 +5,9 @@ teacher takes and gives what the teacher gives: the teacher's input names, dtype
 (a Cast inside the graph) and batch axis; the teacher's outputs, in its order, with
 the same meaning: probabilities (a Softmax over the student's logits) where the
 teacher gives probabilities, logits or values as they are, a label output (ArgMax,
-then Gather on the teacher's class labels) and a ZipMap where a scikit-learn teacher
-has them. :func:`parity` runs teacher and student in onnxruntime on one feed dict.
+then Gather on the teacher's class labels where they are not the class indices) and a
+ZipMap where a scikit-learn teacher has them. :func:`parity` runs teacher and student
+in onnxruntime on one feed dict.
 """
 
 from __future__ import annotations
@@ -181,14 +182,28 @@ class _OutputBuilder:
         self.nodes.append(_output_node(value, source))
 
     def label(self, value: onnx.ValueInfoProto, labels: np.ndarray) -> None:
-        """The class label of the most probable class: ArgMax, then Gather on the labels."""
+        """The class label of the most probable class: ArgMax, then Gather on the labels.
+
+        Where the labels are the class indices themselves (int64 0..K-1, as most
+        scikit-learn classifiers trained on integer classes have), ArgMax gives the label
+        output with no Gather: each node costs a batch-1 call about a microsecond.
+        """
+        indices_are_labels = (
+            labels.dtype != object
+            and np.array_equal(labels, np.arange(len(labels)))
+            and _elem_type(value) == TensorProto.INT64
+        )
         if self._indices is None:
-            self._indices = "dropin_class_index"
+            self._indices = value.name if indices_are_labels else "dropin_class_index"
             self.nodes.append(
                 helper.make_node(
                     "ArgMax", [self.student_output], [self._indices], axis=1, keepdims=0
                 )
             )
+        if indices_are_labels:
+            if self._indices != value.name:
+                self.nodes.append(helper.make_node("Identity", [self._indices], [value.name]))
+            return
         table = "dropin_class_labels"
         if not any(t.name == table for t in self.graph.initializer):
             if labels.dtype == object:
