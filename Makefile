@@ -36,10 +36,14 @@ typecheck: install
 test: lint
 	$(MAKE) --no-print-directory --jobs=2 --output-sync=line typecheck pytest
 
+# Two test processes (pytest-xdist), each running whole test files (module fixtures such
+# as trained teachers are built once): most tests wait on servers, worker processes and
+# databases, so one process leaves the cores idle much of the time.
 # Passive OpenMP waits: torch threads that spin would fight mypy and the worker processes
 # for the cores (worker/engine/__init__.py sets the same for the engine's processes).
+PYTEST_WORKERS ?= 2
 pytest: install
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 bench: install
 	$(BIN)/python bench/engine_throughput.py
