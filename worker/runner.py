@@ -64,6 +64,9 @@ def release_locks_when_idle(session: Session, seconds: float) -> None:
         session.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds}"))
 
 
+#: A renewal later than this share of the lease after the last one is logged: it is renewed
+#: every third of the lease, so a host this busy is close to losing the job.
+LATE_RENEWAL = 0.6
 #: Seconds between progress writes (the first and the last step are always written).
 PROGRESS_INTERVAL_S = 1.0
 #: Seconds between checks for a cancellation request.
@@ -254,7 +257,17 @@ class JobRun:
                 log.warning("job %s: lease renewal failed", self.claim.job_id, exc_info=True)
                 held = time.monotonic() - renewed_at < lease
             else:
-                renewed_at = time.monotonic()
+                now = time.monotonic()
+                if now - renewed_at > LATE_RENEWAL * lease:
+                    log.warning(
+                        "job %s: the lease was renewed %.1f s after the last renewal, of a "
+                        "%.0f s lease: on a host this busy, raise DISTILL_LEASE_SECONDS or the "
+                        "job may be requeued while it runs",
+                        self.claim.job_id,
+                        now - renewed_at,
+                        lease,
+                    )
+                renewed_at = now
             if not held:
                 log.warning("job %s: lease lost; stopping", self.claim.job_id)
                 self._lost.set()

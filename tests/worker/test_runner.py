@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -253,6 +254,35 @@ def test_a_run_that_lost_its_job_stops_without_writing(
     # The job is not over: the checkpoints the next attempt resumes from are kept.
     checkpoints = quick.work_dir / "jobs" / job["id"].replace("-", "") / "checkpoints"
     assert (checkpoints / "attempt-1" / "latest").is_file()
+
+
+def test_a_renewal_held_up_past_most_of_the_lease_is_logged(
+    client: TestClient,
+    tenants: Tenants,
+    submit: Callable[..., dict[str, Any]],
+    settings: Settings,
+    engine: sa.Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    quick = settings.model_copy(update={"lease_seconds": 0.6})
+    job = submit(training={"epochs": 5000, "batch_size": 8, "checkpoint_every_steps": 20})
+    caplog.set_level(logging.WARNING, logger="worker.runner")
+    with running(client, tenants, job["id"], quick, until="checkpoint"):
+        # The job's row is locked for two leases: the renewal waits on it, as it would
+        # on a host too busy to run the lease's thread in time.
+        with Session(engine) as session, session.begin():
+            session.execute(
+                update(Job).where(Job.id == uuid.UUID(job["id"])).values(progress=Job.progress)
+            )
+            time.sleep(2 * quick.lease_seconds)
+        asked = client.post(f"/v1/jobs/{job['id']}/cancel", headers=tenants.acme)
+        assert asked.json()["status"] == "cancelling"
+    late = [r.getMessage() for r in caplog.records if "after the last renewal" in r.getMessage()]
+    assert late, [r.getMessage() for r in caplog.records]
+    assert "DISTILL_LEASE_SECONDS" in late[0]
+    # Nothing took the job over meanwhile: the run itself ended it.
+    ended = client.get(f"/v1/jobs/{job['id']}", headers=tenants.acme).json()
+    assert ended["status"] == "cancelled" and ended["attempt"] == 1
 
 
 def test_the_servers_time_ceiling_ends_a_job_with_its_best_student_so_far(
