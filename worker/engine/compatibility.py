@@ -14,6 +14,7 @@ from typing import Any
 
 from worker.engine.data.mixup import unmixable
 from worker.engine.errors import DatasetInvalid, SpecInvalid, TeacherIncompatible
+from worker.engine.layout import channels_first_dims, channels_last
 from worker.engine.signature import TeacherSignature
 from worker.engine.spec import DistillationSpec, StudentSpec
 
@@ -103,10 +104,16 @@ def check_fits(signature: TeacherSignature, data: DataFacts) -> None:
         return
     declared = signature.inputs[0].shape[1:]
     actual = list(data.feature_shape)
-    mismatch = len(declared) != len(actual) or (
+    # The engine holds images channels-first; they are transposed where the teacher runs.
+    expected = (
+        channels_first_dims(declared)
+        if data.modality == "image" and channels_last(declared)
+        else declared
+    )
+    mismatch = len(expected) != len(actual) or (
         not data.resizable
         and any(
-            isinstance(d, int) and d > 0 and d != a for d, a in zip(declared, actual, strict=False)
+            isinstance(d, int) and d > 0 and d != a for d, a in zip(expected, actual, strict=False)
         )
     )
     if mismatch:

@@ -42,6 +42,7 @@ from worker.engine.inspection import (
     onnx_signature,
     sniff_teacher,
 )
+from worker.engine.layout import TO_CHANNELS_LAST, wants_channels_last
 from worker.engine.onnx_torch import ConversionError, OnnxGraphModule, convert
 from worker.engine.registry import Registry
 from worker.engine.signature import TeacherSignature
@@ -339,6 +340,8 @@ class OnnxTeacher(TeacherRuntime):
                     f"the teacher's input {spec.name!r} is not in the batch ({', '.join(batch)})",
                     field="dataset_id",
                 )
+            if wants_channels_last(tuple(x.shape), spec.shape[1:]):
+                x = x.permute(*TO_CHANNELS_LAST).contiguous()
             feeds[spec.name] = _to_declared_rank(x, spec.shape[1:])
         return feeds
 

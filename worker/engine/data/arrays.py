@@ -18,6 +18,7 @@ from worker.engine.data.labels import check_class_ids, check_targets
 from worker.engine.data.registry import DATASET_READERS, DEFAULT_DATA_LIMITS, DataLimits
 from worker.engine.data.transfer_set import FIELD, Modality, TransferSet
 from worker.engine.errors import DatasetInvalid
+from worker.engine.layout import TO_CHANNELS_FIRST, channels_last
 from worker.engine.spec import DataSpec
 
 
@@ -232,9 +233,10 @@ def _first_non_finite_row(features: np.ndarray) -> int | None:
 
 
 def _as_channels_first(images: np.ndarray) -> np.ndarray:
-    """Rank-4 inputs as NCHW; NHWC is recognised by a trailing 1/3/4 channel axis."""
-    if images.shape[1] not in (1, 3, 4) and images.shape[3] in (1, 3, 4):
-        return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    """Rank-4 inputs as NCHW (see :mod:`worker.engine.layout`); NHWC is recognised by a
+    trailing 1/3/4 channel axis."""
+    if channels_last(images.shape[1:]):
+        return np.ascontiguousarray(images.transpose(TO_CHANNELS_FIRST))
     return images
 
 

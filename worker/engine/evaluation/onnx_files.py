@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from worker.engine.data.text import token_lengths
+from worker.engine.layout import TO_CHANNELS_LAST, wants_channels_last
 
 #: Intra-op threads of every timing session (stated in metrics.json).
 THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -80,6 +81,8 @@ class OnnxFile:
                 raise ValueError(f"no array for the input {spec.name!r} ({', '.join(arrays)})")
             x = np.asarray(x).astype(_DTYPES.get(spec.type, np.float32), copy=False)
             declared = list(spec.shape)
+            if wants_channels_last(x.shape, declared[1:]):
+                x = np.ascontiguousarray(x.transpose(TO_CHANNELS_LAST))
             if len(declared) != x.ndim:
                 tail = [d if isinstance(d, int) else -1 for d in declared[1:]]
                 x = x.reshape(len(x), *tail) if tail.count(-1) <= 1 else x

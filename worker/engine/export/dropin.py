@@ -21,6 +21,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from worker.engine.errors import ExportFailed
+from worker.engine.layout import (
+    TO_CHANNELS_FIRST,
+    TO_CHANNELS_LAST,
+    channels_last,
+    wants_channels_last,
+)
 from worker.engine.signature import TeacherSignature
 
 ML_DOMAIN = "ai.onnx.ml"
@@ -121,12 +127,21 @@ def _wire_inputs(
         if target is None:
             continue
         wanted = _elem_type(target)
-        reshaped = _sample_dims(value) != _sample_dims(target) and None not in _sample_dims(target)
-        cast_to = f"dropin_{value.name}_cast" if reshaped else target.name
+        teacher_dims, student_dims = _sample_dims(value), _sample_dims(target)
+        # Channels-last images (a tf2onnx graph's) go to the student channels-first.
+        transposed = channels_last(teacher_dims) and len(student_dims) == 3
+        reshaped = not transposed and teacher_dims != student_dims and None not in student_dims
+        cast_to = f"dropin_{value.name}_cast" if reshaped or transposed else target.name
         if _elem_type(value) != wanted:
             nodes.append(helper.make_node("Cast", [value.name], [cast_to], to=wanted))
         else:
             nodes.append(helper.make_node("Identity", [value.name], [cast_to]))
+        if transposed:
+            nodes.append(
+                helper.make_node(
+                    "Transpose", [cast_to], [target.name], perm=list(TO_CHANNELS_FIRST)
+                )
+            )
         if reshaped:
             # The teacher declares another per-sample shape of the same values (image vs flat).
             shape = numpy_helper.from_array(
@@ -338,6 +353,8 @@ def teacher_feed(signature: TeacherSignature, arrays: Mapping[str, np.ndarray]) 
         else:
             raise ExportFailed(f"no array feeds the teacher's input {spec.name!r}")
         dtype = np.dtype(object) if spec.dtype == "string" else np.dtype(spec.dtype)
+        if wants_channels_last(array.shape, spec.shape[1:]):
+            array = array.transpose(TO_CHANNELS_LAST)
         feed[spec.name] = np.ascontiguousarray(_declared_rank(array, spec.shape).astype(dtype))
     return feed
 
