@@ -34,6 +34,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -1023,8 +1024,9 @@ def _climb_ladder(
             "warning",
             {
                 "code": "ladder_criteria_unmet",
-                "message": f"no rung of the student ladder met the criteria on the validation "
-                f"rows; kept the one with the best fidelity ({knob} {rungs[chosen][knob]})",
+                "message": "no rung of the student ladder met the criteria on the evidence of "
+                "the validation rows (each one met, none left unsettled); kept the one with "
+                f"the best fidelity ({knob} {rungs[chosen][knob]})",
             },
         )
     return LadderClimb(
@@ -1131,7 +1133,8 @@ class _RungJudge:
     drop-in, as the job's ``student.onnx`` will be, where the teacher is an ONNX file):
     the task metric against the teacher's, fidelity to the teacher's cached outputs,
     batch-1 latency (onnxruntime where the teacher runs there too, else torch, as the
-    verdict compares them), parameters and bytes.
+    verdict compares them), parameters and bytes. A rung meets the criteria only where
+    the validation rows settle each one (:func:`_settled`).
     """
 
     def __init__(
@@ -1147,6 +1150,7 @@ class _RungJudge:
         self.task, self.teacher, self.data, self.targets = data.task, teacher, data, targets
         self.device, self.folder, self.knob = device, folder, knob
         self.accept = _accept(spec)
+        self.seed = spec.training.seed
         teacher_file = _teacher_onnx_file(teacher)
         self.teacher_file = teacher_file
         # The int8 file of each rung is judged too where the job asks for one and the
@@ -1190,7 +1194,7 @@ class _RungJudge:
         if teacher_graph is not None:
             _export_dropin(teacher_graph, self.teacher.signature, student, self.data, path)
         onnx_file = OnnxFile(path, output=_student_output(path, self.teacher))
-        metrics, fidelity = self._score(onnx_file)
+        metrics, fidelity, intervals = self._score(onnx_file)
         teacher_latency, onnx_latency = self._latencies(onnx_file)
         rows = self.reference.rows
         student.to(self.device)
@@ -1201,9 +1205,10 @@ class _RungJudge:
                 [self.teacher.predict, lambda b: student(**b)], self.inputs, self.device
             )
         figures = self._figures(
-            metrics, fidelity, latency, student, teacher_latency=teacher_latency
+            metrics, fidelity, intervals, latency, student, teacher_latency=teacher_latency
         )
         verdict = evaluation.decide(self.task, figures, self.accept)
+        settled = _settled(verdict)
         file_bytes = path.stat().st_size
         external = path.with_name(path.name + ".data")
         if external.exists():
@@ -1229,13 +1234,15 @@ class _RungJudge:
                 "fidelity": {"name": self.fidelity_name, "value": fidelity[self.fidelity_name]},
                 "fidelity_all": fidelity,
             },
-            "met_criteria": bool(verdict["deployable"]),
+            "met_criteria": settled,
             "reasons": verdict["reasons"],
+            "caveats": verdict["caveats"],
             **({"int8": self._int8(path, student)} if self.int8 else {}),
         }
 
-    def _score(self, onnx_file: OnnxFile) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Task metrics and fidelity of ``onnx_file`` on the validation rows."""
+    def _score(self, onnx_file: OnnxFile) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Task metrics, fidelity and their 95% intervals of ``onnx_file`` on the
+        validation rows."""
         outputs = onnx_file.predict(self.data.validation.arrays)
         kind = "values"
         if self.task == "classification":
@@ -1245,7 +1252,20 @@ class _RungJudge:
         fidelity = evaluation.fidelity(
             outputs, self.targets.validation, self.task, self.targets.output_kind, kind
         )
-        return metrics, fidelity
+        teacher_kind = self.targets.output_kind or "logits"
+        intervals = {
+            "student": evaluation.task_metric_interval(
+                self.task, outputs[rows], self.reference.values, seed=self.seed
+            ),
+            "fidelity": evaluation.fidelity_interval(
+                self.task,
+                outputs,
+                self.targets.validation,
+                (kind if kind != "values" else "logits", teacher_kind),
+                seed=self.seed,
+            ),
+        }
+        return metrics, fidelity, intervals
 
     def _int8(self, fp32: Path, student: nn.Module) -> dict[str, Any] | None:
         """The rung's int8 file judged like the rung: its parameters are the fp32 student's,
@@ -1258,11 +1278,12 @@ class _RungJudge:
         except ExportFailed:
             return None  # the job's own int8 export says why, if it fails there too
         onnx_file = OnnxFile(quantized.path, output=_student_output(quantized.path, self.teacher))
-        metrics, fidelity = self._score(onnx_file)
+        metrics, fidelity, intervals = self._score(onnx_file)
         teacher_latency, latency = self._latencies(onnx_file)
         figures = self._figures(
             metrics,
             fidelity,
+            intervals,
             latency,
             student,
             quantized.weight_bytes,
@@ -1280,8 +1301,9 @@ class _RungJudge:
                 "metric": {"name": self.metric, "value": metrics.get(self.metric)},
                 "fidelity": {"name": self.fidelity_name, "value": fidelity[self.fidelity_name]},
             },
-            "met_criteria": bool(verdict["deployable"]),
+            "met_criteria": _settled(verdict),
             "reasons": verdict["reasons"],
+            "caveats": verdict["caveats"],
         }
 
     def _latencies(self, onnx_file: OnnxFile) -> tuple[float, float]:
@@ -1299,13 +1321,15 @@ class _RungJudge:
         self,
         metrics: dict[str, Any],
         fidelity: dict[str, Any],
+        intervals: dict[str, Any],
         latency: float,
         student: nn.Module,
         size: int | None = None,
         *,
         teacher_latency: float,
     ) -> dict[str, Any]:
-        """The figures :func:`evaluation.decide` reads, for the rung on the validation rows;
+        """The figures :func:`evaluation.decide` reads, for the rung on the validation rows
+        (with the intervals its caveats are drawn from);
         ``size`` is the bytes of the file judged where they are not the student's state
         dict's (an int8 file's weights); ``teacher_latency`` the teacher's, timed beside it."""
         signature = self.teacher.signature
@@ -1332,8 +1356,21 @@ class _RungJudge:
             "speedup": speedup if speedup is None or math.isfinite(speedup) else None,
             "compression": compression,
             "compression_basis": "parameters" if by_parameters else "bytes",
-            "split": {"reference": self.reference.name},
+            "intervals": intervals,
+            "split": {
+                "reference": self.reference.name,
+                "scored_rows": len(self.reference.rows),
+                "scored_on": "validation",
+            },
         }
+
+
+def _settled(verdict: Mapping[str, Any]) -> bool:
+    """Whether a rung met the criteria on the evidence: every one met, and none that the
+    validation rows cannot settle (its threshold inside its figure's 95% interval, a
+    caveat). A rung that meets them by a row or two can miss them on new rows; the
+    climb goes on to the next one."""
+    return bool(verdict["deployable"]) and not verdict.get("caveats")
 
 
 def _teacher_onnx_file(teacher: TeacherRuntime) -> OnnxFile | None:

@@ -391,8 +391,11 @@ _RUNG: dict[str, Any] = {
         },
         "steps": {"type": "integer", "minimum": 0},
         "seconds": {"type": "number", "minimum": 0},
+        # Met on the evidence: every criterion met and none left unsettled by the rows.
         "met_criteria": {"type": "boolean"},
         "reasons": {"type": "array"},
+        # What the validation rows cannot settle; absent in files written before.
+        "caveats": {"type": "array", "items": {"type": "string"}},
     },
 }
 #: ``ladder``: null when one student was trained; the rungs, the chosen one's index and the

@@ -222,6 +222,13 @@ def _caveats(task: str, metrics: Mapping[str, Any], criteria: Mapping[str, Any])
     teacher = metrics.get("teacher") or {}
     split = metrics.get("split") or {}
     rows = split.get("scored_rows", split.get("test_rows"))
+    # A ladder's rungs are judged on the validation rows, the job's student on the test rows.
+    scored_on = split.get("scored_on", "test")
+    settle = (
+        "more test rows (a larger transfer set, or evaluation.test_dataset_id) would settle it"
+        if scored_on == "test"
+        else "more validation rows (a larger transfer set) would settle it"
+    )
     metric = ACCEPT_METRIC[task]
     theirs = _number(teacher.get(metric))
     fidelity = ACCEPT_FIDELITY.get(task)
@@ -242,10 +249,11 @@ def _caveats(task: str, metrics: Mapping[str, Any], criteria: Mapping[str, Any])
         low, high = _number(interval.get("low")), _number(interval.get("high"))
         if low is None or high is None or not low <= required <= high:
             continue
-        counted = f"the {rows} test rows" if isinstance(rows, int) else "the test rows"
+        counted = (
+            f"the {rows} {scored_on} rows" if isinstance(rows, int) else f"the {scored_on} rows"
+        )
         caveats.append(
             f"{counted} cannot settle {name}: the student's {what} has a 95% interval of "
-            f"{low:.4g} to {high:.4g}, which holds the {required:.4g} it requires; more "
-            "test rows (a larger transfer set, or evaluation.test_dataset_id) would settle it"
+            f"{low:.4g} to {high:.4g}, which holds the {required:.4g} it requires; {settle}"
         )
     return caveats
