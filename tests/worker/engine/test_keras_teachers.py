@@ -60,6 +60,14 @@ def _interface(session: ort.InferenceSession) -> tuple[list[tuple[str, str, int]
     return inputs, [value.name for value in session.get_outputs()]
 
 
+def _assert_kept(teacher: float, student: float, plain: float) -> None:
+    """Held-out accuracies: a trained teacher, the student within a point of it and within
+    two of a plain loop on the same rows."""
+    assert teacher >= 0.95, teacher
+    assert student >= teacher - 0.01, (student, teacher)
+    assert student >= plain - 0.02, (student, plain)
+
+
 def _distil(work: Path, teacher: Path, rows: np.ndarray) -> Path:
     """The engine CLI on ``teacher`` and the unlabelled ``rows``, every setting the default."""
     write_npz(work / "transfer.npz", rows)
@@ -113,9 +121,7 @@ def test_a_keras_cnn_on_channels_last_images_gives_a_drop_in_student_within_a_po
         f"{student_accuracy:.4f} plain {plain_accuracy:.4f}; batch-1 ms teacher "
         f"{teacher_ms:.4f} student {student_ms:.4f}; channels {config['channels']}"
     )
-    assert teacher_accuracy >= 0.95, teacher_accuracy
-    assert student_accuracy >= teacher_accuracy - 0.01, (student_accuracy, teacher_accuracy)
-    assert student_accuracy >= plain_accuracy - 0.02, (student_accuracy, plain_accuracy)
+    _assert_kept(teacher_accuracy, student_accuracy, plain_accuracy)
     assert student_ms < teacher_ms, (student_ms, teacher_ms)
     # The engine ran the student on the teacher's own feed of its test rows.
     parity = metrics["parity"]
@@ -153,9 +159,7 @@ def test_a_keras_mlp_with_logits_gives_a_student_within_a_point_chosen_on_the_ev
         f"{[(r['hidden_sizes'], r['validation']['fidelity']['value']) for r in rungs]} "
         f"chosen {metrics['ladder']['chosen']}"
     )
-    assert teacher_accuracy >= 0.95, teacher_accuracy
-    assert student_accuracy >= teacher_accuracy - 0.01, (student_accuracy, teacher_accuracy)
-    assert student_accuracy >= plain_accuracy - 0.02, (student_accuracy, plain_accuracy)
+    _assert_kept(teacher_accuracy, student_accuracy, plain_accuracy)
     # Each rung the climb passed over either missed the criteria or met them by too few
     # rows to tell: its caveat says which criterion the validation rows cannot settle.
     for rung in rungs[: metrics["ladder"]["chosen"]]:
