@@ -196,6 +196,17 @@ def test_the_card_shows_the_ladder_after_the_verdict_and_the_png_is_written(
     assert card.index("## Verdict") < card.index("## Student ladder") < card.index("## Results")
     rows = [line for line in card.splitlines() if line.startswith("| **chosen**")]
     assert len(rows) == 1 and "24 × 24" in rows[0]
+    # A rung that met every criterion by a margin the rows cannot show reads unsettled.
+    section = _section()
+    caveat = "the 126 validation rows cannot settle min_agreement: ..."
+    unsettled = {**section["rungs"][0], "reasons": ["met: x"], "caveats": [caveat]}
+    section["rungs"] = [unsettled, *section["rungs"][1:]]
+    card = write_model_card(
+        tmp_path / "model_card.md", {**METRICS, "ladder": section}, {}, {}, {}
+    ).read_text()
+    first = next(line for line in card.splitlines() if line.startswith("|  | 8 × 8"))
+    assert first.endswith("| unsettled |"), first
+    assert f"- rung 0: {caveat}" in card
     png = plot_student_ladder(tmp_path / "student_ladder.png", _section())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

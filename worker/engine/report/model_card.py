@@ -209,9 +209,10 @@ def _ladder(metrics: Mapping[str, Any]) -> list[str]:
         f"{len(rungs)} student sizes were trained, smallest first, on the one teacher pass, and "
         "judged on the validation rows (never the test rows) against the criteria; "
         + (
-            "the smallest that met them was kept."
+            "the smallest that met them on the evidence of those rows was kept."
             if met
-            else "**none met them**, so the one with the best validation fidelity was kept."
+            else "**none met them** on the evidence of those rows, so the one with the best "
+            "validation fidelity was kept."
         ),
         "",
         f"| | {knob.replace('_', ' ')} | parameters | file bytes | {metric} (validation) | "
@@ -231,7 +232,7 @@ def _ladder(metrics: Mapping[str, Any]) -> list[str]:
             f"{_cell((validation.get('fidelity') or {}).get('value'))} | "
             f"{_cell(rung.get('latency_ms', rung.get('onnxruntime_latency_ms')))} | "
             f"{_cell(rung.get('steps'))} | {_cell(rung.get('seconds'))} | "
-            f"{_cell(rung.get('met_criteria'))} |"
+            f"{_rung_outcome(rung)} |"
         )
     lines += [
         "",
@@ -250,10 +251,26 @@ def _ladder(metrics: Mapping[str, Any]) -> list[str]:
             )
             + ".",
         ]
+    unsettled = [(i, r) for i, r in enumerate(rungs) if _rung_outcome(r) == "unsettled"]
+    if unsettled:
+        lines += [
+            "A rung marked unsettled met every criterion, by a margin the validation rows "
+            "cannot show, and the climb went on:",
+            *(f"- rung {i}: {r['caveats'][0]}" for i, r in unsettled),
+        ]
     if chosen is not None and 0 <= chosen < len(rungs):
         missed = [r for r in rungs[chosen].get("reasons") or [] if str(r).startswith("missed")]
         lines += [f"- chosen rung {r}" for r in missed]
     return [*lines, "", "![student ladder](student_ladder.png)"]
+
+
+def _rung_outcome(rung: Mapping[str, Any]) -> str:
+    """``yes`` (met the criteria on the evidence), ``no`` (missed one) or ``unsettled``
+    (met each, but some by a margin the validation rows cannot show: its caveats)."""
+    if rung.get("met_criteria"):
+        return "yes"
+    missed = any(str(reason).startswith("missed") for reason in rung.get("reasons") or [])
+    return "unsettled" if rung.get("caveats") and not missed else "no"
 
 
 def _mixed(split: Mapping[str, Any]) -> str:
