@@ -79,3 +79,55 @@ def test_channels_last_rows_are_held_channels_first_and_fed_back_as_declared(
     onnx.save(model, tmp_path / "identity.onnx")
     fed = OnnxFile(tmp_path / "identity.onnx").feeds({"inputs": held})["image"]
     np.testing.assert_array_equal(fed, images)
+
+
+def test_a_flat_student_of_a_channels_last_teacher_reads_pixels_in_the_order_it_learned(
+    tmp_path: Any,
+) -> None:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from worker.engine.export.dropin import make_dropin
+
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((6, 5, 3, 2)).astype(np.float32)  # (H, W, C, outputs)
+
+    def linear(name: str, shape: list[Any], w: np.ndarray, out: str) -> onnx.ModelProto:
+        flat = helper.make_node("Flatten", [name], ["flat"], axis=1)
+        matmul = helper.make_node("MatMul", ["flat", "w"], [out])
+        graph = helper.make_graph(
+            [flat, matmul],
+            "g",
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 2])],
+            [numpy_helper.from_array(w.reshape(-1, 2), "w")],
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    # The teacher flattens (H, W, C); the student learned on rows flattened as (C, H, W).
+    onnx.save(linear("image", ["N", 6, 5, 3], weights, "scores"), tmp_path / "teacher.onnx")
+    student_weights = weights.transpose(2, 0, 1, 3)
+    onnx.save(linear("inputs", ["N", 90], student_weights, "outputs"), tmp_path / "student.onnx")
+    signature = TeacherSignature(
+        format="onnx",
+        inputs=[TensorSpec("image", ["N", 6, 5, 3], "float32")],
+        outputs=[TensorSpec("scores", ["N", 2], "float32")],
+        parameters=180,
+        bytes=720,
+        task="regression",
+        output="scores",
+        output_kind="values",
+    )
+    make_dropin(tmp_path / "student.onnx", tmp_path / "teacher.onnx", signature)
+
+    images = rng.random((7, 6, 5, 3)).astype(np.float32)
+    teacher = ort.InferenceSession(str(tmp_path / "teacher.onnx"))
+    student = ort.InferenceSession(str(tmp_path / "student.onnx"))
+    assert [i.name for i in student.get_inputs()] == ["image"]
+    np.testing.assert_allclose(
+        student.run(None, {"image": images})[0],
+        teacher.run(None, {"image": images})[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )

@@ -24,6 +24,7 @@ from worker.engine.errors import ExportFailed
 from worker.engine.layout import (
     TO_CHANNELS_FIRST,
     TO_CHANNELS_LAST,
+    channels_first_dims,
     channels_last,
     wants_channels_last,
 )
@@ -128,27 +129,27 @@ def _wire_inputs(
             continue
         wanted = _elem_type(target)
         teacher_dims, student_dims = _sample_dims(value), _sample_dims(target)
-        # Channels-last images (a tf2onnx graph's) go to the student channels-first.
-        transposed = channels_last(teacher_dims) and len(student_dims) == 3
-        reshaped = not transposed and teacher_dims != student_dims and None not in student_dims
-        cast_to = f"dropin_{value.name}_cast" if reshaped or transposed else target.name
+        # Channels-last images (a tf2onnx graph's) reach the student channels-first, as the
+        # engine held them in training (flattened in that order too, for a flat student).
+        transposed = channels_last(teacher_dims)
+        given = channels_first_dims(teacher_dims) if transposed else teacher_dims
+        reshaped = given != student_dims and None not in student_dims
+        steps = [f"dropin_{value.name}_cast", f"dropin_{value.name}_channels_first"]
+        names = [*steps[: int(transposed) + int(reshaped)], target.name]
         if _elem_type(value) != wanted:
-            nodes.append(helper.make_node("Cast", [value.name], [cast_to], to=wanted))
+            nodes.append(helper.make_node("Cast", [value.name], [names[0]], to=wanted))
         else:
-            nodes.append(helper.make_node("Identity", [value.name], [cast_to]))
+            nodes.append(helper.make_node("Identity", [value.name], [names[0]]))
         if transposed:
-            nodes.append(
-                helper.make_node(
-                    "Transpose", [cast_to], [target.name], perm=list(TO_CHANNELS_FIRST)
-                )
-            )
+            perm = list(TO_CHANNELS_FIRST)
+            nodes.append(helper.make_node("Transpose", [names[0]], [names[1]], perm=perm))
         if reshaped:
             # The teacher declares another per-sample shape of the same values (image vs flat).
             shape = numpy_helper.from_array(
                 np.array([-1, *_sample_dims(target)], dtype=np.int64), f"dropin_{value.name}_shape"
             )
             graph.initializer.append(shape)
-            nodes.append(helper.make_node("Reshape", [cast_to, shape.name], [target.name]))
+            nodes.append(helper.make_node("Reshape", [names[-2], shape.name], [target.name]))
     del graph.input[:]
     graph.input.extend(_batch_first(value) for value in teacher_inputs)
     return nodes
