@@ -1208,7 +1208,6 @@ class _RungJudge:
             metrics, fidelity, intervals, latency, student, teacher_latency=teacher_latency
         )
         verdict = evaluation.decide(self.task, figures, self.accept)
-        settled = _settled(verdict)
         file_bytes = path.stat().st_size
         external = path.with_name(path.name + ".data")
         if external.exists():
@@ -1234,7 +1233,7 @@ class _RungJudge:
                 "fidelity": {"name": self.fidelity_name, "value": fidelity[self.fidelity_name]},
                 "fidelity_all": fidelity,
             },
-            "met_criteria": settled,
+            "met_criteria": _settled(verdict),
             "reasons": verdict["reasons"],
             "caveats": verdict["caveats"],
             **({"int8": self._int8(path, student)} if self.int8 else {}),
@@ -1252,7 +1251,6 @@ class _RungJudge:
         fidelity = evaluation.fidelity(
             outputs, self.targets.validation, self.task, self.targets.output_kind, kind
         )
-        teacher_kind = self.targets.output_kind or "logits"
         intervals = {
             "student": evaluation.task_metric_interval(
                 self.task, outputs[rows], self.reference.values, seed=self.seed
@@ -1261,7 +1259,7 @@ class _RungJudge:
                 self.task,
                 outputs,
                 self.targets.validation,
-                (kind if kind != "values" else "logits", teacher_kind),
+                (kind, self.targets.output_kind or "logits"),
                 seed=self.seed,
             ),
         }

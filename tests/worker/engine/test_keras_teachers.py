@@ -22,6 +22,7 @@ import torch
 from tests.worker.engine.factories import one_torch_thread, run_engine_cli, write_npz
 from tests.worker.engine.test_dropin import (
     _plain_mlp_on_probabilities,
+    _session,
     batch1_latency_ms,
     plain_cnn_on_probabilities,
     softmax,
@@ -45,10 +46,6 @@ def keras(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return folder
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def _interface(session: ort.InferenceSession) -> tuple[list[tuple[str, str, int]], list[str]]:
