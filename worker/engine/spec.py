@@ -132,6 +132,7 @@ _AUTO_OR_NUMBER = {
     "method.temperature": 'must be "auto" or a number above 0 and at most 100',
     "method.mixup": 'must be "auto" or a number of rows per row from 0 to 64',
     "training.epochs": 'must be "auto" or a whole number of epochs from 1 to 10000',
+    "training.learning_rate": 'must be "auto" or a number above 0 and at most 10',
 }
 
 
@@ -208,7 +209,12 @@ class TrainingSpec(_Strict):
         "transformer or recurrent student learns more from the same sentences in smaller "
         "steps), 128 for other data.",
     )
-    learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] | Literal["auto"] = Field(
+        default="auto",
+        description='Peak learning rate. "auto": 1e-3, or 3e-4 for a transformers student '
+        "whose layers start as the teacher's, with bridges over the layers it skips (it "
+        "starts close to the teacher, and a larger step undoes that start).",
+    )
     weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] = 0.01
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
@@ -227,10 +233,12 @@ class TrainingSpec(_Strict):
     checkpoint_every_steps: Annotated[int, Field(ge=1)] | None = None
     checkpoint_every_minutes: Annotated[float, Field(gt=0.0)] | None = 10.0
 
-    @field_validator("epochs", mode="wrap")
+    @field_validator("epochs", "learning_rate", mode="wrap")
     @classmethod
-    def _epochs(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        return _in_one_message(value, handler, _AUTO_OR_NUMBER["training.epochs"])
+    def _auto_or_number(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        return _in_one_message(value, handler, _AUTO_OR_NUMBER[f"training.{info.field_name}"])
 
 
 class AcceptSpec(_Strict):

@@ -33,6 +33,32 @@ def test_a_bad_epochs_value_is_one_error_naming_the_field(epochs: Any) -> None:
     assert '"auto"' in caught.value.errors()[0]["msg"]
 
 
+@pytest.mark.parametrize("rate", [0, -1e-3, 11, "fast", None])
+def test_a_learning_rate_is_auto_or_a_number_in_range(rate: Any) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
+        TrainingSpec(learning_rate=rate)
+    assert [e["loc"] for e in caught.value.errors()] == [("learning_rate",)]
+    assert caught.value.errors()[0]["msg"].endswith(
+        'must be "auto" or a number above 0 and at most 10'
+    )
+
+
+def test_an_auto_learning_rate_is_smaller_for_a_bridged_student() -> None:
+    assert TrainingSpec().learning_rate == "auto"
+    fresh = plan_run(TrainingSpec(), rows=6400, student_parameters=5_000_000, text=True)
+    bridged = plan_run(
+        TrainingSpec(), rows=6400, student_parameters=5_000_000, text=True, bridged=True
+    )
+    assert fresh.learning_rate == planning.LEARNING_RATE == 1e-3
+    assert bridged.learning_rate == planning.BRIDGED_LEARNING_RATE == 3e-4
+    assert bridged.to_dict()["learning_rate"] == 3e-4
+    # A number is kept, bridged or not.
+    given = TrainingSpec(learning_rate=5e-3)
+    assert plan_run(given, rows=64, student_parameters=100, bridged=True).learning_rate == 5e-3
+
+
 def test_auto_batches_take_fewer_rows_of_text_and_a_number_is_kept() -> None:
     assert TrainingSpec().batch_size == "auto"
     text = plan_run(TrainingSpec(), rows=6400, student_parameters=5_000_000, text=True)

@@ -47,6 +47,28 @@ def student_config(
     return config
 
 
+def choose_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """Teacher layers that initialise the student: evenly spaced, first and last kept.
+
+    6 of 12 gives DistilBERT's [0, 2, 4, 7, 9, 11]; 2 of 4 gives [0, 3].
+    """
+    if student_layers == 1:
+        return [0]
+    step = (teacher_layers - 1) / (student_layers - 1)
+    return [round(index * step) for index in range(student_layers)]
+
+
+def bridges_of(teacher_config: Any, layers: int) -> int:
+    """Parameters of the :mod:`~worker.engine.hf.bridges` of a teacher-width student of
+    ``layers`` seeded from the teacher's (none for ALBERT, whose layers are shared)."""
+    from worker.engine.hf.bridges import bridge_parameters
+
+    if teacher_config.model_type == "albert" or layers > teacher_config.num_hidden_layers:
+        return 0
+    chosen = choose_layers(int(teacher_config.num_hidden_layers), layers)
+    return bridge_parameters(chosen, int(teacher_config.hidden_size))
+
+
 def intermediate_size(config: Any) -> int:
     """Width of the feed-forward layers (DistilBERT calls it ``hidden_dim``)."""
     return int(config.hidden_dim if config.model_type == "distilbert" else config.intermediate_size)
@@ -102,8 +124,15 @@ def choose_size(
         )
         per_layer = two_layers - one_layer
         dense_share = dense_parameters * hidden / width
+        seeded = spec.init_from_teacher and hidden == width
         fits = [
-            depth for depth in depths if one_layer + (depth - 1) * per_layer + dense_share <= budget
+            depth
+            for depth in depths
+            if one_layer
+            + (depth - 1) * per_layer
+            + dense_share
+            + (bridges_of(teacher_config, depth) if seeded else 0)
+            <= budget
         ]
         if not fits:
             continue
@@ -282,12 +311,18 @@ def _rest_of_factorised(
     dense_parameters: int,
     feed_forward: int | None = None,
 ) -> int:
-    """Parameters of a teacher-width student of ``depth`` layers, word embeddings left out."""
+    """Parameters of a teacher-width student of ``depth`` layers seeded from the teacher's
+    (its bridges too), word embeddings left out."""
     config = student_config(
         teacher_config, layers=depth, hidden=None, heads=None, feed_forward=feed_forward
     )
     width, vocab = int(teacher_config.hidden_size), int(teacher_config.vocab_size)
-    return _parameter_count(config, head) - vocab * width + dense_parameters
+    return (
+        _parameter_count(config, head)
+        - vocab * width
+        + dense_parameters
+        + bridges_of(teacher_config, depth)
+    )
 
 
 def _factorised_split(left: float, width: int, vocab: int, used_tokens: int) -> tuple[int, int]:
@@ -327,7 +362,13 @@ def choose_cut_depth(
     table = cut_parameters(width, used_tokens)
     for depth in depths:
         config = student_config(teacher_config, layers=depth, hidden=None, heads=None)
-        total = _parameter_count(config, head) - vocab * width + dense_parameters + table
+        total = (
+            _parameter_count(config, head)
+            - vocab * width
+            + dense_parameters
+            + table
+            + bridges_of(teacher_config, depth)
+        )
         if budget is None or total <= budget:
             return depth
     field = "student.max_parameters" if spec.max_parameters is not None else "student.compression"

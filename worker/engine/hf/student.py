@@ -9,11 +9,13 @@ import torch
 from torch import nn
 
 from worker.engine.errors import SpecInvalid, TeacherIncompatible
+from worker.engine.hf.bridges import bridged_layers, fit_bridges, insert_bridges
 from worker.engine.hf.embeddings import FactorisedEmbedding, VocabularyCut
 from worker.engine.hf.families import Head, make_config, make_model
 from worker.engine.hf.sizing import (
     choose_cut_depth,
     choose_factorised_size,
+    choose_layers,
     choose_size,
     intermediate_size,
     student_config,
@@ -21,17 +23,6 @@ from worker.engine.hf.sizing import (
 from worker.engine.hf.wrapper import HFEncoder
 from worker.engine.spec import StudentSpec
 from worker.engine.students import STUDENTS, StudentContext
-
-
-def choose_layers(teacher_layers: int, student_layers: int) -> list[int]:
-    """Teacher layers that initialise the student: evenly spaced, first and last kept.
-
-    6 of 12 gives DistilBERT's [0, 2, 4, 7, 9, 11]; 2 of 4 gives [0, 3].
-    """
-    if student_layers == 1:
-        return [0]
-    step = (teacher_layers - 1) / (student_layers - 1)
-    return [round(index * step) for index in range(student_layers)]
 
 
 def _init_from_teacher(
@@ -188,7 +179,28 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
     if chosen is not None:
         _init_from_teacher(student, teacher, chosen, getattr(context, "token_counts", None))
     student.config["initialised_from_teacher_layers"] = chosen
+    if chosen is not None and student.model_type != "albert":
+        _add_bridges(student, bridged_layers(chosen))
+        rows = getattr(context, "sample_inputs", None) or {}
+        fit_bridges(
+            _layer_stack(student),
+            chosen,
+            teacher.model,
+            {name: torch.as_tensor(rows[name]) for name in student.input_names if name in rows},
+        )
     return student
+
+
+def _layer_stack(encoder: HFEncoder) -> nn.ModuleList:
+    stack = encoder.get_submodule(encoder.layer_stack())
+    assert isinstance(stack, nn.ModuleList)
+    return stack
+
+
+def _add_bridges(encoder: HFEncoder, indices: list[int]) -> None:
+    """Put :class:`~worker.engine.hf.bridges.LayerBridge`\\ s before the layers at ``indices``."""
+    insert_bridges(_layer_stack(encoder), indices, encoder.hidden_size)
+    encoder.config["bridges"] = list(indices)
 
 
 def _sized_design(
@@ -442,4 +454,6 @@ def rebuild_hf_encoder(config: dict[str, Any]) -> HFEncoder:
     encoder.config["initialised_from_teacher_layers"] = config.get(
         "initialised_from_teacher_layers"
     )
+    if config.get("bridges"):
+        _add_bridges(encoder, [int(index) for index in config["bridges"]])
     return encoder

@@ -111,10 +111,12 @@ def _how(task: str, metrics: Mapping[str, Any], spec: Mapping[str, Any]) -> list
             f"- temperature: {_cell(training_run.get('temperature', method.get('temperature')))}",
             f"- alpha (weight of the teacher's soft targets): {_cell(method.get('alpha'))}",
         ]
+    plan = training_run.get("plan") or {}
     lines.append(
         f"- epochs: {_cell(training.get('epochs'))}, batch size "
         f"{_cell(training.get('batch_size'))}, learning rate "
-        f"{_cell(training.get('learning_rate'))}, optimizer {_cell(training.get('optimizer'))}"
+        f"{_cell(plan.get('learning_rate', training.get('learning_rate')))}, "
+        f"optimizer {_cell(training.get('optimizer'))}"
     )
     if training_run:
         lines.append(

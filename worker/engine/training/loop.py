@@ -147,6 +147,7 @@ def plan_for_data(
             compute_parameters=max(1, parameters - lookups),
             step_seconds=step_seconds,
             text=text,
+            bridged=bool(getattr(student, "config", {}).get("bridges")),
         )
 
     estimated = plan()
@@ -213,7 +214,7 @@ class Trainer:
         loss_fn.to(device).train()
         self.params = [p for p in student.parameters() if p.requires_grad]
         self.params += [p for p in loss_fn.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, spec)
+        self.optimizer = make_optimizer(self.params, spec, self.run_plan.learning_rate)
 
         self.state = LoopState()
         self.best: dict[str, torch.Tensor] | None = None
@@ -284,7 +285,7 @@ class Trainer:
             self.state.step, self.plan.total_steps, self.spec.warmup_steps, self.spec.scheduler
         )
         for group in self.optimizer.param_groups:
-            group["lr"] = self.spec.learning_rate * factor
+            group["lr"] = self.run_plan.learning_rate * factor
         terms = take_step(
             self.student,
             self.loss_fn,

@@ -56,18 +56,21 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params: list[nn.Parameter], spec: TrainingSpec) -> torch.optim.Optimizer:
-    """AdamW or SGD; on CUDA the fused kernels (one launch per step instead of one per tensor)."""
+def make_optimizer(
+    params: list[nn.Parameter], spec: TrainingSpec, learning_rate: float
+) -> torch.optim.Optimizer:
+    """AdamW or SGD at ``learning_rate`` (the plan's); on CUDA the fused kernels (one launch
+    per step instead of one per tensor)."""
     fused = bool(params) and all(p.is_cuda for p in params)
     if spec.optimizer == "sgd":
         return torch.optim.SGD(
             params,
-            lr=spec.learning_rate,
+            lr=learning_rate,
             momentum=spec.momentum,
             weight_decay=spec.weight_decay,
             nesterov=spec.momentum > 0,
             fused=fused or None,
         )
     return torch.optim.AdamW(
-        params, lr=spec.learning_rate, weight_decay=spec.weight_decay, fused=fused or None
+        params, lr=learning_rate, weight_decay=spec.weight_decay, fused=fused or None
     )

@@ -68,6 +68,9 @@ def student_context(teacher: Any, task: str = "classification") -> StudentContex
         teacher_bytes=teacher.signature.bytes,
         vocab_size=len(teacher.tokenizer),
         teacher=teacher,
+        sample_inputs={
+            name: value.numpy() for name, value in text_batch(teacher.tokenizer).items()
+        },
     )
 
 

@@ -18,6 +18,7 @@ from tests.worker.engine.hf.factories import (
     text_batch,
 )
 from worker.engine.errors import TeacherIncompatible
+from worker.engine.hf.bridges import LayerBridge
 from worker.engine.spec import StudentSpec
 
 
@@ -67,7 +68,9 @@ def test_other_families_load_and_seed_students(
     chosen = [0] if model_type == "albert" else [0, 3]
     teacher_layers = runtime.module.layer_names()
     for student_layer, teacher_index in zip(student.layer_names(), chosen, strict=True):
-        student_state = student.get_submodule(student_layer).state_dict()
+        layer = student.get_submodule(student_layer)
+        # The skipped teacher layers are bridged; the layer behind the bridge is the teacher's.
+        student_state = (layer.layer if isinstance(layer, LayerBridge) else layer).state_dict()
         teacher_state = runtime.module.get_submodule(teacher_layers[teacher_index]).state_dict()
         assert all(torch.equal(value, teacher_state[key]) for key, value in student_state.items())
     assert student(**batch).shape == (5, 2)

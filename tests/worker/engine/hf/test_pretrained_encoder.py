@@ -24,8 +24,10 @@ MAX_MINUTES = 10.0
 #: Optimizer steps the short run takes (the auto plan wants thousands): 2,048 sentences in
 #: batches of 32, the default for text.
 MAX_STEPS = 64
-#: The held-out cosine a run this short reaches (the full run: see the bench).
-MIN_COSINE = 0.7
+#: The held-out cosine a run this short reaches (0.796 on the development machine; 0.759
+#: before the student's layers were bridged, see :mod:`worker.engine.hf.bridges`; the full
+#: run: see the bench).
+MIN_COSINE = 0.77
 
 
 @pytest.mark.filterwarnings("ignore")  # the TorchScript exporter's deprecation and tracer notes
@@ -43,6 +45,9 @@ def test_minilm_distils_to_a_quarter_of_its_parameters(tmp_path: Path) -> None:
     assert config["hf_config"]["hidden_size"] == 384
     assert config["initialised_from_teacher_layers"] == [0, 5]
     assert config["word_embeddings"]["rank"] >= 16
+    # A bridge over the four teacher layers left out, and the smaller step such a start takes.
+    assert config["bridges"] == [1]
+    assert metrics["training"]["plan"]["learning_rate"] == 3e-4
     # A drop-in for the teacher's tokenizer output: its names, int64.
     assert set(scored.student_inputs) <= {"input_ids", "attention_mask", "token_type_ids"}
     assert set(scored.student_inputs.values()) == {"tensor(int64)"}

@@ -37,8 +37,12 @@ def test_student_takes_evenly_spaced_teacher_layers(teacher: HuggingFaceTeacher)
     assert _parameter_count(student) < teacher.signature.parameters
     teacher_state = teacher.module.state_dict()
     student_state = student.state_dict()
+    # Teacher layers 1 and 2 are skipped: student layer 1 takes its input through a bridge.
+    assert student.config["bridges"] == [1]
     for student_index, teacher_index in enumerate([0, 3]):
         prefix = f"model.bert.encoder.layer.{student_index}."
+        if student_index == 1:
+            prefix += "layer."
         keys = [key for key in student_state if key.startswith(prefix)]
         assert keys
         for key in keys:
@@ -199,7 +203,9 @@ def test_minilm_sized_student_keeps_width_and_factorises_embeddings() -> None:
     assert size.layers == 2 and rank >= 16 and 0 < frequent <= 5000
     # Two whole layers fit: their feed-forward layers are the teacher's.
     assert size.feed_forward == 1536
-    rest = 2 * 1_774_464 + 512 * 384 + 2 * 384 + 2 * 384
+    # Two layers, position and token-type embeddings, their LayerNorm, and the bridge over
+    # the four teacher layers left out.
+    rest = 2 * 1_774_464 + 512 * 384 + 2 * 384 + 2 * 384 + 384 * 385
     assert rest + factorised_parameters(30522, 384, rank, frequent) <= teacher_parameters / 4
     assert (
         choose_factorised_size(
@@ -267,9 +273,10 @@ def test_the_transfer_sets_vocabulary_leaves_the_budget_to_layers() -> None:
     config = _minilm_config()
     teacher_parameters = 22_713_216
     spec = StudentSpec(compression=4, vocabulary="transfer")
-    # The 30,522-row table alone is over half the budget: 300 used tokens leave room for
-    # three full layers, 4,000 for two, 8,000 for one.
-    assert choose_cut_depth(spec, config, "base", teacher_parameters, 0, 300) == 3
+    # The 30,522-row table alone is over half the budget: 4,000 used tokens leave room for
+    # two full layers and the bridge over the four between them, 8,000 for one. Three
+    # layers would need two bridges, which no cut table leaves room for.
+    assert choose_cut_depth(spec, config, "base", teacher_parameters, 0, 300) == 2
     assert choose_cut_depth(spec, config, "base", teacher_parameters, 0, 4000) == 2
     assert choose_cut_depth(spec, config, "base", teacher_parameters, 0, 8000) == 1
     with pytest.raises(SpecInvalid) as raised:
@@ -355,3 +362,41 @@ def test_a_budget_below_a_whole_layer_prunes_the_teachers_feed_forward_units(
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(**batch), student.eval()(**batch))
     _export_and_compare(student, teacher.tokenizer, tmp_path / "pruned.onnx")
+
+
+def test_a_bridge_over_skipped_layers_is_fitted_to_what_the_next_layer_takes(
+    teacher: HuggingFaceTeacher,
+) -> None:
+    from dataclasses import replace
+
+    from worker.engine.hf.bridges import LayerBridge
+
+    words = " ".join(SENTENCES).split()
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 9)))) for _ in range(48)]
+    rows = text_batch(teacher.tokenizer, texts)
+    context = replace(
+        student_context(teacher),
+        sample_inputs={name: value.numpy() for name, value in rows.items()},
+    )
+    student = build_student(TWO_LAYERS, context)
+    bridge = student.get_submodule("model.bert.encoder.layer.1")
+    assert isinstance(bridge, LayerBridge)
+    # It is counted: the student is its two layers and embeddings, and the bridge.
+    assert student.config["bridges"] == [1]
+
+    # The bridge maps what teacher layer 0 gives out to what teacher layer 3 takes in
+    # (the output of layer 2, which the student lacks) closer than passing it on does.
+    with torch.no_grad():
+        states = teacher.module.model(**rows, output_hidden_states=True).hidden_states
+        attended = rows["attention_mask"].bool()
+        source, target = states[1][attended], states[3][attended]
+        bridged = bridge.bridge(source)
+    assert torch.mean((bridged - target) ** 2) < 0.8 * torch.mean((source - target) ** 2)
+
+    # Without rows to fit on, the bridge passes its input on unchanged.
+    unfitted = build_student(TWO_LAYERS, replace(context, sample_inputs=None))
+    passed = unfitted.get_submodule("model.bert.encoder.layer.1.bridge")
+    assert isinstance(passed, torch.nn.Linear)
+    torch.testing.assert_close(passed.weight, torch.eye(32))
+    assert not passed.bias.any()
