@@ -158,3 +158,26 @@ def test_timing_steps_leaves_the_student_as_it_was() -> None:
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in student.parameters())
     assert torch.equal(rng, torch.get_rng_state())
+
+
+@pytest.mark.parametrize(("bridges", "rate"), [([], 1e-3), ([1], 3e-4)])
+def test_an_auto_learning_rate_is_the_one_the_optimizer_steps_with(
+    bridges: list[int], rate: float
+) -> None:
+    # A transformers student bridged over the teacher layers it skips says so in its config.
+    student = Student()
+    student.config = {"bridges": bridges}  # type: ignore[assignment]
+    rows: list[dict[str, Any]] = []
+    torch.manual_seed(0)
+    result = train(
+        student=student,
+        loss_fn=SoftLoss(),
+        data=make_data(),
+        spec=spec(learning_rate="auto", scheduler="constant", epochs=2),
+        task="regression",
+        teacher_output_kind="values",
+        device=torch.device("cpu"),
+        callbacks=Callbacks(on_progress=rows.append),
+    )
+    assert result.plan is not None and result.plan.learning_rate == rate
+    assert rows and all(row["lr"] == pytest.approx(rate) for row in rows)
