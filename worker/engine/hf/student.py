@@ -133,7 +133,9 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
     needs it, their feed-forward layers keep only their most important units, see
     :func:`_prune_feed_forward`) and from an SVD of its embedding table weighted
     by ``context.token_counts``, which a narrower student, starting from scratch,
-    cannot. Given ``context.saved_config``
+    cannot. A kept layer whose teacher layer does not follow the previous one's takes its
+    input through a bridge fitted on ``context.sample_inputs``
+    (:mod:`~worker.engine.hf.bridges`). Given ``context.saved_config``
     (from ``rebuild_student``), rebuilds that student instead.
     """
     saved = getattr(context, "saved_config", None)
