@@ -713,7 +713,7 @@ def _design_student(
         vocab_size=len(teacher.tokenizer) if teacher.tokenizer is not None else None,
         teacher=teacher,
         token_counts=_token_counts(data.train),
-        sample_inputs=_sample_text_rows(data.train),
+        sample_inputs=data.train.arrays if data.train.modality == "text" else None,
     )
     preprocessing = fit_preprocessing(
         data.task, data.train.arrays, _train_teacher_outputs(teacher, data, targets)
@@ -731,15 +731,6 @@ def _design_student(
     )
     config = dict(student.config)  # type: ignore[arg-type]
     return StudentDesign(student, config, standardised_loss(loss_fn, student), has_labels)
-
-
-def _sample_text_rows(train: TransferSet) -> dict[str, np.ndarray] | None:
-    """The first training rows of text (as many as bridges are fitted on); None otherwise."""
-    from worker.engine.hf.bridges import FIT_ROWS
-
-    if train.modality != "text":
-        return None
-    return {name: array[:FIT_ROWS] for name, array in train.arrays.items()}
 
 
 def _token_counts(train: TransferSet) -> np.ndarray | None:

@@ -52,8 +52,9 @@ class StudentContext:
     teacher: Any = None
     saved_config: dict[str, Any] | None = None
     token_counts: Any = None
-    #: Some training rows (inputs by name), for builders that fit part of the student to
-    #: the teacher before training (text only: see :mod:`worker.engine.hf.bridges`).
+    #: The training rows (inputs by name), for builders that fit part of the student to
+    #: the teacher before training on some of them (text only: see
+    #: :mod:`worker.engine.hf.bridges`).
     sample_inputs: dict[str, Any] | None = None
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from worker.engine.hf.wrapper import HFEncoder
+
 #: Ridge penalty on the bridge's weights, as a share of the mean squared token state.
 RIDGE = 1e-3
 #: Training rows whose token states the bridges are fitted on, at most.
@@ -67,20 +69,18 @@ def insert_bridges(stack: nn.ModuleList, indices: Iterable[int], width: int) -> 
 def fit_bridges(
     stack: nn.ModuleList,
     chosen: list[int],
-    teacher_model: nn.Module,
+    teacher: HFEncoder,
     rows: dict[str, Tensor],
 ) -> int:
     """Fit each bridge of ``stack`` on the teacher's token states over ``rows``.
 
     Student layer ``k`` (teacher layer ``chosen[k]``) gets the least-squares map,
     with a small ridge penalty, from what teacher layer ``chosen[k - 1]`` gives out to
-    what teacher layer ``chosen[k]`` takes in, over every attended token of ``rows``.
-    The normal equations are summed batch by batch, so memory does not grow with the
-    rows. Returns the tokens fitted on; with none (or no rows), the bridges stay the
-    identity.
+    what teacher layer ``chosen[k]`` takes in, over every attended token of the first
+    :data:`FIT_ROWS` of ``rows``. The normal equations are summed batch by batch, so
+    memory does not grow with the rows. Returns the tokens fitted on; with none (or no
+    rows), the bridges stay the identity.
     """
-    from worker.engine.hf.wrapper import trim_padding
-
     bridges = {
         index: layer.bridge for index, layer in enumerate(stack) if isinstance(layer, LayerBridge)
     }
@@ -88,21 +88,23 @@ def fit_bridges(
         return 0
     indices = list(bridges)
     width = int(bridges[indices[0]].in_features)
-    parameter = next(teacher_model.parameters())
+    device = next(teacher.parameters()).device
     gram = {index: torch.zeros(width + 1, width + 1, dtype=torch.float64) for index in indices}
     cross = {index: torch.zeros(width + 1, width, dtype=torch.float64) for index in indices}
     tokens = 0
-    size = len(rows["input_ids"])
+    size = min(len(rows["input_ids"]), FIT_ROWS)
     for start in range(0, size, FIT_BATCH):
-        batch = {name: value[start : start + FIT_BATCH] for name, value in rows.items()}
-        input_ids, mask, types = trim_padding(
-            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+        batch = {
+            name: value[start : min(start + FIT_BATCH, size)].to(device)
+            for name, value in rows.items()
+        }
+        inputs = teacher.model_inputs(
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            batch.get("token_type_ids"),
+            trim=True,
         )
-        inputs = {"input_ids": input_ids, "attention_mask": mask}
-        if types is not None:
-            inputs["token_type_ids"] = types
-        inputs = {name: value.to(parameter.device) for name, value in inputs.items()}
-        states = teacher_model(**inputs, output_hidden_states=True).hidden_states
+        states = teacher.model(**inputs, output_hidden_states=True).hidden_states
         attended = inputs["attention_mask"].ne(0)
         tokens += int(attended.sum())
         for index in indices:

@@ -187,8 +187,8 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
         fit_bridges(
             _layer_stack(student),
             chosen,
-            teacher.model,
-            {name: torch.as_tensor(rows[name]) for name in student.input_names if name in rows},
+            teacher,
+            {name: torch.as_tensor(value) for name, value in rows.items()},
         )
     return student
 

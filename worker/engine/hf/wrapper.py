@@ -101,15 +101,13 @@ class HFEncoder(nn.Module):
         token_type_ids: Tensor | None = None,
     ) -> Tensor:
         """Logits or the pooled embedding (N, output_dim), float32."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if self.training or not self.emit_features:
-            input_ids, attention_mask, token_type_ids = trim_padding(
-                input_ids, attention_mask, token_type_ids
-            )
-        inputs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None and "token_type_ids" in self.input_names:
-            inputs["token_type_ids"] = token_type_ids
+        inputs = self.model_inputs(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            trim=self.training or not self.emit_features,
+        )
+        attention_mask = inputs["attention_mask"]
         if self.head == "classification":
             outputs = self.model(**inputs, output_hidden_states=self.emit_features)
             if self.emit_features:
@@ -125,6 +123,28 @@ class HFEncoder(nn.Module):
         if self.normalize:
             pooled = F.normalize(pooled, p=2.0, dim=-1)
         return pooled.float()
+
+    def model_inputs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        token_type_ids: Tensor | None,
+        *,
+        trim: bool,
+    ) -> dict[str, Tensor]:
+        """The wrapped model's keyword inputs: a mask of ones where none is given, token
+        types only where this encoder takes them, and, with ``trim``, the trailing columns
+        no row attends to dropped (:func:`trim_padding`)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if trim:
+            input_ids, attention_mask, token_type_ids = trim_padding(
+                input_ids, attention_mask, token_type_ids
+            )
+        inputs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and "token_type_ids" in self.input_names:
+            inputs["token_type_ids"] = token_type_ids
+        return inputs
 
     def layer_stack(self) -> str:
         """Dotted name (within this module) of the transformer's list of layers."""
