@@ -91,7 +91,13 @@ class StudentSpec(_Strict):
         default=None, description="transformer: attention heads."
     )
     cell: Literal["gru", "lstm"] = Field(default="gru", description="rnn: recurrent cell.")
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        default=0.0,
+        description="Dropout rate while the student trains, in every architecture (a "
+        "transformers student's attention and hidden layers too, whatever rate its teacher "
+        "was pretrained with). A student that learns from a teacher's soft outputs rarely "
+        "needs it.",
+    )
     max_latency_ms: Annotated[float, Field(gt=0.0)] | None = Field(
         default=None,
         description="Upper bound on the student's batch-1 latency in milliseconds, in "

@@ -20,16 +20,24 @@ def student_config(
     hidden: int | None,
     heads: int | None,
     feed_forward: int | None = None,
+    dropout: float | None = None,
 ) -> Any:
     """A copy of the teacher's config with fewer layers and, optionally, another width.
 
     ``feed_forward`` narrows the feed-forward layers of a teacher-width student (their
-    units pruned from the teacher's; see :func:`choose_factorised_size`).
+    units pruned from the teacher's; see :func:`choose_factorised_size`). ``dropout``
+    (``student.dropout``) replaces every dropout rate the teacher's config sets, so a
+    student does not inherit the rate its teacher was pretrained with.
     """
     config = type(teacher_config).from_dict(teacher_config.to_dict())
     config.num_hidden_layers = layers
     # Students train and export in fp32 whatever the teacher checkpoint's dtype.
     config.dtype = torch.float32
+    if dropout is not None:
+        for name, value in config.to_dict().items():
+            # Rates the config leaves at None (classifier_dropout) fall back to these.
+            if "dropout" in name and isinstance(value, float):
+                setattr(config, name, dropout)
     if feed_forward is not None:
         _set_intermediate_size(config, feed_forward)
     if hidden is not None and hidden != teacher_config.hidden_size:

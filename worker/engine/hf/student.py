@@ -166,7 +166,12 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
     input_names = [name for name in teacher.input_names if name in context.input_names]
     student = _assemble(
         config=student_config(
-            teacher_config, layers=layers, hidden=hidden, heads=heads, feed_forward=feed_forward
+            teacher_config,
+            layers=layers,
+            hidden=hidden,
+            heads=heads,
+            feed_forward=feed_forward,
+            dropout=spec.dropout,
         ),
         head=teacher.head,
         pooling=teacher.pooling,

@@ -79,6 +79,32 @@ def test_student_config_rebuilds_without_teacher(teacher: HuggingFaceTeacher) ->
         torch.testing.assert_close(rebuilt(**batch), student(**batch))
 
 
+def test_student_trains_with_the_specs_dropout_not_the_teachers(
+    teacher: HuggingFaceTeacher,
+) -> None:
+    # The tiny teacher was built with transformers' default rates (0.1).
+    assert teacher.module.hf_config.hidden_dropout_prob > 0
+    batch = text_batch(teacher.tokenizer)
+    for rate in (0.0, 0.5):
+        student = build_student(
+            TWO_LAYERS.model_copy(update={"dropout": rate}), student_context(teacher)
+        )
+        config = student.config["hf_config"]
+        assert config["hidden_dropout_prob"] == config["attention_probs_dropout_prob"] == rate
+        student.train()
+        torch.manual_seed(0)
+        first = student(**batch)
+        second = student(**batch)
+        # In training mode, two passes differ only where units are dropped.
+        assert torch.equal(first, second) == (rate == 0.0)
+        assert (
+            rebuild_student(json.loads(json.dumps(student.config))).hf_config.to_dict()[
+                "hidden_dropout_prob"
+            ]
+            == rate
+        )
+
+
 def test_student_size_follows_the_budget(teacher: HuggingFaceTeacher) -> None:
     context = student_context(teacher)
     # Fewer layers at the teacher's width meet a mild compression.
