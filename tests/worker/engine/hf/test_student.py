@@ -97,12 +97,9 @@ def test_student_trains_with_the_specs_dropout_not_the_teachers(
         second = student(**batch)
         # In training mode, two passes differ only where units are dropped.
         assert torch.equal(first, second) == (rate == 0.0)
-        assert (
-            rebuild_student(json.loads(json.dumps(student.config))).hf_config.to_dict()[
-                "hidden_dropout_prob"
-            ]
-            == rate
-        )
+        rebuilt = rebuild_student(json.loads(json.dumps(student.config)))
+        assert isinstance(rebuilt, HFEncoder)
+        assert rebuilt.hf_config.hidden_dropout_prob == rate
 
 
 def test_student_size_follows_the_budget(teacher: HuggingFaceTeacher) -> None:
