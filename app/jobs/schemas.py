@@ -47,7 +47,7 @@ class JobError(BaseModel):
 class JobWarning(BaseModel):
     """A pre-flight warning: the spec is valid but will likely give a poor student."""
 
-    code: str = Field(description="stable: too_few_steps, time_budget_short, …")
+    code: str = Field(description="stable: too_few_steps, time_budget_short, small_transfer_set, …")
     message: str
     field: str = Field(description="the spec field to change, e.g. training.epochs")
 

@@ -261,7 +261,8 @@ def preflight_warnings(
     spec: JobSpec, teacher: TeacherModel | Dataset, dataset: TeacherModel | Dataset
 ) -> list[dict[str, str]]:
     """The job's pre-flight warnings (``[{code, message, field}]``) from the teacher's signature
-    and the dataset's summary: too few steps, or a time budget likely to cut the run short."""
+    and the dataset's summary: too few steps, a time budget likely to cut the run short, or
+    too few sentences for a text student."""
     assert isinstance(teacher, TeacherModel) and isinstance(dataset, Dataset)
     assert teacher.signature is not None and dataset.summary is not None
     signature = TeacherSignature.from_dict(teacher.signature)

@@ -154,6 +154,32 @@ def test_an_explicit_short_run_and_a_short_budget_are_warned_about() -> None:
     assert ("time_budget_short", "training.max_minutes") in codes
 
 
+def test_a_small_text_transfer_set_is_warned_about_and_a_small_table_is_not() -> None:
+    few = plan_run(TrainingSpec(), rows=1500, student_parameters=5_000_000, text=True)
+    assert [(w.code, w.field) for w in few.warnings] == [("small_transfer_set", "dataset_id")]
+    assert "1500 training sentences" in few.warnings[0].message
+    enough = plan_run(
+        TrainingSpec(), rows=planning.SMALL_TEXT_TRANSFER, student_parameters=5_000_000, text=True
+    )
+    assert enough.warnings == []
+    assert plan_run(TrainingSpec(), rows=1500, student_parameters=5_000).warnings == []
+
+    # Before the job runs: the rows left for training after the validation and test splits.
+    def codes(rows: int) -> list[str]:
+        warned = preflight_warnings(
+            DistillationSpec(),
+            rows=rows,
+            modality="text",
+            feature_shape=[64],
+            teacher_parameters=22_700_000,
+            teacher_bytes=None,
+        )
+        return [w.code for w in warned]
+
+    assert "small_transfer_set" in codes(planning.SMALL_TEXT_TRANSFER + 100)
+    assert "small_transfer_set" not in codes(2 * planning.SMALL_TEXT_TRANSFER)
+
+
 def test_preflight_estimates_the_student_from_the_teacher() -> None:
     spec = DistillationSpec(training=TrainingSpec(epochs=5))
     warned = preflight_warnings(
