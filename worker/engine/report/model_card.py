@@ -123,6 +123,11 @@ def _how(task: str, metrics: Mapping[str, Any], spec: Mapping[str, Any]) -> list
             f"- trained {_cell(training_run.get('steps'))} steps; "
             f"stopped: {_cell(training_run.get('stop_reason'))}"
         )
+    for warning in plan.get("warnings") or []:
+        lines.append(
+            f"- warned before training ({_cell(warning.get('code'))}, "
+            f"{_cell(warning.get('field'))}): {_cell(warning.get('message'))}"
+        )
     if metrics.get("partial"):
         lines.append(f"- **partial**: {_partial(metrics)}")
     return lines

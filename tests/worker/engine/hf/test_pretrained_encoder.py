@@ -51,6 +51,7 @@ def test_minilm_distils_to_a_quarter_of_its_parameters(tmp_path: Path) -> None:
     # 1,500 sentences are few for a text student, and the run says so (the bench's 21k are not).
     warned = {w["code"]: w["field"] for w in metrics["training"]["plan"]["warnings"]}
     assert warned.get("small_transfer_set") == "dataset_id", warned
+    assert "warned before training (small_transfer_set" in (out / "model_card.md").read_text()
     # A drop-in for the teacher's tokenizer output: its names, int64.
     assert set(scored.student_inputs) <= {"input_ids", "attention_mask", "token_type_ids"}
     assert set(scored.student_inputs.values()) == {"tensor(int64)"}

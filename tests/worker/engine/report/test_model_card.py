@@ -162,6 +162,27 @@ def test_model_card_without_baseline_or_onnx(tmp_path: Path) -> None:
     assert "student.onnx" not in text and "labels-only" not in text
 
 
+def test_model_card_repeats_the_plans_warnings(tmp_path: Path) -> None:
+    warning = {
+        "code": "small_transfer_set",
+        "field": "dataset_id",
+        "message": "1200 training sentences are few for a text student",
+    }
+    training = {"steps": 64, "stop_reason": "max_steps", "plan": {"warnings": [warning]}}
+    text = write_model_card(
+        tmp_path / "card.md", {**METRICS, "training": training}, {}, {}, {}
+    ).read_text()
+    how = text.split("## How", 1)[1].split("\n## ", 1)[0]
+    assert (
+        "- warned before training (small_transfer_set, dataset_id): 1200 training sentences "
+        "are few for a text student" in how
+    )
+    assert (
+        "warned before training"
+        not in write_model_card(tmp_path / "plain.md", METRICS, {}, {}, {}).read_text()
+    )
+
+
 def test_model_card_sets_the_int8_student_beside_the_fp32_one(tmp_path: Path) -> None:
     int8 = {
         "accuracy": 0.9583,
