@@ -9,7 +9,9 @@ gradient step, a few seconds), brings that to 0.76 with factorised word
 embeddings, and training goes on from there. Each student layer whose teacher
 layer does not follow the previous one's takes its input through a
 :class:`LayerBridge`; it costs ``width * (width + 1)`` parameters, counted in
-the budget (:func:`bridge_parameters`).
+the budget (:func:`bridge_parameters`). A one-layer student keeps the teacher's
+last layer, fed the embeddings' output through a bridge: untrained, 0.76 for
+all-MiniLM-L6-v2 (full word embeddings), where its layer 0 alone gives 0.21.
 """
 
 from __future__ import annotations
@@ -50,8 +52,14 @@ class LayerBridge(nn.Module):
 
 
 def bridged_layers(chosen: list[int]) -> list[int]:
-    """Student layers (indices) whose teacher layer does not follow the previous one's."""
-    return [index for index in range(1, len(chosen)) if chosen[index] - chosen[index - 1] > 1]
+    """Student layers (indices) whose teacher layer does not follow the previous one's (the
+    first layer's "previous" is the embeddings, teacher layer -1)."""
+    return [index for index in range(len(chosen)) if chosen[index] - _previous(chosen, index) > 1]
+
+
+def _previous(chosen: list[int], index: int) -> int:
+    """The teacher layer whose output student layer ``index`` is fed: -1 for the embeddings."""
+    return chosen[index - 1] if index > 0 else -1
 
 
 def bridge_parameters(chosen: list[int], width: int) -> int:
@@ -74,12 +82,12 @@ def fit_bridges(
 ) -> int:
     """Fit each bridge of ``stack`` on the teacher's token states over ``rows``.
 
-    Student layer ``k`` (teacher layer ``chosen[k]``) gets the least-squares map,
-    with a small ridge penalty, from what teacher layer ``chosen[k - 1]`` gives out to
-    what teacher layer ``chosen[k]`` takes in, over every attended token of the first
-    :data:`FIT_ROWS` of ``rows``. The normal equations are summed batch by batch, so
-    memory does not grow with the rows. Returns the tokens fitted on; with none (or no
-    rows), the bridges stay the identity.
+    Student layer ``k`` (teacher layer ``chosen[k]``) gets the least-squares map, with a
+    small ridge penalty, from what teacher layer ``chosen[k - 1]`` (for the first layer, the
+    embeddings) gives out to what teacher layer ``chosen[k]`` takes in, over every attended
+    token of the first :data:`FIT_ROWS` of ``rows``. The normal equations are summed batch
+    by batch, so memory does not grow with the rows. Returns the tokens fitted on; with none
+    (or no rows), the bridges stay the identity.
     """
     bridges = {
         index: layer.bridge for index, layer in enumerate(stack) if isinstance(layer, LayerBridge)
@@ -109,7 +117,7 @@ def fit_bridges(
         tokens += int(attended.sum())
         for index in indices:
             # hidden_states[i] is the input of teacher layer i (and the output of i - 1).
-            source = states[chosen[index - 1] + 1][attended].double().cpu()
+            source = states[_previous(chosen, index) + 1][attended].double().cpu()
             target = states[chosen[index]][attended].double().cpu()
             source = torch.cat([source, torch.ones(len(source), 1, dtype=torch.float64)], 1)
             gram[index] += source.T @ source

@@ -129,13 +129,13 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
     pooler and head. Where the budget would need a narrower student, one that
     keeps the teacher's width with factorised word embeddings
     (:func:`~worker.engine.hf.sizing.choose_factorised_size`) is preferred: it
-    starts from the teacher's layers (first and last of two; where the budget
-    needs it, their feed-forward layers keep only their most important units, see
+    starts from the teacher's layers (first and last of two, the last of one; where the
+    budget needs it, their feed-forward layers keep only their most important units, see
     :func:`_prune_feed_forward`) and from an SVD of its embedding table weighted
     by ``context.token_counts``, which a narrower student, starting from scratch,
-    cannot. A kept layer whose teacher layer does not follow the previous one's takes its
-    input through a bridge fitted on ``context.sample_inputs``
-    (:mod:`~worker.engine.hf.bridges`). Given ``context.saved_config``
+    cannot. A kept layer whose teacher layer does not follow the previous one's (for the
+    first, the embeddings) takes its input through a bridge fitted on
+    ``context.sample_inputs`` (:mod:`~worker.engine.hf.bridges`). Given ``context.saved_config``
     (from ``rebuild_student``), rebuilds that student instead.
     """
     saved = getattr(context, "saved_config", None)

@@ -49,19 +49,19 @@ def split_sentences(held_out: int, transfer: int) -> tuple[list[str], list[str]]
 
 
 def run_job(
-    work: Path, transfer: list[str], training: dict[str, Any], compression: float = 4.0
+    work: Path, transfer: list[str], training: dict[str, Any], compression: float | None = 4.0
 ) -> Path:
     """The engine CLI on the zipped teacher and ``transfer``; returns its output folder.
 
-    The spec gives ``student.compression`` and ``training`` only: the task is
-    inferred and every other setting is the default.
+    The spec gives ``student.compression`` (None: the default) and ``training`` only:
+    the task is inferred and every other setting is the default.
     """
     zip_folder(model_folder(), work / "teacher.zip")
     write_jsonl(work / "transfer.jsonl", transfer)
     spec = {
         "teacher": {"path": "teacher.zip"},
         "dataset": {"path": "transfer.jsonl"},
-        "student": {"compression": compression},
+        "student": {} if compression is None else {"compression": compression},
         "training": training,
     }
     (work / "spec.json").write_text(json.dumps(spec))

@@ -319,16 +319,20 @@ def test_the_largest_compression_that_starts_from_the_teacher_is_the_factorised_
         spec = StudentSpec(compression=compression)
         return choose_factorised_size(spec, config, "base", teacher_parameters, 0, 5000)
 
-    # all-MiniLM-L6-v2 at the default compression of 10 starts from its first layer, whose
-    # feed-forward layer keeps a fifth of its units; a little more and nothing fits.
-    assert 10 < largest < 11
+    # all-MiniLM-L6-v2 at the default compression of 10 starts from its last layer (behind
+    # a bridge from the embeddings), whose feed-forward layer keeps the least share of its
+    # units allowed, half the width.
     at_default = design(10)
     assert at_default is not None and at_default.layers == 1
-    assert 192 <= at_default.feed_forward < 1536 / 4
-    assert design(largest) is not None
+    assert at_default.feed_forward == 192
+    # Past that, the frequent-token rows give way until the rank would fall below 16.
+    assert 14 < largest < 15
+    at_largest = design(largest)
+    assert at_largest is not None and at_largest.feed_forward == 192
+    assert at_largest.rank == 16 and at_largest.frequent_tokens < at_default.frequent_tokens
     assert design(largest + 0.1) is None
-    # Up to about 7x the teacher's whole first layer fits, and it is kept whole.
-    assert design(7).feed_forward == 1536 and design(8).feed_forward < 1536
+    # Up to 6x the teacher's whole last layer fits, and it is kept whole.
+    assert design(6).feed_forward == 1536 and design(8).feed_forward < 1536
 
 
 def test_pruned_feed_forward_units_are_those_that_carry_the_output() -> None:
@@ -358,27 +362,30 @@ def test_pruned_feed_forward_units_are_those_that_carry_the_output() -> None:
 def test_a_budget_below_a_whole_layer_prunes_the_teachers_feed_forward_units(
     teacher: HuggingFaceTeacher, tmp_path: Path
 ) -> None:
-    # The tiny teacher's one layer with its 64-unit feed-forward layer and the least
-    # factorised embeddings take over 27k parameters: the units are pruned, not the width.
+    # The tiny teacher's last layer with its 64-unit feed-forward layer, the bridge from
+    # the embeddings and the least factorised embeddings take over 27k parameters: the
+    # units are pruned, not the width.
     student = build_student(StudentSpec(max_parameters=27_000), student_context(teacher))
     assert _parameter_count(student) <= 27_000
-    assert student.config["initialised_from_teacher_layers"] == [0]
+    assert student.config["initialised_from_teacher_layers"] == [3]
+    assert student.config["bridges"] == [0]
     assert student.config["hf_config"]["hidden_size"] == 32
     units = student.config["hf_config"]["intermediate_size"]
     assert 16 <= units < 64 and units % 8 == 0
     mine = student.state_dict()
     theirs = teacher.module.state_dict()
-    layer = "model.bert.encoder.layer.0."
-    w_in = theirs[layer + "intermediate.dense.weight"]
-    w_out = theirs[layer + "output.dense.weight"]
+    # The student's layer 0 (inside its bridge) is the teacher's layer 3.
+    layer, source = "model.bert.encoder.layer.0.layer.", "model.bert.encoder.layer.3."
+    w_in = theirs[source + "intermediate.dense.weight"]
+    w_out = theirs[source + "output.dense.weight"]
     kept = (w_in.norm(dim=1) * w_out.norm(dim=0)).topk(units).indices.sort().values
     torch.testing.assert_close(mine[layer + "intermediate.dense.weight"], w_in[kept])
     torch.testing.assert_close(mine[layer + "intermediate.dense.bias"],
-                               theirs[layer + "intermediate.dense.bias"][kept])  # fmt: skip
+                               theirs[source + "intermediate.dense.bias"][kept])  # fmt: skip
     torch.testing.assert_close(mine[layer + "output.dense.weight"], w_out[:, kept])
     # Attention is the teacher's whole.
-    key = layer + "attention.self.query.weight"
-    torch.testing.assert_close(mine[key], theirs[key])
+    key = "attention.self.query.weight"
+    torch.testing.assert_close(mine[layer + key], theirs[source + key])
     rebuilt = rebuild_student(json.loads(json.dumps(student.config)))
     rebuilt.load_state_dict(student.state_dict())
     batch = text_batch(teacher.tokenizer)
@@ -423,3 +430,41 @@ def test_a_bridge_over_skipped_layers_is_fitted_to_what_the_next_layer_takes(
     assert isinstance(passed, torch.nn.Linear)
     torch.testing.assert_close(passed.weight, torch.eye(32))
     assert not passed.bias.any()
+
+
+def test_a_one_layer_student_is_the_teachers_last_layer_fed_by_a_bridge_from_the_embeddings(
+    teacher: HuggingFaceTeacher, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from worker.engine.hf.bridges import LayerBridge
+
+    words = " ".join(SENTENCES).split()
+    rng = np.random.default_rng(1)
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 9)))) for _ in range(48)]
+    rows = text_batch(teacher.tokenizer, texts)
+    context = replace(
+        student_context(teacher),
+        sample_inputs={name: value.numpy() for name, value in rows.items()},
+    )
+    student = build_student(StudentSpec(num_layers=1, compression=None), context)
+    assert student.config["initialised_from_teacher_layers"] == [3]
+    assert student.config["bridges"] == [0]
+    layer = student.get_submodule("model.bert.encoder.layer.0")
+    assert isinstance(layer, LayerBridge)
+
+    # The bridge maps what the embeddings give out to what teacher layer 3 takes in (the
+    # output of layer 2) closer than passing it on does.
+    with torch.no_grad():
+        states = teacher.module.model(**rows, output_hidden_states=True).hidden_states
+        attended = rows["attention_mask"].bool()
+        source, target = states[0][attended], states[3][attended]
+        bridged = layer.bridge(source)
+    assert torch.mean((bridged - target) ** 2) < 0.8 * torch.mean((source - target) ** 2)
+    # The bridge is in the student's config and its exported file.
+    rebuilt = rebuild_student(json.loads(json.dumps(student.config)))
+    rebuilt.load_state_dict(student.state_dict())
+    batch = text_batch(teacher.tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(**batch), student.eval()(**batch))
+    _export_and_compare(student, teacher.tokenizer, tmp_path / "one_layer.onnx")
