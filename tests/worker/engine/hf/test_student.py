@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from worker.engine.errors import SpecInvalid
 from worker.engine.hf.runtime import HuggingFaceTeacher
 from worker.engine.hf.wrapper import HFEncoder
 from worker.engine.spec import StudentSpec
-from worker.engine.students import rebuild_student
+from worker.engine.students import StudentContext, rebuild_student
 
 TWO_LAYERS = StudentSpec(num_layers=2, compression=None)
 
@@ -394,21 +395,27 @@ def test_a_budget_below_a_whole_layer_prunes_the_teachers_feed_forward_units(
     _export_and_compare(student, teacher.tokenizer, tmp_path / "pruned.onnx")
 
 
-def test_a_bridge_over_skipped_layers_is_fitted_to_what_the_next_layer_takes(
-    teacher: HuggingFaceTeacher,
-) -> None:
-    from dataclasses import replace
-
-    from worker.engine.hf.bridges import LayerBridge
-
+def _rows_to_fit_bridges_on(
+    teacher: HuggingFaceTeacher, seed: int
+) -> tuple[dict[str, torch.Tensor], StudentContext]:
+    """48 sentences of the test words, tokenised, and a student context that holds them."""
     words = " ".join(SENTENCES).split()
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 9)))) for _ in range(48)]
     rows = text_batch(teacher.tokenizer, texts)
     context = replace(
         student_context(teacher),
         sample_inputs={name: value.numpy() for name, value in rows.items()},
     )
+    return rows, context
+
+
+def test_a_bridge_over_skipped_layers_is_fitted_to_what_the_next_layer_takes(
+    teacher: HuggingFaceTeacher,
+) -> None:
+    from worker.engine.hf.bridges import LayerBridge
+
+    rows, context = _rows_to_fit_bridges_on(teacher, seed=0)
     student = build_student(TWO_LAYERS, context)
     bridge = student.get_submodule("model.bert.encoder.layer.1")
     assert isinstance(bridge, LayerBridge)
@@ -435,18 +442,9 @@ def test_a_bridge_over_skipped_layers_is_fitted_to_what_the_next_layer_takes(
 def test_a_one_layer_student_is_the_teachers_last_layer_fed_by_a_bridge_from_the_embeddings(
     teacher: HuggingFaceTeacher, tmp_path: Path
 ) -> None:
-    from dataclasses import replace
-
     from worker.engine.hf.bridges import LayerBridge
 
-    words = " ".join(SENTENCES).split()
-    rng = np.random.default_rng(1)
-    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 9)))) for _ in range(48)]
-    rows = text_batch(teacher.tokenizer, texts)
-    context = replace(
-        student_context(teacher),
-        sample_inputs={name: value.numpy() for name, value in rows.items()},
-    )
+    rows, context = _rows_to_fit_bridges_on(teacher, seed=1)
     student = build_student(StudentSpec(num_layers=1, compression=None), context)
     assert student.config["initialised_from_teacher_layers"] == [3]
     assert student.config["bridges"] == [0]
