@@ -647,7 +647,8 @@ def _warn_if_from_scratch(
 ) -> None:
     """A warning when a transformers teacher's student could not start from its layers.
 
-    The budget left no room for a student of the teacher's width: this one starts
+    The budget left no room for a student of the teacher's width, nor for a narrower one
+    cut from its layers (:mod:`~worker.engine.hf.pruning`): this one starts
     from random weights, which a transfer set of thousands of rows rarely trains to
     the teacher's quality. The warning names the largest compression that would
     keep the teacher's layers.
@@ -659,6 +660,7 @@ def _warn_if_from_scratch(
     ):
         return
     from worker.engine.hf.sizing import largest_compression_from_teacher
+    from worker.engine.hf.student import dense_parameters
     from worker.engine.hf.wrapper import HFEncoder
 
     module = getattr(teacher, "module", None)
@@ -671,6 +673,7 @@ def _warn_if_from_scratch(
         teacher.signature.parameters,
         sum(parameter.numel() for parameter in module.dense.parameters()),
         int((counts > 0).sum()) if counts is not None else 0,
+        lambda width: dense_parameters(module, width),
     )
     callbacks.event(
         "warning",
@@ -681,8 +684,9 @@ def _warn_if_from_scratch(
                 if spec.student.max_parameters is not None
                 else "student.compression"
             ),
-            "message": "no student of the teacher's width fits this budget, so the student "
-            "is narrower and starts from random weights, not from the teacher's layers; "
+            "message": "no student that starts from the teacher's layers (at its width, or "
+            "cut to its most important heads and channels) fits this budget, so the student "
+            "starts from random weights; "
             f"a compression of at most {largest:.1f} keeps the teacher's layers",
             "largest_compression_from_teacher": largest,
         },

@@ -79,6 +79,8 @@ def fit_bridges(
     chosen: list[int],
     teacher: HFEncoder,
     rows: dict[str, Tensor],
+    *,
+    channels: Tensor | None = None,
 ) -> int:
     """Fit each bridge of ``stack`` on the teacher's token states over ``rows``.
 
@@ -86,8 +88,10 @@ def fit_bridges(
     small ridge penalty, from what teacher layer ``chosen[k - 1]`` (for the first layer, the
     embeddings) gives out to what teacher layer ``chosen[k]`` takes in, over every attended
     token of the first :data:`FIT_ROWS` of ``rows``. The normal equations are summed batch
-    by batch, so memory does not grow with the rows. Returns the tokens fitted on; with none
-    (or no rows), the bridges stay the identity.
+    by batch, so memory does not grow with the rows. A student cut to some of the teacher's
+    ``channels`` (:mod:`~worker.engine.hf.pruning`) is fitted on those channels of the
+    token states. Returns the tokens fitted on; with none (or no rows), the bridges stay
+    the identity.
     """
     bridges = {
         index: layer.bridge for index, layer in enumerate(stack) if isinstance(layer, LayerBridge)
@@ -119,6 +123,8 @@ def fit_bridges(
             # hidden_states[i] is the input of teacher layer i (and the output of i - 1).
             source = states[_previous(chosen, index) + 1][attended].double().cpu()
             target = states[chosen[index]][attended].double().cpu()
+            if channels is not None:
+                source, target = source[:, channels], target[:, channels]
             source = torch.cat([source, torch.ones(len(source), 1, dtype=torch.float64)], 1)
             gram[index] += source.T @ source
             cross[index] += source.T @ target

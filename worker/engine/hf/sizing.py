@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -350,7 +351,8 @@ def _factorised_split(left: float, width: int, vocab: int, used_tokens: int) -> 
     """(rank, frequent_tokens) that ``left`` parameters of word embeddings buy."""
     frequent = max(0, min(used_tokens, int(left * FREQUENT_SHARE / width) - 1))
     rank = int((left - (frequent + 1) * width) // (vocab + width))
-    return rank, frequent
+    # A table has no more singular vectors than its width: a larger rank buys nothing.
+    return min(rank, width), frequent
 
 
 def _tight_split(left: float, width: int, vocab: int, used_tokens: int) -> tuple[int, int]:
@@ -359,7 +361,88 @@ def _tight_split(left: float, width: int, vocab: int, used_tokens: int) -> tuple
     least_rank = MIN_EMBEDDING_RANK * (vocab + width)
     frequent = max(0, min(used_tokens, int((left - least_rank) // width) - 1))
     rank = int((left - (frequent + 1) * width) // (vocab + width))
-    return rank, frequent
+    return min(rank, width), frequent
+
+
+@dataclass(frozen=True)
+class PrunedSize:
+    """A narrower student cut from the teacher's layers (:func:`choose_pruned_size`)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    rank: int
+    frequent_tokens: int
+
+
+def choose_pruned_size(
+    spec: StudentSpec,
+    teacher_config: Any,
+    head: Head,
+    teacher_parameters: int,
+    dense_of: Callable[[int], int],
+    used_tokens: int,
+) -> PrunedSize | None:
+    """A narrower student, cut from the teacher's layers, that fits the budget.
+
+    For a budget no teacher-width student fits (:func:`choose_factorised_size`): the
+    widest student of whole teacher heads (one head less each try) that fits, at that
+    width the deepest, its feed-forward layers in the teacher's proportion to the width
+    and its word embeddings factorised (rank :data:`MIN_EMBEDDING_RANK` or more; full rows
+    for frequent tokens as :func:`choose_factorised_size` gives them, else fewer). Each
+    part is cut from the teacher's (:mod:`~worker.engine.hf.pruning`), its bridges
+    counted. ``dense_of(width)`` is what the Dense layers (or the projection to the
+    teacher's embedding width) of a student of that width take. None when nothing fits,
+    nothing bounds the student, the spec sets its width or heads, or the family's layers
+    cannot be cut.
+    """
+    from worker.engine.hf.bridges import bridge_parameters
+    from worker.engine.hf.pruning import PRUNABLE_FAMILIES
+
+    budget = _budget(spec, teacher_parameters)
+    if (
+        budget is None
+        or teacher_config.model_type not in PRUNABLE_FAMILIES
+        or not spec.init_from_teacher
+        or spec.hidden_size is not None
+        or spec.num_heads is not None
+    ):
+        return None
+    width = int(teacher_config.hidden_size)
+    teacher_heads = int(teacher_config.num_attention_heads)
+    head_dim = width // teacher_heads
+    vocab = int(teacher_config.vocab_size)
+    teacher_layers = int(teacher_config.num_hidden_layers)
+    depths = [
+        depth
+        for depth in (
+            [spec.num_layers]
+            if spec.num_layers is not None
+            else range(max(1, teacher_layers - 1), 0, -1)
+        )
+        if depth <= teacher_layers
+    ]
+    for heads in range(teacher_heads - 1, 0, -1):
+        hidden = heads * head_dim
+        one, two = (
+            _parameter_count(
+                student_config(teacher_config, layers=layers, hidden=hidden, heads=heads), head
+            )
+            - vocab * hidden
+            for layers in (1, 2)
+        )
+        for split in (_factorised_split, _tight_split):
+            for depth in depths:
+                rest = (
+                    one
+                    + (depth - 1) * (two - one)
+                    + dense_of(hidden)
+                    + bridge_parameters(choose_layers(teacher_layers, depth), hidden)
+                )
+                rank, frequent = split(budget - rest, hidden, vocab, used_tokens)
+                if rank >= MIN_EMBEDDING_RANK:
+                    return PrunedSize(depth, hidden, heads, rank, frequent)
+    return None
 
 
 def choose_cut_depth(
@@ -416,14 +499,16 @@ def largest_compression_from_teacher(
     teacher_parameters: int,
     dense_parameters: int,
     used_tokens: int,
+    dense_of: Callable[[int], int] | None = None,
 ) -> float:
     """The largest ``student.compression`` at which the student still starts from the teacher.
 
     That is, at which :func:`choose_factorised_size` still finds a teacher-width
     student (its one-layer student, feed-forward layers pruned to the least it
-    allows, with rank :data:`MIN_EMBEDDING_RANK`), found by bisection and rounded
-    down to a tenth. Any larger compression gets a narrower student trained from
-    random weights. 1.0 when none fits at all.
+    allows, with rank :data:`MIN_EMBEDDING_RANK`) or, given ``dense_of`` (see
+    :func:`choose_pruned_size`), one cut from the teacher still fits, found by
+    bisection and rounded down to a tenth. Any larger compression gets a narrower
+    student trained from random weights. 1.0 when none fits at all.
     """
 
     def fits(compression: float) -> bool:
@@ -431,6 +516,11 @@ def largest_compression_from_teacher(
         size = choose_factorised_size(
             spec, teacher_config, head, teacher_parameters, dense_parameters, used_tokens
         )
+        if size is None and dense_of is not None:
+            pruned = choose_pruned_size(
+                spec, teacher_config, head, teacher_parameters, dense_of, used_tokens
+            )
+            return pruned is not None
         return size is not None
 
     low, high = 1.0, 2.0

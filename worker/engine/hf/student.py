@@ -12,10 +12,12 @@ from worker.engine.errors import SpecInvalid, TeacherIncompatible
 from worker.engine.hf.bridges import bridged_layers, fit_bridges, insert_bridges
 from worker.engine.hf.embeddings import FactorisedEmbedding, VocabularyCut
 from worker.engine.hf.families import Head, make_config, make_model
+from worker.engine.hf.pruning import cut_state, fit_projection, kept_parts, rank_parts
 from worker.engine.hf.sizing import (
     choose_cut_depth,
     choose_factorised_size,
     choose_layers,
+    choose_pruned_size,
     choose_size,
     intermediate_size,
     student_config,
@@ -153,10 +155,12 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
     else:
         layers, hidden, heads, embedding = _sized_design(spec, context, teacher)
         if embedding is not None:
-            feed_forward = embedding.pop("feed_forward")
+            feed_forward = embedding.pop("feed_forward", None)
     same_width = hidden == teacher_config.hidden_size
     same_shape = same_width and heads == teacher_config.num_attention_heads
-    from_teacher = spec.init_from_teacher and same_shape
+    # A narrower student is cut from the teacher only where _pruned_design chose it.
+    cut = not same_shape and embedding is not None
+    from_teacher = spec.init_from_teacher and (same_shape or cut)
     if from_teacher and layers > teacher_layers and teacher.model_type != "albert":
         raise SpecInvalid(
             f"a student initialised from the teacher has at most its {teacher_layers} "
@@ -183,19 +187,98 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
         word_embeddings=embedding,
     )
     chosen = choose_layers(teacher_layers, layers) if from_teacher else None
-    if chosen is not None:
+    rows = {
+        name: torch.as_tensor(value)
+        for name, value in (getattr(context, "sample_inputs", None) or {}).items()
+    }
+    channels = None
+    if chosen is not None and cut:
+        channels = _cut_from_teacher(
+            student, teacher, chosen, rows, getattr(context, "token_counts", None)
+        )
+    elif chosen is not None:
         _init_from_teacher(student, teacher, chosen, getattr(context, "token_counts", None))
     student.config["initialised_from_teacher_layers"] = chosen
     if chosen is not None and student.model_type != "albert":
         _add_bridges(student, bridged_layers(chosen))
-        rows = getattr(context, "sample_inputs", None) or {}
-        fit_bridges(
-            _layer_stack(student),
-            chosen,
-            teacher,
-            {name: torch.as_tensor(value) for name, value in rows.items()},
-        )
+        fit_bridges(_layer_stack(student), chosen, teacher, rows, channels=channels)
+    if channels is not None and student.dense and not teacher.dense:
+        projection = student.get_submodule("dense.0.0")
+        assert isinstance(projection, nn.Linear)
+        fit_projection(student, teacher, projection, rows)
     return student
+
+
+def _cut_from_teacher(
+    student: HFEncoder,
+    teacher: HFEncoder,
+    chosen: list[int],
+    rows: dict[str, torch.Tensor],
+    token_counts: Any = None,
+) -> torch.Tensor:
+    """Seed a narrower ``student`` with the teacher's most important parts; returns the
+    residual-stream channels it kept (:mod:`~worker.engine.hf.pruning`).
+
+    Its layers are cut from teacher layers ``chosen``, its embeddings (word embeddings
+    factorised from the teacher's table cut to those channels), pooler and head from the
+    teacher's; the teacher's Dense layers take the kept channels of each pooled block. A
+    projection to the teacher's embedding width is left to :func:`fit_projection`.
+    """
+    config = student.hf_config
+    importance = rank_parts(teacher, rows)
+    teacher_config = teacher.hf_config
+    head_dim = int(teacher_config.hidden_size) // int(teacher_config.num_attention_heads)
+    channels, dims, units = kept_parts(
+        importance,
+        chosen,
+        int(config.hidden_size),
+        int(config.num_attention_heads),
+        intermediate_size(config),
+        head_dim,
+    )
+    stack = re.escape(student.layer_stack()) + r"\.(\d+)\."
+    factorised = _factorised_embedding(student)
+    skipped = (_module_name(student, factorised) + ".",) if factorised is not None else ()
+    own = student.state_dict()
+    key_in_teacher: dict[str, str] = {}
+    layer_of: dict[str, int] = {}
+    for key in own:
+        if key.startswith((*skipped, "dense.")):
+            continue
+        match = re.match(stack, key)
+        key_in_teacher[key] = key
+        if match:
+            layer_of[key] = int(match.group(1))
+            index = str(chosen[layer_of[key]])
+            key_in_teacher[key] = key[: match.start(1)] + index + key[match.end(1) :]
+    source = teacher.state_dict()
+    state = dict(own)
+    state.update(
+        cut_state(
+            {key: own[key] for key in key_in_teacher},
+            source,
+            key_in_teacher,
+            channels,
+            dims,
+            units,
+            layer_of,
+        )
+    )
+    if teacher.dense:
+        width = int(teacher_config.hidden_size)
+        blocks = torch.cat([channels + block * width for block in range(len(teacher.pooling))])
+        for key in own:
+            if key.startswith("dense."):
+                state[key] = source[key]
+        state["dense.0.0.weight"] = source["dense.0.0.weight"].index_select(1, blocks)
+    student.load_state_dict(state, strict=True)
+    if factorised is not None:
+        table = input_embeddings(teacher.model).get_parameter("weight").detach()
+        factorised.initialise(
+            table.index_select(1, channels.to(table.device)),
+            None if token_counts is None else torch.as_tensor(token_counts),
+        )
+    return channels
 
 
 def _layer_stack(encoder: HFEncoder) -> nn.ModuleList:
@@ -216,7 +299,9 @@ def _sized_design(
     """(layers, hidden, heads, word embeddings) under the budget, the teacher's vocabulary kept.
 
     :func:`choose_size` first; where it would narrow the student (or finds nothing that
-    fits), a teacher-width student with factorised word embeddings is preferred.
+    fits), a teacher-width student with factorised word embeddings is preferred, and where
+    none fits, a narrower one cut from the teacher's layers (:func:`choose_pruned_size`)
+    with factorised word embeddings too, before one from random weights.
     """
     teacher_config = teacher.hf_config
     teacher_shape = (teacher_config.hidden_size, teacher_config.num_attention_heads)
@@ -233,9 +318,42 @@ def _sized_design(
     )
     if embedding is not None:
         layers, (hidden, heads) = embedding.pop("layers"), teacher_shape
+    elif (hidden, heads) != teacher_shape and (pruned := _pruned_design(spec, context, teacher)):
+        layers, hidden, heads = pruned.layers, pruned.hidden, pruned.heads
+        embedding = {"rank": pruned.rank, "frequent_tokens": pruned.frequent_tokens}
     elif narrowed is not None:
         raise narrowed
     return layers, hidden, heads, embedding
+
+
+def _pruned_design(spec: StudentSpec, context: StudentContext, teacher: HFEncoder) -> Any:
+    """The :class:`~worker.engine.hf.sizing.PrunedSize` of a narrower student cut from the
+    teacher, or None (see :func:`choose_pruned_size`)."""
+    config = teacher.hf_config
+    table = input_embeddings(teacher.model)
+    if not (
+        isinstance(table, nn.Embedding)
+        and table.weight.shape == (config.vocab_size, config.hidden_size)
+    ):
+        return None
+    teacher_parameters = context.teacher_parameters or _parameter_count(teacher)
+    return choose_pruned_size(
+        spec,
+        config,
+        teacher.head,
+        teacher_parameters,
+        lambda width: dense_parameters(teacher, width),
+        _used_tokens(context),
+    )
+
+
+def dense_parameters(teacher: HFEncoder, width: int) -> int:
+    """Parameters of the Dense layers (or the projection to the teacher's embedding width)
+    of a student ``width`` wide."""
+    return sum(
+        (layer["in_features"] + int(layer.get("bias", True))) * layer["out_features"]
+        for layer in _student_dense(teacher, width)
+    )
 
 
 def _cut_design(

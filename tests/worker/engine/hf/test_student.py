@@ -109,11 +109,16 @@ def test_student_size_follows_the_budget(teacher: HuggingFaceTeacher) -> None:
     mild = build_student(StudentSpec(compression=1.3), context)
     assert mild.config["hf_config"]["hidden_size"] == 32
     assert mild.config["initialised_from_teacher_layers"] is not None
-    # A stronger one needs a narrower model, which starts from scratch.
+    # A stronger one needs a narrower model, cut from the teacher's layers.
     strong = build_student(StudentSpec(compression=2.5), context)
     assert strong.config["hf_config"]["hidden_size"] < 32
-    assert strong.config["initialised_from_teacher_layers"] is None
+    assert strong.config["initialised_from_teacher_layers"] is not None
     assert _parameter_count(strong) <= teacher.signature.parameters / 2.5
+    # Stronger still, even one head's width cut from the teacher leaves no room for word
+    # embeddings of rank 16: the student starts from scratch.
+    scratch = build_student(StudentSpec(compression=6), context)
+    assert scratch.config["initialised_from_teacher_layers"] is None
+    assert _parameter_count(scratch) <= teacher.signature.parameters / 6
     with pytest.raises(SpecInvalid) as error:
         build_student(StudentSpec(compression=1000), context)
     assert error.value.field == "student.compression"
@@ -187,9 +192,12 @@ def _minilm_config() -> Any:
     from transformers import BertConfig
 
     return BertConfig(
-        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
         intermediate_size=1536,
-    )  # fmt: skip
+    )
 
 
 def test_factorised_embedding_is_exact_for_frequent_tokens() -> None:
@@ -304,8 +312,14 @@ def test_the_transfer_sets_vocabulary_leaves_the_budget_to_layers() -> None:
     assert choose_cut_depth(spec, config, "base", teacher_parameters, 0, 4000) == 2
     assert choose_cut_depth(spec, config, "base", teacher_parameters, 0, 8000) == 1
     with pytest.raises(SpecInvalid) as raised:
-        choose_cut_depth(StudentSpec(compression=20, vocabulary="transfer"), config, "base",
-                         teacher_parameters, 0, 8000)  # fmt: skip
+        choose_cut_depth(
+            StudentSpec(compression=20, vocabulary="transfer"),
+            config,
+            "base",
+            teacher_parameters,
+            0,
+            8000,
+        )
     assert raised.value.field == "student.compression"
 
 
@@ -381,8 +395,9 @@ def test_a_budget_below_a_whole_layer_prunes_the_teachers_feed_forward_units(
     w_out = theirs[source + "output.dense.weight"]
     kept = (w_in.norm(dim=1) * w_out.norm(dim=0)).topk(units).indices.sort().values
     torch.testing.assert_close(mine[layer + "intermediate.dense.weight"], w_in[kept])
-    torch.testing.assert_close(mine[layer + "intermediate.dense.bias"],
-                               theirs[source + "intermediate.dense.bias"][kept])  # fmt: skip
+    torch.testing.assert_close(
+        mine[layer + "intermediate.dense.bias"], theirs[source + "intermediate.dense.bias"][kept]
+    )
     torch.testing.assert_close(mine[layer + "output.dense.weight"], w_out[:, kept])
     # Attention is the teacher's whole.
     key = "attention.self.query.weight"
@@ -466,3 +481,124 @@ def test_a_one_layer_student_is_the_teachers_last_layer_fed_by_a_bridge_from_the
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(**batch), student.eval()(**batch))
     _export_and_compare(student, teacher.tokenizer, tmp_path / "one_layer.onnx")
+
+
+def test_the_parts_kept_are_those_that_carry_the_teachers_states(
+    teacher: HuggingFaceTeacher,
+) -> None:
+    import copy
+
+    from worker.engine.hf.pruning import kept_parts, rank_parts
+
+    rows, _ = _rows_to_fit_bridges_on(teacher, seed=3)
+    module = copy.deepcopy(teacher.module)
+    with torch.no_grad():
+        for name, norm in module.named_modules():
+            if name.endswith("LayerNorm"):
+                # Channels 0 to 15 are zero after every LayerNorm: nothing flows through them.
+                norm.weight[:16] = 0
+                norm.bias[:16] = 0
+        for layer in module.get_submodule(module.layer_stack()):
+            # Heads 1 and 3 (dims 8-15, 24-31) and units 0 to 31 write nothing out.
+            layer.attention.output.dense.weight[:, 8:16] = 0
+            layer.attention.output.dense.weight[:, 24:32] = 0
+            layer.output.dense.weight[:, :32] = 0
+    channels, dims, units = kept_parts(
+        rank_parts(module, rows), [0, 3], width=16, heads=2, units=32, head_dim=8
+    )
+    assert channels.tolist() == list(range(16, 32))
+    for layer_dims, layer_units in zip(dims, units, strict=True):
+        assert layer_dims.tolist() == [*range(0, 8), *range(16, 24)]
+        assert layer_units.tolist() == list(range(32, 64))
+    # Without rows to run, the weights alone rank them, to the same effect.
+    channels, dims, units = kept_parts(
+        rank_parts(module, {}), [0, 3], width=16, heads=2, units=32, head_dim=8
+    )
+    assert channels.tolist() == list(range(16, 32))
+    assert dims[1].tolist() == [*range(0, 8), *range(16, 24)]
+    assert units[1].tolist() == list(range(32, 64))
+
+
+def test_a_narrower_student_is_cut_from_the_teachers_heads_channels_and_units(
+    teacher: HuggingFaceTeacher, tmp_path: Path
+) -> None:
+    from worker.engine.hf.embeddings import FactorisedEmbedding
+    from worker.engine.hf.pruning import kept_parts, rank_parts
+
+    rows, context = _rows_to_fit_bridges_on(teacher, seed=2)
+    # No student of the teacher's width fits a third of it: 2 of its 4 heads, 16 wide.
+    student = build_student(StudentSpec(compression=3), context)
+    assert (student.hf_config.hidden_size, student.hf_config.num_attention_heads) == (16, 2)
+    assert student.config["initialised_from_teacher_layers"] == [0, 2, 3]
+    assert student.config["bridges"] == [1]
+    assert isinstance(student.model.get_input_embeddings(), FactorisedEmbedding)
+    assert _parameter_count(student) <= teacher.signature.parameters / 3
+
+    channels, dims, units = kept_parts(
+        rank_parts(teacher.module, rows), [0, 2, 3], width=16, heads=2, units=32, head_dim=8
+    )
+    mine, theirs = student.state_dict(), teacher.module.state_dict()
+    for index, (source, prefix) in enumerate(
+        [
+            (0, "model.bert.encoder.layer.0."),
+            (2, "model.bert.encoder.layer.1.layer."),
+            (3, "model.bert.encoder.layer.2."),
+        ]
+    ):
+        teacher_prefix = f"model.bert.encoder.layer.{source}."
+        query = theirs[teacher_prefix + "attention.self.query.weight"]
+        assert torch.equal(
+            mine[prefix + "attention.self.query.weight"], query[dims[index]][:, channels]
+        )
+        output = theirs[teacher_prefix + "output.dense.weight"]
+        assert torch.equal(mine[prefix + "output.dense.weight"], output[channels][:, units[index]])
+        norm = theirs[teacher_prefix + "output.LayerNorm.weight"]
+        assert torch.equal(mine[prefix + "output.LayerNorm.weight"], norm[channels])
+    classifier = theirs["model.classifier.weight"]
+    assert torch.equal(mine["model.classifier.weight"], classifier[:, channels])
+    positions = theirs["model.bert.embeddings.position_embeddings.weight"]
+    assert torch.equal(
+        mine["model.bert.embeddings.position_embeddings.weight"], positions[:, channels]
+    )
+
+    rebuilt = rebuild_student(json.loads(json.dumps(student.config)))
+    rebuilt.load_state_dict(student.state_dict())
+    batch = text_batch(teacher.tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(**batch), student.eval()(**batch))
+    _export_and_compare(student, teacher.tokenizer, tmp_path / "cut.onnx")
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["projection", "dense"])
+def test_a_narrower_embedding_student_gives_the_teachers_width_back(
+    models: dict[str, Any], tmp_path: Path, dense: bool
+) -> None:
+    from worker.engine.hf.pruning import fit_projection
+
+    _, folder = sentence_transformer(models, f"st_{dense}", "mean", dense, True)
+    teacher = load_on_cpu(folder, tmp_path / "work")
+    rows, context = _rows_to_fit_bridges_on(teacher, seed=4)
+    context = replace(context, task="embedding")
+    student = build_student(StudentSpec(compression=3), context)
+    assert student.hf_config.hidden_size < 32
+    assert student.config["initialised_from_teacher_layers"] is not None
+    projection = student.get_submodule("dense.0.0")
+    assert isinstance(projection, torch.nn.Linear)
+    assert projection.out_features == (16 if dense else 32)
+    width = student.hf_config.hidden_size
+    assert projection.in_features == width
+    if dense:
+        # The teacher's Dense layer keeps the columns of the channels the student kept.
+        teacher_dense = teacher.module.get_submodule("dense.0.0").weight
+        columns = [
+            column
+            for column in range(32)
+            if any(torch.equal(teacher_dense[:, column], mine) for mine in projection.weight.T)
+        ]
+        assert len(columns) == width
+    else:
+        # The projection was fitted on the rows: fitting it again changes nothing.
+        fitted = projection.weight.detach().clone()
+        assert fit_projection(student, teacher.module, projection, rows) == len(rows["input_ids"])
+        torch.testing.assert_close(projection.weight, fitted)
+    _export_and_compare(student, teacher.tokenizer, tmp_path / "cut.onnx")
