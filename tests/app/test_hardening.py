@@ -31,7 +31,7 @@ from tests.app.conftest import Tenants
 from tests.app.factories import npz_dataset, tiny_onnx_classifier
 from tests.app.http import assert_problem
 from tests.app.servers import Server, uvicorn_server
-from tests.app.test_upload_memory import PeakRss, post_chunked
+from tests.app.test_upload_memory import IO_SECONDS, PeakRss, post_chunked
 
 MiB = 1024 * 1024
 JSON_CAP = 1 * MiB
@@ -99,6 +99,7 @@ def test_a_48mb_json_body_is_refused_with_413_while_it_streams(
         f"{server.base_url}/v1/jobs",
         headers={**headers, "Expect": "100-continue"},
         content=b"{" + b" " * (48 * MiB) + b"}",
+        timeout=IO_SECONDS,
     )
     assert declared.status_code == 413, declared.text
     assert declared.json()["code"] == "body_too_large"
@@ -107,6 +108,7 @@ def test_a_48mb_json_body_is_refused_with_413_while_it_streams(
         f"{server.base_url}/v1/models",
         headers=tenants.acme,
         files={"file": ("t.onnx", b"\0" * (2 * JSON_CAP))},
+        timeout=IO_SECONDS,
     )
     assert upload.status_code != 413, upload.text
     # A spec under the cap is still read and validated.
