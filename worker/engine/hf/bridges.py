@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from worker.engine.hf.wrapper import HFEncoder
+from worker.engine.hf.wrapper import HFEncoder, row_batches
 
 #: Ridge penalty on the bridge's weights, as a share of the mean squared token state.
 RIDGE = 1e-3
@@ -100,22 +100,10 @@ def fit_bridges(
         return 0
     indices = list(bridges)
     width = int(bridges[indices[0]].in_features)
-    device = next(teacher.parameters()).device
     gram = {index: torch.zeros(width + 1, width + 1, dtype=torch.float64) for index in indices}
     cross = {index: torch.zeros(width + 1, width, dtype=torch.float64) for index in indices}
     tokens = 0
-    size = min(len(rows["input_ids"]), FIT_ROWS)
-    for start in range(0, size, FIT_BATCH):
-        batch = {
-            name: value[start : min(start + FIT_BATCH, size)].to(device)
-            for name, value in rows.items()
-        }
-        inputs = teacher.model_inputs(
-            batch["input_ids"],
-            batch.get("attention_mask"),
-            batch.get("token_type_ids"),
-            trim=True,
-        )
+    for inputs in row_batches(teacher, rows, FIT_ROWS, FIT_BATCH):
         states = teacher.model(**inputs, output_hidden_states=True).hidden_states
         attended = inputs["attention_mask"].ne(0)
         tokens += int(attended.sum())
@@ -131,11 +119,21 @@ def fit_bridges(
     if tokens == 0:
         return 0
     for index in indices:
-        penalty = torch.eye(width + 1, dtype=torch.float64)
-        penalty[width, width] = 0.0  # the bias is not penalised
-        scale = RIDGE * float(gram[index].diagonal()[:width].mean())
-        solution = torch.linalg.solve(gram[index] + scale * penalty, cross[index])
-        bridge = bridges[index]
-        bridge.weight.copy_(solution[:width].T.to(bridge.weight.dtype))
-        bridge.bias.copy_(solution[width].to(bridge.bias.dtype))
+        set_ridge_solution(bridges[index], gram[index], cross[index], RIDGE)
     return tokens
+
+
+def set_ridge_solution(linear: nn.Linear, gram: Tensor, cross: Tensor, ridge: float) -> None:
+    """Set ``linear`` to the ridge solution of its normal equations.
+
+    ``gram`` is X'X and ``cross`` X'Y for inputs X with a column of ones last (the bias,
+    not penalised); the penalty is ``ridge`` times the mean of X'X's diagonal.
+    """
+    features = linear.in_features
+    penalty = torch.eye(features + 1, dtype=gram.dtype)
+    penalty[features, features] = 0.0
+    scale = ridge * float(gram.diagonal()[:features].mean())
+    solution = torch.linalg.solve(gram + scale * penalty, cross)
+    linear.weight.copy_(solution[:features].T.to(linear.weight.dtype))
+    if linear.bias is not None:
+        linear.bias.copy_(solution[features].to(linear.bias.dtype))

@@ -24,13 +24,15 @@ cut; any other gets a narrower student from random weights, as before.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from worker.engine.hf.bridges import set_ridge_solution
 from worker.engine.hf.pooling import pool
-from worker.engine.hf.wrapper import HFEncoder
+from worker.engine.hf.wrapper import HFEncoder, row_batches
 
 #: Families whose layers keep BERT's parameter names (``attention.self.query``,
 #: ``attention.output.dense``, ``intermediate.dense``, ``output.dense``, ``LayerNorm``) and
@@ -105,7 +107,7 @@ def rank_parts(teacher: HFEncoder, rows: dict[str, Tensor]) -> Importance:
     ]
     attended: list[Tensor] = []
 
-    def on_context(index: int):  # type: ignore[no-untyped-def]
+    def on_context(index: int) -> Callable[[nn.Module, object, object], None]:
         def hook(module: nn.Module, args: object, output: object) -> None:
             states = output[0] if isinstance(output, tuple) else output
             assert isinstance(states, Tensor)
@@ -114,13 +116,12 @@ def rank_parts(teacher: HFEncoder, rows: dict[str, Tensor]) -> Importance:
 
         return hook
 
-    def on_units(index: int):  # type: ignore[no-untyped-def]
+    def on_units(index: int) -> Callable[[nn.Module, object, Tensor], None]:
         def hook(module: nn.Module, args: object, output: Tensor) -> None:
             activity[index] += output[attended[0]].abs().double().sum(0).cpu()
 
         return hook
 
-    size = min(len(rows.get("input_ids", ())), RANK_ROWS)
     handles = [
         hook
         for index, layer in enumerate(stack)
@@ -129,19 +130,8 @@ def rank_parts(teacher: HFEncoder, rows: dict[str, Tensor]) -> Importance:
             layer.get_submodule("intermediate").register_forward_hook(on_units(index)),
         )
     ]
-    device = next(teacher.parameters()).device
     try:
-        for start in range(0, size, RANK_BATCH):
-            batch = {
-                name: value[start : min(start + RANK_BATCH, size)].to(device)
-                for name, value in rows.items()
-            }
-            inputs = teacher.model_inputs(
-                batch["input_ids"],
-                batch.get("attention_mask"),
-                batch.get("token_type_ids"),
-                trim=True,
-            )
+        for inputs in row_batches(teacher, rows, RANK_ROWS, RANK_BATCH):
             attended[:] = [inputs["attention_mask"].ne(0)]
             states = teacher.model(**inputs, output_hidden_states=True).hidden_states
             for state in states:
@@ -149,7 +139,7 @@ def rank_parts(teacher: HFEncoder, rows: dict[str, Tensor]) -> Importance:
     finally:
         for handle in handles:
             handle.remove()
-    if size == 0 or not bool(channels.any()):
+    if not bool(channels.any()):
         channels = sum(
             (
                 module.weight.detach().double().pow(2).cpu()
@@ -252,23 +242,19 @@ def fit_projection(
     any normalisation, over the first :data:`RANK_ROWS` of ``rows``; the input is the
     student's pooled token states. Returns the rows fitted on (0: left as it was).
     """
-    size = min(len(rows.get("input_ids", ())), RANK_ROWS)
-    if size == 0:
-        return 0
     features = projection.in_features
     gram = torch.zeros(features + 1, features + 1, dtype=torch.float64)
     cross = torch.zeros(features + 1, projection.out_features, dtype=torch.float64)
-    device = next(teacher.parameters()).device
+    own_device = next(student.parameters()).device
+    fitted = 0
     was_training = student.training
     student.eval()
     try:
-        for start in range(0, size, RANK_BATCH):
-            batch = {
-                name: value[start : min(start + RANK_BATCH, size)].to(device)
-                for name, value in rows.items()
-            }
-            source = _pooled(student, batch)
-            target = _pooled(teacher, batch)
+        for inputs in row_batches(teacher, rows, RANK_ROWS, RANK_BATCH):
+            source = _pooled(
+                student, {name: value.to(own_device) for name, value in inputs.items()}
+            )
+            target = _pooled(teacher, inputs)
             for layer in teacher.dense:
                 target = layer(target)
             source = torch.cat(
@@ -276,22 +262,15 @@ def fit_projection(
             )
             gram += source.T @ source
             cross += source.T @ target.double().cpu()
+            fitted += len(source)
     finally:
         student.train(was_training)
-    penalty = torch.eye(features + 1, dtype=torch.float64)
-    penalty[features, features] = 0.0  # the bias is not penalised
-    scale = RIDGE * float(gram.diagonal()[:features].mean())
-    solution = torch.linalg.solve(gram + scale * penalty, cross)
-    projection.weight.copy_(solution[:features].T.to(projection.weight.dtype))
-    if projection.bias is not None:
-        projection.bias.copy_(solution[features].to(projection.bias.dtype))
-    return size
+    if fitted:
+        set_ridge_solution(projection, gram, cross, RIDGE)
+    return fitted
 
 
-def _pooled(encoder: HFEncoder, batch: dict[str, Tensor]) -> Tensor:
-    """The encoder's pooled token states on ``batch``, before its Dense layers."""
-    inputs = encoder.model_inputs(
-        batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"), trim=True
-    )
+def _pooled(encoder: HFEncoder, inputs: dict[str, Tensor]) -> Tensor:
+    """The encoder's pooled token states on model ``inputs``, before its Dense layers."""
     hidden = encoder.model(**inputs).last_hidden_state.float()
     return pool(hidden, inputs["attention_mask"], encoder.pooling)

@@ -274,15 +274,7 @@ def choose_factorised_size(
     vocab = int(teacher_config.vocab_size)
     teacher_layers = int(teacher_config.num_hidden_layers)
     full = intermediate_size(teacher_config)
-    depths = [
-        depth
-        for depth in (
-            [spec.num_layers]
-            if spec.num_layers is not None
-            else range(max(1, teacher_layers - 1), 0, -1)
-        )
-        if depth <= teacher_layers
-    ]
+    depths = _seeded_depths(spec, teacher_layers)
     # Whatever the embedding table needs at the least rank, with its frequent rows.
     least = _least_factorised_embeddings(width, vocab, used_tokens)
     floor = math.ceil(max(1, round(MIN_FEED_FORWARD_SHARE * width)) / FEED_FORWARD_STEP)
@@ -311,6 +303,14 @@ def choose_factorised_size(
             assert factorised_parameters(vocab, width, rank, frequent) + rest <= budget
             return FactorisedSize(depth, rank, frequent, feed_forward)
     return None
+
+
+def _seeded_depths(spec: StudentSpec, teacher_layers: int) -> list[int]:
+    """Depths of a student seeded from the teacher's layers, deepest first: ``num_layers``
+    if given (and no deeper than the teacher), else every depth below the teacher's."""
+    if spec.num_layers is not None:
+        return [spec.num_layers] if spec.num_layers <= teacher_layers else []
+    return list(range(max(1, teacher_layers - 1), 0, -1))
 
 
 def _least_factorised_embeddings(width: int, vocab: int, used_tokens: int) -> int:
@@ -413,15 +413,7 @@ def choose_pruned_size(
     head_dim = width // teacher_heads
     vocab = int(teacher_config.vocab_size)
     teacher_layers = int(teacher_config.num_hidden_layers)
-    depths = [
-        depth
-        for depth in (
-            [spec.num_layers]
-            if spec.num_layers is not None
-            else range(max(1, teacher_layers - 1), 0, -1)
-        )
-        if depth <= teacher_layers
-    ]
+    depths = _seeded_depths(spec, teacher_layers)
     for heads in range(teacher_heads - 1, 0, -1):
         hidden = heads * head_dim
         one, two = (

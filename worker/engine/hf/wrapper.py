@@ -6,6 +6,7 @@ both compute their output (logits or pooled embedding) the same way.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -158,6 +159,25 @@ class HFEncoder(nn.Module):
         """Dotted names of the encoder layers, first to last."""
         stack = self.get_submodule(self.layer_stack())
         return [f"{self.layer_stack()}.{index}" for index in range(len(stack))]  # type: ignore[arg-type]
+
+
+def row_batches(
+    encoder: HFEncoder, rows: dict[str, Tensor], limit: int, size: int
+) -> Iterator[dict[str, Tensor]]:
+    """The first ``limit`` of ``rows``, ``size`` at a time, as ``encoder``'s model inputs on
+    its device (padding columns no row attends to trimmed)."""
+    device = next(encoder.parameters()).device
+    limit = min(len(rows.get("input_ids", ())), limit)
+    for start in range(0, limit, size):
+        batch = {
+            name: value[start : min(start + size, limit)].to(device) for name, value in rows.items()
+        }
+        yield encoder.model_inputs(
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            batch.get("token_type_ids"),
+            trim=True,
+        )
 
 
 def trim_padding(

@@ -498,11 +498,13 @@ def test_the_parts_kept_are_those_that_carry_the_teachers_states(
                 # Channels 0 to 15 are zero after every LayerNorm: nothing flows through them.
                 norm.weight[:16] = 0
                 norm.bias[:16] = 0
-        for layer in module.get_submodule(module.layer_stack()):
+        for index in range(4):
+            layer = f"{module.layer_stack()}.{index}"
             # Heads 1 and 3 (dims 8-15, 24-31) and units 0 to 31 write nothing out.
-            layer.attention.output.dense.weight[:, 8:16] = 0
-            layer.attention.output.dense.weight[:, 24:32] = 0
-            layer.output.dense.weight[:, :32] = 0
+            attention = module.get_parameter(f"{layer}.attention.output.dense.weight")
+            attention[:, 8:16] = 0
+            attention[:, 24:32] = 0
+            module.get_parameter(f"{layer}.output.dense.weight")[:, :32] = 0
     channels, dims, units = kept_parts(
         rank_parts(module, rows), [0, 3], width=16, heads=2, units=32, head_dim=8
     )
@@ -531,7 +533,9 @@ def test_a_narrower_student_is_cut_from_the_teachers_heads_channels_and_units(
     assert (student.hf_config.hidden_size, student.hf_config.num_attention_heads) == (16, 2)
     assert student.config["initialised_from_teacher_layers"] == [0, 2, 3]
     assert student.config["bridges"] == [1]
-    assert isinstance(student.model.get_input_embeddings(), FactorisedEmbedding)
+    assert isinstance(
+        student.get_submodule("model.bert.embeddings.word_embeddings"), FactorisedEmbedding
+    )
     assert _parameter_count(student) <= teacher.signature.parameters / 3
 
     channels, dims, units = kept_parts(
@@ -589,7 +593,7 @@ def test_a_narrower_embedding_student_gives_the_teachers_width_back(
     assert projection.in_features == width
     if dense:
         # The teacher's Dense layer keeps the columns of the channels the student kept.
-        teacher_dense = teacher.module.get_submodule("dense.0.0").weight
+        teacher_dense = teacher.module.get_parameter("dense.0.0.weight")
         columns = [
             column
             for column in range(32)
