@@ -108,6 +108,7 @@ def choose_size(
     head: Head,
     teacher_parameters: int,
     dense_parameters: int,
+    dense_of: Callable[[int], int] | None = None,
 ) -> tuple[int, int, int]:
     """(layers, hidden, heads) for the student.
 
@@ -118,7 +119,9 @@ def choose_size(
     budget requires it. With ``num_layers`` given, ``compression`` is not
     applied: the teacher's width is kept unless ``hidden_size`` or
     ``max_parameters`` says otherwise. ``dense_parameters`` (the teacher's
-    Dense layers) count in proportion to the student's width.
+    Dense layers) count in proportion to the student's width; ``dense_of(width)``, where
+    given, counts instead what a student of that width ends in (a narrower embedding
+    student's projection to the teacher's width included).
     """
     width = int(teacher_config.hidden_size)
     budget = _budget(spec, teacher_parameters)
@@ -136,7 +139,7 @@ def choose_size(
             student_config(teacher_config, layers=2, hidden=hidden, heads=heads), head
         )
         per_layer = two_layers - one_layer
-        dense_share = dense_parameters * hidden / width
+        dense_share = dense_of(hidden) if dense_of else dense_parameters * hidden / width
         seeded = spec.init_from_teacher and hidden == width
         fits = [
             depth

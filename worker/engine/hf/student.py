@@ -307,7 +307,11 @@ def _sized_design(
     teacher_shape = (teacher_config.hidden_size, teacher_config.num_attention_heads)
     try:
         layers, hidden, heads = choose_size(
-            spec, teacher_config, teacher.head, *_sizes(context, teacher)
+            spec,
+            teacher_config,
+            teacher.head,
+            *_sizes(context, teacher),
+            lambda width: dense_parameters(teacher, width),
         )
         narrowed: SpecInvalid | None = None
     except SpecInvalid as error:

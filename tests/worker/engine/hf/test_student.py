@@ -606,3 +606,18 @@ def test_a_narrower_embedding_student_gives_the_teachers_width_back(
         assert fit_projection(student, teacher.module, projection, rows) == len(rows["input_ids"])
         torch.testing.assert_close(projection.weight, fitted)
     _export_and_compare(student, teacher.tokenizer, tmp_path / "cut.onnx")
+
+
+def test_a_narrower_embedding_student_counts_its_projection_in_the_budget(
+    models: dict[str, Any], tmp_path: Path
+) -> None:
+    _, folder = sentence_transformer(models, "st_budget", "mean", False, True)
+    teacher = load_on_cpu(folder, tmp_path / "work")
+    context = replace(student_context(teacher), task="embedding")
+    # An eighth of this teacher is past what a student cut from it fits: 8 wide, from random
+    # weights, ending in a projection to the teacher's 32-wide embedding, which the budget
+    # counts (it took the student 148 parameters over it when only Dense layers were).
+    student = build_student(StudentSpec(compression=8), context)
+    assert student.config["initialised_from_teacher_layers"] is None
+    assert student.get_submodule("dense.0.0").out_features == 32
+    assert _parameter_count(student) <= teacher.signature.parameters / 8
