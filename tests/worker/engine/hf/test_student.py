@@ -124,6 +124,16 @@ def test_student_size_follows_the_budget(teacher: HuggingFaceTeacher) -> None:
     assert error.value.field == "student.compression"
 
 
+def _rebuild_export_and_compare(student: HFEncoder, tokenizer: Any, path: Path) -> None:
+    """The student rebuilt from its config alone gives its outputs, and so does its export."""
+    rebuilt = rebuild_student(json.loads(json.dumps(student.config)))
+    rebuilt.load_state_dict(student.state_dict())
+    batch = text_batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(**batch), student.eval()(**batch))
+    _export_and_compare(student, tokenizer, path)
+
+
 def _export_and_compare(student: HFEncoder, tokenizer: Any, path: Path) -> None:
     """The TorchScript exporter, the engine exporter's fallback, on an unpadded example."""
     import onnxruntime as ort
@@ -402,12 +412,7 @@ def test_a_budget_below_a_whole_layer_prunes_the_teachers_feed_forward_units(
     # Attention is the teacher's whole.
     key = "attention.self.query.weight"
     torch.testing.assert_close(mine[layer + key], theirs[source + key])
-    rebuilt = rebuild_student(json.loads(json.dumps(student.config)))
-    rebuilt.load_state_dict(student.state_dict())
-    batch = text_batch(teacher.tokenizer)
-    with torch.no_grad():
-        torch.testing.assert_close(rebuilt.eval()(**batch), student.eval()(**batch))
-    _export_and_compare(student, teacher.tokenizer, tmp_path / "pruned.onnx")
+    _rebuild_export_and_compare(student, teacher.tokenizer, tmp_path / "pruned.onnx")
 
 
 def _rows_to_fit_bridges_on(
@@ -475,12 +480,7 @@ def test_a_one_layer_student_is_the_teachers_last_layer_fed_by_a_bridge_from_the
         bridged = layer.bridge(source)
     assert torch.mean((bridged - target) ** 2) < 0.8 * torch.mean((source - target) ** 2)
     # The bridge is in the student's config and its exported file.
-    rebuilt = rebuild_student(json.loads(json.dumps(student.config)))
-    rebuilt.load_state_dict(student.state_dict())
-    batch = text_batch(teacher.tokenizer)
-    with torch.no_grad():
-        torch.testing.assert_close(rebuilt.eval()(**batch), student.eval()(**batch))
-    _export_and_compare(student, teacher.tokenizer, tmp_path / "one_layer.onnx")
+    _rebuild_export_and_compare(student, teacher.tokenizer, tmp_path / "one_layer.onnx")
 
 
 def test_the_parts_kept_are_those_that_carry_the_teachers_states(
@@ -565,12 +565,7 @@ def test_a_narrower_student_is_cut_from_the_teachers_heads_channels_and_units(
         mine["model.bert.embeddings.position_embeddings.weight"], positions[:, channels]
     )
 
-    rebuilt = rebuild_student(json.loads(json.dumps(student.config)))
-    rebuilt.load_state_dict(student.state_dict())
-    batch = text_batch(teacher.tokenizer)
-    with torch.no_grad():
-        torch.testing.assert_close(rebuilt.eval()(**batch), student.eval()(**batch))
-    _export_and_compare(student, teacher.tokenizer, tmp_path / "cut.onnx")
+    _rebuild_export_and_compare(student, teacher.tokenizer, tmp_path / "cut.onnx")
 
 
 @pytest.mark.parametrize("dense", [False, True], ids=["projection", "dense"])
