@@ -259,10 +259,12 @@ def choose_factorised_size(
     tokens (at most ``used_tokens`` of them) and the rest to the low-rank table.
     The deepest student (``num_layers`` if given) whose rank is at least
     :data:`MIN_EMBEDDING_RANK` wins. Where no depth fits with the teacher's
-    feed-forward layers, the deepest one whose feed-forward layers, pruned to the
+    feed-forward layers, the shallowest one whose feed-forward layers, pruned to the
     widest multiple of :data:`FEED_FORWARD_STEP` that leaves that rank (and no
-    narrower than :data:`MIN_FEED_FORWARD_SHARE` of the width), fit wins: its
-    layers still start from the teacher's, keeping their most important units.
+    narrower than :data:`MIN_FEED_FORWARD_SHARE` of the width), fit wins: it keeps
+    the most units of each layer (all-MiniLM-L6-v2 at 7x: one layer of 1,384 units
+    gave a held-out cosine of 0.763 after 256 steps, two layers of 304 gave 0.750), and
+    its layers still start from the teacher's, keeping their most important units.
     Where even that leaves too little, the deepest one whose feed-forward layers are at
     that floor and whose word embeddings keep fewer frequent rows (or none) than
     :data:`FREQUENT_SHARE` would give, at rank :data:`MIN_EMBEDDING_RANK` or more, wins.
@@ -283,7 +285,7 @@ def choose_factorised_size(
     floor = math.ceil(max(1, round(MIN_FEED_FORWARD_SHARE * width)) / FEED_FORWARD_STEP)
     floor = min(full, floor * FEED_FORWARD_STEP)
     for pruned, tight in ((False, False), (True, False), (True, True)):
-        for depth in depths:
+        for depth in depths[::-1] if pruned and not tight else depths:
             rest = _rest_of_factorised(teacher_config, head, depth, dense_parameters)
             feed_forward = full
             if tight:

@@ -358,6 +358,9 @@ def test_the_largest_compression_that_starts_from_the_teacher_is_the_factorised_
     assert design(largest + 0.1) is None
     # Up to 6x the teacher's whole last layer fits, and it is kept whole.
     assert design(6).feed_forward == 1536 and design(8).feed_forward < 1536
+    # Past that, one layer keeps most of its units rather than two layers fewer each: at
+    # 7x two would keep 304 units each.
+    assert design(7).layers == 1 and 1000 < design(7).feed_forward < 1536
 
 
 def test_pruned_feed_forward_units_are_those_that_carry_the_output() -> None:
