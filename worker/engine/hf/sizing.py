@@ -71,15 +71,16 @@ def choose_layers(teacher_layers: int, student_layers: int) -> list[int]:
     return [round(index * step) for index in range(student_layers)]
 
 
-def bridges_of(teacher_config: Any, layers: int) -> int:
-    """Parameters of the :mod:`~worker.engine.hf.bridges` of a teacher-width student of
-    ``layers`` seeded from the teacher's (none for ALBERT, whose layers are shared)."""
+def bridges_of(teacher_config: Any, layers: int, width: int | None = None) -> int:
+    """Parameters of the :mod:`~worker.engine.hf.bridges` of a student of ``layers`` seeded
+    from the teacher's, at the teacher's width or ``width`` (none for ALBERT, whose layers
+    are shared)."""
     from worker.engine.hf.bridges import bridge_parameters
 
     if teacher_config.model_type == "albert" or layers > teacher_config.num_hidden_layers:
         return 0
     chosen = choose_layers(int(teacher_config.num_hidden_layers), layers)
-    return bridge_parameters(chosen, int(teacher_config.hidden_size))
+    return bridge_parameters(chosen, width or int(teacher_config.hidden_size))
 
 
 def intermediate_size(config: Any) -> int:
@@ -286,18 +287,15 @@ def choose_factorised_size(
     floor = min(full, floor * FEED_FORWARD_STEP)
     for pruned, tight in ((False, False), (True, False), (True, True)):
         for depth in depths[::-1] if pruned and not tight else depths:
-            rest = _rest_of_factorised(teacher_config, head, depth, dense_parameters)
-            feed_forward = full
-            if tight:
-                feed_forward = floor
-            elif pruned:
+            feed_forward = floor if tight else full
+            rest = _rest_of_factorised(teacher_config, head, depth, dense_parameters, feed_forward)
+            if pruned and not tight:
                 # Each feed-forward unit is an input row, its bias and an output column.
                 per_unit = depth * (2 * width + 1)
                 cut = math.ceil((rest + least - budget) / per_unit)
                 feed_forward = (full - max(cut, 1)) // FEED_FORWARD_STEP * FEED_FORWARD_STEP
                 if feed_forward < floor:
                     continue
-            if pruned:
                 rest = _rest_of_factorised(
                     teacher_config, head, depth, dense_parameters, feed_forward
                 )
@@ -401,7 +399,6 @@ def choose_pruned_size(
     nothing bounds the student, the spec sets its width or heads, or the family's layers
     cannot be cut.
     """
-    from worker.engine.hf.bridges import bridge_parameters
     from worker.engine.hf.pruning import PRUNABLE_FAMILIES
 
     budget = _budget(spec, teacher_parameters)
@@ -434,7 +431,7 @@ def choose_pruned_size(
                     one
                     + (depth - 1) * (two - one)
                     + dense_of(hidden)
-                    + bridge_parameters(choose_layers(teacher_layers, depth), hidden)
+                    + bridges_of(teacher_config, depth, hidden)
                 )
                 rank, frequent = split(budget - rest, hidden, vocab, used_tokens)
                 if rank >= MIN_EMBEDDING_RANK:
@@ -513,12 +510,14 @@ def largest_compression_from_teacher(
         size = choose_factorised_size(
             spec, teacher_config, head, teacher_parameters, dense_parameters, used_tokens
         )
-        if size is None and dense_of is not None:
-            pruned = choose_pruned_size(
+        if size is not None:
+            return True
+        return dense_of is not None and (
+            choose_pruned_size(
                 spec, teacher_config, head, teacher_parameters, dense_of, used_tokens
             )
-            return pruned is not None
-        return size is not None
+            is not None
+        )
 
     low, high = 1.0, 2.0
     if not fits(low):
