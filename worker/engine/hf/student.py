@@ -36,26 +36,17 @@ def _init_from_teacher(
     (:meth:`FactorisedEmbedding.initialise`, :meth:`VocabularyCut.initialise`, each
     led by ``token_counts``).
     """
-    stack = re.escape(student.layer_stack()) + r"\.(\d+)\."
     source = teacher.state_dict()
     factorised = _factorised_embedding(student)
     own = student.state_dict()
-    factorised_prefix = _module_name(student, factorised) + "." if factorised else None
-    mapped = {}
-    pruned: dict[str, list[str]] = {}
-    for key in own:
-        if factorised_prefix is not None and key.startswith(factorised_prefix):
-            mapped[key] = own[key]
-            continue
-        match = re.match(stack, key)
-        if match and student.model_type != "albert":
-            index = chosen[int(match.group(1))]
-            key_in_teacher = key[: match.start(1)] + str(index) + key[match.end(1) :]
-        else:
-            key_in_teacher = key
-        mapped[key] = source[key_in_teacher]
+    key_in_teacher, layer_of = _teacher_keys(student, chosen)
+    # Factorised or cut word embeddings keep their fresh weights until initialised below.
+    mapped = dict(own)
+    pruned: dict[int | None, list[str]] = {}
+    for key, teacher_key in key_in_teacher.items():
+        mapped[key] = source[teacher_key]
         if mapped[key].shape != own[key].shape:
-            pruned.setdefault(match.group(0) if match else "", []).append(key)
+            pruned.setdefault(layer_of.get(key), []).append(key)
     for keys in pruned.values():
         mapped.update(_prune_feed_forward({key: mapped[key] for key in keys}, own))
     student.load_state_dict(mapped, strict=True)
@@ -64,6 +55,35 @@ def _init_from_teacher(
         factorised.initialise(
             table, None if token_counts is None else torch.as_tensor(token_counts)
         )
+
+
+def _teacher_keys(
+    student: HFEncoder, chosen: list[int], skipped: tuple[str, ...] = ()
+) -> tuple[dict[str, str], dict[str, int]]:
+    """(each state key of ``student`` named in the teacher's state, the student layer of each
+    key in the layer stack), factorised or cut word embeddings (initialised from the
+    teacher's table instead) and keys under the ``skipped`` prefixes left out.
+
+    Student layer ``i`` is teacher layer ``chosen[i]``; ALBERT's shared layer groups keep
+    their own names.
+    """
+    factorised = _factorised_embedding(student)
+    if factorised is not None:
+        skipped = (*skipped, _module_name(student, factorised) + ".")
+    stack = re.escape(student.layer_stack()) + r"\.(\d+)\."
+    key_in_teacher: dict[str, str] = {}
+    layer_of: dict[str, int] = {}
+    for key in student.state_dict():
+        if skipped and key.startswith(skipped):
+            continue
+        key_in_teacher[key] = key
+        match = re.match(stack, key)
+        if match:
+            layer_of[key] = int(match.group(1))
+            if student.model_type != "albert":
+                index = str(chosen[layer_of[key]])
+                key_in_teacher[key] = key[: match.start(1)] + index + key[match.end(1) :]
+    return key_in_teacher, layer_of
 
 
 def _prune_feed_forward(
@@ -236,21 +256,9 @@ def _cut_from_teacher(
         intermediate_size(config),
         head_dim,
     )
-    stack = re.escape(student.layer_stack()) + r"\.(\d+)\."
     factorised = _factorised_embedding(student)
-    skipped = (_module_name(student, factorised) + ".",) if factorised is not None else ()
     own = student.state_dict()
-    key_in_teacher: dict[str, str] = {}
-    layer_of: dict[str, int] = {}
-    for key in own:
-        if key.startswith((*skipped, "dense.")):
-            continue
-        match = re.match(stack, key)
-        key_in_teacher[key] = key
-        if match:
-            layer_of[key] = int(match.group(1))
-            index = str(chosen[layer_of[key]])
-            key_in_teacher[key] = key[: match.start(1)] + index + key[match.end(1) :]
+    key_in_teacher, layer_of = _teacher_keys(student, chosen, skipped=("dense.",))
     source = teacher.state_dict()
     state = dict(own)
     state.update(
@@ -333,21 +341,26 @@ def _sized_design(
 def _pruned_design(spec: StudentSpec, context: StudentContext, teacher: HFEncoder) -> Any:
     """The :class:`~worker.engine.hf.sizing.PrunedSize` of a narrower student cut from the
     teacher, or None (see :func:`choose_pruned_size`)."""
-    config = teacher.hf_config
-    table = input_embeddings(teacher.model)
-    if not (
-        isinstance(table, nn.Embedding)
-        and table.weight.shape == (config.vocab_size, config.hidden_size)
-    ):
+    if not _plain_word_embeddings(teacher):
         return None
-    teacher_parameters = context.teacher_parameters or _parameter_count(teacher)
     return choose_pruned_size(
         spec,
-        config,
+        teacher.hf_config,
         teacher.head,
-        teacher_parameters,
+        _sizes(context, teacher)[0],
         lambda width: dense_parameters(teacher, width),
         _used_tokens(context),
+    )
+
+
+def _plain_word_embeddings(teacher: HFEncoder) -> bool:
+    """Whether the teacher's word embeddings are one row per token as wide as its layers
+    (ALBERT and small ELECTRAs already factorise theirs), so a student can factorise them."""
+    config = teacher.hf_config
+    table = input_embeddings(teacher.model)
+    return isinstance(table, nn.Embedding) and table.weight.shape == (
+        config.vocab_size,
+        config.hidden_size,
     )
 
 
@@ -425,13 +438,11 @@ def _factorised_design(
     layers (ALBERT and small ELECTRAs already factorise theirs).
     """
     config = teacher.hf_config
-    table = input_embeddings(teacher.model)
     if not (
         spec.init_from_teacher
         and spec.hidden_size in (None, config.hidden_size)
         and spec.num_heads in (None, config.num_attention_heads)
-        and isinstance(table, nn.Embedding)
-        and table.weight.shape == (config.vocab_size, config.hidden_size)
+        and _plain_word_embeddings(teacher)
     ):
         return None
     size = choose_factorised_size(
