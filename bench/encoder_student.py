@@ -1,6 +1,6 @@
 """all-MiniLM-L6-v2 distilled to a quarter of its parameters, at full length.
 
-The job ``tests/worker/engine/hf/test_pretrained_encoder.py`` runs with a short
+The job ``tests/worker/engine/hf/test_minilm_quarter.py`` runs with a short
 time budget, here with the whole transfer set the installed packages give and
 the default ``training.max_minutes``: the engine CLI on the zipped teacher with
 ``student.compression: 4`` and every other setting the default. It prints, as

