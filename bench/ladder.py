@@ -12,8 +12,14 @@ unlabelled rows of the same synthetic classification task. Three jobs run throug
 It prints each job's wall time and its training seconds, the ratios to the single
 student (target for the full five-rung climb: under 2.5x), and one JSON line.
 
+With ``--encoder``, the teacher is all-MiniLM-L6-v2 (the folder a package ships, zipped as
+a user uploads it) and the transfer set ``--sentences`` sentences from installed packages
+(:mod:`tests.worker.engine.hf.encoder_job`); its ladder is of encoders cut from the teacher
+at geometric compressions from 42.7 down to the default 10, four rungs.
+
     python bench/ladder.py
     python bench/ladder.py --samples 8000 --trees 300
+    python bench/ladder.py --encoder --sentences 3000
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.worker.engine.factories import sklearn_forest_onnx
 from worker.engine.pipeline import run
 from worker.engine.spec import DistillationSpec
+
+#: The student figure each job prints, by task.
+METRIC = {"classification": "accuracy", "embedding": "cosine"}
 
 
 def forest_job(folder: Path, samples: int, trees: int) -> tuple[Path, Path]:
@@ -56,6 +65,18 @@ def forest_job(folder: Path, samples: int, trees: int) -> tuple[Path, Path]:
     with open(transfer, "wb") as f:
         np.savez(f, inputs=x[half:])
     return teacher, transfer
+
+
+def encoder_job(folder: Path, sentences: int) -> tuple[Path, Path]:
+    """all-MiniLM-L6-v2, zipped, and ``sentences`` sentences from installed packages."""
+    from tests.worker.engine.factories import write_jsonl, zip_folder
+    from tests.worker.engine.hf.encoder_job import model_folder, split_sentences
+
+    _, transfer = split_sentences(0, sentences)
+    return (
+        zip_folder(model_folder(), folder / "teacher.zip"),
+        write_jsonl(folder / "transfer.jsonl", transfer),
+    )
 
 
 def timed_job(
@@ -82,7 +103,7 @@ def timed_job(
         "training_s": round(training, 2),
         "rungs": len(ladder["rungs"]) if ladder else 1,
         "student_parameters": result.metrics["student"]["parameters"],
-        "student_accuracy": result.metrics["student"]["accuracy"],
+        "student_metric": result.metrics["student"][METRIC[result.metrics["task"]]],
         "deployable": result.deployable,
     }
 
@@ -91,10 +112,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--trees", type=int, default=200)
+    parser.add_argument("--encoder", action="store_true", help="all-MiniLM-L6-v2 on sentences")
+    parser.add_argument("--sentences", type=int, default=3000)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-ladder-"))
     try:
-        teacher, transfer = forest_job(folder, args.samples, args.trees)
+        if args.encoder:
+            teacher, transfer = encoder_job(folder, args.sentences)
+        else:
+            teacher, transfer = forest_job(folder, args.samples, args.trees)
         jobs: dict[str, dict[str, Any]] = {
             "single": {"student": {"ladder": False}},
             "ladder": {},
@@ -110,14 +136,19 @@ def main() -> None:
         print(
             f"{name:>7}: {figures['wall_s']:8.1f} s wall, {figures['training_s']:8.1f} s training, "
             f"{figures['rungs']} rung(s), student {figures['student_parameters']:,} parameters, "
-            f"accuracy {figures['student_accuracy']:.4f}"
+            f"{'cosine' if args.encoder else 'accuracy'} {figures['student_metric']:.4f}"
         )
     for name in ("ladder", "full"):
         ratio = results[name]["wall_s"] / single["wall_s"]
         training = results[name]["training_s"] / single["training_s"]
         target = "  (target < 2.5x)" if name == "full" else ""
         print(f"{name} / single: {ratio:.2f}x wall, {training:.2f}x training{target}")
-    print(json.dumps({"samples": args.samples, "trees": args.trees, **results}))
+    setup = (
+        {"sentences": args.sentences}
+        if args.encoder
+        else {"samples": args.samples, "trees": args.trees}
+    )
+    print(json.dumps({**setup, **results}))
 
 
 if __name__ == "__main__":

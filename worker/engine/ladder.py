@@ -1,12 +1,16 @@
 """The student ladder: students sized by evidence rather than by a ratio.
 
-Under ``student.architecture: "auto"`` a tabular teacher gets an MLP, and an image
-teacher a CNN, whose width the parameter budget sets (``max_parameters``, else the
-teacher's size over ``compression``). That is an upper bound, not a need: a tree
-ensemble of many megabytes is often matched by an MLP of a few thousand
-parameters, and a CNN by one a fraction of its width, each faster at batch 1. The
-ladder trains a few students of geometric widths (an MLP's hidden width, a CNN's
-first-stage channels, which double each stage), from tiny to the width ``auto``
+Under ``student.architecture: "auto"`` a tabular teacher gets an MLP, an image
+teacher a CNN, and a transformers teacher an encoder of its own family, whose size the
+parameter budget sets (``max_parameters``, else the teacher's size over ``compression``).
+That is an upper bound, not a need: a tree ensemble of many megabytes is often matched
+by an MLP of a few thousand parameters, a CNN by one a fraction of its width, and a
+sentence encoder, for a bar its user sets, by a student a fraction of the size ``auto``
+gives, each faster at batch 1. The ladder trains a few students of geometric sizes (an
+MLP's hidden width, a CNN's first-stage channels, which double each stage; for a
+transformers student, geometric compressions from the largest at which a student still
+starts from the teacher's layers down to the one ``auto`` designs, each designed as
+``auto`` designs it: see :func:`rung_compressions`), from the smallest to the one ``auto``
 designs, smallest first, on the one cached teacher pass; judges
 each on the VALIDATION rows (task metric against the teacher's, fidelity,
 onnxruntime batch-1 latency of its exported file, size) under the acceptance
@@ -41,13 +45,22 @@ LADDER_RUNGS = 5
 MIN_RUNG_WIDTH = 8
 #: The least ratio of a rung's width to the one below it.
 MIN_RUNG_RATIO = 1.5
-#: The spec field a ladder sets on each rung, by the architecture ``auto`` chose.
-RUNG_KNOB = {"mlp": "hidden_sizes", "cnn": "channels"}
+#: What a ladder's rungs differ in, by the architecture ``auto`` chose: the spec field each
+#: rung sets (an MLP's, a CNN's), or, for a transformers student, ``encoder``: its
+#: [layers, width, feed-forward units] (:func:`rung_size`), which each rung's
+#: ``compression`` designs.
+RUNG_KNOB = {"mlp": "hidden_sizes", "cnn": "channels", "hf_encoder": "encoder"}
+#: How the card heads each knob's column.
+KNOB_LABEL = {
+    "hidden_sizes": "hidden sizes",
+    "channels": "channels",
+    "encoder": "layers × width × units",
+}
 #: The narrowest rung's width, by architecture: a CNN's first stage of 4 channels
 #: already doubles to 32 in its fourth.
 SMALLEST_WIDTH = {"mlp": MIN_RUNG_WIDTH, "cnn": 4}
 #: The transfer sets whose ``auto`` students a ladder sizes.
-MODALITIES = ("tabular", "image")
+MODALITIES = ("tabular", "image", "text")
 #: The floor of optimizer steps of a rung below the top: a third of the usual floor. A
 #: small rung either meets the criteria within it or is passed over for the next one; the
 #: top rung, the student ``auto`` designs alone, keeps the usual floor.
@@ -69,15 +82,19 @@ def applies(
 ) -> bool:
     """Whether this job trains a ladder instead of one student.
 
-    It does under ``architecture: "auto"`` for a tabular transfer set (an MLP) or an image
-    one (a CNN) when no size is asked for: ``hidden_sizes``, ``channels`` and a
+    It does under ``architecture: "auto"`` for a tabular transfer set (an MLP), an image
+    one (a CNN) or a text one (a transformers teacher's encoder) when no size is asked for:
+    ``hidden_sizes``, ``channels``, ``hidden_size``, ``num_layers``, ``num_heads`` and a
     ``compression`` other than the default each ask for one size; ``max_parameters`` is
-    an upper bound and only caps the top rung. The rungs share the cached teacher pass,
-    so a teacher run online every step trains one student; and they are judged on the
-    validation rows, so too few of those (:data:`MIN_VALIDATION_ROWS`) train one student
-    too. The rungs' plans keep the ladder
-    within a few students' time (lower floors, early stopping), so explicit
-    ``training.epochs``, which every rung would run in full, train one student.
+    an upper bound and only caps the top rung. A text ladder's rungs start from the
+    teacher's layers and take every row of its vocabulary, so ``init_from_teacher: false``
+    and ``vocabulary: "transfer"`` train one student (and so does a teacher whose
+    ``auto`` student does not start from its layers: see the pipeline). The rungs share the
+    cached teacher pass, so a teacher run online every step trains one student; and they
+    are judged on the validation rows, so too few of those (:data:`MIN_VALIDATION_ROWS`)
+    train one student too. The rungs' plans keep the ladder within a few students' time
+    (lower floors, early stopping), so explicit ``training.epochs``, which every rung would
+    run in full, train one student.
     """
     student = spec.student
     return (
@@ -86,12 +103,25 @@ def applies(
         and modality in MODALITIES
         and not student.hidden_sizes
         and not student.channels
+        and (modality != "text" or _encoder_ladder(student))
         # Compared with the default rather than read from the fields set: a job's spec is
         # stored whole by the API, so every field of it comes back set.
         and student.compression == StudentSpec.model_fields["compression"].default
         and not online
         and spec.training.epochs == "auto"
         and validation_rows >= MIN_VALIDATION_ROWS
+    )
+
+
+def _encoder_ladder(student: StudentSpec) -> bool:
+    """Whether a transformers teacher's ``auto`` student may climb: no width, depth or heads
+    asked for, started from the teacher, with its whole vocabulary."""
+    return (
+        student.hidden_size is None
+        and student.num_layers is None
+        and student.num_heads is None
+        and student.init_from_teacher
+        and student.vocabulary == "teacher"
     )
 
 
@@ -103,6 +133,38 @@ def top_width(config: Mapping[str, Any]) -> int | None:
     if not sizes or sizes != rung_sizes(str(config["architecture"]), sizes[0], len(sizes)):
         return None
     return sizes[0]
+
+
+def rung_size(config: Mapping[str, Any], knob: str) -> list[int]:
+    """A rung's size under ``knob``, from its student ``config``: the MLP's hidden sizes, the
+    CNN's channels, or an encoder's [layers, width, feed-forward units]."""
+    if knob == "encoder":
+        shape = config["hf_config"]
+        units = shape.get("hidden_dim") if shape.get("model_type") == "distilbert" else None
+        return [
+            int(shape["num_hidden_layers"]),
+            int(shape["hidden_size"]),
+            int(units or shape["intermediate_size"]),
+        ]
+    return [int(size) for size in config[knob]]
+
+
+def rung_compressions(top: float, largest: float, rungs: int = LADDER_RUNGS) -> list[float]:
+    """Compressions of a transformers student's rungs: geometric, from ``largest`` (the most
+    at which a student still starts from the teacher's layers; past it, one from random
+    weights would not be worth a rung) down to ``top`` (the budget ``auto`` designs for),
+    each at least :data:`MIN_RUNG_RATIO` times the next, the smallest student first.
+
+    ``top`` alone where ``largest`` is less than that ratio above it.
+    """
+    if rungs < 2 or largest < top * MIN_RUNG_RATIO:
+        return [top]
+    # How many rungs fit at the least ratio (the epsilon keeps exact powers in).
+    count = min(rungs, 1 + math.floor(math.log(largest / top) / math.log(MIN_RUNG_RATIO) + 1e-9))
+    ratio = (largest / top) ** (1.0 / (count - 1))
+    # Those between, rounded down to a hundredth.
+    between = [math.floor(top * ratio ** (count - 1 - i) * 100) / 100 for i in range(1, count - 1)]
+    return [largest, *between, top]
 
 
 def rung_sizes(architecture: str, width: int, layers: int) -> list[int]:

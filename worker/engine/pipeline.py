@@ -659,22 +659,9 @@ def _warn_if_from_scratch(
         and design.config.get("initialised_from_teacher_layers") is None
     ):
         return
-    from worker.engine.hf.sizing import largest_compression_from_teacher
-    from worker.engine.hf.student import dense_parameters
-    from worker.engine.hf.wrapper import HFEncoder
-
-    module = getattr(teacher, "module", None)
-    if not isinstance(module, HFEncoder):
+    largest = _largest_compression_from_teacher(teacher, data)
+    if largest is None:
         return
-    counts = _token_counts(data.train)
-    largest = largest_compression_from_teacher(
-        module.hf_config,
-        module.head,
-        teacher.signature.parameters,
-        sum(parameter.numel() for parameter in module.dense.parameters()),
-        int((counts > 0).sum()) if counts is not None else 0,
-        lambda width: dense_parameters(module, width),
-    )
     callbacks.event(
         "warning",
         {
@@ -690,6 +677,28 @@ def _warn_if_from_scratch(
             f"a compression of at most {largest:.1f} keeps the teacher's layers",
             "largest_compression_from_teacher": largest,
         },
+    )
+
+
+def _largest_compression_from_teacher(teacher: TeacherRuntime, data: FittedData) -> float | None:
+    """The largest compression at which a transformers teacher's student still starts from its
+    layers (:func:`~worker.engine.hf.sizing.largest_compression_from_teacher`); None for any
+    other teacher."""
+    from worker.engine.hf.sizing import largest_compression_from_teacher
+    from worker.engine.hf.student import dense_parameters
+    from worker.engine.hf.wrapper import HFEncoder
+
+    module = getattr(teacher, "module", None)
+    if not isinstance(module, HFEncoder):
+        return None
+    counts = _token_counts(data.train)
+    return largest_compression_from_teacher(
+        module.hf_config,
+        module.head,
+        teacher.signature.parameters,
+        sum(parameter.numel() for parameter in module.dense.parameters()),
+        int((counts > 0).sum()) if counts is not None else 0,
+        lambda width: dense_parameters(module, width),
     )
 
 
@@ -934,21 +943,11 @@ def _climb_ladder(
     None when ``top`` is too narrow to leave a smaller rung: the job trains ``top`` alone.
     """
     architecture = str(top.config.get("architecture"))
-    width = ladder.top_width(top.config)
-    if width is None:
+    planned = _rung_designs(spec, teacher, data, targets, top)
+    if planned is None:
         return None
-    knob = ladder.RUNG_KNOB[architecture]
-    layers = len(top.config[knob])
-    widths = ladder.rung_widths(width, smallest=ladder.SMALLEST_WIDTH[architecture])
-    if len(widths) < 2:
-        return None
+    knob, designs = planned
     started = time.monotonic()
-    designs = [
-        _rung_design(
-            spec, teacher, data, targets, top, knob, ladder.rung_sizes(architecture, w, layers)
-        )
-        for w in widths
-    ]
     callbacks.event(
         "stage",
         {
@@ -956,7 +955,7 @@ def _climb_ladder(
             "student": architecture,
             "student_parameters": count_parameters(top.student),
             "teacher_backend": teacher.backend,
-            "ladder": [design.config[knob] for design in designs],
+            "ladder": [ladder.rung_size(design.config, knob) for design in designs],
         },
     )
     judge = _RungJudge(spec, teacher, data, targets, device, paths.work / "ladder", knob)
@@ -1018,7 +1017,7 @@ def _climb_ladder(
         "met_criteria": ladder.met(rungs[chosen]),
         "chosen_precision": precision,
         "knob": knob,
-        "planned": [design.config[knob] for design in designs],
+        "planned": [ladder.rung_size(design.config, knob) for design in designs],
         "stopped": stopped,
         "seconds": round(time.monotonic() - started, 3),
         "teacher": judge.teacher_figures(),
@@ -1039,22 +1038,72 @@ def _climb_ladder(
     )
 
 
-def _rung_design(
+def _rung_designs(
     spec: DistillationSpec,
     teacher: TeacherRuntime,
     data: FittedData,
     targets: TeacherTargets,
     top: StudentDesign,
-    knob: str,
-    sizes: list[int],
+) -> tuple[str, list[StudentDesign]] | None:
+    """(what the rungs differ in, their students smallest first, ``top`` last), or None when
+    ``top`` leaves no smaller rung: the job trains it alone.
+
+    An MLP's or a CNN's rungs are geometric widths below its own
+    (:func:`~worker.engine.ladder.rung_widths`); a transformers student's are the students
+    ``auto`` designs at geometric compressions up to the largest at which one still starts
+    from the teacher's layers (:func:`~worker.engine.ladder.rung_compressions`), each
+    smaller than the one above it. A top that does not start from the teacher's layers
+    itself gets no ladder.
+    """
+    architecture = str(top.config.get("architecture"))
+    knob = ladder.RUNG_KNOB.get(architecture)
+    if knob == "encoder":
+        largest = _largest_compression_from_teacher(teacher, data)
+        if largest is None or top.config.get("initialised_from_teacher_layers") is None:
+            return None
+        parameters = teacher.signature.parameters
+        budget = spec.student.max_parameters
+        asked = parameters / budget if budget is not None else spec.student.compression
+        if asked is None:
+            return None
+        updates: list[dict[str, Any]] = [
+            {"compression": compression, "max_parameters": None}
+            for compression in ladder.rung_compressions(asked, largest)[:-1]
+        ]
+    else:
+        width = ladder.top_width(top.config)
+        if knob is None or width is None:
+            return None
+        layers = len(top.config[knob])
+        updates = [
+            {knob: ladder.rung_sizes(architecture, w, layers)}
+            for w in ladder.rung_widths(width, smallest=ladder.SMALLEST_WIDTH[architecture])
+            if w != width
+        ]
+    designs = [_rung_design(spec, teacher, data, targets, update) for update in updates]
+    designs = [*designs, top]
+    if knob == "encoder":
+        # Only rungs that start from the teacher, each smaller than the next.
+        sizes = [count_parameters(design.student) for design in designs]
+        designs = [
+            design
+            for design, size, above in zip(designs, sizes, [*sizes[1:], math.inf], strict=True)
+            if design.config.get("initialised_from_teacher_layers") is not None and size < above
+        ]
+    return (knob, designs) if len(designs) >= 2 else None
+
+
+def _rung_design(
+    spec: DistillationSpec,
+    teacher: TeacherRuntime,
+    data: FittedData,
+    targets: TeacherTargets,
+    update: dict[str, Any],
 ) -> StudentDesign:
-    """The rung whose ``knob`` (hidden sizes, channels) is ``sizes``: ``top`` itself at its
-    own, else a student of the same architecture with them."""
-    if sizes == list(top.config.get(knob) or []):
-        return top
+    """The rung whose student spec is the job's with ``update`` (a size, a compression)."""
     # Seeded per rung: a rung starts the same way whichever rungs came before it.
     torch.manual_seed(spec.training.seed)
-    rung_spec = spec.student.model_copy(update={knob: sizes})
+    rung_spec = spec.student.model_copy(update=update)
     return _design_student(spec, teacher, data, targets, rung_spec)
 
 
@@ -1218,7 +1267,7 @@ class _RungJudge:
         if external.exists():
             file_bytes += external.stat().st_size
         return {
-            self.knob: list(design.config[self.knob]),
+            self.knob: ladder.rung_size(design.config, self.knob),
             "parameters": figures["student"]["parameters"],
             "bytes": figures["student"]["bytes"],
             "file_bytes": file_bytes,

@@ -102,16 +102,19 @@ class StudentSpec(_Strict):
         default=None,
         description="Upper bound on the student's batch-1 latency in milliseconds, in "
         "onnxruntime on the worker's device (the exported file; torch where the teacher has "
-        "no ONNX file to compare with). The student ladder of tabular auto students keeps the "
+        "no ONNX file to compare with). The student ladder of auto students keeps the "
         "smallest rung within it; the verdict holds the chosen student to it as to "
         "evaluation.accept.max_latency_ms (the tighter of the two).",
     )
     ladder: bool = Field(
         default=True,
-        description="architecture auto on tabular data with no size asked for (no "
-        "hidden_sizes, compression at its default): train a ladder of up to five MLP widths "
-        "and keep the smallest that meets evaluation.accept on the validation rows; false "
-        "trains one student of the designed size.",
+        description="architecture auto with no size asked for (no hidden_sizes, channels, "
+        "hidden_size, num_layers or num_heads; compression at its default): train a ladder "
+        "of up to five students (MLP widths for tables, CNN widths for images, and for a "
+        "transformers teacher encoders designed at geometric compressions, from the largest "
+        "that still starts from the teacher's layers down to the asked one) and keep the "
+        "smallest that meets evaluation.accept on the validation rows; false trains one "
+        "student of the designed size.",
     )
     init_from_teacher: bool = Field(
         default=True,

@@ -1,4 +1,4 @@
-"""The student ladder: tabular ``auto`` students sized by evidence on the validation rows.
+"""The student ladder: ``auto`` students sized by evidence on the validation rows.
 
 The end-to-end tests distil a fully trained random forest (skl2onnx) on rows it never
 saw, and score the exported ``student.onnx`` and the teacher in onnxruntime on
@@ -50,6 +50,33 @@ def test_rung_sizes_keep_the_shape_auto_designs() -> None:
     assert ladder.top_width({"architecture": "rnn", "hidden_size": 64}) is None
 
 
+def test_an_encoders_rungs_are_geometric_compressions_from_the_largest_down_to_the_auto_one() -> (
+    None
+):
+    # all-MiniLM-L6-v2: students start from its layers up to 42.7x; auto designs 10x.
+    assert ladder.rung_compressions(10.0, 42.7) == [42.7, 26.31, 16.22, 10.0]
+    # Five rungs at most, each at least 1.5 times the next.
+    assert ladder.rung_compressions(1.5, 60.0) == [60.0, 23.85, 9.48, 3.77, 1.5]
+    assert ladder.rung_compressions(10.0, 15.0) == [15.0, 10.0]
+    assert ladder.rung_compressions(10.0, 14.9) == [10.0]
+    # Past the largest (auto's student starts from random weights), no ladder.
+    assert ladder.rung_compressions(20.0, 14.3) == [20.0]
+    config = {
+        "architecture": "hf_encoder",
+        "hf_config": {
+            "model_type": "bert",
+            "num_hidden_layers": 1,
+            "hidden_size": 160,
+            "intermediate_size": 640,
+        },
+    }
+    assert ladder.rung_size(config, "encoder") == [1, 160, 640]
+    distilbert = {"hf_config": {"model_type": "distilbert", "num_hidden_layers": 2}}
+    distilbert["hf_config"].update(hidden_size=384, hidden_dim=1536, intermediate_size=None)
+    assert ladder.rung_size(distilbert, "encoder") == [2, 384, 1536]
+    assert ladder.rung_size({"hidden_sizes": [64, 64]}, "hidden_sizes") == [64, 64]
+
+
 def test_applies_to_auto_tabular_and_image_students_without_an_asked_size() -> None:
     def spec(**student: Any) -> DistillationSpec:
         return DistillationSpec.model_validate({"student": student})
@@ -68,7 +95,16 @@ def test_applies_to_auto_tabular_and_image_students_without_an_asked_size() -> N
     assert not ladder.applies(spec(architecture="mlp"), "tabular", online=False)
     assert ladder.applies(spec(), "image", online=False)
     assert not ladder.applies(spec(channels=[8, 16]), "image", online=False)
-    assert not ladder.applies(spec(), "text", online=False)
+    # A transformers teacher's auto student: a ladder of compressions, each started from the
+    # teacher's layers with its whole vocabulary, unless a size or a random start is asked for.
+    assert ladder.applies(spec(), "text", online=False)
+    assert ladder.applies(spec(max_parameters=5_000_000), "text", online=False)
+    for asked in ({"num_layers": 2}, {"hidden_size": 192}, {"num_heads": 6}):
+        assert not ladder.applies(spec(**asked), "text", online=False)
+        # They are a transformer's fields: a tabular ladder reads none of them.
+        assert ladder.applies(spec(**asked), "tabular", online=False)
+    assert not ladder.applies(spec(init_from_teacher=False), "text", online=False)
+    assert not ladder.applies(spec(vocabulary="transfer"), "text", online=False)
     assert not ladder.applies(spec(), "tabular", online=True)
     explicit_epochs = DistillationSpec.model_validate({"training": {"epochs": 30}})
     assert not ladder.applies(explicit_epochs, "tabular", online=False)

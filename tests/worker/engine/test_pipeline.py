@@ -430,6 +430,63 @@ def test_a_student_that_cannot_start_from_the_teacher_says_so_and_names_the_comp
     assert 4 < largest < 6 and f"at most {largest:.1f}" in warning["message"]
 
 
+#: An upper bound on the student below the tiny sentence teacher's 54,000 or so parameters:
+#: ``auto`` designs its top rung to it, and the teacher's layers fit well below it.
+TEXT_LADDER_MAX_PARAMETERS = 36_000
+
+
+def test_a_sentence_encoders_ladder_climbs_students_cut_from_it_smallest_first(
+    tmp_path: Path, text_teachers: dict[str, Path]
+) -> None:
+    # A random-weight teacher: this is the ladder's plumbing; the MiniLM tests show the quality.
+    data = write_jsonl(tmp_path / "t.jsonl", random_sentences(400, seed=3))
+    events: list[tuple[str, dict[str, Any]]] = []
+    result = run(
+        DistillationSpec(
+            # A latency no rung meets, so that every rung is trained and the best one kept.
+            student=StudentSpec(max_parameters=TEXT_LADDER_MAX_PARAMETERS, max_latency_ms=1e-6),
+            # epochs stay "auto", as a ladder needs; the steps are capped to keep it short.
+            training=TrainingSpec(max_steps=40, batch_size=32),
+            data=DataSpec(max_length=12),
+            evaluation=EvaluationSpec(validation_split=0.3, baseline=False),
+        ),
+        teacher_path=text_teachers["sentence"],
+        dataset_path=data,
+        out_dir=tmp_path / "out",
+        callbacks=Callbacks(on_event=lambda kind, d: events.append((kind, d))),
+    )
+    metrics = result.metrics
+    validate_metrics(metrics)
+    assert metrics["teacher"]["parameters"] / TEXT_LADDER_MAX_PARAMETERS > 1.4
+    section = metrics["ladder"]
+    assert section is not None and section["knob"] == "encoder"
+    rungs = section["rungs"]
+    # Every planned rung was trained (none met the bar), smallest first, each a student of
+    # the teacher's family at most as wide as it; the smallest ones are cut narrower.
+    assert [rung["encoder"] for rung in rungs] == section["planned"]
+    assert len(rungs) >= 3 and section["stopped"] == "all_rungs"
+    sizes = [rung["parameters"] for rung in rungs]
+    assert sizes == sorted(set(sizes)) and sizes[-1] <= TEXT_LADDER_MAX_PARAMETERS
+    assert all(rung["encoder"][1] <= 32 for rung in rungs) and rungs[0]["encoder"][1] < 32
+    assert not any(d.get("code") == "student_from_scratch" for _, d in events)
+    assert section["met_criteria"] is False
+    assert any(d.get("code") == "ladder_criteria_unmet" for kind, d in events if kind == "warning")
+    # The chosen rung is the student the job exported, started from the teacher's layers.
+    chosen = rungs[section["chosen"]]
+    out = tmp_path / "out"
+    config = json.loads((out / "student_config.json").read_text())
+    hf_config = config["hf_config"]
+    assert chosen["encoder"] == [
+        hf_config["num_hidden_layers"],
+        hf_config["hidden_size"],
+        hf_config["intermediate_size"],
+    ]
+    assert config["initialised_from_teacher_layers"] is not None
+    assert metrics["student"]["parameters"] == chosen["parameters"]
+    assert "| layers × width × units |" in (out / "model_card.md").read_text()
+    assert (out / "student_ladder.png").stat().st_size > 0
+
+
 def test_cnn_teacher_on_images_distils_to_a_cnn_student(
     tmp_path: Path, split_digits: dict[str, np.ndarray]
 ) -> None:

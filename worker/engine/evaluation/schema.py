@@ -366,9 +366,16 @@ _RUNG: dict[str, Any] = {
         "reasons",
     ],
     "properties": {
-        # The rung's size under the section's ``knob``: an MLP's, or a CNN's.
+        # The rung's size under the section's ``knob``: an MLP's, a CNN's, or a transformers
+        # encoder's [layers, width, feed-forward units].
         "hidden_sizes": {"type": "array", "items": {"type": "integer", "minimum": 1}},
         "channels": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+        "encoder": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 1},
+            "minItems": 3,
+            "maxItems": 3,
+        },
         "parameters": {"type": "integer", "minimum": 0},
         "file_bytes": {"type": "integer", "minimum": 0},
         "onnxruntime_latency_ms": {"type": ["number", "null"], "minimum": 0},
@@ -410,7 +417,7 @@ LADDER_SCHEMA: dict[str, Any] = {
         "basis": {"const": "validation"},
         "met_criteria": {"type": "boolean"},
         # What the rungs vary; absent in files written before CNN ladders (hidden_sizes).
-        "knob": {"enum": ["hidden_sizes", "channels"]},
+        "knob": {"enum": ["hidden_sizes", "channels", "encoder"]},
         # Which file of the chosen rung is deployed (int8 only when its int8 file met them).
         "chosen_precision": {"enum": ["fp32", "int8"]},
         "planned": {"type": "array", "items": {"type": "array"}},

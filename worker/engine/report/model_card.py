@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from worker.engine.ladder import KNOB_LABEL
+
 _METRIC_LABELS = {
     "accuracy": "accuracy",
     "top5_accuracy": "top-5 accuracy",
@@ -210,6 +212,7 @@ def _ladder(metrics: Mapping[str, Any]) -> list[str]:
     teacher = ladder.get("teacher") or {}
     met = ladder.get("met_criteria")
     knob = str(ladder.get("knob") or "hidden_sizes")
+    label = KNOB_LABEL.get(knob, knob.replace("_", " "))
     lines = [
         "## Student ladder",
         "",
@@ -222,7 +225,7 @@ def _ladder(metrics: Mapping[str, Any]) -> list[str]:
             "validation fidelity was kept."
         ),
         "",
-        f"| | {knob.replace('_', ' ')} | parameters | file bytes | {metric} (validation) | "
+        f"| | {label} | parameters | file bytes | {metric} (validation) | "
         f"{fidelity} (validation) | latency, batch 1 (ms) | steps | seconds | met criteria |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -327,10 +327,15 @@ def score(
 
 
 def distil_and_score(
-    work: Path, steps: int, compression: float | None, **spec_sections: dict[str, Any]
+    work: Path,
+    steps: int,
+    compression: float | None,
+    baseline: bool = True,
+    **spec_sections: dict[str, Any],
 ) -> Scored:
     """A test's run of ``steps`` at ``compression`` on TRANSFER_SENTENCES, scored on
-    HELD_OUT_SENTENCES with a baseline trained on a thousand of the transfer sentences."""
+    HELD_OUT_SENTENCES (with ``baseline``, beside one trained on a thousand of the transfer
+    sentences)."""
     held_out, transfer = split_sentences(HELD_OUT_SENTENCES, TRANSFER_SENTENCES)
     assert not set(held_out) & set(transfer)
     out = run_job(
@@ -340,7 +345,7 @@ def distil_and_score(
         compression=compression,
         **spec_sections,
     )
-    scored = score(out, held_out, work, baseline_texts=transfer[:1000])
+    scored = score(out, held_out, work, baseline_texts=transfer[:1000] if baseline else None)
     print(json.dumps(scored.figures()))
     return scored
 
