@@ -141,14 +141,16 @@ def choose_size(
         )
         per_layer = two_layers - one_layer
         dense_share = dense_of(hidden) if dense_of else dense_parameters * hidden / width
-        seeded = spec.init_from_teacher and hidden == width
+        seeded = (spec.init_from_teacher and hidden == width) or cut_to_asked_width(
+            spec, teacher_config, hidden, heads
+        )
         fits = [
             depth
             for depth in depths
             if one_layer
             + (depth - 1) * per_layer
             + dense_share
-            + (bridges_of(teacher_config, depth) if seeded else 0)
+            + (bridges_of(teacher_config, depth, hidden) if seeded else 0)
             <= budget
         ]
         if not fits:
@@ -165,6 +167,25 @@ def choose_size(
         "(the vocabulary embeddings alone take more); ask for less compression or give "
         "num_layers and hidden_size",
         field=field,
+    )
+
+
+def cut_to_asked_width(spec: StudentSpec, teacher_config: Any, hidden: int, heads: int) -> bool:
+    """Whether a student of the width the spec asks for (``hidden_size``, or ``num_heads``)
+    is cut from the teacher (:mod:`~worker.engine.hf.pruning`) rather than started from
+    random weights: it starts from the teacher (``init_from_teacher``), is narrower, has
+    ``heads`` of the teacher's head size, and the teacher's layers can be cut.
+    """
+    from worker.engine.hf.pruning import PRUNABLE_FAMILIES
+
+    width = int(teacher_config.hidden_size)
+    head_dim = width // int(teacher_config.num_attention_heads)
+    return (
+        spec.init_from_teacher
+        and (spec.hidden_size is not None or spec.num_heads is not None)
+        and teacher_config.model_type in PRUNABLE_FAMILIES
+        and hidden < width
+        and hidden == heads * head_dim
     )
 
 

@@ -19,6 +19,7 @@ from worker.engine.hf.sizing import (
     choose_layers,
     choose_pruned_size,
     choose_size,
+    cut_to_asked_width,
     intermediate_size,
     student_config,
 )
@@ -178,8 +179,11 @@ def build_hf_encoder(spec: StudentSpec, context: StudentContext) -> HFEncoder:
             feed_forward = embedding.pop("feed_forward", None)
     same_width = hidden == teacher_config.hidden_size
     same_shape = same_width and heads == teacher_config.num_attention_heads
-    # A narrower student is cut from the teacher only where _pruned_design chose it.
-    cut = not same_shape and embedding is not None
+    # A narrower student is cut from the teacher where _pruned_design chose it, or where the
+    # spec asks for a width of whole teacher heads.
+    cut = not same_shape and (
+        embedding is not None or cut_to_asked_width(spec, teacher_config, hidden, heads)
+    )
     from_teacher = spec.init_from_teacher and (same_shape or cut)
     if from_teacher and layers > teacher_layers and teacher.model_type != "albert":
         raise SpecInvalid(

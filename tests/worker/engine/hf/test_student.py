@@ -571,6 +571,44 @@ def test_a_narrower_student_is_cut_from_the_teachers_heads_channels_and_units(
     _rebuild_export_and_compare(student, teacher.tokenizer, tmp_path / "cut.onnx")
 
 
+def test_a_width_the_spec_asks_for_is_cut_from_the_teacher_when_it_is_whole_heads(
+    teacher: HuggingFaceTeacher, tmp_path: Path
+) -> None:
+    from worker.engine.hf.pruning import kept_parts, rank_parts
+
+    rows, context = _rows_to_fit_bridges_on(teacher, seed=4)
+    # 16 wide is two of the teacher's 8-wide heads: cut from its layers, its word embeddings
+    # the teacher's table cut to the kept channels (no budget asks them to be factorised).
+    student = build_student(StudentSpec(hidden_size=16, num_layers=2, compression=None), context)
+    assert (student.hf_config.hidden_size, student.hf_config.num_attention_heads) == (16, 2)
+    assert student.config["initialised_from_teacher_layers"] == [0, 3]
+    assert student.config["word_embeddings"] is None
+    channels, dims, _ = kept_parts(
+        rank_parts(teacher.module, rows), [0, 3], width=16, heads=2, units=32, head_dim=8
+    )
+    mine, theirs = student.state_dict(), teacher.module.state_dict()
+    words = "model.bert.embeddings.word_embeddings.weight"
+    assert torch.equal(mine[words], theirs[words][:, channels])
+    key = "attention.self.value.weight"
+    assert torch.equal(
+        mine[f"model.bert.encoder.layer.1.layer.{key}"],
+        theirs[f"model.bert.encoder.layer.3.{key}"][dims[1]][:, channels],
+    )
+    _rebuild_export_and_compare(student, teacher.tokenizer, tmp_path / "asked.onnx")
+    # Under a budget, the bridge over the skipped layers counts in it.
+    budget = _parameter_count(student)
+    fitted = build_student(StudentSpec(hidden_size=16, max_parameters=budget), context)
+    assert fitted.config["initialised_from_teacher_layers"] is not None
+    assert _parameter_count(fitted) <= budget
+    # A width that is not whole teacher heads, or a student asked to start from random
+    # weights, is not cut.
+    for spec in (
+        StudentSpec(hidden_size=12, num_layers=2, compression=None),
+        StudentSpec(hidden_size=16, num_layers=2, compression=None, init_from_teacher=False),
+    ):
+        assert build_student(spec, context).config["initialised_from_teacher_layers"] is None
+
+
 @pytest.mark.parametrize("dense", [False, True], ids=["projection", "dense"])
 def test_a_narrower_embedding_student_gives_the_teachers_width_back(
     models: dict[str, Any], tmp_path: Path, dense: bool
