@@ -140,11 +140,15 @@ def rung_size(config: Mapping[str, Any], knob: str) -> list[int]:
     CNN's channels, or an encoder's [layers, width, feed-forward units]."""
     if knob == "encoder":
         shape = config["hf_config"]
-        units = shape.get("hidden_dim") if shape.get("model_type") == "distilbert" else None
+
+        def size(*names: str) -> int:
+            # DistilBERT's config keeps its own names (n_layers, dim, hidden_dim).
+            return next(int(shape[name]) for name in names if shape.get(name) is not None)
+
         return [
-            int(shape["num_hidden_layers"]),
-            int(shape["hidden_size"]),
-            int(units or shape["intermediate_size"]),
+            size("num_hidden_layers", "n_layers"),
+            size("hidden_size", "dim"),
+            size("intermediate_size", "hidden_dim"),
         ]
     return [int(size) for size in config[knob]]
 

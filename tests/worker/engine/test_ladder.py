@@ -71,9 +71,10 @@ def test_an_encoders_rungs_are_geometric_compressions_from_the_largest_down_to_t
         },
     }
     assert ladder.rung_size(config, "encoder") == [1, 160, 640]
-    distilbert = {"hf_config": {"model_type": "distilbert", "num_hidden_layers": 2}}
-    distilbert["hf_config"].update(hidden_size=384, hidden_dim=1536, intermediate_size=None)
-    assert ladder.rung_size(distilbert, "encoder") == [2, 384, 1536]
+    # DistilBERT's config, as transformers writes it, keeps its own names.
+    distilbert = {"model_type": "distilbert", "n_layers": 2, "dim": 384, "hidden_dim": 1536}
+    distilbert.update(hidden_size=None, num_hidden_layers=None, intermediate_size=None)
+    assert ladder.rung_size({"hf_config": distilbert}, "encoder") == [2, 384, 1536]
     assert ladder.rung_size({"hidden_sizes": [64, 64]}, "hidden_sizes") == [64, 64]
 
 
