@@ -23,8 +23,11 @@ shapes that budget allows, the widest was best: two layers 128 wide gave 0.563, 
 96 wide 0.549, and one 256 wide with its feed-forward layer and frequent-token rows
 cut to make room 0.523 (256 steps each).
 
-Only families whose layers keep BERT's parameter names (:data:`PRUNABLE_FAMILIES`) are
-cut; any other gets a narrower student from random weights, as before.
+Only families whose layers keep BERT's or DistilBERT's parameter names, and whose word
+embeddings are as wide as their layers (:data:`PRUNABLE_FAMILIES`), are cut; any other
+gets a narrower student from random weights, as before: MPNet's relative-position bias
+and DeBERTa-v2's relative attention share tables across layers whose kept heads differ,
+and ALBERT shares one layer across its depth.
 """
 
 from __future__ import annotations
@@ -41,9 +44,17 @@ from worker.engine.hf.pooling import pool
 from worker.engine.hf.wrapper import HFEncoder, row_batches
 
 #: Families whose layers keep BERT's parameter names (``attention.self.query``,
-#: ``attention.output.dense``, ``intermediate.dense``, ``output.dense``, ``LayerNorm``) and
-#: whose word embeddings are as wide as the layers.
-PRUNABLE_FAMILIES = frozenset({"bert", "roberta", "xlm-roberta", "camembert"})
+#: ``attention.output.dense``, ``intermediate.dense``, ``output.dense``, ``LayerNorm``) or
+#: DistilBERT's (``attention.q_lin``, ``attention.out_lin``, ``ffn.lin1``, ``ffn.lin2``,
+#: ``sa_layer_norm``); an ELECTRA's word embeddings must be as wide as its layers too
+#: (:func:`~worker.engine.hf.sizing.cut_to_asked_width`).
+PRUNABLE_FAMILIES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert"}
+)
+#: In a layer of each naming, (the attention's output projection, the feed-forward layer's
+#: input and output): what the heads, the units and their weights are read from.
+_BERT_PARTS = ("attention.output.dense", "intermediate.dense", "output.dense")
+_PARTS = {"distilbert": ("attention.out_lin", "ffn.lin1", "ffn.lin2")}
 #: Rows of the transfer set whose activations rank channels, heads and units, at most.
 RANK_ROWS = 512
 #: Rows a teacher pass of the ranking (and of the projection's fit) takes at once.
@@ -56,13 +67,15 @@ RIDGE = 1e-2
 #: units (``units``), or something the student keeps whole (None). Order matters: the
 #: attention's output projection is matched before the feed-forward one.
 _AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"attention\.self\.(query|key|value)\.weight$", ("heads", "hidden")),
-    (r"attention\.self\.(query|key|value)\.bias$", ("heads",)),
-    (r"attention\.output\.dense\.weight$", ("hidden", "heads")),
-    (r"intermediate\.dense\.weight$", ("units", "hidden")),
-    (r"intermediate\.dense\.bias$", ("units",)),
-    (r"output\.dense\.weight$", ("hidden", "units")),
-    (r"(output\.dense|LayerNorm)\.(bias|weight)$", ("hidden",)),
+    (r"attention\.(self\.(query|key|value)|(q|k|v)_lin)\.weight$", ("heads", "hidden")),
+    (r"attention\.(self\.(query|key|value)|(q|k|v)_lin)\.bias$", ("heads",)),
+    (r"attention\.(output\.dense|out_lin)\.weight$", ("hidden", "heads")),
+    (r"(intermediate\.dense|ffn\.lin1)\.weight$", ("units", "hidden")),
+    (r"(intermediate\.dense|ffn\.lin1)\.bias$", ("units",)),
+    (r"(output\.dense|ffn\.lin2)\.weight$", ("hidden", "units")),
+    (r"(output\.dense|out_lin|ffn\.lin2|LayerNorm|layer_norm)\.(bias|weight)$", ("hidden",)),
+    (r"pre_classifier\.weight$", ("hidden", "hidden")),
+    (r"pre_classifier\.bias$", ("hidden",)),
     (r"embeddings\.\w+_embeddings\.weight$", (None, "hidden")),
     (r"pooler\.dense\.weight$", ("hidden", "hidden")),
     (r"pooler\.dense\.bias$", ("hidden",)),
@@ -105,26 +118,26 @@ def rank_parts(teacher: HFEncoder, rows: dict[str, Tensor]) -> Importance:
     config = teacher.hf_config
     width, heads = int(config.hidden_size), int(config.num_attention_heads)
     head_dim = width // heads
+    attention_out, units_in, units_out = layer_parts(teacher.model_type)
     channels = torch.zeros(width, dtype=torch.float64)
     context = [torch.zeros(heads, dtype=torch.float64) for _ in stack]
     activity = [
-        torch.zeros(_linear(layer, "intermediate.dense").out_features, dtype=torch.float64)
-        for layer in stack
+        torch.zeros(_linear(layer, units_in).out_features, dtype=torch.float64) for layer in stack
     ]
     attended: list[Tensor] = []
 
-    def on_context(index: int) -> Callable[[nn.Module, object, object], None]:
-        def hook(module: nn.Module, args: object, output: object) -> None:
-            states = output[0] if isinstance(output, tuple) else output
-            assert isinstance(states, Tensor)
-            norms = states[attended[0]].reshape(-1, heads, head_dim).norm(dim=-1)
+    def on_context(index: int) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        # What the attention's output projection takes in: each head's context vectors.
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            norms = args[0][attended[0]].reshape(-1, heads, head_dim).norm(dim=-1)
             context[index] += norms.double().sum(0).cpu()
 
         return hook
 
-    def on_units(index: int) -> Callable[[nn.Module, object, Tensor], None]:
-        def hook(module: nn.Module, args: object, output: Tensor) -> None:
-            activity[index] += output[attended[0]].abs().double().sum(0).cpu()
+    def on_units(index: int) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        # What the feed-forward output takes in: each unit's activation.
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            activity[index] += args[0][attended[0]].abs().double().sum(0).cpu()
 
         return hook
 
@@ -132,8 +145,8 @@ def rank_parts(teacher: HFEncoder, rows: dict[str, Tensor]) -> Importance:
         hook
         for index, layer in enumerate(stack)
         for hook in (
-            layer.get_submodule("attention.self").register_forward_hook(on_context(index)),
-            layer.get_submodule("intermediate").register_forward_hook(on_units(index)),
+            _linear(layer, attention_out).register_forward_pre_hook(on_context(index)),
+            _linear(layer, units_out).register_forward_pre_hook(on_units(index)),
         )
     ]
     try:
@@ -149,15 +162,15 @@ def rank_parts(teacher: HFEncoder, rows: dict[str, Tensor]) -> Importance:
         channels = sum(
             (
                 module.weight.detach().double().pow(2).cpu()
-                for name, module in teacher.named_modules()
-                if name.endswith("LayerNorm")
+                for module in teacher.modules()
+                if isinstance(module, nn.LayerNorm) and module.weight.shape == (width,)
             ),
             torch.zeros(width, dtype=torch.float64),
         )
         context = [torch.ones(heads, dtype=torch.float64) for _ in stack]
         activity = [torch.ones_like(units) for units in activity]
     head_weights = [
-        _linear(layer, "attention.output.dense")
+        _linear(layer, attention_out)
         .weight.detach()
         .double()
         .cpu()
@@ -166,7 +179,7 @@ def rank_parts(teacher: HFEncoder, rows: dict[str, Tensor]) -> Importance:
         for layer in stack
     ]
     unit_weights = [
-        _linear(layer, "output.dense").weight.detach().double().cpu().norm(dim=0) for layer in stack
+        _linear(layer, units_out).weight.detach().double().cpu().norm(dim=0) for layer in stack
     ]
     return Importance(
         channels=channels,
@@ -175,8 +188,14 @@ def rank_parts(teacher: HFEncoder, rows: dict[str, Tensor]) -> Importance:
     )
 
 
+def layer_parts(model_type: str) -> tuple[str, str, str]:
+    """(the attention's output projection, the feed-forward input, its output) in a layer of
+    ``model_type``."""
+    return _PARTS.get(model_type, _BERT_PARTS)
+
+
 def _linear(layer: nn.Module, name: str) -> nn.Linear:
-    """The Linear ``name`` inside a BERT-named ``layer``."""
+    """The Linear ``name`` inside ``layer``."""
     module = layer.get_submodule(name)
     assert isinstance(module, nn.Linear)
     return module

@@ -176,16 +176,27 @@ def cut_to_asked_width(spec: StudentSpec, teacher_config: Any, hidden: int, head
     random weights: it starts from the teacher (``init_from_teacher``), is narrower, has
     ``heads`` of the teacher's head size, and the teacher's layers can be cut.
     """
-    from worker.engine.hf.pruning import PRUNABLE_FAMILIES
-
     width = int(teacher_config.hidden_size)
     head_dim = width // int(teacher_config.num_attention_heads)
     return (
         spec.init_from_teacher
         and (spec.hidden_size is not None or spec.num_heads is not None)
-        and teacher_config.model_type in PRUNABLE_FAMILIES
+        and cuttable(teacher_config)
         and hidden < width
         and hidden == heads * head_dim
+    )
+
+
+def cuttable(teacher_config: Any) -> bool:
+    """Whether a narrower student can be cut from this teacher's layers: a family whose
+    parameters :mod:`~worker.engine.hf.pruning` names, whose word embeddings are as wide as
+    its layers (a small ELECTRA's are narrower, behind a projection)."""
+    from worker.engine.hf.pruning import PRUNABLE_FAMILIES
+
+    embedding = getattr(teacher_config, "embedding_size", None)
+    return teacher_config.model_type in PRUNABLE_FAMILIES and embedding in (
+        None,
+        teacher_config.hidden_size,
     )
 
 
@@ -420,12 +431,10 @@ def choose_pruned_size(
     nothing bounds the student, the spec sets its width or heads, or the family's layers
     cannot be cut.
     """
-    from worker.engine.hf.pruning import PRUNABLE_FAMILIES
-
     budget = _budget(spec, teacher_parameters)
     if (
         budget is None
-        or teacher_config.model_type not in PRUNABLE_FAMILIES
+        or not cuttable(teacher_config)
         or not spec.init_from_teacher
         or spec.hidden_size is not None
         or spec.num_heads is not None
