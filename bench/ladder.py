@@ -15,7 +15,9 @@ student (target for the full five-rung climb: under 2.5x), and one JSON line.
 With ``--encoder``, the teacher is all-MiniLM-L6-v2 (the folder a package ships, zipped as
 a user uploads it) and the transfer set ``--sentences`` sentences from installed packages
 (:mod:`tests.worker.engine.hf.encoder_job`); its ladder is of encoders cut from the teacher
-at geometric compressions from 42.7 down to the default 10, four rungs.
+at geometric compressions from 42.7 down to the default 10, four rungs. No rung meets the
+default bar (cosine 0.9) on two CPU cores, so the default climb is the full one, and only
+the single student and the ladder run.
 
     python bench/ladder.py
     python bench/ladder.py --samples 8000 --trees 300
@@ -124,8 +126,9 @@ def main() -> None:
         jobs: dict[str, dict[str, Any]] = {
             "single": {"student": {"ladder": False}},
             "ladder": {},
-            "full": {"student": {"max_latency_ms": 1e-6}},
         }
+        if not args.encoder:
+            jobs["full"] = {"student": {"max_latency_ms": 1e-6}}
         results = {
             name: timed_job(name, spec, teacher, transfer, folder) for name, spec in jobs.items()
         }
@@ -138,10 +141,10 @@ def main() -> None:
             f"{figures['rungs']} rung(s), student {figures['student_parameters']:,} parameters, "
             f"{'cosine' if args.encoder else 'accuracy'} {figures['student_metric']:.4f}"
         )
-    for name in ("ladder", "full"):
+    for name in [name for name in results if name != "single"]:
         ratio = results[name]["wall_s"] / single["wall_s"]
         training = results[name]["training_s"] / single["training_s"]
-        target = "  (target < 2.5x)" if name == "full" else ""
+        target = "  (target < 2.5x)" if name == "full" or args.encoder else ""
         print(f"{name} / single: {ratio:.2f}x wall, {training:.2f}x training{target}")
     setup = (
         {"sentences": args.sentences}
