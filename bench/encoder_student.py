@@ -48,7 +48,9 @@ def main() -> None:
         training: dict[str, object] = {"max_minutes": args.max_minutes}
         if args.epochs is not None:
             training["epochs"] = args.epochs
-        out = run_job(work, transfer, training, args.compression)
+        # One student at the asked compression (the default one would climb the ladder:
+        # ``bench/ladder.py --encoder`` times that).
+        out = run_job(work, transfer, training, args.compression, student={"ladder": False})
         print((work / "engine.log").read_text()[-3000:], file=sys.stderr)
         scored = score(
             out, held_out, work, baseline_texts=None if args.no_baseline else transfer[:2000]
