@@ -350,6 +350,7 @@ def _distil(
         exported=climb.exported if climb is not None else None,
     )
     stops = StopChecks(callbacks, active=cancelled_during is None)
+    evaluated = False
     try:
         stops.check("export")
         metrics = _evaluate(
@@ -365,6 +366,7 @@ def _distil(
             quantized,
             stops,
         )
+        evaluated = True
     except StageCancelled as stopped:
         # Cancelled after training: the student is kept, unevaluated (nothing is half-reported).
         trained.result.stop_reason = "cancelled"
@@ -375,6 +377,10 @@ def _distil(
     metrics["ladder"] = climb.section if climb is not None else None
     metrics["deployed_file"] = _deployed_file(metrics)
     evaluation.validate_metrics(metrics)
+    if evaluated:
+        # The figures on the test rows, whole: with the ladder, the provenance and the
+        # verdict on the file deployed, as metrics.json holds them.
+        callbacks.event("evaluation", {"final": True, "metrics": metrics})
     artifacts = _write_reports(spec, teacher.signature, trained, metrics, paths.out)
     return _report(data.task, metrics, artifacts, trained.result)
 
@@ -1567,7 +1573,6 @@ def _evaluate(
     check()
     metrics["parity"] = _parity(teacher, data, paths.out)
     check()
-    callbacks.event("evaluation", {"final": True, "metrics": metrics})
     return metrics
 
 

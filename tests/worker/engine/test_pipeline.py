@@ -441,6 +441,11 @@ def test_a_sentence_encoders_ladder_climbs_students_cut_from_it_smallest_first(
     # A random-weight teacher: this is the ladder's plumbing; the MiniLM tests show the quality.
     data = write_jsonl(tmp_path / "t.jsonl", random_sentences(400, seed=3))
     events: list[tuple[str, dict[str, Any]]] = []
+
+    def keep(kind: str, data: dict[str, Any]) -> None:
+        # Copied as sent: a worker writes each event out when it comes.
+        events.append((kind, json.loads(json.dumps(data))))
+
     result = run(
         DistillationSpec(
             # A latency no rung meets, so that every rung is trained and the best one kept.
@@ -453,7 +458,7 @@ def test_a_sentence_encoders_ladder_climbs_students_cut_from_it_smallest_first(
         teacher_path=text_teachers["sentence"],
         dataset_path=data,
         out_dir=tmp_path / "out",
-        callbacks=Callbacks(on_event=lambda kind, d: events.append((kind, d))),
+        callbacks=Callbacks(on_event=keep),
     )
     metrics = result.metrics
     validate_metrics(metrics)
@@ -485,6 +490,11 @@ def test_a_sentence_encoders_ladder_climbs_students_cut_from_it_smallest_first(
     assert metrics["student"]["parameters"] == chosen["parameters"]
     assert "| layers × width × units |" in (out / "model_card.md").read_text()
     assert (out / "student_ladder.png").stat().st_size > 0
+    # The final evaluation event holds what metrics.json holds, the ladder included.
+    (final,) = [d["metrics"] for kind, d in events if kind == "evaluation" and d.get("final")]
+    written = json.loads((out / "metrics.json").read_text())
+    for key in ("ladder", "verdict", "provenance", "deployed_file", "student"):
+        assert final[key] == written[key], key
 
 
 def test_cnn_teacher_on_images_distils_to_a_cnn_student(
