@@ -41,9 +41,11 @@ test: lint
 # databases, so one process leaves the cores idle much of the time.
 # Passive OpenMP waits: torch threads that spin would fight mypy and the worker processes
 # for the cores (worker/engine/__init__.py sets the same for the engine's processes).
+# The slowest tests are listed at the end, to see where the suite's time goes.
 PYTEST_WORKERS ?= 2
 pytest: install
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile \
+		--durations=20
 
 bench: install
 	$(BIN)/python bench/engine_throughput.py
