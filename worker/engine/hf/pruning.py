@@ -23,11 +23,13 @@ shapes that budget allows, the widest was best: two layers 128 wide gave 0.563, 
 96 wide 0.549, and one 256 wide with its feed-forward layer and frequent-token rows
 cut to make room 0.523 (256 steps each).
 
-Only families whose layers keep BERT's or DistilBERT's parameter names, and whose word
-embeddings are as wide as their layers (:data:`PRUNABLE_FAMILIES`), are cut; any other
-gets a narrower student from random weights, as before: MPNet's relative-position bias
-and DeBERTa-v2's relative attention share tables across layers whose kept heads differ,
-and ALBERT shares one layer across its depth.
+Only families whose layers keep BERT's, DistilBERT's or MPNet's parameter names, and whose
+word embeddings are as wide as their layers (:data:`PRUNABLE_FAMILIES`), are cut. MPNet's
+relative-position bias is one table for every layer, a column per head, so an MPNet
+student keeps the same heads in every layer (those that weigh most over the kept
+layers). Any other family gets a narrower student from random weights: DeBERTa-v2's
+relative attention shares its position projections across layers, and ALBERT one layer
+across its depth.
 """
 
 from __future__ import annotations
@@ -46,15 +48,21 @@ from worker.engine.hf.wrapper import HFEncoder, row_batches
 #: Families whose layers keep BERT's parameter names (``attention.self.query``,
 #: ``attention.output.dense``, ``intermediate.dense``, ``output.dense``, ``LayerNorm``) or
 #: DistilBERT's (``attention.q_lin``, ``attention.out_lin``, ``ffn.lin1``, ``ffn.lin2``,
-#: ``sa_layer_norm``); an ELECTRA's word embeddings must be as wide as its layers too
+#: ``sa_layer_norm``) or MPNet's (``attention.attn.q``, ``attention.attn.o``, the BERT names
+#: for the rest); an ELECTRA's word embeddings must be as wide as its layers too
 #: (:func:`~worker.engine.hf.sizing.cut_to_asked_width`).
 PRUNABLE_FAMILIES = frozenset(
-    {"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert"}
+    {"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "mpnet"}
 )
+#: Families whose layers share a table with a column per head: every layer keeps the same.
+SHARED_HEADS = frozenset({"mpnet"})
 #: In a layer of each naming, (the attention's output projection, the feed-forward layer's
 #: input and output): what the heads, the units and their weights are read from.
 _BERT_PARTS = ("attention.output.dense", "intermediate.dense", "output.dense")
-_PARTS = {"distilbert": ("attention.out_lin", "ffn.lin1", "ffn.lin2")}
+_PARTS = {
+    "distilbert": ("attention.out_lin", "ffn.lin1", "ffn.lin2"),
+    "mpnet": ("attention.attn.o", "intermediate.dense", "output.dense"),
+}
 #: Rows of the transfer set whose activations rank channels, heads and units, at most.
 RANK_ROWS = 512
 #: Rows a teacher pass of the ranking (and of the projection's fit) takes at once.
@@ -63,13 +71,16 @@ RANK_BATCH = 64
 RIDGE = 1e-2
 
 #: What each axis of a weight indexes, by the end of its name: the residual stream's
-#: channels (``hidden``), the attention heads' dimensions (``heads``), the feed-forward
-#: units (``units``), or something the student keeps whole (None). Order matters: the
+#: channels (``hidden``), the attention heads' dimensions (``heads``), the heads themselves
+#: (``head_index``: MPNet's relative-position bias), the feed-forward units (``units``), or
+#: something the student keeps whole (None). Order matters: the
 #: attention's output projection is matched before the feed-forward one.
 _AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"attention\.(self\.(query|key|value)|(q|k|v)_lin)\.weight$", ("heads", "hidden")),
-    (r"attention\.(self\.(query|key|value)|(q|k|v)_lin)\.bias$", ("heads",)),
-    (r"attention\.(output\.dense|out_lin)\.weight$", ("hidden", "heads")),
+    (r"attention\.(self\.(query|key|value)|(q|k|v)_lin|attn\.[qkv])\.weight$", ("heads", "hidden")),
+    (r"attention\.(self\.(query|key|value)|(q|k|v)_lin|attn\.[qkv])\.bias$", ("heads",)),
+    (r"attention\.(output\.dense|out_lin|attn\.o)\.weight$", ("hidden", "heads")),
+    (r"attention\.attn\.o\.bias$", ("hidden",)),
+    (r"relative_attention_bias\.weight$", (None, "head_index")),
     (r"(intermediate\.dense|ffn\.lin1)\.weight$", ("units", "hidden")),
     (r"(intermediate\.dense|ffn\.lin1)\.bias$", ("units",)),
     (r"(output\.dense|ffn\.lin2)\.weight$", ("hidden", "units")),
@@ -207,12 +218,23 @@ def _top(scores: Tensor, keep: int) -> Tensor:
 
 
 def kept_parts(
-    importance: Importance, chosen: list[int], width: int, heads: int, units: int, head_dim: int
+    importance: Importance,
+    chosen: list[int],
+    width: int,
+    heads: int,
+    units: int,
+    head_dim: int,
+    shared_heads: bool = False,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """(channels, each student layer's head dimensions, each one's units) the student keeps."""
+    """(channels, each student layer's head dimensions, each one's units) the student keeps.
+
+    With ``shared_heads`` (:data:`SHARED_HEADS`), every layer keeps the same heads: those
+    that weigh most summed over the ``chosen`` layers.
+    """
     dims = []
+    summed = torch.stack([importance.heads[index] for index in chosen]).sum(0)
     for index in chosen:
-        kept_heads = _top(importance.heads[index], heads)
+        kept_heads = _top(summed if shared_heads else importance.heads[index], heads)
         dims.append((kept_heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).reshape(-1))
     return (
         _top(importance.channels, width),
@@ -244,6 +266,11 @@ def cut_state(
                 continue
             if part == "hidden":
                 index = channels
+            elif part == "head_index":
+                # Shared across layers, which keep the same heads: the first layer's.
+                index = dims[0].reshape(mine.shape[axis], -1)[:, 0] // (
+                    len(dims[0]) // mine.shape[axis]
+                )
             else:
                 index = (dims if part == "heads" else units)[layer_of[key]]
             tensor = tensor.index_select(axis, index.to(tensor.device))

@@ -12,7 +12,13 @@ from worker.engine.errors import SpecInvalid, TeacherIncompatible
 from worker.engine.hf.bridges import bridged_layers, fit_bridges, insert_bridges
 from worker.engine.hf.embeddings import FactorisedEmbedding, VocabularyCut
 from worker.engine.hf.families import Head, make_config, make_model
-from worker.engine.hf.pruning import cut_state, fit_projection, kept_parts, rank_parts
+from worker.engine.hf.pruning import (
+    SHARED_HEADS,
+    cut_state,
+    fit_projection,
+    kept_parts,
+    rank_parts,
+)
 from worker.engine.hf.sizing import (
     choose_cut_depth,
     choose_factorised_size,
@@ -259,6 +265,7 @@ def _cut_from_teacher(
         int(config.num_attention_heads),
         intermediate_size(config),
         head_dim,
+        shared_heads=teacher.model_type in SHARED_HEADS,
     )
     factorised = _factorised_embedding(student)
     own = student.state_dict()

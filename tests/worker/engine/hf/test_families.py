@@ -85,16 +85,18 @@ def _family_teacher(
 
 
 #: Families a narrower student is cut from, besides BERT (see test_student.py): BERT's
-#: parameter names (RoBERTa; an ELECTRA whose word embeddings are as wide as its layers)
-#: and DistilBERT's.
+#: parameter names (RoBERTa; an ELECTRA whose word embeddings are as wide as its layers),
+#: DistilBERT's and MPNet's.
 CUT_FAMILIES = {
     "distilbert": FAMILY_OPTIONS["distilbert"],
     "roberta": {},
     "electra": {"embedding_size": 32},
+    "mpnet": {},
 }
 #: (a query weight, a feed-forward output weight, a LayerNorm scale) in a layer, by naming.
 LAYER_KEYS = {
     "distilbert": ("attention.q_lin.weight", "ffn.lin2.weight", "sa_layer_norm.weight"),
+    "mpnet": ("attention.attn.q.weight", "output.dense.weight", "attention.LayerNorm.weight"),
     "bert": (
         "attention.self.query.weight",
         "output.dense.weight",
@@ -118,9 +120,23 @@ def test_a_narrower_student_is_cut_from_the_layers_of_other_families(
     assert student.config["initialised_from_teacher_layers"] == [0, 3]
     assert context.sample_inputs is not None
     rows = {name: torch.as_tensor(value) for name, value in context.sample_inputs.items()}
+    shared = model_type == "mpnet"
     channels, dims, units = kept_parts(
-        rank_parts(runtime.module, rows), [0, 3], width=16, heads=2, units=32, head_dim=8
+        rank_parts(runtime.module, rows),
+        [0, 3],
+        width=16,
+        heads=2,
+        units=32,
+        head_dim=8,
+        shared_heads=shared,
     )
+    if shared:
+        # MPNet's relative-position bias has a column per head, for every layer: each layer
+        # keeps the same heads, and the table their columns.
+        assert torch.equal(dims[0], dims[1])
+        key = "model.mpnet.encoder.relative_attention_bias.weight"
+        heads = dims[0].reshape(2, 8)[:, 0] // 8
+        assert torch.equal(student.state_dict()[key], runtime.module.state_dict()[key][:, heads])
     query, output, norm = LAYER_KEYS.get(model_type, LAYER_KEYS["bert"])
     mine = student.get_submodule(student.layer_names()[0]).state_dict()
     theirs = runtime.module.get_submodule(runtime.module.layer_names()[0]).state_dict()
