@@ -27,9 +27,10 @@ Only families whose layers keep BERT's, DistilBERT's or MPNet's parameter names,
 word embeddings are as wide as their layers (:data:`PRUNABLE_FAMILIES`), are cut. MPNet's
 relative-position bias is one table for every layer, a column per head, so an MPNet
 student keeps the same heads in every layer (those that weigh most over the kept
-layers). Any other family gets a narrower student from random weights: DeBERTa-v2's
-relative attention shares its position projections across layers, and ALBERT one layer
-across its depth.
+layers). DeBERTa-v2's relative-position embeddings live in the residual stream, which
+each layer's own (cut) projections read, so they keep the kept channels. ALBERT, which
+shares one layer across its depth and factorises its embeddings, gets a narrower student
+from random weights.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from worker.engine.hf.wrapper import HFEncoder, row_batches
 #: for the rest); an ELECTRA's word embeddings must be as wide as its layers too
 #: (:func:`~worker.engine.hf.sizing.cut_to_asked_width`).
 PRUNABLE_FAMILIES = frozenset(
-    {"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "mpnet"}
+    {"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "mpnet", "deberta-v2"}
 )
 #: Families whose layers share a table with a column per head: every layer keeps the same.
 SHARED_HEADS = frozenset({"mpnet"})
@@ -76,8 +77,15 @@ RIDGE = 1e-2
 #: something the student keeps whole (None). Order matters: the
 #: attention's output projection is matched before the feed-forward one.
 _AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"attention\.(self\.(query|key|value)|(q|k|v)_lin|attn\.[qkv])\.weight$", ("heads", "hidden")),
-    (r"attention\.(self\.(query|key|value)|(q|k|v)_lin|attn\.[qkv])\.bias$", ("heads",)),
+    (
+        r"attention\.(self\.(query|key|value|pos_key|pos_query)(_proj)?|(q|k|v)_lin|attn\.[qkv])\.weight$",
+        ("heads", "hidden"),
+    ),
+    (
+        r"attention\.(self\.(query|key|value|pos_key|pos_query)(_proj)?|(q|k|v)_lin|attn\.[qkv])\.bias$",
+        ("heads",),
+    ),
+    (r"encoder\.rel_embeddings\.weight$", (None, "hidden")),
     (r"attention\.(output\.dense|out_lin|attn\.o)\.weight$", ("hidden", "heads")),
     (r"attention\.attn\.o\.bias$", ("hidden",)),
     (r"relative_attention_bias\.weight$", (None, "head_index")),

@@ -190,13 +190,15 @@ def cut_to_asked_width(spec: StudentSpec, teacher_config: Any, hidden: int, head
 def cuttable(teacher_config: Any) -> bool:
     """Whether a narrower student can be cut from this teacher's layers: a family whose
     parameters :mod:`~worker.engine.hf.pruning` names, whose word embeddings are as wide as
-    its layers (a small ELECTRA's are narrower, behind a projection)."""
+    its layers (a small ELECTRA's are narrower, behind a projection), and no convolution
+    beside its first layer (the larger DeBERTa-v2s)."""
     from worker.engine.hf.pruning import PRUNABLE_FAMILIES
 
     embedding = getattr(teacher_config, "embedding_size", None)
-    return teacher_config.model_type in PRUNABLE_FAMILIES and embedding in (
-        None,
-        teacher_config.hidden_size,
+    return (
+        teacher_config.model_type in PRUNABLE_FAMILIES
+        and embedding in (None, teacher_config.hidden_size)
+        and not getattr(teacher_config, "conv_kernel_size", 0)
     )
 
 

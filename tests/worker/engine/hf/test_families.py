@@ -86,17 +86,24 @@ def _family_teacher(
 
 #: Families a narrower student is cut from, besides BERT (see test_student.py): BERT's
 #: parameter names (RoBERTa; an ELECTRA whose word embeddings are as wide as its layers),
-#: DistilBERT's and MPNet's.
-CUT_FAMILIES = {
+#: DistilBERT's, MPNet's and DeBERTa-v2's.
+CUT_FAMILIES: dict[str, dict[str, Any]] = {
     "distilbert": FAMILY_OPTIONS["distilbert"],
     "roberta": {},
     "electra": {"embedding_size": 32},
     "mpnet": {},
+    # Relative attention with its own position projections in each layer.
+    "deberta-v2": {**FAMILY_OPTIONS["deberta-v2"], "pos_att_type": ["p2c", "c2p"]},
 }
 #: (a query weight, a feed-forward output weight, a LayerNorm scale) in a layer, by naming.
 LAYER_KEYS = {
     "distilbert": ("attention.q_lin.weight", "ffn.lin2.weight", "sa_layer_norm.weight"),
     "mpnet": ("attention.attn.q.weight", "output.dense.weight", "attention.LayerNorm.weight"),
+    "deberta-v2": (
+        "attention.self.pos_key_proj.weight",
+        "output.dense.weight",
+        "attention.output.LayerNorm.weight",
+    ),
     "bert": (
         "attention.self.query.weight",
         "output.dense.weight",
@@ -137,6 +144,11 @@ def test_a_narrower_student_is_cut_from_the_layers_of_other_families(
         key = "model.mpnet.encoder.relative_attention_bias.weight"
         heads = dims[0].reshape(2, 8)[:, 0] // 8
         assert torch.equal(student.state_dict()[key], runtime.module.state_dict()[key][:, heads])
+    if model_type == "deberta-v2":
+        # The relative-position embeddings live in the residual stream: its kept channels.
+        key = "model.deberta.encoder.rel_embeddings.weight"
+        theirs = runtime.module.state_dict()[key]
+        assert torch.equal(student.state_dict()[key], theirs[:, channels])
     query, output, norm = LAYER_KEYS.get(model_type, LAYER_KEYS["bert"])
     mine = student.get_submodule(student.layer_names()[0]).state_dict()
     theirs = runtime.module.get_submodule(runtime.module.layer_names()[0]).state_dict()
