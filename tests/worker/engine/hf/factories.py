@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from worker.engine.hf.runtime import HuggingFaceTeacher, load_huggingface
@@ -86,3 +87,32 @@ def load_on_cpu(path: Path, work_dir: Path) -> HuggingFaceTeacher:
     runtime = load_huggingface(path, device=CPU, work_dir=work_dir)
     assert isinstance(runtime, HuggingFaceTeacher)
     return runtime
+
+
+def export_and_compare(student: HFEncoder, tokenizer: Any, path: Path) -> None:
+    """The TorchScript exporter, the engine exporter's fallback, on an unpadded example."""
+    import onnxruntime as ort
+
+    student.eval()
+    names = student.config["input_names"]
+    # Unpadded: the exported graph must still honour padding masks.
+    example = text_batch(tokenizer, ["the cat sat on the mat", "the dog sat on a mat"])
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    torch.onnx.export(
+        student,
+        tuple(example[name] for name in names),
+        str(path),
+        input_names=names,
+        output_names=["output"],
+        dynamic_axes={**axes, "output": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [graph_input.name for graph_input in session.get_inputs()] == names
+    for texts in (SENTENCES, ["bad"]):
+        batch = text_batch(tokenizer, texts)
+        exported = session.run(None, {name: batch[name].numpy() for name in names})[0]
+        with torch.no_grad():
+            expected = student(**batch).numpy()
+        np.testing.assert_allclose(exported, expected, atol=1e-4, rtol=0)

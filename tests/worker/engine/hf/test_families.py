@@ -13,6 +13,7 @@ from tests.worker.engine.factories import tiny_bert_config
 from tests.worker.engine.hf.factories import (
     build_student,
     copy_classifier,
+    export_and_compare,
     load_on_cpu,
     student_context,
     text_batch,
@@ -163,6 +164,7 @@ def test_a_narrower_student_is_cut_from_the_layers_of_other_families(
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(**inputs), student.eval()(**inputs))
     assert student(**inputs).shape == (5, 2)
+    export_and_compare(student, runtime.tokenizer, tmp_path / "cut.onnx")
     # Where no student of the teacher's width fits the budget, auto cuts one too.
     budgeted = build_student(StudentSpec(compression=3), context)
     assert budgeted.hf_config.hidden_size < 32

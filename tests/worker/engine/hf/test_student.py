@@ -14,6 +14,7 @@ import torch
 from tests.worker.engine.hf.factories import (
     SENTENCES,
     build_student,
+    export_and_compare,
     load_on_cpu,
     sentence_transformer,
     student_context,
@@ -124,43 +125,14 @@ def test_student_size_follows_the_budget(teacher: HuggingFaceTeacher) -> None:
     assert error.value.field == "student.compression"
 
 
-def _rebuild_export_and_compare(student: HFEncoder, tokenizer: Any, path: Path) -> None:
+def _rebuildexport_and_compare(student: HFEncoder, tokenizer: Any, path: Path) -> None:
     """The student rebuilt from its config alone gives its outputs, and so does its export."""
     rebuilt = rebuild_student(json.loads(json.dumps(student.config)))
     rebuilt.load_state_dict(student.state_dict())
     batch = text_batch(tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(**batch), student.eval()(**batch))
-    _export_and_compare(student, tokenizer, path)
-
-
-def _export_and_compare(student: HFEncoder, tokenizer: Any, path: Path) -> None:
-    """The TorchScript exporter, the engine exporter's fallback, on an unpadded example."""
-    import onnxruntime as ort
-
-    student.eval()
-    names = student.config["input_names"]
-    # Unpadded: the exported graph must still honour padding masks.
-    example = text_batch(tokenizer, ["the cat sat on the mat", "the dog sat on a mat"])
-    axes = {name: {0: "batch", 1: "sequence"} for name in names}
-    torch.onnx.export(
-        student,
-        tuple(example[name] for name in names),
-        str(path),
-        input_names=names,
-        output_names=["output"],
-        dynamic_axes={**axes, "output": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [graph_input.name for graph_input in session.get_inputs()] == names
-    for texts in (SENTENCES, ["bad"]):
-        batch = text_batch(tokenizer, texts)
-        exported = session.run(None, {name: batch[name].numpy() for name in names})[0]
-        with torch.no_grad():
-            expected = student(**batch).numpy()
-        np.testing.assert_allclose(exported, expected, atol=1e-4, rtol=0)
+    export_and_compare(student, tokenizer, path)
 
 
 def test_classifier_student_exports_through_the_engine_exporter(
@@ -194,7 +166,7 @@ def test_embedding_student_exports_to_onnx(models: dict[str, Any], tmp_path: Pat
     with torch.no_grad():
         norms = student(**text_batch(runtime.tokenizer)).norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms))
-    _export_and_compare(student, runtime.tokenizer, tmp_path / "student.onnx")
+    export_and_compare(student, runtime.tokenizer, tmp_path / "student.onnx")
 
 
 def _minilm_config() -> Any:
@@ -306,7 +278,7 @@ def test_a_student_with_the_transfer_sets_vocabulary_exports_and_rebuilds(
     rebuilt.load_state_dict(student.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(**batch), student(**batch))
-    _export_and_compare(student, teacher.tokenizer, tmp_path / "cut.onnx")
+    export_and_compare(student, teacher.tokenizer, tmp_path / "cut.onnx")
 
 
 def test_the_transfer_sets_vocabulary_leaves_the_budget_to_layers() -> None:
@@ -415,7 +387,7 @@ def test_a_budget_below_a_whole_layer_prunes_the_teachers_feed_forward_units(
     # Attention is the teacher's whole.
     key = "attention.self.query.weight"
     torch.testing.assert_close(mine[layer + key], theirs[source + key])
-    _rebuild_export_and_compare(student, teacher.tokenizer, tmp_path / "pruned.onnx")
+    _rebuildexport_and_compare(student, teacher.tokenizer, tmp_path / "pruned.onnx")
 
 
 def _rows_to_fit_bridges_on(
@@ -483,7 +455,7 @@ def test_a_one_layer_student_is_the_teachers_last_layer_fed_by_a_bridge_from_the
         bridged = layer.bridge(source)
     assert torch.mean((bridged - target) ** 2) < 0.8 * torch.mean((source - target) ** 2)
     # The bridge is in the student's config and its exported file.
-    _rebuild_export_and_compare(student, teacher.tokenizer, tmp_path / "one_layer.onnx")
+    _rebuildexport_and_compare(student, teacher.tokenizer, tmp_path / "one_layer.onnx")
 
 
 def test_the_parts_kept_are_those_that_carry_the_teachers_states(
@@ -568,7 +540,7 @@ def test_a_narrower_student_is_cut_from_the_teachers_heads_channels_and_units(
         mine["model.bert.embeddings.position_embeddings.weight"], positions[:, channels]
     )
 
-    _rebuild_export_and_compare(student, teacher.tokenizer, tmp_path / "cut.onnx")
+    _rebuildexport_and_compare(student, teacher.tokenizer, tmp_path / "cut.onnx")
 
 
 def test_a_width_the_spec_asks_for_is_cut_from_the_teacher_when_it_is_whole_heads(
@@ -594,7 +566,7 @@ def test_a_width_the_spec_asks_for_is_cut_from_the_teacher_when_it_is_whole_head
         mine[f"model.bert.encoder.layer.1.layer.{key}"],
         theirs[f"model.bert.encoder.layer.3.{key}"][dims[1]][:, channels],
     )
-    _rebuild_export_and_compare(student, teacher.tokenizer, tmp_path / "asked.onnx")
+    _rebuildexport_and_compare(student, teacher.tokenizer, tmp_path / "asked.onnx")
     # Under a budget, the bridge over the skipped layers counts in it.
     budget = _parameter_count(student)
     fitted = build_student(StudentSpec(hidden_size=16, max_parameters=budget), context)
@@ -641,7 +613,7 @@ def test_a_narrower_embedding_student_gives_the_teachers_width_back(
         fitted = projection.weight.detach().clone()
         assert fit_projection(student, teacher.module, projection, rows) == len(rows["input_ids"])
         torch.testing.assert_close(projection.weight, fitted)
-    _export_and_compare(student, teacher.tokenizer, tmp_path / "cut.onnx")
+    export_and_compare(student, teacher.tokenizer, tmp_path / "cut.onnx")
 
 
 def test_a_narrower_embedding_student_counts_its_projection_in_the_budget(
