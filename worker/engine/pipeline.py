@@ -657,7 +657,8 @@ def _warn_if_from_scratch(
     cut from its layers (:mod:`~worker.engine.hf.pruning`): this one starts
     from random weights, which a transfer set of thousands of rows rarely trains to
     the teacher's quality. The warning names the largest compression that would
-    keep the teacher's layers.
+    keep the teacher's layers; where the spec asked for the width or heads, it names
+    instead what a width must be to be cut from the teacher.
     """
     if not (
         design.config.get("architecture") == "hf_encoder"
@@ -667,6 +668,9 @@ def _warn_if_from_scratch(
         return
     largest = _largest_compression_from_teacher(teacher, data)
     if largest is None:
+        return
+    if spec.student.hidden_size is not None or spec.student.num_heads is not None:
+        callbacks.event("warning", _asked_shape_from_scratch(spec, teacher, design))
         return
     callbacks.event(
         "warning",
@@ -684,6 +688,38 @@ def _warn_if_from_scratch(
             "largest_compression_from_teacher": largest,
         },
     )
+
+
+def _asked_shape_from_scratch(
+    spec: DistillationSpec, teacher: TeacherRuntime, design: StudentDesign
+) -> dict[str, Any]:
+    """The ``student_from_scratch`` warning of a student whose width or heads the spec asked
+    for: what a width cut from the teacher must be, or that this family's cannot be."""
+    from worker.engine.hf.sizing import cuttable
+    from worker.engine.hf.wrapper import HFEncoder
+
+    module = getattr(teacher, "module", None)
+    assert isinstance(module, HFEncoder)  # _largest_compression_from_teacher found one
+    config = module.hf_config
+    width, heads = int(config.hidden_size), int(config.num_attention_heads)
+    asked = design.config["hf_config"]
+    shape = f"{asked.get('hidden_size', asked.get('dim'))} wide with "
+    shape += f"{asked.get('num_attention_heads', asked.get('n_heads'))} heads"
+    if cuttable(config):
+        need = (
+            f"a student cut from the teacher's layers is narrower than its {width} channels "
+            f"by whole heads of its {width // heads}: a multiple of {width // heads} below "
+            f"{width}, with as many heads as that width holds of them"
+        )
+    else:
+        need = f"a narrower student of a {config.model_type} teacher cannot be cut from its layers"
+    return {
+        "code": "student_from_scratch",
+        "field": "student.hidden_size"
+        if spec.student.hidden_size is not None
+        else "student.num_heads",
+        "message": f"the student asked for ({shape}) starts from random weights: {need}",
+    }
 
 
 def _largest_compression_from_teacher(teacher: TeacherRuntime, data: FittedData) -> float | None:

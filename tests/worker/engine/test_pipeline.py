@@ -430,6 +430,37 @@ def test_a_student_that_cannot_start_from_the_teacher_says_so_and_names_the_comp
     assert 4 < largest < 6 and f"at most {largest:.1f}" in warning["message"]
 
 
+def test_an_asked_width_that_cannot_be_cut_from_the_teacher_says_what_can(
+    tmp_path: Path, text_teachers: dict[str, Path]
+) -> None:
+    data = write_jsonl(tmp_path / "t.jsonl", random_sentences(120, seed=4))
+    events: list[tuple[str, dict[str, Any]]] = []
+    run(
+        DistillationSpec(
+            # 12 wide is not whole heads of the teacher's 8-wide ones.
+            student=StudentSpec(hidden_size=12, num_layers=1, compression=None),
+            training=TrainingSpec(**training(epochs=1, batch_size=32)),
+            data=DataSpec(max_length=12),
+            evaluation=EvaluationSpec(baseline=False),
+            # What is asserted is the design: no ONNX export to wait for.
+            export=ExportSpec(formats=["safetensors"]),
+        ),
+        teacher_path=text_teachers["sentence"],
+        dataset_path=data,
+        out_dir=tmp_path / "out",
+        callbacks=Callbacks(on_event=lambda kind, d: events.append((kind, d))),
+    )
+    config = json.loads((tmp_path / "out" / "student_config.json").read_text())
+    assert config["initialised_from_teacher_layers"] is None
+    (warning,) = [
+        d for kind, d in events if kind == "warning" and d["code"] == "student_from_scratch"
+    ]
+    # It names the field asked for and what would be cut, not a compression.
+    assert warning["field"] == "student.hidden_size"
+    assert "12 wide" in warning["message"] and "a multiple of 8 below 32" in warning["message"]
+    assert "compression" not in warning["message"]
+
+
 #: An upper bound on the student below the tiny sentence teacher's 54,000 or so parameters:
 #: ``auto`` designs its top rung to it, and the teacher's layers fit well below it.
 TEXT_LADDER_MAX_PARAMETERS = 36_000
