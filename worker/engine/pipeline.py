@@ -695,6 +695,7 @@ def _asked_shape_from_scratch(
 ) -> dict[str, Any]:
     """The ``student_from_scratch`` warning of a student whose width or heads the spec asked
     for: what a width cut from the teacher must be, or that this family's cannot be."""
+    from worker.engine.hf.families import make_config
     from worker.engine.hf.sizing import cuttable
     from worker.engine.hf.wrapper import HFEncoder
 
@@ -702,9 +703,9 @@ def _asked_shape_from_scratch(
     assert isinstance(module, HFEncoder)  # _largest_compression_from_teacher found one
     config = module.hf_config
     width, heads = int(config.hidden_size), int(config.num_attention_heads)
-    asked = design.config["hf_config"]
-    shape = f"{asked.get('hidden_size', asked.get('dim'))} wide with "
-    shape += f"{asked.get('num_attention_heads', asked.get('n_heads'))} heads"
+    # The family's config reads its own names (DistilBERT's dim, n_heads) as these.
+    asked = make_config(design.config["hf_config"])
+    shape = f"{asked.hidden_size} wide with {asked.num_attention_heads} heads"
     if cuttable(config):
         need = (
             f"a student cut from the teacher's layers is narrower than its {width} channels "
@@ -1100,8 +1101,10 @@ def _rung_designs(
     architecture = str(top.config.get("architecture"))
     knob = ladder.RUNG_KNOB.get(architecture)
     if knob == "encoder":
+        if top.config.get("initialised_from_teacher_layers") is None:
+            return None
         largest = _largest_compression_from_teacher(teacher, data)
-        if largest is None or top.config.get("initialised_from_teacher_layers") is None:
+        if largest is None:
             return None
         parameters = teacher.signature.parameters
         budget = spec.student.max_parameters

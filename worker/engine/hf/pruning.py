@@ -239,10 +239,12 @@ def kept_parts(
     With ``shared_heads`` (:data:`SHARED_HEADS`), every layer keeps the same heads: those
     that weigh most summed over the ``chosen`` layers.
     """
+    scores = [importance.heads[index] for index in chosen]
+    if shared_heads:
+        scores = [torch.stack(scores).sum(0)] * len(chosen)
     dims = []
-    summed = torch.stack([importance.heads[index] for index in chosen]).sum(0)
-    for index in chosen:
-        kept_heads = _top(summed if shared_heads else importance.heads[index], heads)
+    for layer_scores in scores:
+        kept_heads = _top(layer_scores, heads)
         dims.append((kept_heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).reshape(-1))
     return (
         _top(importance.channels, width),
@@ -275,10 +277,10 @@ def cut_state(
             if part == "hidden":
                 index = channels
             elif part == "head_index":
-                # Shared across layers, which keep the same heads: the first layer's.
-                index = dims[0].reshape(mine.shape[axis], -1)[:, 0] // (
-                    len(dims[0]) // mine.shape[axis]
-                )
+                # Shared across layers, which keep the same heads: the first layer's, each
+                # the first of its dims over the head size.
+                head_dim = len(dims[0]) // mine.shape[axis]
+                index = dims[0][::head_dim] // head_dim
             else:
                 index = (dims if part == "heads" else units)[layer_of[key]]
             tensor = tensor.index_select(axis, index.to(tensor.device))
