@@ -397,33 +397,44 @@ def test_sentence_embeddings_distil_to_a_narrower_student_with_projection(
     assert session.run(None, feeds)[0].shape == (2, 32)
 
 
-def test_a_student_that_cannot_start_from_the_teacher_says_so_and_names_the_compression(
-    tmp_path: Path, text_teachers: dict[str, Path]
-) -> None:
-    data = write_jsonl(tmp_path / "t.jsonl", random_sentences(120, seed=2))
+def _from_scratch(
+    tmp_path: Path, teacher: Path, student: StudentSpec, seed: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A one-epoch job on the tiny sentence teacher with ``student``: the student's config
+    and the one ``student_from_scratch`` warning it sent."""
+    data = write_jsonl(tmp_path / "t.jsonl", random_sentences(120, seed=seed))
     events: list[tuple[str, dict[str, Any]]] = []
     run(
         DistillationSpec(
-            student=StudentSpec(compression=6),
+            student=student,
             training=TrainingSpec(**training(epochs=1, batch_size=32)),
             data=DataSpec(max_length=12),
             evaluation=EvaluationSpec(baseline=False),
             # What is asserted is the design: no ONNX export to wait for.
             export=ExportSpec(formats=["safetensors"]),
         ),
-        teacher_path=text_teachers["sentence"],
+        teacher_path=teacher,
         dataset_path=data,
         out_dir=tmp_path / "out",
         callbacks=Callbacks(on_event=lambda kind, d: events.append((kind, d))),
     )
     config = json.loads((tmp_path / "out" / "student_config.json").read_text())
+    (warning,) = [
+        d for kind, d in events if kind == "warning" and d["code"] == "student_from_scratch"
+    ]
+    return config, warning
+
+
+def test_a_student_that_cannot_start_from_the_teacher_says_so_and_names_the_compression(
+    tmp_path: Path, text_teachers: dict[str, Path]
+) -> None:
+    config, warning = _from_scratch(
+        tmp_path, text_teachers["sentence"], StudentSpec(compression=6), seed=2
+    )
     # A sixth of this teacher has no room for one 32-wide layer, nor for one cut to a head
     # of 8 channels with word embeddings of rank 16: narrower, from scratch.
     assert config["initialised_from_teacher_layers"] is None
     assert config["hf_config"]["hidden_size"] < 32
-    (warning,) = [
-        d for kind, d in events if kind == "warning" and d["code"] == "student_from_scratch"
-    ]
     assert warning["field"] == "student.compression"
     largest = warning["largest_compression_from_teacher"]
     # A quarter of it still fits a student cut to two of its heads.
@@ -433,28 +444,10 @@ def test_a_student_that_cannot_start_from_the_teacher_says_so_and_names_the_comp
 def test_an_asked_width_that_cannot_be_cut_from_the_teacher_says_what_can(
     tmp_path: Path, text_teachers: dict[str, Path]
 ) -> None:
-    data = write_jsonl(tmp_path / "t.jsonl", random_sentences(120, seed=4))
-    events: list[tuple[str, dict[str, Any]]] = []
-    run(
-        DistillationSpec(
-            # 12 wide is not whole heads of the teacher's 8-wide ones.
-            student=StudentSpec(hidden_size=12, num_layers=1, compression=None),
-            training=TrainingSpec(**training(epochs=1, batch_size=32)),
-            data=DataSpec(max_length=12),
-            evaluation=EvaluationSpec(baseline=False),
-            # What is asserted is the design: no ONNX export to wait for.
-            export=ExportSpec(formats=["safetensors"]),
-        ),
-        teacher_path=text_teachers["sentence"],
-        dataset_path=data,
-        out_dir=tmp_path / "out",
-        callbacks=Callbacks(on_event=lambda kind, d: events.append((kind, d))),
-    )
-    config = json.loads((tmp_path / "out" / "student_config.json").read_text())
+    # 12 wide is not whole heads of the teacher's 8-wide ones.
+    asked = StudentSpec(hidden_size=12, num_layers=1, compression=None)
+    config, warning = _from_scratch(tmp_path, text_teachers["sentence"], asked, seed=4)
     assert config["initialised_from_teacher_layers"] is None
-    (warning,) = [
-        d for kind, d in events if kind == "warning" and d["code"] == "student_from_scratch"
-    ]
     # It names the field asked for and what would be cut, not a compression.
     assert warning["field"] == "student.hidden_size"
     assert "12 wide" in warning["message"] and "a multiple of 8 below 32" in warning["message"]
