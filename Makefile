@@ -38,13 +38,15 @@ test: lint
 
 # Two test processes (pytest-xdist), each running whole test files (module fixtures such
 # as trained teachers are built once): most tests wait on servers, worker processes and
-# databases, so one process leaves the cores idle much of the time.
+# databases, so one process leaves the cores idle much of the time. Files are handed out
+# in the order tests/conftest.py gives them, the long ones (marked slow) first.
 # Passive OpenMP waits: torch threads that spin would fight mypy and the worker processes
 # for the cores (worker/engine/__init__.py sets the same for the engine's processes).
 # The slowest tests are listed at the end, to see where the suite's time goes.
 PYTEST_WORKERS ?= 2
 pytest: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder \
 		--durations=20
 
 bench: install

@@ -37,6 +37,9 @@ from worker.engine.pipeline import run
 from worker.engine.spec import DistillationSpec
 from worker.engine.students import CNNStudent
 
+#: Minutes of real teachers and students: handed out first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 
 def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

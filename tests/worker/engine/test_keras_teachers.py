@@ -30,7 +30,10 @@ from tests.worker.engine.test_dropin import (
 
 REPO = Path(__file__).resolve().parents[3]
 
-pytestmark = pytest.mark.filterwarnings("ignore")  # the tracer notes of the student's export
+pytestmark = [
+    pytest.mark.filterwarnings("ignore"),  # the tracer notes of the student's export
+    pytest.mark.slow,  # minutes of real teachers: handed out first (see tests/conftest.py)
+]
 
 
 @pytest.fixture(scope="module")

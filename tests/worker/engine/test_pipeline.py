@@ -45,6 +45,9 @@ from worker.engine.spec import (
 )
 from worker.engine.training import Callbacks
 
+#: Minutes of real teachers and students: handed out first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 ARTIFACTS = {
     "student.onnx",
     "student.safetensors",

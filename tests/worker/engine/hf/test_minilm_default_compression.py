@@ -1,7 +1,10 @@
-"""all-MiniLM-L6-v2 with the defaults (the default compression, and the student ladder it
-climbs), through the CLI, scored by hand.
+"""all-MiniLM-L6-v2 at the default compression, through the CLI, scored by hand.
 
-See :mod:`tests.worker.engine.hf.test_minilm_quarter` for the teacher and the run, and
+The student ``auto`` designs for the default compression, alone: with every default the
+job would also climb the student ladder below it, and
+:mod:`tests.worker.engine.hf.test_minilm_ladder` climbs the same rungs (each is seeded on
+its own, so a climb does not change the students it trains). See
+:mod:`tests.worker.engine.hf.test_minilm_quarter` for the teacher and the run, and
 :mod:`tests.worker.engine.hf.encoder_job` for how the student is scored.
 """
 
@@ -12,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.worker.engine.hf.encoder_job import assert_kept_and_ahead, distil_and_score
+
+#: Minutes of real teachers and students: handed out first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
 
 #: Steps of the run at the default compression: its one-layer student trains fast.
 DEFAULT_COMPRESSION_STEPS = 256
@@ -24,23 +30,14 @@ MIN_COSINE_AT_DEFAULT_COMPRESSION = 0.70
 def test_minilm_at_the_default_compression_keeps_its_last_layer_behind_a_bridge(
     tmp_path: Path,
 ) -> None:
-    scored = distil_and_score(tmp_path, DEFAULT_COMPRESSION_STEPS, compression=None)
+    scored = distil_and_score(
+        tmp_path, DEFAULT_COMPRESSION_STEPS, compression=None, student={"ladder": False}
+    )
     config, metrics = scored.config, scored.metrics
-
-    # With every setting the default, the ladder climbed students from the largest
-    # compression that starts from the teacher's layers (42.7) down to this one; none met
-    # the default bar (cosine 0.9) in so few steps, and the one with the best validation
-    # cosine, the largest, was kept and flagged.
-    section = metrics["ladder"]
-    assert section is not None and section["stopped"] == "all_rungs"
-    rungs = section["rungs"]
-    assert len(rungs) == 4 and section["chosen"] == 3 and not section["met_criteria"]
-    sizes = [rung["parameters"] for rung in rungs]
-    assert sizes == sorted(sizes) and scored.student_parameters == sizes[-1]
-    assert all(rung["encoder"][1] < 384 for rung in rungs[:-1])
-    fidelity = [rung["validation"]["fidelity"]["value"] for rung in rungs]
-    assert fidelity[-1] == max(fidelity) and fidelity[0] < fidelity[-1] - 0.2, fidelity
+    assert metrics["ladder"] is None
+    # The default bar (cosine 0.9) is out of reach in so few steps, and the verdict says so.
     assert not metrics["verdict"]["deployable"]
+    assert any("[min_cosine]" in reason for reason in metrics["verdict"]["reasons"])
 
     # A tenth of the teacher leaves room for one layer of its width: its last, fed what the
     # embeddings give out through a bridge fitted to what that layer took in the teacher.

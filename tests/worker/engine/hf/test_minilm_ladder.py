@@ -6,6 +6,10 @@ geometric compressions from the largest that still starts from the teacher's lay
 (42.7) down to the default (10), climbs them smallest first on the validation sentences,
 and stops at the first that meets the bar. The exported student is then scored by hand on
 held-out sentences (:mod:`tests.worker.engine.hf.encoder_job`).
+
+The rung kept is past the largest compression a student of the teacher's width fits
+(14.3): it is cut from the teacher to its most important heads and channels, and is
+scored beside its architecture trained from random weights.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.worker.engine.hf.encoder_job import distil_and_score
+from tests.worker.engine.hf.encoder_job import assert_kept_and_ahead, distil_and_score
+
+#: Minutes of real teachers and students: handed out first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
 
 #: Steps each rung takes.
 RUNG_STEPS = 256
@@ -22,6 +29,9 @@ RUNG_STEPS = 256
 #: the validation sentences on the development machine), the 26x rung (128 wide) meets it
 #: (0.53), the default 10x student reaches 0.74.
 MIN_COSINE = 0.45
+#: How far behind the kept rung its architecture from random weights falls after as many
+#: steps (0.335 against 0.532 on the development machine).
+BASELINE_BEHIND = 0.15
 
 
 @pytest.mark.filterwarnings("ignore")  # the TorchScript exporter's deprecation and tracer notes
@@ -30,7 +40,6 @@ def test_minilm_ladder_keeps_the_smallest_student_that_meets_the_bar(tmp_path: P
         tmp_path,
         RUNG_STEPS,
         compression=None,
-        baseline=False,
         evaluation={"accept": {"min_cosine": MIN_COSINE}},
     )
     metrics, config = scored.metrics, scored.config
@@ -44,14 +53,19 @@ def test_minilm_ladder_keeps_the_smallest_student_that_meets_the_bar(tmp_path: P
     assert 0 < chosen < len(planned) - 1
     assert not any(rung["met_criteria"] for rung in rungs[:chosen])
     assert rungs[chosen]["met_criteria"]
-    # The student kept is that rung: cut narrower from the teacher, and that much smaller.
-    assert config["hf_config"]["hidden_size"] == rungs[chosen]["encoder"][1] < 384
-    assert config["initialised_from_teacher_layers"] is not None
+    # The student kept is that rung, that much smaller: it has no room for one layer of the
+    # teacher's width, so it is narrower, whole heads of it, and starts from the teacher's
+    # last layer cut to them (the job did not warn that it starts from random weights).
+    hf_config = config["hf_config"]
+    assert hf_config["hidden_size"] == rungs[chosen]["encoder"][1] < 384
+    assert hf_config["hidden_size"] == 32 * hf_config["num_attention_heads"]
+    assert config["initialised_from_teacher_layers"] == [5]
+    assert '"student_from_scratch"' not in (tmp_path / "engine.log").read_text()
     assert scored.student_parameters == rungs[chosen]["parameters"]
     assert scored.teacher_parameters / scored.student_parameters > 20
-    # It holds the bar on sentences nothing chose, in onnxruntime, and the verdict says so.
-    assert scored.cosine >= MIN_COSINE, scored.figures()
+    # It holds the bar on sentences nothing chose, in onnxruntime, and the verdict says so;
+    # it is faster than the teacher and far ahead of its architecture from random weights.
     assert metrics["verdict"]["deployable"], metrics["verdict"]
-    assert scored.latency_ms["student"] < scored.latency_ms["teacher"], scored.latency_ms
+    assert_kept_and_ahead(scored, MIN_COSINE, baseline_behind=BASELINE_BEHIND)
     card = (tmp_path / "out" / "model_card.md").read_text()
     assert "## Student ladder" in card and "| layers × width × units |" in card

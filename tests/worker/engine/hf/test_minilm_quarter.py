@@ -17,6 +17,9 @@ import pytest
 
 from tests.worker.engine.hf.encoder_job import assert_kept_and_ahead, distil_and_score
 
+#: Minutes of real teachers and students: handed out first (see tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 #: Optimizer steps the short run takes (the auto plan wants thousands): 2,048 sentences in
 #: batches of 32, the default for text.
 MAX_STEPS = 64
